@@ -1,0 +1,76 @@
+"""The versioned envelope every application message travels in over a peer link.
+
+Encoded with msgpack (msgspec) so binary payloads (Arrow IPC, npy) ride as raw bytes and
+are never re-encoded as JSON text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_TYPE_LENGTH = 64
+MAX_ID_LENGTH = 64
+
+T = TypeVar("T")
+
+
+class ProtocolError(ValueError):
+    """A frame or message that does not follow the protocol; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class Envelope(msgspec.Struct, array_like=True, frozen=True):
+    """One application message.
+
+    ``type`` selects the handler; ``id`` is unique per sender; ``reply_to`` carries the
+    correlation id of the request this answers; ``body`` is any msgpack value (bytes stay
+    bytes).
+    """
+
+    v: int
+    type: str
+    id: str
+    reply_to: str | None = None
+    body: Any = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Envelope)
+
+
+def encode_envelope(envelope: Envelope) -> bytes:
+    return _encoder.encode(envelope)
+
+
+def decode_envelope(data: bytes, *, max_size: int) -> Envelope:
+    """Decode and validate one envelope; every failure is a ``ProtocolError``."""
+    if len(data) > max_size:
+        raise ProtocolError("oversized", f"{len(data)} bytes > limit {max_size}")
+    try:
+        env = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("malformed", str(exc)[:200]) from exc
+    if env.v != PROTOCOL_VERSION:
+        raise ProtocolError("bad-version", f"version {env.v}, expected {PROTOCOL_VERSION}")
+    if not env.type or len(env.type) > MAX_TYPE_LENGTH:
+        raise ProtocolError("bad-type", repr(env.type)[:80])
+    if not env.id or len(env.id) > MAX_ID_LENGTH:
+        raise ProtocolError("bad-id", repr(env.id)[:80])
+    if env.reply_to is not None and len(env.reply_to) > MAX_ID_LENGTH:
+        raise ProtocolError("bad-id", "reply_to too long")
+    return env
+
+
+def convert_body(body: Any, schema: type[T]) -> T:
+    """Validate a decoded body against a typed schema (a ``msgspec.Struct``)."""
+    try:
+        return msgspec.convert(body, schema)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError("wrong-schema", str(exc)[:200]) from exc
