@@ -1,0 +1,423 @@
+"""Safe encoding of Python values that cross a peer boundary (task inputs, outputs, results).
+
+The output of :func:`encode_value` is built only from ``None``, ``bool``, ``int``, ``float``,
+``str``, ``bytes``, ``list`` and ``dict`` with ``str`` keys, so msgpack carries it as is and
+nothing on the receiving side ever runs code to rebuild it. Special values are tagged
+dicts ``{"__sn__": <kind>, ...}``:
+
+============  ================================================================
+kind          value
+============  ================================================================
+``df``        pandas DataFrame as Arrow IPC stream bytes (dtypes, index, names kept)
+``series``    pandas Series, the same way, plus its encoded ``name``
+``index``     pandas Index / MultiIndex, the same way
+``ndarray``   numpy array as ``.npy`` bytes (``allow_pickle=False``; no object arrays)
+``npscalar``  numpy scalar (``np.int64(3)``) as a 0-d ``.npy``, decoded to a numpy scalar
+``tuple``     tuple, ``items`` a list; decoded to a tuple
+``set``       set / ``frozenset``, ``items`` a list in arbitrary order; decoded to the
+              same type
+``map``       dict with non-``str`` keys, ``items`` a list of ``[key, value]`` pairs
+``dict``      a user dict that itself has a ``"__sn__"`` key (escaped so it is never
+              misread as a tag)
+``bigint``    an int outside the 64-bit range, as decimal text
+``datetime``  ``datetime``/``date``/``time``/``timedelta``, as ISO text or microseconds
+``pdscalar``  ``pandas.Timestamp`` / ``Timedelta`` (unit and time zone kept), via Arrow
+``pickle``    anything else, only when both sides pass ``allow_pickle=True``
+============  ================================================================
+
+Subclasses of ``str``/``int``/``float``/``bytes`` (enums, ``numpy.str_``) arrive as the
+plain base type. In object-dtype DataFrame columns, missing values arrive as ``None``
+(Arrow has one null, so ``NaN`` and ``None`` are not told apart there).
+
+Example::
+
+    >>> import pandas as pd
+    >>> wire = encode_value({"df": pd.DataFrame({"a": [1, 2]}), "k": (1, 2)})
+    >>> decode_value(wire)["k"]
+    (1, 2)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import pickle
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc as pa_ipc
+from pandas.api.types import is_object_dtype
+
+TAG = "__sn__"
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+MAX_DEPTH = 64
+_META_KEY = b"swarm_notebook"
+_SCALAR_COST = 9  # a msgpack scalar or container header is at most 9 bytes
+_INT64_MIN = -(2**63)
+_UINT64_MAX = 2**64 - 1
+
+
+class ValueCodecError(ValueError):
+    """A value that cannot be encoded or decoded safely; ``reason`` is a short code.
+
+    Reasons: ``unsupported-type``, ``too-large``, ``too-deep``, ``malformed``,
+    ``pickle-refused``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+def encode_value(
+    obj: Any, *, allow_pickle: bool = False, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Any:
+    """Turn ``obj`` into a msgpack-friendly structure that :func:`decode_value` rebuilds.
+
+    Raises :class:`ValueCodecError` for types without a safe encoding (unless
+    ``allow_pickle``) and when the encoded size would pass ``max_bytes``.
+    """
+    return _Encoder(allow_pickle=allow_pickle, max_bytes=max_bytes).encode(obj, 0)
+
+
+def decode_value(x: Any, *, allow_pickle: bool = False, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+    """Rebuild a value made by :func:`encode_value`; every failure is a ``ValueCodecError``.
+
+    ``max_bytes`` bounds the memory that decoded Arrow tables may take.
+    """
+    decoder = _Decoder(allow_pickle=allow_pickle, max_bytes=max_bytes)
+    try:
+        return decoder.decode(x, 0)
+    except ValueCodecError:
+        raise
+    except Exception as exc:  # a crafted value must never surface as another error type
+        raise ValueCodecError("malformed", f"{type(exc).__name__}: {exc}"[:300]) from exc
+
+
+class _Encoder:
+    def __init__(self, *, allow_pickle: bool, max_bytes: int) -> None:
+        self.allow_pickle = allow_pickle
+        self.max_bytes = max_bytes
+        self.used = 0
+
+    def charge(self, n: int) -> None:
+        self.used += n
+        if self.used > self.max_bytes:
+            raise ValueCodecError(
+                "too-large",
+                f"encoded value passes the limit of {self.max_bytes} bytes; send a smaller "
+                "slice, or aggregate before returning",
+            )
+
+    def encode(self, obj: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise ValueCodecError("too-deep", f"value nests deeper than {MAX_DEPTH} levels")
+        t = type(obj)
+        if obj is None or t is bool:
+            self.charge(_SCALAR_COST)
+            return obj
+        if isinstance(obj, np.generic):
+            return self.tagged("npscalar", data=self.npy(np.asarray(obj)))
+        if isinstance(obj, int):
+            self.charge(_SCALAR_COST)
+            value = int(obj)
+            if _INT64_MIN <= value <= _UINT64_MAX:
+                return value
+            return self.tagged("bigint", data=str(value))
+        if isinstance(obj, float):
+            self.charge(_SCALAR_COST)
+            return float(obj)
+        if isinstance(obj, str):
+            self.charge(len(obj) + _SCALAR_COST)
+            return str(obj)
+        if isinstance(obj, bytes):
+            self.charge(len(obj) + _SCALAR_COST)
+            return bytes(obj)
+        if t is list:
+            self.charge(_SCALAR_COST)
+            return [self.encode(v, depth + 1) for v in obj]
+        if t is dict:
+            return self.encode_dict(obj, depth)
+        if t is tuple:
+            return self.tagged("tuple", items=[self.encode(v, depth + 1) for v in obj])
+        if t is set or t is frozenset:
+            kind = "set" if t is set else "frozenset"
+            return self.tagged("set", type=kind, items=[self.encode(v, depth + 1) for v in obj])
+        if isinstance(obj, pd.DataFrame):
+            return self.tagged("df", data=self.arrow(obj))
+        if isinstance(obj, pd.Series):
+            frame = obj.to_frame(name="series")
+            return self.tagged("series", data=self.arrow(frame), name=self.encode(obj.name, 0))
+        if isinstance(obj, pd.Index):
+            return self.tagged("index", data=self.arrow(pd.DataFrame(index=obj)))
+        if isinstance(obj, np.ndarray):
+            return self.tagged("ndarray", data=self.npy(obj))
+        if isinstance(obj, (pd.Timestamp, pd.Timedelta)):
+            return self.tagged("pdscalar", data=self.arrow(pd.DataFrame({"v": [obj]})))
+        if t in (dt.datetime, dt.date, dt.time, dt.timedelta):
+            return self.tagged("datetime", **_encode_datetime(obj))
+        if self.allow_pickle:
+            return self.tagged("pickle", data=self.pickled(obj))
+        raise ValueCodecError(
+            "unsupported-type",
+            f"cannot send a value of type {t.__module__}.{t.__qualname__} to another peer "
+            "without pickle; convert it to a DataFrame, numpy array, or plain "
+            "list/dict/str/number, or enable allow_pickle between peers that trust each other",
+        )
+
+    def tagged(self, kind: str, **fields: Any) -> dict[str, Any]:
+        self.charge(_SCALAR_COST * (1 + len(fields)))
+        return {TAG: kind, **fields}
+
+    def encode_dict(self, obj: dict[Any, Any], depth: int) -> dict[str, Any]:
+        if all(type(k) is str for k in obj):
+            self.charge(_SCALAR_COST)
+            body = {}
+            for k, v in obj.items():
+                self.charge(len(k) + _SCALAR_COST)
+                body[k] = self.encode(v, depth + 1)
+            if TAG in body:
+                return self.tagged("dict", items=body)
+            return body
+        pairs = [[self.encode(k, depth + 1), self.encode(v, depth + 1)] for k, v in obj.items()]
+        return self.tagged("map", items=pairs)
+
+    def npy(self, arr: np.ndarray) -> bytes:
+        if arr.dtype.hasobject:
+            raise ValueCodecError(
+                "unsupported-type",
+                "numpy arrays of dtype object hold arbitrary Python objects and need pickle; "
+                "convert to a typed array (e.g. arr.astype(str) or float) or send a list",
+            )
+        self.charge(arr.nbytes + 128)
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        return buf.getvalue()
+
+    def arrow(self, frame: pd.DataFrame) -> bytes:
+        if not frame.columns.is_unique:
+            dupes = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
+            raise ValueCodecError(
+                "unsupported-type",
+                f"DataFrame has duplicate column names {dupes[:5]}; rename them first",
+            )
+        try:
+            table = pa.Table.from_pandas(frame, preserve_index=None)
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise ValueCodecError(
+                "unsupported-type",
+                f"pandas data that Arrow cannot store ({str(exc)[:200]}); make object "
+                "columns one type (e.g. df[col].astype(str)) or enable allow_pickle between "
+                "peers that trust each other",
+            ) from exc
+        extra: dict[str, Any] = {}
+        freq = getattr(frame.index, "freq", None)
+        if freq is not None:
+            extra["index_freq"] = freq.freqstr
+        if extra:
+            metadata = dict(table.schema.metadata or {})
+            metadata[_META_KEY] = json.dumps(extra).encode()
+            table = table.replace_schema_metadata(metadata)
+        self.charge(table.nbytes + 1024)
+        sink = pa.BufferOutputStream()
+        with pa_ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return bytes(sink.getvalue().to_pybytes())
+
+    def pickled(self, obj: Any) -> bytes:
+        try:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise ValueCodecError(
+                "unsupported-type",
+                f"value of type {type(obj).__qualname__} cannot be pickled either: {exc}"[:300],
+            ) from exc
+        self.charge(len(data))
+        return data
+
+
+class _Decoder:
+    def __init__(self, *, allow_pickle: bool, max_bytes: int) -> None:
+        self.allow_pickle = allow_pickle
+        self.max_bytes = max_bytes
+        self.used = 0
+
+    def decode(self, x: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise ValueCodecError("too-deep", f"value nests deeper than {MAX_DEPTH} levels")
+        if x is None or isinstance(x, (bool, int, float, str, bytes)):
+            return x
+        if isinstance(x, list):
+            return [self.decode(v, depth + 1) for v in x]
+        if not isinstance(x, dict):
+            raise ValueCodecError("malformed", f"unexpected {type(x).__name__} in an encoded value")
+        if TAG not in x:
+            return self.decode_plain_dict(x, depth)
+        return self.decode_tagged(x, depth)
+
+    def decode_plain_dict(self, x: dict[Any, Any], depth: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in x.items():
+            if not isinstance(k, str):
+                raise ValueCodecError("malformed", f"dict key of type {type(k).__name__}")
+            out[k] = self.decode(v, depth + 1)
+        return out
+
+    def decode_tagged(self, x: dict[str, Any], depth: int) -> Any:
+        kind = x[TAG]
+        if kind == "dict":
+            return self.decode_plain_dict(_field(x, "items", dict), depth)
+        if kind == "tuple":
+            return tuple(self.decode(v, depth + 1) for v in _field(x, "items", list))
+        if kind == "set":
+            items = [self.decode(v, depth + 1) for v in _field(x, "items", list)]
+            set_type = _field(x, "type", str)
+            if set_type not in ("set", "frozenset"):
+                raise ValueCodecError("malformed", f"unknown set type {set_type!r:.40}")
+            return set(items) if set_type == "set" else frozenset(items)
+        if kind == "map":
+            out: dict[Any, Any] = {}
+            for pair in _field(x, "items", list):
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise ValueCodecError("malformed", "map items must be [key, value] pairs")
+                out[self.decode(pair[0], depth + 1)] = self.decode(pair[1], depth + 1)
+            return out
+        if kind == "bigint":
+            return int(_field(x, "data", str)[:10_000])
+        if kind == "ndarray":
+            return _load_npy(_field(x, "data", bytes))
+        if kind == "npscalar":
+            arr = _load_npy(_field(x, "data", bytes))
+            if arr.ndim != 0:
+                raise ValueCodecError("malformed", "npscalar must hold a 0-d array")
+            return arr[()]
+        if kind == "df":
+            return self.arrow(_field(x, "data", bytes))
+        if kind == "series":
+            frame = self.arrow(_field(x, "data", bytes))
+            if frame.shape[1] != 1:
+                raise ValueCodecError("malformed", "series must hold exactly one column")
+            series = frame.iloc[:, 0]
+            series.name = self.decode(x.get("name"), depth + 1)
+            return series
+        if kind == "pdscalar":
+            frame = self.arrow(_field(x, "data", bytes))
+            if frame.shape != (1, 1):
+                raise ValueCodecError("malformed", "pdscalar must hold one value")
+            return frame.iloc[0, 0]
+        if kind == "index":
+            return self.arrow(_field(x, "data", bytes)).index
+        if kind == "datetime":
+            return _decode_datetime(x)
+        if kind == "pickle":
+            if not self.allow_pickle:
+                raise ValueCodecError(
+                    "pickle-refused",
+                    "value was pickled by the sender; pickle is refused unless both peers "
+                    "explicitly trust each other (allow_pickle=True)",
+                )
+            return pickle.loads(_field(x, "data", bytes))
+        raise ValueCodecError("malformed", f"unknown tag {kind!r:.40}")
+
+    def arrow(self, data: bytes) -> pd.DataFrame:
+        reader = pa_ipc.open_stream(data)
+        batches = []
+        for batch in reader:
+            self.used += batch.nbytes
+            if self.used > self.max_bytes:
+                raise ValueCodecError(
+                    "too-large", f"decoded tables pass the limit of {self.max_bytes} bytes"
+                )
+            batches.append(batch)
+        table = pa.Table.from_batches(batches, schema=reader.schema)
+        frame = table.to_pandas()
+        _restore_object_columns(frame, table.schema.pandas_metadata or {})
+        raw_extra = (table.schema.metadata or {}).get(_META_KEY)
+        if raw_extra:
+            extra = json.loads(raw_extra)
+            if isinstance(extra, dict) and isinstance(extra.get("index_freq"), str):
+                frame.index = type(frame.index)(frame.index, freq=extra["index_freq"])
+        return frame
+
+
+def _field(x: dict[str, Any], name: str, kind: type) -> Any:
+    value = x.get(name)
+    if not isinstance(value, kind):
+        raise ValueCodecError(
+            "malformed", f"tag {x.get(TAG)!r:.40} needs {name!r} of type {kind.__name__}"
+        )
+    return value
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise ValueCodecError("malformed", f"bad npy data: {exc}"[:300]) from exc
+
+
+def _to_object(values: Any) -> Any:
+    """Arrow has one null; an object column's nulls come back as None, like pandas < 3."""
+    obj = pd.Series(values, dtype=object)
+    return obj.where(obj.notna(), None).astype(object)
+
+
+def _restore_object_columns(frame: pd.DataFrame, meta: dict[str, Any]) -> None:
+    """pandas >= 3 turns Arrow strings into ``str`` dtype; put object columns back."""
+    if not meta:
+        return
+    index_fields = [c for c in meta.get("index_columns", []) if isinstance(c, str)]
+    columns = meta.get("columns", [])
+    by_field = {c.get("field_name"): c for c in columns}
+    data_columns = [c for c in columns if c.get("field_name") not in index_fields]
+    for pos, col in enumerate(data_columns[: frame.shape[1]]):
+        if col.get("numpy_type") == "object" and not is_object_dtype(frame.dtypes.iloc[pos]):
+            frame.isetitem(pos, _to_object(frame.iloc[:, pos]))
+    levels = []
+    changed = False
+    for i, name in enumerate(index_fields):
+        level = frame.index.get_level_values(i)
+        if by_field.get(name, {}).get("numpy_type") == "object" and not is_object_dtype(
+            level.dtype
+        ):
+            level = pd.Index(_to_object(level).to_numpy(dtype=object), dtype=object)
+            changed = True
+        levels.append(level)
+    if changed:
+        names = list(frame.index.names)
+        if len(levels) == 1:
+            frame.index = pd.Index(levels[0], name=names[0], dtype=object)
+        else:
+            frame.index = pd.MultiIndex.from_arrays(levels, names=names)
+
+
+def _encode_datetime(obj: dt.datetime | dt.date | dt.time | dt.timedelta) -> dict[str, Any]:
+    if isinstance(obj, dt.timedelta):
+        return {"type": "timedelta", "data": obj // dt.timedelta(microseconds=1)}
+    if (isinstance(obj, (dt.datetime, dt.time))) and obj.tzinfo is not None:
+        if obj.utcoffset() is None or not isinstance(obj.tzinfo, dt.timezone):
+            raise ValueCodecError(
+                "unsupported-type",
+                "datetime with a named time zone; convert it to pandas.Timestamp inside a "
+                "Series/DataFrame (keeps the zone) or to UTC",
+            )
+    return {"type": type(obj).__name__, "data": obj.isoformat()}
+
+
+def _decode_datetime(x: dict[str, Any]) -> Any:
+    kind = _field(x, "type", str)
+    if kind == "timedelta":
+        return dt.timedelta(microseconds=_field(x, "data", int))
+    text = _field(x, "data", str)[:64]
+    parsers = {
+        "datetime": dt.datetime.fromisoformat,
+        "date": dt.date.fromisoformat,
+        "time": dt.time.fromisoformat,
+    }
+    if kind not in parsers:
+        raise ValueCodecError("malformed", f"unknown datetime type {kind!r:.40}")
+    return parsers[kind](text)
