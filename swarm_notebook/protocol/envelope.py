@@ -39,6 +39,7 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True):
     id: str
     reply_to: str | None = None
     body: Any = None
+    ask: bool = False  # the sender awaits a reply correlated by ``id``
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,0 +1,90 @@
+"""The interface every peer transport offers (aiortc mesh, in-memory twin)."""
+
+from __future__ import annotations
+
+import abc
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from swarm_notebook.protocol.envelope import Envelope
+
+
+class PeerUnavailable(ConnectionError):
+    """The addressed peer has no authenticated link right now."""
+
+
+class LinkState(StrEnum):
+    CONNECTING = "connecting"
+    AUTHENTICATING = "authenticating"
+    CONNECTED = "connected"
+    GONE = "gone"
+
+
+@dataclass
+class PeerLinkInfo:
+    peer_id: str
+    state: LinkState
+    rtt_ms: float | None = None
+    connected_since: float | None = None
+    last_seen: float | None = None
+    dials: int = 0
+
+
+MessageCallback = Callable[[str, Envelope, int], None]
+"""(peer id, envelope, encoded size) — called on the transport's loop; must not block."""
+PeerCallback = Callable[[str], None]
+PeerDownCallback = Callable[[str, str], None]
+
+
+@dataclass
+class TransportCallbacks:
+    on_message: MessageCallback = lambda peer, env, size: None
+    on_peer_up: PeerCallback = lambda peer: None
+    on_peer_down: PeerDownCallback = lambda peer, reason: None
+
+
+@dataclass
+class RejectionCounter:
+    """Counts refused input by reason; the numbers surface in stats and tests."""
+
+    by_reason: Counter[str] = field(default_factory=Counter)
+
+    def count(self, reason: str) -> None:
+        self.by_reason[reason] += 1
+
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+
+class Transport(abc.ABC):
+    """Authenticated peer links in one room. All methods run on the transport's loop."""
+
+    local_id: str
+    callbacks: TransportCallbacks
+    rejections: RejectionCounter
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def connected_peers(self) -> list[str]:
+        """Peers whose link is authenticated and alive."""
+
+    @abc.abstractmethod
+    def room_members(self) -> list[str]:
+        """Every other peer known to be in the room, linked or not."""
+
+    @abc.abstractmethod
+    def link_info(self) -> list[PeerLinkInfo]: ...
+
+    @abc.abstractmethod
+    async def send(self, peer_id: str, envelope: Envelope) -> int:
+        """Send one envelope; returns encoded bytes. Raises ``PeerUnavailable``."""
+
+    def stats(self) -> dict[str, object]:
+        return {"rejections": dict(self.rejections.by_reason)}

@@ -1,0 +1,93 @@
+"""An event loop on its own thread, so the swarm keeps serving while a cell blocks.
+
+The notebook kernel's loop is frozen while a cell runs synchronous code; heartbeats and
+incoming tasks must not wait for it. Every aiortc object lives on this loop (aiortc is not
+thread-safe), and the public API bridges calls from the caller's loop with ``call``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """Runs one asyncio loop in a daemon thread.
+
+    >>> runner = LoopThread(name="demo")
+    >>> runner.start()
+    >>> runner.run_sync(asyncio.sleep(0, result=42))
+    42
+    >>> runner.stop()
+    """
+
+    def __init__(self, name: str = "swarm-notebook-net") -> None:
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("LoopThread is not started")
+        return self._loop
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        loop.call_soon(self._ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await ``coro`` on this thread's loop from another loop (e.g. the kernel's).
+
+        Cancelling the caller cancels the work on the network loop too.
+        """
+        if self.in_thread():
+            return await coro
+        return await asyncio.wrap_future(self.submit(coro))
+
+    def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self.in_thread():
+            coro.close()
+            raise RuntimeError("run_sync called from the network thread would deadlock")
+        return self.submit(coro).result(timeout)
+
+    def in_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is None or self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        self._thread = None
+        self._loop = None
+        self._ready.clear()

@@ -1,0 +1,677 @@
+"""Full-mesh peer links over aiortc data channels.
+
+Rules this module keeps (each one fixes something earlier WebRTC swarms got wrong):
+
+* The peer with the smaller id always offers, so two peers joining at once never glare.
+* Remote candidates that arrive before the remote description are queued, not lost.
+* A link carries application messages only after both ends proved their identity keys
+  over it (see ``link_auth``).
+* Liveness comes from our own heartbeats: aiortc's consent check takes ~30 s.
+* A dead link is replaced by a new ``RTCPeerConnection`` (aiortc has no ICE restart) while
+  both peers remain in the room; the offerer re-dials, the answerer asks it to.
+* Links do not depend on the signaling socket: when the server goes away, they stay up.
+* aiortc delivers ``message`` events synchronously inside its DTLS loop, where an
+  exception would close the whole connection, so the inbound path never raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.sdp import candidate_from_sdp
+
+from swarm_notebook.identity import Identity
+from swarm_notebook.protocol.envelope import (
+    PROTOCOL_VERSION,
+    Envelope,
+    ProtocolError,
+    decode_envelope,
+    encode_envelope,
+)
+from swarm_notebook.protocol.framing import (
+    DEFAULT_FRAME_SIZE,
+    Reassembler,
+    ReassemblyLimits,
+    frame_message,
+)
+from swarm_notebook.transport import link_auth
+from swarm_notebook.transport.base import (
+    LinkState,
+    PeerLinkInfo,
+    PeerUnavailable,
+    RejectionCounter,
+    Transport,
+    TransportCallbacks,
+)
+from swarm_notebook.util.tasks import OwnedTasks
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_CANDIDATES = 64
+
+
+class SignalingPort:
+    """What the mesh needs from a signaling client (see ``swarm_notebook.signaling``)."""
+
+    members: frozenset[str]
+    connected: bool
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def send_signal(self, to: str, data: dict[str, Any]) -> None: ...
+
+
+SignalingFactory = Callable[
+    [Callable[[str, dict[str, Any]], Any], Callable[[str], Any], Callable[[str], Any]],
+    SignalingPort,
+]
+"""Builds a signaling client given (on_signal, on_peer_joined, on_peer_left)."""
+
+
+@dataclass
+class MeshConfig:
+    ice_servers: list[dict[str, Any]] = field(default_factory=list)
+    heartbeat_interval_s: float = 1.0
+    peer_timeout_s: float = 3.5
+    connect_timeout_s: float = 20.0
+    frame_size: int = DEFAULT_FRAME_SIZE
+    max_message_bytes: int = 256 * 1024 * 1024
+    reassembly: ReassemblyLimits = field(default_factory=ReassemblyLimits)
+    buffer_high_water: int = 1024 * 1024
+    buffer_low_water: int = 256 * 1024
+    redial_initial_s: float = 0.5
+    redial_max_s: float = 10.0
+    maintenance_interval_s: float = 0.5
+
+    def rtc_configuration(self) -> RTCConfiguration:
+        # An explicit list: with None, aiortc contacts a public STUN server.
+        servers = [
+            RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+            for s in self.ice_servers
+        ]
+        return RTCConfiguration(iceServers=servers)
+
+
+@dataclass
+class _Link:
+    peer_id: str
+    offerer: bool
+    session: str
+    pc: RTCPeerConnection
+    reassembler: Reassembler
+    created: float
+    channel: RTCDataChannel | None = None
+    state: LinkState = LinkState.CONNECTING
+    local_nonce: str = field(default_factory=lambda: secrets.token_hex(16))
+    remote_nonce: str | None = None
+    sent_auth: bool = False
+    pending_candidates: list[dict[str, Any]] = field(default_factory=list)
+    last_seen: float = 0.0
+    connected_since: float | None = None
+    rtt_ms: float | None = None
+    writable: asyncio.Event = field(default_factory=asyncio.Event)
+    ping_seq: int = 0
+
+
+@dataclass
+class _Redial:
+    attempts: int = 0
+    next_at: float = 0.0
+
+
+class MeshTransport(Transport):
+    """Authenticated aiortc links to every other peer in a signaling room.
+
+    Runs entirely on one event loop (aiortc objects are bound to the loop that made them).
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        signaling_factory: SignalingFactory,
+        config: MeshConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.identity = identity
+        self.local_id = identity.peer_id
+        self.config = config or MeshConfig()
+        self.callbacks = TransportCallbacks()
+        self.rejections = RejectionCounter()
+        self._clock = clock
+        self._signaling = signaling_factory(
+            self._on_signal, self._on_peer_joined, self._on_peer_left
+        )
+        self._links: dict[str, _Link] = {}
+        self._redial: dict[str, _Redial] = {}
+        self._peer_locks: dict[str, asyncio.Lock] = {}
+        self._tasks = OwnedTasks("mesh")
+        self._transfer_ids = itertools.count(1)
+        self._closed = False
+        self.counters: dict[str, int] = {
+            "frames_in": 0,
+            "frames_out": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "messages_in": 0,
+            "messages_out": 0,
+            "dials": 0,
+            "links_lost": 0,
+            "rejects_from_peers": 0,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._signaling.start()
+        self._tasks.spawn(self._maintenance_loop(), name="mesh-maintenance")
+        self._tasks.spawn(self._heartbeat_loop(), name="mesh-heartbeat")
+        for peer in self._signaling.members:
+            self._maintain_peer(peer)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._tasks.close()
+        links = list(self._links.values())
+        self._links.clear()
+        await asyncio.gather(*(self._close_pc(link) for link in links), return_exceptions=True)
+        await self._signaling.close()
+
+    # -- queries ---------------------------------------------------------------------
+
+    def connected_peers(self) -> list[str]:
+        return [p for p, link in self._links.items() if link.state is LinkState.CONNECTED]
+
+    def room_members(self) -> list[str]:
+        return sorted(set(self._signaling.members) | set(self.connected_peers()))
+
+    def link_info(self) -> list[PeerLinkInfo]:
+        infos = []
+        for peer in self.room_members():
+            link = self._links.get(peer)
+            state = link.state if link else LinkState.GONE
+            infos.append(
+                PeerLinkInfo(
+                    peer_id=peer,
+                    state=state,
+                    rtt_ms=link.rtt_ms if link else None,
+                    connected_since=link.connected_since if link else None,
+                    last_seen=link.last_seen if link else None,
+                    dials=self._redial.get(peer, _Redial()).attempts,
+                )
+            )
+        return infos
+
+    @property
+    def signaling_connected(self) -> bool:
+        return bool(self._signaling.connected)
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "rejections": dict(self.rejections.by_reason),
+            "signaling_connected": self.signaling_connected,
+            **self.counters,
+        }
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def send(self, peer_id: str, envelope: Envelope) -> int:
+        link = self._links.get(peer_id)
+        if link is None or link.state is not LinkState.CONNECTED:
+            raise PeerUnavailable(f"no authenticated link to peer {peer_id[:16]}")
+        payload = encode_envelope(envelope)
+        if len(payload) > self.config.max_message_bytes:
+            raise ProtocolError(
+                "oversized", f"{len(payload)} bytes > limit {self.config.max_message_bytes}"
+            )
+        await self._send_payload(link, payload)
+        self.counters["messages_out"] += 1
+        return len(payload)
+
+    async def _send_payload(self, link: _Link, payload: bytes) -> None:
+        transfer_id = next(self._transfer_ids)
+        for frame in frame_message(payload, transfer_id, self.config.frame_size):
+            channel = link.channel
+            if channel is None or channel.readyState != "open":
+                raise PeerUnavailable(f"link to {link.peer_id[:16]} closed while sending")
+            while channel.bufferedAmount > self.config.buffer_high_water:
+                link.writable.clear()
+                try:
+                    await asyncio.wait_for(link.writable.wait(), self.config.peer_timeout_s)
+                except TimeoutError:
+                    if link.state is LinkState.GONE or channel.readyState != "open":
+                        raise PeerUnavailable(f"link to {link.peer_id[:16]} lost") from None
+            channel.send(frame)
+            self.counters["frames_out"] += 1
+            self.counters["bytes_out"] += len(frame)
+
+    def _send_control(self, link: _Link, type_: str, body: dict[str, Any]) -> None:
+        """Fire a small link-level message; control messages never wait on back-pressure."""
+        channel = link.channel
+        if channel is None or channel.readyState != "open":
+            return
+        env = Envelope(v=PROTOCOL_VERSION, type=type_, id=uuid.uuid4().hex, body=body)
+        payload = encode_envelope(env)
+        for frame in frame_message(payload, next(self._transfer_ids), self.config.frame_size):
+            channel.send(frame)
+            self.counters["frames_out"] += 1
+            self.counters["bytes_out"] += len(frame)
+
+    # -- signaling events --------------------------------------------------------------
+
+    def _on_peer_joined(self, peer_id: str) -> None:
+        if peer_id != self.local_id:
+            self._redial.pop(peer_id, None)
+            self._maintain_peer(peer_id)
+
+    def _on_peer_left(self, peer_id: str) -> None:
+        # Leaving signaling says nothing about the link: a peer whose signaling socket
+        # dropped may still be perfectly reachable. Heartbeats decide whether it is gone.
+        link = self._links.get(peer_id)
+        if link is not None and link.state is LinkState.CONNECTING:
+            self._fail_link(link, "peer left the room")
+
+    def _on_signal(self, from_peer: str, data: dict[str, Any]) -> None:
+        if self._closed:
+            return
+        lock = self._peer_locks.setdefault(from_peer, asyncio.Lock())
+        self._tasks.spawn(self._handle_signal(lock, from_peer, data), name="mesh-signal")
+
+    async def _handle_signal(self, lock: asyncio.Lock, peer: str, data: dict[str, Any]) -> None:
+        async with lock:
+            kind = data.get("kind")
+            session = data.get("session")
+            try:
+                if (
+                    kind == "offer"
+                    and isinstance(session, str)
+                    and isinstance(data.get("sdp"), str)
+                ):
+                    await self._accept_offer(peer, session, data["sdp"])
+                elif (
+                    kind == "answer"
+                    and isinstance(session, str)
+                    and isinstance(data.get("sdp"), str)
+                ):
+                    await self._accept_answer(peer, session, data["sdp"])
+                elif kind == "candidate" and isinstance(session, str):
+                    await self._accept_candidate(peer, session, data.get("candidate"))
+                elif kind == "redial":
+                    self._redial_requested(peer)
+                else:
+                    self.rejections.count("bad-signal")
+            except Exception as exc:  # a bad SDP must not take the mesh down
+                self.rejections.count("bad-signal")
+                log.warning("signal %s from %s failed: %s", kind, peer[:16], exc)
+                link = self._links.get(peer)
+                if link is not None and link.session == session:
+                    self._fail_link(link, f"signal {kind} failed: {exc}")
+
+    # -- dialling --------------------------------------------------------------------
+
+    def _is_offerer(self, peer_id: str) -> bool:
+        return self.local_id < peer_id
+
+    def _maintain_peer(self, peer_id: str) -> None:
+        """Make progress towards a link with ``peer_id`` if none is alive or forming."""
+        if self._closed or peer_id == self.local_id:
+            return
+        link = self._links.get(peer_id)
+        now = self._clock()
+        if link is not None and link.state is not LinkState.GONE:
+            if (
+                link.state is not LinkState.CONNECTED
+                and now - link.created > self.config.connect_timeout_s
+            ):
+                self._fail_link(link, "connect timeout")
+            return
+        redial = self._redial.setdefault(peer_id, _Redial())
+        if now < redial.next_at or not self._signaling.connected:
+            return
+        redial.attempts += 1
+        delay = min(
+            self.config.redial_max_s, self.config.redial_initial_s * 2 ** min(redial.attempts, 8)
+        )
+        redial.next_at = now + delay * random.uniform(0.5, 1.0)
+        if self._is_offerer(peer_id):
+            lock = self._peer_locks.setdefault(peer_id, asyncio.Lock())
+            self._tasks.spawn(self._dial(lock, peer_id), name="mesh-dial")
+        else:
+            self._tasks.spawn(self._ask_redial(peer_id), name="mesh-ask-redial")
+
+    def _redial_requested(self, peer_id: str) -> None:
+        if not self._is_offerer(peer_id):
+            self.rejections.count("bad-signal")
+            return
+        link = self._links.get(peer_id)
+        if link is not None and link.state is LinkState.CONNECTED:
+            # The answerer lost the link we still think alive: believe it, ours is stale.
+            self._fail_link(link, "remote asked for a redial")
+        self._redial.setdefault(peer_id, _Redial()).next_at = 0.0
+        self._maintain_peer(peer_id)
+
+    async def _ask_redial(self, peer_id: str) -> None:
+        try:
+            await self._signaling.send_signal(peer_id, {"kind": "redial"})
+        except Exception as exc:
+            log.debug("redial request to %s not sent: %s", peer_id[:16], exc)
+
+    def _new_link(self, peer_id: str, offerer: bool, session: str) -> _Link:
+        pc = RTCPeerConnection(self.config.rtc_configuration())
+        link = _Link(
+            peer_id=peer_id,
+            offerer=offerer,
+            session=session,
+            pc=pc,
+            reassembler=Reassembler(self.config.reassembly),
+            created=self._clock(),
+        )
+        link.writable.set()
+
+        @pc.on("connectionstatechange")
+        def _state_changed() -> None:
+            if pc.connectionState in ("failed", "closed") and self._links.get(peer_id) is link:
+                self._fail_link(link, f"connection {pc.connectionState}")
+
+        old = self._links.get(peer_id)
+        if old is not None:
+            self._fail_link(old, "replaced by a new session", redial=False)
+        self._links[peer_id] = link
+        return link
+
+    async def _dial(self, lock: asyncio.Lock, peer_id: str) -> None:
+        async with lock:
+            link = self._links.get(peer_id)
+            if self._closed or (link is not None and link.state is not LinkState.GONE):
+                return
+            self.counters["dials"] += 1
+            link = self._new_link(peer_id, offerer=True, session=uuid.uuid4().hex)
+            self._attach_channel(link, link.pc.createDataChannel("swarm", ordered=True))
+            await link.pc.setLocalDescription(await link.pc.createOffer())
+            try:
+                await self._signaling.send_signal(
+                    peer_id,
+                    {"kind": "offer", "session": link.session, "sdp": link.pc.localDescription.sdp},
+                )
+            except Exception as exc:
+                self._fail_link(link, f"offer not sent: {exc}")
+
+    async def _accept_offer(self, peer_id: str, session: str, sdp: str) -> None:
+        if self._is_offerer(peer_id):
+            # The rule says we offer to this peer; an offer from it is a protocol breach.
+            self.rejections.count("unexpected-offer")
+            return
+        existing = self._links.get(peer_id)
+        if existing is not None and existing.session == session:
+            return
+        link = self._new_link(peer_id, offerer=False, session=session)
+        pc = link.pc
+
+        @pc.on("datachannel")
+        def _on_channel(channel: RTCDataChannel) -> None:
+            if channel.label == "swarm" and link.channel is None:
+                self._attach_channel(link, channel)
+                if channel.readyState == "open":
+                    self._channel_open(link)
+
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        await self._flush_candidates(link)
+        await pc.setLocalDescription(await pc.createAnswer())
+        await self._signaling.send_signal(
+            peer_id, {"kind": "answer", "session": session, "sdp": pc.localDescription.sdp}
+        )
+
+    async def _accept_answer(self, peer_id: str, session: str, sdp: str) -> None:
+        link = self._links.get(peer_id)
+        if link is None or link.session != session or not link.offerer:
+            self.rejections.count("stale-answer")
+            return
+        if link.pc.remoteDescription is not None:
+            return
+        await link.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+        await self._flush_candidates(link)
+
+    async def _accept_candidate(self, peer_id: str, session: str, candidate: Any) -> None:
+        link = self._links.get(peer_id)
+        if link is None or link.session != session or not isinstance(candidate, dict):
+            self.rejections.count("stale-candidate")
+            return
+        if link.pc.remoteDescription is None:
+            if len(link.pending_candidates) >= MAX_PENDING_CANDIDATES:
+                self.rejections.count("too-many-candidates")
+                return
+            link.pending_candidates.append(candidate)
+            return
+        await self._add_candidate(link, candidate)
+
+    async def _flush_candidates(self, link: _Link) -> None:
+        pending, link.pending_candidates = link.pending_candidates, []
+        for candidate in pending:
+            await self._add_candidate(link, candidate)
+
+    async def _add_candidate(self, link: _Link, candidate: dict[str, Any]) -> None:
+        text = candidate.get("candidate")
+        if not isinstance(text, str) or not text:
+            return  # end-of-candidates marker
+        ice = candidate_from_sdp(text.removeprefix("candidate:"))
+        ice.sdpMid = candidate.get("sdpMid")
+        ice.sdpMLineIndex = candidate.get("sdpMLineIndex")
+        await link.pc.addIceCandidate(ice)
+
+    # -- channel and authentication ------------------------------------------------------
+
+    def _attach_channel(self, link: _Link, channel: RTCDataChannel) -> None:
+        link.channel = channel
+        channel.bufferedAmountLowThreshold = self.config.buffer_low_water
+
+        @channel.on("open")
+        def _opened() -> None:
+            self._channel_open(link)
+
+        @channel.on("message")
+        def _message(data: bytes | str) -> None:
+            self._on_frame(link, data)
+
+        @channel.on("bufferedamountlow")
+        def _low() -> None:
+            link.writable.set()
+
+        @channel.on("close")
+        def _closed() -> None:
+            if self._links.get(link.peer_id) is link:
+                self._fail_link(link, "data channel closed")
+
+    def _channel_open(self, link: _Link) -> None:
+        if link.state is not LinkState.CONNECTING:
+            return
+        link.state = LinkState.AUTHENTICATING
+        link.last_seen = self._clock()
+        self._send_control(
+            link,
+            "link.hello",
+            {"peer_id": self.local_id, "nonce": link.local_nonce, "session": link.session},
+        )
+        self._maybe_send_auth(link)
+
+    def _transcript(self, link: _Link) -> bytes | None:
+        local, remote = link.pc.localDescription, link.pc.remoteDescription
+        if link.remote_nonce is None or local is None or remote is None:
+            return None
+        offer_sdp, answer_sdp = (local.sdp, remote.sdp) if link.offerer else (remote.sdp, local.sdp)
+        offerer, answerer = (
+            (self.local_id, link.peer_id) if link.offerer else (link.peer_id, self.local_id)
+        )
+        offerer_nonce, answerer_nonce = (
+            (link.local_nonce, link.remote_nonce)
+            if link.offerer
+            else (link.remote_nonce, link.local_nonce)
+        )
+        return link_auth.transcript(
+            session=link.session,
+            offerer=offerer,
+            answerer=answerer,
+            offerer_nonce=offerer_nonce,
+            answerer_nonce=answerer_nonce,
+            offer_fingerprints=link_auth.sdp_fingerprints(offer_sdp),
+            answer_fingerprints=link_auth.sdp_fingerprints(answer_sdp),
+        )
+
+    def _maybe_send_auth(self, link: _Link) -> None:
+        if link.sent_auth or link.state is not LinkState.AUTHENTICATING:
+            return
+        data = self._transcript(link)
+        if data is None:
+            return
+        link.sent_auth = True
+        self._send_control(link, "link.auth", {"signature": self.identity.sign(data)})
+
+    def _on_link_message(self, link: _Link, env: Envelope) -> None:
+        body = env.body if isinstance(env.body, dict) else {}
+        if env.type == "link.hello":
+            if body.get("peer_id") != link.peer_id or body.get("session") != link.session:
+                self._reject_link(link, "hello-mismatch")
+                return
+            nonce = body.get("nonce")
+            if not isinstance(nonce, str) or not 16 <= len(nonce) <= 128:
+                self._reject_link(link, "bad-hello")
+                return
+            link.remote_nonce = nonce
+            self._maybe_send_auth(link)
+        elif env.type == "link.auth":
+            signature = body.get("signature")
+            data = self._transcript(link)
+            if (
+                link.state is not LinkState.AUTHENTICATING
+                or data is None
+                or not isinstance(signature, bytes)
+                or not link_auth.verify_transcript(link.peer_id, signature, data)
+            ):
+                self._reject_link(link, "auth-failed")
+                return
+            link.state = LinkState.CONNECTED
+            link.connected_since = time.time()
+            self._redial.pop(link.peer_id, None)
+            self._safe_callback(self.callbacks.on_peer_up, link.peer_id)
+        elif env.type == "link.ping":
+            self._send_control(link, "link.pong", {"seq": body.get("seq"), "t": body.get("t")})
+        elif env.type == "link.pong":
+            sent = body.get("t")
+            if isinstance(sent, float) and body.get("seq") == link.ping_seq:
+                link.rtt_ms = (self._clock() - sent) * 1000.0
+        elif env.type == "link.reject":
+            self.counters["rejects_from_peers"] += 1
+            log.info("peer %s rejected our message: %s", link.peer_id[:16], body.get("reason"))
+        else:
+            self.rejections.count("unknown-link-message")
+
+    def _reject_link(self, link: _Link, reason: str) -> None:
+        self.rejections.count(reason)
+        log.warning("link to %s refused: %s", link.peer_id[:16], reason)
+        self._fail_link(link, reason)
+
+    # -- inbound path (must never raise) ---------------------------------------------------
+
+    def _on_frame(self, link: _Link, data: bytes | str) -> None:
+        try:
+            now = self._clock()
+            link.last_seen = now
+            self.counters["frames_in"] += 1
+            if isinstance(data, str):
+                raise ProtocolError("text-frame", "binary frames only")
+            self.counters["bytes_in"] += len(data)
+            payload = link.reassembler.feed(data, now)
+            if payload is None:
+                return
+            env = decode_envelope(payload, max_size=self.config.max_message_bytes)
+            if env.type.startswith("link."):
+                self._on_link_message(link, env)
+                return
+            if link.state is not LinkState.CONNECTED:
+                raise ProtocolError(
+                    "unauthenticated", "application message before proof of identity"
+                )
+            self.counters["messages_in"] += 1
+            self.callbacks.on_message(link.peer_id, env, len(payload))
+        except ProtocolError as exc:
+            self.rejections.count(exc.reason)
+            log.info("frame from %s rejected: %s", link.peer_id[:16], exc)
+            if link.state is LinkState.CONNECTED:
+                self._send_control(
+                    link, "link.reject", {"reason": exc.reason, "detail": exc.detail}
+                )
+        except Exception:
+            self.rejections.count("internal-error")
+            log.exception("inbound frame from %s", link.peer_id[:16])
+
+    def _safe_callback(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("transport callback failed")
+
+    # -- liveness ------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            now = self._clock()
+            for link in list(self._links.values()):
+                if link.state is LinkState.CONNECTED or link.state is LinkState.AUTHENTICATING:
+                    if now - link.last_seen > self.config.peer_timeout_s:
+                        self._fail_link(link, "heartbeat timeout")
+                        continue
+                    if link.state is LinkState.CONNECTED:
+                        link.ping_seq += 1
+                        self._send_control(link, "link.ping", {"seq": link.ping_seq, "t": now})
+                link.reassembler.expire(now)
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.maintenance_interval_s)
+            for peer in self._signaling.members:
+                self._maintain_peer(peer)
+            for peer, link in list(self._links.items()):
+                if link.state is not LinkState.CONNECTED and peer not in self._signaling.members:
+                    if self._clock() - link.created > self.config.connect_timeout_s:
+                        self._fail_link(link, "connect timeout")
+
+    def _fail_link(self, link: _Link, reason: str, redial: bool = True) -> None:
+        if link.state is LinkState.GONE:
+            return
+        was_connected = link.state is LinkState.CONNECTED
+        link.state = LinkState.GONE
+        link.writable.set()
+        link.reassembler.clear()
+        if self._links.get(link.peer_id) is link:
+            del self._links[link.peer_id]
+        if was_connected:
+            self.counters["links_lost"] += 1
+            log.info("link to %s lost: %s", link.peer_id[:16], reason)
+            self._safe_callback(self.callbacks.on_peer_down, link.peer_id, reason)
+        if not self._closed:
+            self._tasks.spawn(self._close_pc(link), name="mesh-close-pc")
+            if redial and link.peer_id in self._signaling.members:
+                self._redial.setdefault(link.peer_id, _Redial())
+
+    async def _close_pc(self, link: _Link) -> None:
+        try:
+            await link.pc.close()
+        except Exception as exc:
+            log.debug("closing pc for %s: %s", link.peer_id[:16], exc)

@@ -1,0 +1,133 @@
+"""Chunk framing, reassembly bounds and the envelope decoder under random input."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarm_notebook.protocol.envelope import (
+    PROTOCOL_VERSION,
+    Envelope,
+    ProtocolError,
+    decode_envelope,
+    encode_envelope,
+)
+from swarm_notebook.protocol.framing import (
+    CHUNK,
+    ReassemblyLimits,
+    Reassembler,
+    frame_message,
+)
+
+
+def test_large_payload_round_trips_in_frames_under_64k() -> None:
+    payload = os.urandom(3_000_001)
+    frames = list(frame_message(payload, transfer_id=9))
+    assert all(len(f) <= 64 * 1024 for f in frames)
+    assert len(frames) > 40
+    r = Reassembler()
+    results = [r.feed(f, now=0.0) for f in frames]
+    assert results[:-1] == [None] * (len(frames) - 1)
+    assert results[-1] == payload
+    assert r.pending_bytes == 0 and r.pending_transfers == 0
+
+
+def test_interleaved_transfers_reassemble_independently() -> None:
+    a, b = os.urandom(200_000), os.urandom(150_000)
+    fa, fb = list(frame_message(a, 1)), list(frame_message(b, 2))
+    r = Reassembler()
+    done = []
+    for i in range(max(len(fa), len(fb))):
+        for frames in (fa, fb):
+            if i < len(frames):
+                out = r.feed(frames[i], 0.0)
+                if out is not None:
+                    done.append(out)
+    assert sorted(done, key=len) == [b, a]
+
+
+def test_oversized_transfer_is_refused_and_memory_released() -> None:
+    r = Reassembler(ReassemblyLimits(max_message_bytes=100_000))
+    frames = list(frame_message(os.urandom(300_000), 5))
+    with pytest.raises(ProtocolError) as err:
+        for f in frames:
+            r.feed(f, 0.0)
+    assert err.value.reason == "oversized"
+    assert r.pending_bytes == 0
+
+
+def test_flood_of_partial_chunks_stays_bounded() -> None:
+    limits = ReassemblyLimits(max_pending_bytes=2_000_000, max_transfers=8)
+    r = Reassembler(limits)
+    reasons: dict[str, int] = {}
+    for tid in range(1000):
+        first = next(iter(frame_message(os.urandom(500_000), tid)))
+        try:
+            r.feed(first, 0.0)
+        except ProtocolError as exc:
+            reasons[exc.reason] = reasons.get(exc.reason, 0) + 1
+        assert r.pending_bytes <= limits.max_pending_bytes
+        assert r.pending_transfers <= limits.max_transfers
+    assert reasons.get("too-many-transfers", 0) > 900
+    assert r.expire(now=limits.timeout_s + 1) == 8
+    assert r.pending_bytes == 0
+
+
+def test_out_of_order_and_truncated_chunks_are_rejected() -> None:
+    r = Reassembler()
+    frames = list(frame_message(os.urandom(200_000), 3))
+    with pytest.raises(ProtocolError, match="chunk-out-of-order"):
+        r.feed(frames[1], 0.0)
+    with pytest.raises(ProtocolError, match="truncated-chunk"):
+        r.feed(bytes([CHUNK]) + b"\x00" * 5, 0.0)
+    with pytest.raises(ProtocolError, match="bad-frame-kind"):
+        r.feed(b"\x07abc", 0.0)
+    with pytest.raises(ProtocolError, match="empty-frame"):
+        r.feed(b"", 0.0)
+
+
+def test_envelope_decoder_rejects_wrong_version_and_schema() -> None:
+    good = Envelope(v=PROTOCOL_VERSION, type="t", id="1", body={"x": b"\x00"})
+    assert decode_envelope(encode_envelope(good), max_size=1000) == good
+    bad_version = encode_envelope(Envelope(v=99, type="t", id="1"))
+    with pytest.raises(ProtocolError, match="bad-version"):
+        decode_envelope(bad_version, max_size=1000)
+    with pytest.raises(ProtocolError, match="malformed"):
+        decode_envelope(b"\x93\x01\x02", max_size=1000)
+    with pytest.raises(ProtocolError, match="oversized"):
+        decode_envelope(encode_envelope(good), max_size=5)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=4096))
+def test_decoder_and_reassembler_never_raise_anything_else(data: bytes) -> None:
+    r = Reassembler(ReassemblyLimits(max_message_bytes=1 << 20, max_pending_bytes=1 << 21))
+    for decode in (lambda: decode_envelope(data, max_size=1 << 20), lambda: r.feed(data, 0.0)):
+        try:
+            decode()
+        except ProtocolError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.integers(0, 6), st.integers(0, 8), st.binary(max_size=64)),
+        max_size=60,
+    )
+)
+def test_mutated_chunk_streams_stay_bounded(chunks: list[tuple[int, int, int, bytes]]) -> None:
+    limits = ReassemblyLimits(max_message_bytes=4096, max_pending_bytes=8192, max_transfers=4)
+    r = Reassembler(limits)
+    for tid, index, count, payload in chunks:
+        frame = struct.pack(">BQII", CHUNK, tid, index, count) + payload
+        try:
+            r.feed(frame, 0.0)
+        except ProtocolError:
+            pass
+        assert r.pending_bytes <= limits.max_pending_bytes
+        assert r.pending_transfers <= limits.max_transfers
