@@ -1,0 +1,119 @@
+"""``swarm-notebook signal``: run a signaling server until SIGINT / SIGTERM.
+
+The first line on stdout is ``signaling server listening on ws://HOST:PORT/ws`` (flushed),
+so a parent process started with ``--port 0`` can read the URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from swarm_notebook.signaling.config import DEFAULT_PORT, SignalingConfig, SignalingLimits
+from swarm_notebook.signaling.server import SignalingServer
+
+SECRET_ENV = "SWARM_NOTEBOOK_SIGNAL_SECRET"
+_DEFAULT_LIMITS = SignalingLimits()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    parser.add_argument(
+        "--secret",
+        default=os.environ.get(SECRET_ENV),
+        help=f"secret every room requires (default: ${SECRET_ENV})",
+    )
+    parser.add_argument(
+        "--room-secret",
+        action="append",
+        default=[],
+        metavar="ROOM=SECRET",
+        help="a secret for one room (repeatable; overrides --secret for that room)",
+    )
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-frame-bytes", type=int, default=_DEFAULT_LIMITS.max_frame_bytes)
+    limits.add_argument(
+        "--rate",
+        type=float,
+        default=_DEFAULT_LIMITS.messages_per_second,
+        help="messages per second per socket",
+    )
+    limits.add_argument("--burst", type=int, default=_DEFAULT_LIMITS.burst)
+    limits.add_argument("--peers-per-room", type=int, default=_DEFAULT_LIMITS.peers_per_room)
+    limits.add_argument("--max-rooms", type=int, default=_DEFAULT_LIMITS.max_rooms)
+    limits.add_argument("--max-room-length", type=int, default=_DEFAULT_LIMITS.max_room_length)
+    limits.add_argument("--max-connections", type=int, default=_DEFAULT_LIMITS.max_connections)
+    limits.add_argument("--join-timeout", type=float, default=_DEFAULT_LIMITS.join_timeout)
+    parser.add_argument("--log-level", default="INFO", help="logging level (stderr)")
+
+
+def config_from_args(args: argparse.Namespace) -> SignalingConfig:
+    """Build the server config; raises ``ValueError`` with a clear message on bad input."""
+    room_secrets: dict[str, str] = {}
+    for item in args.room_secret:
+        room, sep, secret = item.partition("=")
+        if not sep or not room or not secret:
+            raise ValueError(f"--room-secret expects ROOM=SECRET, got {item!r}")
+        room_secrets[room] = secret
+    limits = SignalingLimits(
+        max_frame_bytes=args.max_frame_bytes,
+        messages_per_second=args.rate,
+        burst=args.burst,
+        peers_per_room=args.peers_per_room,
+        max_rooms=args.max_rooms,
+        max_room_length=args.max_room_length,
+        max_connections=args.max_connections,
+        join_timeout=args.join_timeout,
+    )
+    return SignalingConfig(
+        host=args.host,
+        port=args.port,
+        secret=args.secret or None,
+        room_secrets=room_secrets,
+        limits=limits,
+    )
+
+
+async def serve(config: SignalingConfig) -> None:
+    """Run the server until SIGINT or SIGTERM, then shut it down cleanly."""
+    server = SignalingServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        print(f"signaling server listening on {server.url}", flush=True)
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await server.close()
+    print("signaling server stopped", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=str(args.log_level).upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"swarm-notebook signal: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:  # e.g. the port is taken
+        print(
+            f"swarm-notebook signal: cannot listen on {config.host}:{config.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,419 @@
+"""The signaling server: rooms of key-proven peers that relay WebRTC offers to each other.
+
+Replacement policy: when a second socket proves the key of a peer id that is already
+connected in the room, it takes the id over silently — the old socket gets
+``Error(reason="replaced")`` and is closed, and the other members see neither
+``PeerLeft`` nor ``PeerJoined`` (the peer never stopped being a member, so its peer
+links stay up).
+
+Example (in a notebook or test)::
+
+    server = SignalingServer(SignalingConfig(port=0))
+    port = await server.start()
+    print(server.url)          # ws://127.0.0.1:<port>/ws
+    ...
+    await server.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_websocket import WebSocketError
+
+from swarm_notebook.identity import verify_signature
+from swarm_notebook.protocol.signaling import (
+    Challenge,
+    Error,
+    Join,
+    Joined,
+    PeerJoined,
+    PeerLeft,
+    Shutdown,
+    Signal,
+    decode_client_message,
+    join_payload,
+    secret_proof,
+)
+from swarm_notebook.signaling import reasons
+from swarm_notebook.signaling.config import SignalingConfig
+from swarm_notebook.signaling.connection import Connection
+from swarm_notebook.signaling.ratelimit import TokenBucket
+from swarm_notebook.signaling.rooms import RoomRegistry
+
+log = logging.getLogger(__name__)
+
+WS_PATH = "/ws"
+# Seconds a closing socket gets to flush its last frames before it is dropped.
+FLUSH_TIMEOUT = 2.0
+STRIKE_REFILL_PER_SECOND = 1.0
+
+
+class SignalingServer:
+    """aiohttp server: ``/ws`` (signaling), ``/healthz`` and ``/stats``."""
+
+    def __init__(
+        self, config: SignalingConfig | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config or SignalingConfig()
+        self._limits = self.config.limits
+        self._clock = clock
+        self._rooms: RoomRegistry[Connection] = RoomRegistry(
+            max_rooms=self._limits.max_rooms, peers_per_room=self._limits.peers_per_room
+        )
+        self._connections: set[Connection] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self._closing = False
+        self._rejections: Counter[str] = Counter()
+        self._connections_total = 0
+        self._joins_total = 0
+        self._replacements = 0
+        self._messages_received = 0
+        self._messages_forwarded = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Listen and return the actual port (``port=0`` picks a free one)."""
+        if self._runner is not None:
+            raise RuntimeError("signaling server already started")
+        app = web.Application()
+        app.router.add_get(WS_PATH, self._handle_websocket)
+        app.router.add_get("/healthz", self._handle_health)
+        app.router.add_get("/stats", self._handle_stats)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=FLUSH_TIMEOUT)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.config.host, self.config.port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        log.info("signaling server listening on %s", self.url)
+        return self._port
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("signaling server not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{self.port}{WS_PATH}"
+
+    async def close(self) -> None:
+        """Send Shutdown to every client, close their sockets and stop listening."""
+        if self._runner is None:
+            return
+        self._closing = True
+        for conn in list(self._connections):
+            conn.close_with(Shutdown(), code=WSCloseCode.GOING_AWAY, why="server shutting down")
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=self.config.shutdown_timeout)
+        for conn in list(self._connections):
+            conn.abort()
+        runner, self._runner = self._runner, None
+        await runner.cleanup()
+        self._closing = False
+        log.info("signaling server on port %s stopped", self._port)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``/stats``: rooms, peers, traffic and rejections by reason."""
+        return {
+            "rooms": self._rooms.room_count,
+            "peers": self._rooms.peer_count,
+            "connections": len(self._connections),
+            "connections_total": self._connections_total,
+            "joins_total": self._joins_total,
+            "replacements": self._replacements,
+            "messages_received": self._messages_received,
+            "messages_forwarded": self._messages_forwarded,
+            "rejections": dict(self._rejections),
+        }
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    async def _handle_health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    # -- WebSocket ---------------------------------------------------------------------
+
+    async def _handle_websocket(self, request: web.Request) -> web.StreamResponse:
+        limits = self._limits
+        ws = web.WebSocketResponse(
+            max_msg_size=limits.hard_frame_bytes,
+            heartbeat=limits.heartbeat,
+            compress=False,
+        )
+        await ws.prepare(request)
+        self._connections_total += 1
+
+        def abort_transport() -> None:
+            if request.transport is not None:
+                request.transport.abort()
+
+        conn = Connection(
+            ws,
+            abort_transport,
+            nonce=secrets.token_hex(32),
+            send_queue_limit=limits.send_queue,
+            rate=TokenBucket(limits.messages_per_second, limits.burst, self._clock),
+            rate_strikes=TokenBucket(STRIKE_REFILL_PER_SECOND, limits.rate_strikes, self._clock),
+            protocol_strikes=TokenBucket(
+                STRIKE_REFILL_PER_SECOND, limits.protocol_strikes, self._clock
+            ),
+        )
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        self._connections.add(conn)
+        writer = asyncio.create_task(conn.write_loop(), name="signaling-writer")
+        try:
+            if self._closing:
+                conn.close_with(Shutdown(), code=WSCloseCode.GOING_AWAY)
+            elif len(self._connections) > limits.max_connections:
+                self._refuse(
+                    conn,
+                    reasons.TOO_MANY_CONNECTIONS,
+                    f"the server holds its limit of {limits.max_connections} connections",
+                    code=WSCloseCode.TRY_AGAIN_LATER,
+                )
+            else:
+                conn.send(Challenge(nonce=conn.nonce))
+                await self._read_loop(conn)
+        except Exception:
+            # A bug in handling one socket must never take the server down.
+            log.exception("signaling socket handler failed")
+        finally:
+            self._leave(conn)
+            conn.close_with(None, code=WSCloseCode.OK)
+            _done, pending = await asyncio.wait({writer}, timeout=FLUSH_TIMEOUT)
+            if pending:
+                conn.abort()
+                writer.cancel()
+                await asyncio.wait({writer})
+            await ws.close()
+            self._connections.discard(conn)
+            self._handlers.discard(handler)
+        return ws
+
+    async def _read_loop(self, conn: Connection) -> None:
+        loop = asyncio.get_running_loop()
+        join_deadline = loop.time() + self._limits.join_timeout
+        while not conn.closing:
+            timeout: float | None = None
+            if not conn.joined:
+                timeout = join_deadline - loop.time()
+                if timeout <= 0:
+                    self._refuse_join_timeout(conn)
+                    return
+            try:
+                msg = await conn.ws.receive(timeout=timeout)
+            except TimeoutError:
+                self._refuse_join_timeout(conn)
+                return
+            if msg.type is WSMsgType.TEXT:
+                if not self._on_text(conn, msg.data):
+                    return
+            elif msg.type is WSMsgType.BINARY:
+                self._refuse(
+                    conn, reasons.MALFORMED, "binary frames are not accepted; send JSON text"
+                )
+                return
+            elif msg.type is WSMsgType.ERROR:
+                # aiohttp has already closed the socket (e.g. code 1009 above the hard cap).
+                too_big = (
+                    isinstance(msg.data, WebSocketError)
+                    and msg.data.code == WSCloseCode.MESSAGE_TOO_BIG
+                )
+                self._rejections[reasons.TOO_LARGE if too_big else reasons.MALFORMED] += 1
+                return
+            else:  # CLOSE / CLOSING / CLOSED
+                return
+
+    def _refuse_join_timeout(self, conn: Connection) -> None:
+        self._refuse(
+            conn,
+            reasons.JOIN_TIMEOUT,
+            f"no valid join within {self._limits.join_timeout:g} s",
+        )
+
+    def _on_text(self, conn: Connection, text: str) -> bool:
+        """Handle one text frame; False when the socket is being closed."""
+        self._messages_received += 1
+        data = text.encode("utf-8")
+        if len(data) > self._limits.max_frame_bytes:
+            return self._refuse(
+                conn,
+                reasons.TOO_LARGE,
+                f"frame of {len(data)} bytes exceeds the {self._limits.max_frame_bytes} byte limit",
+                code=WSCloseCode.MESSAGE_TOO_BIG,
+            )
+        if not conn.rate.take():
+            self._rejections[reasons.RATE_LIMITED] += 1
+            limit = f"{self._limits.messages_per_second:g} messages/s (burst {self._limits.burst})"
+            if not conn.rate_strikes.take():
+                self._rejections[reasons.ABUSE] += 1
+                return self._refuse(
+                    conn, reasons.RATE_LIMITED, f"repeatedly over {limit}; closing", count=False
+                )
+            return self._reply(conn, reasons.RATE_LIMITED, f"over {limit}; frame dropped")
+        try:
+            message = decode_client_message(data)
+        except msgspec.ValidationError as exc:
+            return self._strike(conn, reasons.WRONG_SCHEMA, str(exc)[:200])
+        except msgspec.DecodeError as exc:
+            return self._refuse(conn, reasons.MALFORMED, f"not JSON: {str(exc)[:160]}")
+        if isinstance(message, Join):
+            return self._on_join(conn, message)
+        return self._on_signal(conn, message)
+
+    def _on_join(self, conn: Connection, join: Join) -> bool:
+        if conn.joined:
+            return self._strike(conn, reasons.ALREADY_JOINED, "this socket has already joined")
+        room, peer_id = join.room, join.peer_id
+        if not room or len(room) > self._limits.max_room_length or not room.isprintable():
+            return self._refuse(
+                conn,
+                reasons.BAD_ROOM,
+                f"room names are 1-{self._limits.max_room_length} printable characters",
+            )
+        try:
+            signature = bytes.fromhex(join.signature)
+        except ValueError:
+            signature = b""
+        if not verify_signature(peer_id, signature, join_payload(conn.nonce, room, peer_id)):
+            return self._refuse(
+                conn,
+                reasons.BAD_SIGNATURE,
+                "the join signature does not prove the key behind this peer id",
+            )
+        secret = self.config.secret_for(room)
+        if secret is not None:
+            expected = secret_proof(secret, conn.nonce, peer_id).encode("ascii")
+            offered = (join.secret_proof or "").encode("utf-8")
+            if not hmac.compare_digest(offered, expected):
+                what = "missing" if not join.secret_proof else "wrong"
+                return self._refuse(
+                    conn, reasons.BAD_SECRET, f"room {room!r:.40} needs a secret: proof is {what}"
+                )
+        refusal = self._rooms.admission_refusal(room, peer_id)
+        if refusal == reasons.ROOM_FULL:
+            return self._refuse(
+                conn, refusal, f"room {room!r:.40} is full ({self._limits.peers_per_room} peers)"
+            )
+        if refusal is not None:
+            return self._refuse(
+                conn, refusal, f"the server holds its limit of {self._limits.max_rooms} rooms"
+            )
+
+        others = self._rooms.others(room, peer_id)
+        previous = self._rooms.bind(room, peer_id, conn)
+        conn.room, conn.peer_id = room, peer_id
+        self._joins_total += 1
+        conn.send(Joined(room=room, peer_id=peer_id, peers=sorted(others)))
+        if previous is not None:
+            self._replacements += 1
+            previous.close_with(
+                Error(
+                    reason=reasons.REPLACED,
+                    message="another connection proved this peer id's key and took it over",
+                ),
+                code=WSCloseCode.POLICY_VIOLATION,
+                why="replaced",
+            )
+        else:
+            for other in others.values():
+                self._deliver_control(other, PeerJoined(peer_id=peer_id))
+        log.debug("peer %s joined room %r (%d others)", peer_id[:16], room, len(others))
+        return True
+
+    def _on_signal(self, conn: Connection, signal: Signal) -> bool:
+        if conn.room is None or conn.peer_id is None:
+            return self._strike(conn, reasons.NOT_JOINED, "send a join before signalling")
+        if not signal.to:
+            return self._strike(conn, reasons.WRONG_SCHEMA, "a signal needs 'to'")
+        target = None
+        if signal.to != conn.peer_id:
+            target = self._rooms.lookup(conn.room, signal.to)
+        if target is None:
+            self._rejections[reasons.UNKNOWN_PEER] += 1
+            return self._reply(
+                conn, reasons.UNKNOWN_PEER, f"no peer {signal.to[:16]!r} in room {conn.room!r:.40}"
+            )
+        # ``from`` is stamped from the socket's proven id; whatever the client sent is ignored.
+        if target.send(Signal(data=signal.data, from_=conn.peer_id)):
+            self._messages_forwarded += 1
+            return True
+        self._rejections[reasons.PEER_BUSY] += 1
+        return self._reply(
+            conn, reasons.PEER_BUSY, f"peer {signal.to[:16]!r} is not reading; signal not delivered"
+        )
+
+    def _leave(self, conn: Connection) -> None:
+        if conn.room is None or conn.peer_id is None:
+            return
+        if not self._rooms.unbind(conn.room, conn.peer_id, conn):
+            return  # replaced: the id lives on in another socket
+        for other in self._rooms.others(conn.room, conn.peer_id).values():
+            self._deliver_control(other, PeerLeft(peer_id=conn.peer_id))
+
+    # -- replies -------------------------------------------------------------------------
+
+    def _deliver_control(self, conn: Connection, message: msgspec.Struct) -> None:
+        # A member that misses a membership frame would be out of sync: drop it instead.
+        if not conn.send(message) and not conn.closing:
+            self._rejections[reasons.SLOW_CONSUMER] += 1
+            conn.abort()
+
+    def _reply(self, conn: Connection, reason: str, message: str) -> bool:
+        """Tell the client what went wrong, keeping the socket open."""
+        if conn.send(Error(reason=reason, message=message)):
+            return True
+        if not conn.closing:
+            self._rejections[reasons.SLOW_CONSUMER] += 1
+            conn.abort()
+        return False
+
+    def _strike(self, conn: Connection, reason: str, message: str) -> bool:
+        """A protocol mistake: answered, and the socket closed once they repeat."""
+        self._rejections[reason] += 1
+        if conn.protocol_strikes.take():
+            return self._reply(conn, reason, message)
+        self._rejections[reasons.ABUSE] += 1
+        return self._refuse(conn, reason, f"{message}; closing after repeated errors", count=False)
+
+    def _refuse(
+        self,
+        conn: Connection,
+        reason: str,
+        message: str,
+        *,
+        code: int = WSCloseCode.POLICY_VIOLATION,
+        count: bool = True,
+    ) -> bool:
+        """Send Error(reason) and close the socket; always False (the socket is done)."""
+        if count:
+            self._rejections[reason] += 1
+        conn.close_with(Error(reason=reason, message=message), code=code, why=reason)
+        return False
