@@ -1,0 +1,68 @@
+"""Summary of a coordinator snapshot for dashboards (the blueprint's ``getStatus()``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, TypedDict
+
+DashboardState = Literal["active", "idle", "disabled"]
+
+
+class DashboardStatus(TypedDict):
+    """What a dashboard header shows about the swarm at a glance."""
+
+    state: DashboardState
+    primary_metric: str
+    secondary_metric: str
+    last_activity: float | None
+    message: str | None
+    success_rate: int
+
+
+def _count(snapshot: Mapping[str, Any], key: str) -> int:
+    value = snapshot.get(key) or 0
+    return int(value)
+
+
+def success_rate(snapshot: Mapping[str, Any]) -> int:
+    """Percentage of delegated tasks that completed, rounded; 100 when none ran yet.
+
+    Same rule as the blueprint, so an empty swarm does not read as failing:
+
+    >>> success_rate({"total_tasks": 4, "tasks_completed": 3})
+    75
+    >>> success_rate({"total_tasks": 0})
+    100
+    """
+    total = _count(snapshot, "total_tasks")
+    if total <= 0:
+        return 100
+    return round(_count(snapshot, "tasks_completed") / total * 100)
+
+
+def dashboard_status(snapshot: Mapping[str, Any]) -> DashboardStatus:
+    """Summarise a coordinator snapshot the way the blueprint's ``getStatus()`` does.
+
+    >>> dashboard_status({"initialized": True, "connected_peers": 2, "total_tasks": 5})["state"]
+    'active'
+    """
+    initialized = bool(snapshot.get("initialized"))
+    connected = _count(snapshot, "connected_peers")
+    state: DashboardState
+    message: str | None
+    if not initialized:
+        state, message = "disabled", "Not initialized"
+    elif connected == 0:
+        state, message = "idle", "No peers"
+    else:
+        state, message = "active", None
+    last = snapshot.get("last_activity")
+    last_timestamp = last.get("timestamp") if isinstance(last, Mapping) else None
+    return DashboardStatus(
+        state=state,
+        primary_metric=f"{connected} peers",
+        secondary_metric=f"{_count(snapshot, 'total_tasks')} tasks",
+        last_activity=float(last_timestamp) if last_timestamp is not None else None,
+        message=message,
+        success_rate=success_rate(snapshot),
+    )
