@@ -9,7 +9,7 @@ policy runs, then signs the ballot.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from swarm_notebook.coordinator.governance.consensus import (
@@ -36,8 +36,7 @@ Vote = tuple[bool, str]
 class VotePolicy(Protocol):
     """Decides a vote. ``decide`` returns ``(approve, reason)`` or an awaitable of it."""
 
-    def decide(self, proposal: Proposal, modification: Modification) -> Vote | Awaitable[Vote]:
-        ...
+    def decide(self, proposal: Proposal, modification: Modification) -> Vote | Awaitable[Vote]: ...
 
 
 class DefaultVotePolicy:
@@ -81,6 +80,8 @@ async def respond_to_proposal(
     modification: Modification | dict[str, Any],
     policy: VotePolicy,
     now: float,
+    *,
+    clock: Callable[[], float] | None = None,
 ) -> Ballot:
     """Check a received proposal, ask ``policy`` and sign the ballot.
 
@@ -88,6 +89,8 @@ async def respond_to_proposal(
     (``bad-signature``...), when this peer is not a member (``non-member``) or when the
     deadline has passed (``late``). A modification that does not match the proposal's
     hash gets a signed rejection (reason ``content-mismatch``) without asking the policy.
+    ``now`` is when the proposal was received; the ballot's ``cast_at`` is ``clock()``
+    after the policy answered (a human may take a while), or ``now`` without a clock.
     """
     problem = proposal_problem(proposal)
     if problem is not None:
@@ -106,4 +109,5 @@ async def respond_to_proposal(
     if inspect.isawaitable(decided):
         decided = await decided
     approve, reason = decided
-    return cast_ballot(identity, proposal, bool(approve), str(reason), now)
+    cast_at = now if clock is None else clock()
+    return cast_ballot(identity, proposal, bool(approve), str(reason), cast_at)

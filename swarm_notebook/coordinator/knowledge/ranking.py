@@ -175,4 +175,3 @@ def merge_knowledge(
     ['local']
     """
     return merge_knowledge_detailed(local, remote, query, limit=limit).items
-

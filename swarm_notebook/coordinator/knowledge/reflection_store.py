@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -35,6 +36,7 @@ from swarm_notebook.coordinator.knowledge.reflections import (
 Source = Literal["local", "swarm"]
 MAX_SEARCH_LIMIT = 200
 _CANDIDATES_PER_RESULT = 8
+_SHARED_FROM = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reflections (
@@ -194,6 +196,8 @@ class ReflectionStore:
         checked = validate_reflection(reflection, limits=self._limits)
         tags = list(checked.tags)
         if shared_from is not None:
+            if not _SHARED_FROM.fullmatch(shared_from):
+                raise ReflectionRejected("wrong-schema", "shared_from is not a peer id")
             source = "swarm"
             tags.append(f"{PROVENANCE_TAG_PREFIX}{shared_from}")
         if source not in ("local", "swarm"):

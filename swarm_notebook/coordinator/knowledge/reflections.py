@@ -149,9 +149,7 @@ def sign_reflection(
         timestamp=float(time.time() if timestamp is None else timestamp),
     )
     validate_reflection(draft, limits=limits)
-    signed = msgspec.structs.replace(
-        draft, signature=identity.sign(signing_payload(draft)).hex()
-    )
+    signed = msgspec.structs.replace(draft, signature=identity.sign(signing_payload(draft)).hex())
     return signed
 
 
