@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiortc import (
     RTCConfiguration,
@@ -66,11 +66,13 @@ log = logging.getLogger(__name__)
 MAX_PENDING_CANDIDATES = 64
 
 
-class SignalingPort:
+class SignalingPort(Protocol):
     """What the mesh needs from a signaling client (see ``swarm_notebook.signaling``)."""
 
-    members: frozenset[str]
-    connected: bool
+    @property
+    def members(self) -> frozenset[str]: ...
+    @property
+    def connected(self) -> bool: ...
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...

@@ -1,0 +1,46 @@
+"""Choosing the peer that runs a task."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Candidate:
+    peer_id: str
+    capabilities: frozenset[str]
+    advertised_load: int  # in flight + queued, as the peer last reported
+    local_outstanding: int  # tasks we sent it that have not answered yet
+    concurrency: int
+
+
+def load_score(c: Candidate) -> float:
+    """Work per slot. Our own outstanding tasks are a floor: the peer's last report may
+    predate them, and counting both would double-count the ones it already reported."""
+    return max(c.advertised_load, c.local_outstanding) / max(1, c.concurrency)
+
+
+def choose_peer(
+    candidates: Iterable[Candidate],
+    requirements: Sequence[str],
+    *,
+    exclude: Iterable[str] = (),
+    rng: random.Random | None = None,
+) -> Candidate | None:
+    """The capable peer with the lowest load, random among ties; ``None`` if none fits.
+
+    >>> a = Candidate("a", frozenset({"python-execution"}), 2, 0, 2)
+    >>> b = Candidate("b", frozenset({"python-execution"}), 0, 1, 2)
+    >>> choose_peer([a, b], ["python-execution"]).peer_id
+    'b'
+    """
+    skipped = set(exclude)
+    needed = set(requirements)
+    capable = [c for c in candidates if c.peer_id not in skipped and needed <= c.capabilities]
+    if not capable:
+        return None
+    best = min(load_score(c) for c in capable)
+    tied = [c for c in capable if load_score(c) == best]
+    return (rng or random).choice(tied)

@@ -1,0 +1,132 @@
+"""A bare mesh peer in its own process, for transport tests (driven by ``procs.PeerProcess``).
+
+The network runs on a ``LoopThread``; the main thread plays the notebook kernel and can be
+blocked on purpose with the ``block`` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from swarm_notebook.identity import Identity
+from swarm_notebook.transport.endpoint import Endpoint
+from swarm_notebook.transport.factory import mesh_transport
+from swarm_notebook.transport.loop_thread import LoopThread
+from swarm_notebook.transport.mesh import MeshConfig, MeshTransport
+
+_print_lock = threading.Lock()
+
+
+def emit(**event: Any) -> None:
+    with _print_lock:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+
+async def build(args: argparse.Namespace) -> tuple[MeshTransport, Endpoint]:
+    identity = Identity.load_or_create(args.profile)
+    config = MeshConfig(heartbeat_interval_s=0.5, peer_timeout_s=2.5)
+    transport = mesh_transport(
+        identity, args.signaling, args.room, secret=args.secret, config=config
+    )
+    endpoint = Endpoint(transport)
+    endpoint.register_message_handler("echo", lambda peer, body: body)
+    endpoint.register_message_handler(
+        "digest",
+        lambda peer, body: hashlib.sha256(body).hexdigest() if isinstance(body, bytes) else None,
+    )
+    transport.callbacks.on_peer_up = lambda p: emit(event="peer_up", peer=p, t=time.time())
+
+    def down(peer: str, reason: str) -> None:
+        endpoint.fail_pending_for(peer, reason)
+        emit(event="peer_down", peer=peer, reason=reason, t=time.time())
+
+    transport.callbacks.on_peer_down = down
+    await transport.start()
+    if args.bad_link_key:
+        # Signaling accepted our real key; now prove the link with a different one.
+        transport.identity = Identity.generate()
+    return transport, endpoint
+
+
+async def handle(
+    cmd: dict[str, Any], transport: MeshTransport, endpoint: Endpoint, runner: LoopThread
+) -> dict[str, Any]:
+    name = cmd["cmd"]
+    if name == "peers":
+        return {"connected": transport.connected_peers(), "members": transport.room_members()}
+    if name == "stats":
+        return {"stats": transport.stats(), "endpoint_rejections": dict(endpoint.rejections)}
+    if name == "request":
+        payload = os.urandom(int(cmd["size"]))
+        started = time.perf_counter()
+        reply = await runner.call(endpoint.request(cmd["peer"], "echo", payload, timeout=60))
+        elapsed = time.perf_counter() - started
+        return {"identical": reply == payload, "bytes": len(payload), "seconds": elapsed}
+    if name == "raw":
+        frames = [bytes.fromhex(f) for f in cmd["frames"]]
+        text = cmd.get("text")
+
+        async def send_raw() -> None:
+            link = transport._links[cmd["peer"]]
+            assert link.channel is not None
+            for frame in frames:
+                link.channel.send(frame)
+            if text:
+                link.channel.send(text)
+
+        await runner.call(send_raw())
+        return {"sent": len(frames)}
+    if name == "block":
+        time.sleep(float(cmd["seconds"]))  # a cell doing synchronous work on the kernel thread
+        return {"blocked": cmd["seconds"]}
+    raise ValueError(f"unknown command {name}")
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--signaling", required=True)
+    parser.add_argument("--room", default="test")
+    parser.add_argument("--secret")
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--bad-link-key", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    runner = LoopThread()
+    runner.start()
+    transport, endpoint = runner.run_sync(build(args), timeout=30)
+    emit(event="ready", peer_id=transport.local_id)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=16 * 1024 * 1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        cmd = json.loads(line)
+        if cmd["cmd"] == "quit":
+            break
+        try:
+            result = await handle(cmd, transport, endpoint, runner)
+            emit(reply_to=cmd["call"], **result)
+        except Exception as exc:
+            emit(reply_to=cmd["call"], error=f"{type(exc).__name__}: {exc}")
+
+    async def shutdown() -> None:
+        await endpoint.close()
+        await transport.close()
+
+    runner.run_sync(shutdown(), timeout=30)
+    runner.stop()
+    emit(event="closed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

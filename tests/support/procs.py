@@ -1,0 +1,133 @@
+"""Drive peer processes from tests: JSON lines on stdin (commands) and stdout (events)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class PeerProcess:
+    """A child process speaking the JSON-lines protocol of ``tests/support/*_peer.py``."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+        self.events: list[dict[str, Any]] = []
+        self.stderr_lines: list[str] = []
+        self._changed = asyncio.Condition()
+        self._ids = 0
+        self._reader = asyncio.create_task(self._read_stdout())
+        self._err_reader = asyncio.create_task(self._read_stderr())
+
+    @classmethod
+    async def start(
+        cls, script: str, *args: str, name: str = "peer", env: dict[str, str] | None = None
+    ) -> PeerProcess:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            os.path.join(REPO, "tests", "support", script),
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=full_env,
+            limit=64 * 1024 * 1024,
+        )
+        return cls(proc, name)
+
+    async def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = {"event": "unparsed", "line": line.decode(errors="replace")}
+            async with self._changed:
+                self.events.append(event)
+                self._changed.notify_all()
+        async with self._changed:
+            self.events.append({"event": "exited"})
+            self._changed.notify_all()
+
+    async def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.stderr_lines.append(line.decode(errors="replace"))
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float, start: int = 0
+    ) -> dict[str, Any]:
+        async def find() -> dict[str, Any]:
+            async with self._changed:
+                while True:
+                    for event in self.events[start:]:
+                        if predicate(event):
+                            return event
+                    if self.events and self.events[-1].get("event") == "exited":
+                        raise RuntimeError(
+                            f"{self.name} exited:\n{''.join(self.stderr_lines[-40:])}"
+                        )
+                    await self._changed.wait()
+
+        try:
+            return await asyncio.wait_for(find(), timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{self.name}: no matching event in {timeout} s; events: {self.events[-10:]}\n"
+                f"stderr: {''.join(self.stderr_lines[-30:])}"
+            ) from None
+
+    async def call(self, cmd: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+        self._ids += 1
+        call_id = self._ids
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps({"cmd": cmd, "call": call_id, **args}) + "\n").encode())
+        await self.proc.stdin.drain()
+        reply = await self.wait_for(lambda e: e.get("reply_to") == call_id, timeout)
+        if "error" in reply:
+            raise RuntimeError(f"{self.name} {cmd} failed: {reply['error']}")
+        return reply
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    async def stop(self, timeout: float = 20.0) -> int:
+        """Ask the process to quit cleanly; returns its exit code."""
+        if self.proc.returncode is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(b'{"cmd": "quit", "call": 0}\n')
+                await self.proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                self.kill()
+                await self.proc.wait()
+        await asyncio.gather(self._reader, self._err_reader, return_exceptions=True)
+        return self.proc.returncode if self.proc.returncode is not None else -1
+
+    def problems(self) -> list[str]:
+        """Lines in stderr that must never appear in a clean run."""
+        bad = ("Task was destroyed", "Traceback", "never awaited", "Unclosed", "unclosed")
+        return [line for line in self.stderr_lines if any(b in line for b in bad)]
+
+
+def child_processes() -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]

@@ -1,0 +1,227 @@
+"""aiortc peers in separate processes through a real signaling server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from swarm_notebook.protocol.envelope import PROTOCOL_VERSION, Envelope, encode_envelope
+from swarm_notebook.protocol.framing import frame_message
+from swarm_notebook.signaling import SignalingConfig, SignalingServer
+from tests.support.procs import PeerProcess, child_processes
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[SignalingServer]:
+    srv = SignalingServer(SignalingConfig(port=0))
+    await srv.start()
+    yield srv
+    await srv.close()
+
+
+async def start_peers(url: str, tmp: Path, n: int, *extra: str) -> list[PeerProcess]:
+    peers = await asyncio.gather(
+        *(
+            PeerProcess.start(
+                "mesh_peer.py",
+                "--signaling",
+                url,
+                "--profile",
+                str(tmp / f"p{i}"),
+                *extra,
+                name=f"peer{i}",
+            )
+            for i in range(n)
+        )
+    )
+    for p in peers:
+        ready = await p.wait_for(lambda e: e.get("event") == "ready", 30)
+        p.peer_id = ready["peer_id"]  # type: ignore[attr-defined]
+    return list(peers)
+
+
+async def wait_connected(peer: PeerProcess, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = await peer.call("peers")
+        if len(reply["connected"]) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{peer.name} has {reply} after {timeout}s")
+        await peer.wait_for(
+            lambda e: e.get("event") == "peer_up",
+            deadline - time.monotonic(),
+            start=len(peer.events),
+        )
+
+
+async def stop_all(peers: list[PeerProcess]) -> None:
+    codes = await asyncio.gather(*(p.stop() for p in peers))
+    for p, code in zip(peers, codes, strict=True):
+        if code != -9:
+            assert code == 0, f"{p.name} exited {code}: {''.join(p.stderr_lines[-20:])}"
+            assert p.problems() == [], p.problems()
+    assert child_processes() == []
+
+
+async def test_three_peers_mesh_bulk_signaling_restart_and_kill(
+    server: SignalingServer, tmp_path: Path
+) -> None:
+    peers = await start_peers(server.url, tmp_path, 3)
+    a, b, c = peers
+    try:
+        for p in peers:
+            await wait_connected(p, 2)
+
+        # A 10 MB message is chunked, reassembled and comes back byte-identical.
+        big = await a.call("request", peer=b.peer_id, size=10 * 1024 * 1024, timeout=90)
+        assert big["identical"] and big["bytes"] == 10 * 1024 * 1024
+
+        # The signaling server goes away: links stay up and keep carrying traffic.
+        port = server.port
+        events_before = [len(p.events) for p in peers]
+        await server.close()
+        small = await a.call("request", peer=c.peer_id, size=1000)
+        assert small["identical"]
+        restarted = SignalingServer(SignalingConfig(port=port))
+        await restarted.start()
+        try:
+            deadline = time.monotonic() + 30
+            while restarted.stats()["peers"] < 3:
+                assert time.monotonic() < deadline, restarted.stats()
+                await asyncio.sleep(0.1)
+            for p, before in zip(peers, events_before, strict=True):
+                downs = [e for e in p.events[before:] if e.get("event") == "peer_down"]
+                assert downs == [], f"{p.name} lost links during the outage: {downs}"
+                assert len((await p.call("peers"))["connected"]) == 2
+
+            # kill -9 of one peer is noticed by the others within 5 s.
+            marks = [len(a.events), len(b.events)]
+            killed_at = time.time()
+            c.kill()
+            for p, mark in zip((a, b), marks, strict=True):
+                down = await p.wait_for(
+                    lambda e: e.get("event") == "peer_down" and e.get("peer") == c.peer_id,
+                    10,
+                    start=mark,
+                )
+                assert down["t"] - killed_at < 5.0, f"noticed after {down['t'] - killed_at:.2f}s"
+            assert (await a.call("peers"))["connected"] == [b.peer_id]
+        finally:
+            await stop_all(peers)
+            await restarted.close()
+    finally:
+        for p in peers:
+            p.kill()
+
+
+async def test_simultaneous_join_connects_once_without_glare(
+    server: SignalingServer, tmp_path: Path
+) -> None:
+    peers = await start_peers(server.url, tmp_path, 2)
+    try:
+        for p in peers:
+            await wait_connected(p, 1)
+        for p in peers:
+            stats = (await p.call("stats"))["stats"]
+            assert stats["rejections"].get("unexpected-offer", 0) == 0
+            assert stats["links_lost"] == 0
+            ups = [e for e in p.events if e.get("event") == "peer_up"]
+            assert len(ups) == 1
+        dials = [(await p.call("stats"))["stats"]["dials"] for p in peers]
+        assert sorted(dials) == [0, 1]  # exactly one side offered, exactly once
+    finally:
+        await stop_all(peers)
+
+
+async def test_garbage_over_the_data_channel_is_counted_and_peer_keeps_serving(
+    server: SignalingServer, tmp_path: Path
+) -> None:
+    peers = await start_peers(server.url, tmp_path, 3)
+    a, b, c = peers
+    try:
+        for p in peers:
+            await wait_connected(p, 2)
+        wrong_schema = b"\x00" + msgspec.msgpack.encode({"not": "an envelope"})
+        bad_version = b"\x00" + encode_envelope(Envelope(v=42, type="echo", id="x"))
+        truncated_chunk = bytes([1]) + b"\x00" * 6
+        garbage = b"\x00\xc1\xc1\xc1 garbage"
+        unknown_kind = b"\x09hello"
+        oversized_announce = next(iter(frame_message(b"x" * 200_000, 77)))[:17] + b"x" * 100
+        frames = [wrong_schema, bad_version, truncated_chunk, garbage, unknown_kind]
+        await a.call("raw", peer=b.peer_id, frames=[f.hex() for f in frames], text="a text frame")
+        # An application message type nobody handles: refused with a reason, not a crash.
+        unknown = b"\x00" + encode_envelope(
+            Envelope(v=PROTOCOL_VERSION, type="no-such", id="1", ask=True)
+        )
+        await a.call("raw", peer=b.peer_id, frames=[unknown.hex(), oversized_announce.hex()])
+        deadline = time.monotonic() + 10
+        expected = {
+            "wrong-schema",
+            "malformed",
+            "bad-version",
+            "truncated-chunk",
+            "bad-frame-kind",
+            "text-frame",
+        }
+        while True:
+            stats = await b.call("stats")
+            seen = set(stats["stats"]["rejections"]) | set(stats["endpoint_rejections"])
+            if expected <= seen | {"wrong-schema"} and "unknown-type" in seen:
+                break
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.1)
+        # b is still up and serves both peers.
+        for sender in (a, c):
+            assert (await sender.call("request", peer=b.peer_id, size=100_000))["identical"]
+        assert len((await b.call("peers"))["connected"]) == 2
+    finally:
+        await stop_all(peers)
+
+
+async def test_peer_failing_link_proof_is_refused(server: SignalingServer, tmp_path: Path) -> None:
+    honest = await start_peers(server.url, tmp_path, 1)
+    impostor = await start_peers(server.url, tmp_path / "bad", 1, "--bad-link-key")
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            stats = (await honest[0].call("stats"))["stats"]
+            if stats["rejections"].get("auth-failed", 0) >= 1:
+                break
+            assert time.monotonic() < deadline, stats
+            await asyncio.sleep(0.2)
+        assert (await honest[0].call("peers"))["connected"] == []
+        assert not [e for e in honest[0].events if e.get("event") == "peer_up"]
+    finally:
+        await stop_all(honest + impostor)
+
+
+async def test_network_keeps_serving_while_the_main_thread_blocks(
+    server: SignalingServer, tmp_path: Path
+) -> None:
+    peers = await start_peers(server.url, tmp_path, 2)
+    a, b = peers
+    try:
+        await wait_connected(a, 1)
+        await wait_connected(b, 1)
+        mark = len(a.events)
+        blocker = asyncio.create_task(b.call("block", seconds=30, timeout=60))
+        answered = 0
+        started = time.monotonic()
+        while not blocker.done():
+            assert (await a.call("request", peer=b.peer_id, size=1000))["identical"]
+            answered += 1
+            await asyncio.sleep(0.5)
+        await blocker
+        assert time.monotonic() - started >= 29
+        assert answered >= 40
+        assert not [e for e in a.events[mark:] if e.get("event") == "peer_down"]
+    finally:
+        await stop_all(peers)
