@@ -1,0 +1,83 @@
+"""``swarm-notebook bench``: the swarm measured against raw aiortc, ipyparallel and Dask.
+
+Suites run in order on loopback, each in separate processes; see
+:mod:`swarm_notebook.bench.framework` for the suite contract and the JSON layout.
+
+Example::
+
+    from swarm_notebook.bench import NullProgress, default_suites, select_suites, run_suites
+    report = run_suites(select_suites(default_suites(), ["raw"]), quick=True,
+                        progress=NullProgress())
+    print(render_table(report))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from swarm_notebook.bench.framework import (
+    COMPARISONS,
+    REQUIRED_METRICS,
+    BenchReport,
+    Comparison,
+    Metric,
+    MetricRegistry,
+    NullProgress,
+    ProgressReporter,
+    Suite,
+    SuiteContext,
+    TqdmProgress,
+    render_table,
+    run_suites,
+)
+
+__all__ = [
+    "COMPARISONS",
+    "REQUIRED_METRICS",
+    "BenchReport",
+    "Comparison",
+    "Metric",
+    "MetricRegistry",
+    "NullProgress",
+    "ProgressReporter",
+    "Suite",
+    "SuiteContext",
+    "TqdmProgress",
+    "UnknownSuiteError",
+    "default_suites",
+    "render_table",
+    "run_suites",
+    "select_suites",
+]
+
+
+class UnknownSuiteError(ValueError):
+    """``--only`` named a suite that does not exist."""
+
+
+def default_suites() -> list[Suite]:
+    """Every suite of a full run, anchors first (later suites compare against them).
+
+    The swarm's own suites (``swarm``, ``delegate``, ``df50_swarm``, ``mesh6``) belong
+    after ``raw`` and the baselines so that their anchors are already measured.
+    """
+    # Imported here so that ``python -m swarm_notebook.bench.raw_peer`` does not find its
+    # own module already imported through this package.
+    from swarm_notebook.bench.baselines import dask_suite, ipyparallel_suite
+    from swarm_notebook.bench.raw_aiortc import raw_suite
+
+    return [raw_suite(), ipyparallel_suite(), dask_suite()]
+
+
+def select_suites(suites: Sequence[Suite], only: Iterable[str] | None) -> list[Suite]:
+    """Keep the named suites, in run order; an unknown name is an error, not a no-op."""
+    if only is None:
+        return list(suites)
+    wanted = [name.strip() for name in only if name.strip()]
+    known = {suite.name for suite in suites}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise UnknownSuiteError(
+            f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(s.name for s in suites)}"
+        )
+    return [suite for suite in suites if suite.name in wanted]
