@@ -27,6 +27,8 @@ from typing import Any
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
+from swarm_notebook.transport.ice_hosts import host_addresses_from_env, restrict_host_candidates
+
 MAX_LINE_BYTES = 1 << 20
 # aiortc advertises (and enforces) a 64 KiB SCTP message size.
 MAX_MESSAGE_BYTES = 64 << 10
@@ -120,6 +122,7 @@ async def read_message(reader: asyncio.StreamReader, timeout: float) -> dict[str
 
 def new_peer_connection() -> RTCPeerConnection:
     # An empty server list keeps ICE to host candidates: no public STUN server is contacted.
+    restrict_host_candidates(host_addresses_from_env())
     return RTCPeerConnection(RTCConfiguration(iceServers=[]))
 
 

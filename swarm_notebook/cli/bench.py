@@ -8,6 +8,7 @@ stdout and optionally writes the JSON report. Exit code 0 when every selected su
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from swarm_notebook.bench import (
     run_suites,
     select_suites,
 )
+from swarm_notebook.transport.ice_hosts import ICE_HOSTS_ENV
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"swarm-notebook bench: error: bad_path: no directory {args.json.parent}",
               file=sys.stderr)
         return 2
+    # Every peer of the bench lives on this machine: keep ICE on loopback (children inherit).
+    os.environ.setdefault(ICE_HOSTS_ENV, "127.0.0.1")
     report = run_suites(chosen, quick=args.quick, progress=TqdmProgress(sys.stderr))
     print(render_table(report))
     if args.json is not None:

@@ -51,6 +51,7 @@ from swarm_notebook.protocol.framing import (
     frame_message,
 )
 from swarm_notebook.transport import link_auth
+from swarm_notebook.transport.ice_hosts import host_addresses_from_env, restrict_host_candidates
 from swarm_notebook.transport.base import (
     LinkState,
     PeerLinkInfo,
@@ -100,6 +101,9 @@ class MeshConfig:
     redial_initial_s: float = 0.5
     redial_max_s: float = 10.0
     maintenance_interval_s: float = 0.5
+    # ICE host candidates: None offers every interface; ["127.0.0.1"] keeps peers that
+    # share one machine on loopback. Defaults to $SWARM_NOTEBOOK_ICE_HOSTS.
+    host_addresses: list[str] | None = field(default_factory=host_addresses_from_env)
 
     def rtc_configuration(self) -> RTCConfiguration:
         # An explicit list: with None, aiortc contacts a public STUN server.
@@ -180,6 +184,8 @@ class MeshTransport(Transport):
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.config.host_addresses is not None:
+            restrict_host_candidates(self.config.host_addresses)
         await self._signaling.start()
         self._tasks.spawn(self._maintenance_loop(), name="mesh-maintenance")
         self._tasks.spawn(self._heartbeat_loop(), name="mesh-heartbeat")
