@@ -7,6 +7,13 @@ expression and the requested outputs (all encoded with :mod:`swarm_notebook.prot
 decoded only inside the child). A child that passes the wall-clock timeout or the memory
 limit, or dies for any reason, is replaced.
 
+Each task gets a fresh namespace, but a child serves many tasks: modules a task changes
+stay changed for later tasks on that child. ``max_tasks_per_worker=1`` gives every task a
+fresh process (at the cost of a ~0.3 s respawn). Children run in a scratch folder owned by
+the pool (removed on ``close()``), see only an allow-listed environment (no API keys), and
+share the owner's user rights: this bounds resources, it is not a security boundary, which
+is why running other peers' code is an explicit owner opt-in.
+
 Example::
 
     pool = PythonSandboxPool(size=2, memory_limit_mb=1024)
