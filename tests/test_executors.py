@@ -266,6 +266,16 @@ async def test_pool_runs_size_tasks_at_once_and_bounds_the_queue() -> None:
         await sandbox.close()
 
 
+async def test_max_tasks_per_worker_gives_each_task_a_fresh_process() -> None:
+    sandbox = PythonSandboxPool(size=1, memory_limit_mb=512, max_tasks_per_worker=1)
+    try:
+        first = await sandbox.run({"code": "import os\nos.getpid()"}, CTX)
+        second = await sandbox.run({"code": "import os\nos.getpid()"}, CTX)
+        assert decode_value(first["value"]) != decode_value(second["value"])
+    finally:
+        await sandbox.close()
+
+
 async def test_close_leaves_no_child_processes() -> None:
     sandbox = PythonSandboxPool(size=2, memory_limit_mb=512)
     await sandbox.start()
