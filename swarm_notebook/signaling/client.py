@@ -19,6 +19,9 @@ server sent the events, and an exception in one is logged and never stops the cl
 On the first join ``on_peer_joined`` fires for every peer already in the room. After a
 re-join, peers that are still there produce no events; peers that are missing get
 ``on_peer_left`` only if they stay missing for ``departure_grace`` seconds.
+
+Callbacks run on the task that also marks the client connected, so a callback must not
+await ``wait_connected`` (it would wait for itself); ``send_signal`` is fine.
 """
 
 from __future__ import annotations

@@ -53,6 +53,10 @@ class Connection:
         # Bounded by ``send``'s check; only the final frame and the close request may
         # exceed the limit, by at most two items.
         self._queue: asyncio.Queue[str | _CloseRequest] = asyncio.Queue()
+        # Below this backlog the socket's own reader may go on reading (see wait_for_room).
+        self._room_mark = max(1, send_queue_limit // 2)
+        self._has_room = asyncio.Event()
+        self._has_room.set()
         self._closing = False
 
     @property
@@ -68,6 +72,23 @@ class Connection:
         if self._closing or self._queue.qsize() >= self._limit:
             return False
         self._queue.put_nowait(encode(message))
+        if self._queue.qsize() >= self._room_mark:
+            self._has_room.clear()
+        return True
+
+    async def wait_for_room(self, timeout: float) -> bool:
+        """Wait until the backlog is below half the limit; False if it stays full.
+
+        The reader calls this after each frame, so a client that floods us without
+        reading our replies is slowed down by TCP instead of overflowing its queue.
+        """
+        if self._has_room.is_set() or self._closing:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._has_room.wait()
+        except TimeoutError:
+            return False
         return True
 
     def close_with(self, message: msgspec.Struct | None, *, code: int, why: str = "") -> None:
@@ -89,6 +110,8 @@ class Connection:
         try:
             while True:
                 item = await self._queue.get()
+                if self._queue.qsize() < self._room_mark:
+                    self._has_room.set()
                 if isinstance(item, _CloseRequest):
                     await self.ws.close(code=item.code, message=item.message)
                     return

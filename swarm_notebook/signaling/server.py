@@ -56,6 +56,8 @@ WS_PATH = "/ws"
 # Seconds a closing socket gets to flush its last frames before it is dropped.
 FLUSH_TIMEOUT = 2.0
 STRIKE_REFILL_PER_SECOND = 1.0
+# How long a socket's reader waits for the client to take its replies before dropping it.
+OWN_BACKLOG_TIMEOUT = 10.0
 
 
 class SignalingServer:
@@ -120,7 +122,8 @@ class SignalingServer:
 
     async def close(self) -> None:
         """Send Shutdown to every client, close their sockets and stop listening."""
-        if self._runner is None:
+        runner, self._runner = self._runner, None
+        if runner is None:
             return
         self._closing = True
         for conn in list(self._connections):
@@ -129,7 +132,6 @@ class SignalingServer:
             await asyncio.wait(set(self._handlers), timeout=self.config.shutdown_timeout)
         for conn in list(self._connections):
             conn.abort()
-        runner, self._runner = self._runner, None
         await runner.cleanup()
         self._closing = False
         log.info("signaling server on port %s stopped", self._port)
@@ -234,6 +236,10 @@ class SignalingServer:
                 return
             if msg.type is WSMsgType.TEXT:
                 if not self._on_text(conn, msg.data):
+                    return
+                if not await conn.wait_for_room(OWN_BACKLOG_TIMEOUT):
+                    self._rejections[reasons.SLOW_CONSUMER] += 1
+                    conn.abort()
                     return
             elif msg.type is WSMsgType.BINARY:
                 self._refuse(
