@@ -361,6 +361,7 @@ class SignalingClient:
 
     async def _handshake(self, ws: aiohttp.ClientWebSocketResponse) -> list[str]:
         challenge = await self._receive(ws)
+        self._raise_for_refusal(challenge)
         if not isinstance(challenge, Challenge):
             raise SignalingError(PROTOCOL_ERROR, f"expected a challenge, got {challenge!r:.80}")
         nonce, peer_id = challenge.nonce, self._identity.peer_id
@@ -369,17 +370,21 @@ class SignalingClient:
         join = Join(room=self.room, peer_id=peer_id, signature=signature, secret_proof=proof)
         await ws.send_str(encode(join))
         reply = await self._receive(ws)
-        if isinstance(reply, Error):
-            self._errors_received[reply.reason] += 1
-            if reply.reason in reasons.FINAL_REFUSALS:
-                raise SignalingRefused(reply.reason, reply.message)
-            raise SignalingError(reply.reason, reply.message)
-        if isinstance(reply, Shutdown):
-            self._counters["shutdowns_received"] += 1
-            raise SignalingError("shutdown", reply.message)
+        self._raise_for_refusal(reply)
         if not isinstance(reply, Joined) or reply.peer_id != peer_id or reply.room != self.room:
             raise SignalingError(PROTOCOL_ERROR, f"expected joined, got {reply!r:.80}")
         return [p for p in reply.peers if p != peer_id]
+
+    def _raise_for_refusal(self, message: msgspec.Struct) -> None:
+        """During the handshake an Error or Shutdown ends this attempt."""
+        if isinstance(message, Error):
+            self._errors_received[message.reason] += 1
+            if message.reason in reasons.FINAL_REFUSALS:
+                raise SignalingRefused(message.reason, message.message)
+            raise SignalingError(message.reason, message.message)
+        if isinstance(message, Shutdown):
+            self._counters["shutdowns_received"] += 1
+            raise SignalingError("shutdown", message.message)
 
     async def _receive(
         self, ws: aiohttp.ClientWebSocketResponse
