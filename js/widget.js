@@ -117,7 +117,11 @@ function peerRow(peer) {
   const rtt = Number(peer.rtt_ms);
   return h("div", { cls: "swarm-nb-peer", testid: "peer-row" }, [
     h("div", { cls: "swarm-nb-peer-head" }, [
-      peerId(peer.id),
+      h("span", {}, [
+        peer.name ? h("strong", { cls: "swarm-nb-peer-name", text: text(peer.name) }) : null,
+        peer.name ? " " : null,
+        peerId(peer.id),
+      ]),
       h("span", { cls: `swarm-nb-badge swarm-nb-peer--${state}`, text: text(peer.state, "?") }),
     ]),
     h("div", { cls: "swarm-nb-peer-body" }, [
@@ -213,13 +217,15 @@ function consensus(snapshot) {
   const approve = votes.filter(([, v]) => v && v.approve === true).map(([p, v]) => [p, text(v.reason)]);
   const reject = votes.filter(([, v]) => !(v && v.approve === true)).map(([p, v]) => [p, text(v && v.reason)]);
   const missing = list(latest.missing).map((p) => [p, ""]);
-  const approved = latest.consensus === true;
+  const verdict =
+    latest.consensus === true
+      ? ["✓ Approved", "swarm-nb-tone-success"]
+      : latest.consensus === false
+        ? ["✗ Rejected", "swarm-nb-tone-error"]
+        : ["… Voting", "swarm-nb-tone-muted"];
   return h("div", { testid: "consensus", cls: "swarm-nb-block" }, [
     h("div", { cls: "swarm-nb-consensus-head" }, [
-      h("span", {
-        cls: `swarm-nb-badge ${approved ? "swarm-nb-tone-success" : "swarm-nb-tone-error"}`,
-        text: approved ? "✓ Approved" : "✗ Rejected",
-      }),
+      h("span", { cls: `swarm-nb-badge ${verdict[1]}`, text: verdict[0] }),
       h("code", { text: text(latest.target, "(no target)") }),
       h("span", { cls: `swarm-nb-badge swarm-nb-risk--${text(latest.risk, "unknown")}`, text: `risk ${text(latest.risk, "?")}` }),
     ]),

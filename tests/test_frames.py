@@ -25,6 +25,7 @@ def dtypes(frame: pd.DataFrame) -> dict[str, str]:
 
 PEER_DTYPES = {
     "peer_id": "string",
+    "name": "string",
     "capabilities": "string",
     "state": "category",
     "load": "float64",
@@ -96,6 +97,7 @@ def test_peers_frame_dtypes_and_values() -> None:
         "peers": [
             {
                 "id": "A" * 52,
+                "name": "alice-laptop",
                 "capabilities": ["python-execution", "local-llm"],
                 "state": "connected",
                 "load": 0.5,
@@ -110,6 +112,8 @@ def test_peers_frame_dtypes_and_values() -> None:
     assert dtypes(frame) == PEER_DTYPES
     assert frame.loc[0, "capabilities"] == "python-execution, local-llm"
     assert list(frame["state"].cat.categories) == ["connecting", "connected", "gone"]
+    assert frame.loc[0, "name"] == "alice-laptop"
+    assert pd.isna(frame.loc[1, "name"])
     assert frame.loc[1, "in_flight"] == 0
     assert pd.isna(frame.loc[1, "rtt_ms"])
     capable = frame[frame["capabilities"].str.contains("python-execution")]

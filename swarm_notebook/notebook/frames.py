@@ -103,7 +103,7 @@ def _column(rows: Sequence[Mapping[str, Any]], field: str, what: str, convert: A
 
 
 def peers_frame(snapshot: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per known peer: id, capabilities, link state, load and round-trip time.
+    """One row per known peer: id, name, capabilities, link state, load and round-trip time.
 
     ``capabilities`` is a comma-separated string, so ``frame.capabilities.str.contains``
     filters peers by what they can do; ``rtt_ms`` is NaN until a heartbeat measured it.
@@ -119,6 +119,7 @@ def peers_frame(snapshot: Mapping[str, Any]) -> pd.DataFrame:
     return _frame(
         {
             "peer_id": _text(ids),
+            "name": _text(peer.get("name") for peer in peers),
             "capabilities": _text(
                 ", ".join(str(c) for c in peer.get("capabilities") or []) for peer in peers
             ),

@@ -78,8 +78,9 @@ source.update(
     peers=[
         {{"id": {EVIL_PEER!r}, "capabilities": [{EVIL_CAPABILITY!r}], "state": "connected",
           "load": 0.9, "in_flight": 2, "concurrency": 2, "rtt_ms": 0.43}},
-        {{"id": "PEERB" + "C" * 47, "capabilities": ["python-execution", "git-vfs"],
-          "state": "connected", "load": 0.25, "in_flight": 0, "concurrency": 4, "rtt_ms": 1.2}},
+        {{"id": "PEERB" + "C" * 47, "name": "bob-workstation",
+          "capabilities": ["python-execution", "git-vfs"], "state": "connected",
+          "load": 0.25, "in_flight": 0, "concurrency": 4, "rtt_ms": 1.2}},
         {{"id": "PEERC" + "D" * 47, "capabilities": [], "state": "connecting",
           "load": 0.0, "in_flight": 0, "concurrency": 1, "rtt_ms": None}},
     ],
@@ -134,6 +135,7 @@ def test_dashboard_renders_updates_escapes_and_initializes(lab: LabServer, page:
     expect(view.get_by_test_id("status-state")).to_have_class(re.compile(r"swarm-nb-state--active"))
     expect(view.get_by_test_id("peer-count")).to_have_text("2 / 3")
     expect(view.get_by_test_id("peer-row")).to_have_count(3)
+    expect(view.get_by_test_id("peer-row").nth(1)).to_contain_text("bob-workstation")
 
     # Peer-supplied markup is shown as text and never becomes elements.
     evil_row = view.get_by_test_id("peer-row").first
