@@ -150,6 +150,7 @@ class ConsensusService:
         self._ballot_rate = TokenBuckets(ballot_rate_per_s, ballot_burst, 1024)
         self.rejections: Counter[str] = Counter()
         self._tasks = OwnedTasks("consensus-service")
+        self._closed = False
         node.endpoint.register_message_handler(
             CONSENSUS_PROPOSAL, self._on_proposal, schema=ProposalMessage
         )
@@ -204,6 +205,8 @@ class ConsensusService:
         ``False`` with ``ConsensusSettings.fail_closed``. A malformed modification
         raises ``ModificationRejected``; too many open proposals raise ``ConsensusError``.
         """
+        if self._closed:
+            raise ConsensusError("closed", "the consensus service is closed")
         self.stats.consensus_requests += 1
         self.stats.touch("consensus")
         mod = parse_modification(modification)
@@ -265,6 +268,8 @@ class ConsensusService:
             self._open.pop(proposal.id, None)
         if state.tally.decided:
             result = state.tally.result()
+        elif self._closed:
+            result = state.tally.result(reason="closed")
         elif len(state.answered) >= len(proposal.members):
             result = state.tally.result(reason=NO_QUORUM)
         else:
@@ -440,6 +445,8 @@ class ConsensusService:
         return None if self._latest is None else dict(self._latest)
 
     async def close(self) -> None:
+        """Stop asking and voting; proposals still open end with reason ``closed``."""
+        self._closed = True
         for type_ in (CONSENSUS_PROPOSAL, CONSENSUS_BALLOT):
             self.node.endpoint.unregister_message_handler(type_)
         await self._tasks.close()
