@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from swarm_notebook.coordinator.executors.base import Executor, TaskContext, TaskRejected
+from swarm_notebook.coordinator.executors.capabilities import REQUIREMENTS
 from swarm_notebook.coordinator.policy import PolicyRefusal, TaskPolicy
 from swarm_notebook.coordinator.records import CoordinationStats, TaskLog, TaskRecord
 from swarm_notebook.swarm.agent_card import LoadReport
@@ -32,13 +33,6 @@ log = logging.getLogger(__name__)
 
 TASK_EXECUTION = "task-execution"
 TASK_STATUS = "task-status"
-
-REQUIREMENTS: dict[str, list[str]] = {
-    "python-computation": ["python-execution"],
-    "code-generation": ["local-llm"],
-    "file-analysis": ["file-management"],
-    "git-operation": ["git-vfs"],
-}
 
 # Refusals that would be the same on every peer: retrying elsewhere cannot help.
 FINAL_REFUSALS = frozenset({"bad-input", "wrong-schema", "too-large", "unknown-task-type"})
@@ -110,7 +104,28 @@ class Delegator:
         self.settings = settings
         self._local_runner = local_runner
         self._rng = rng or random.Random()
+        # Set whenever a peer may have room for another task (all on the network loop).
+        self._capacity = asyncio.Event()
         node.endpoint.register_message_handler(TASK_STATUS, self._on_status, schema=TaskStatus)
+        node.add_listener(lambda _peer, _what: self._capacity_changed())
+
+    def _capacity_changed(self) -> None:
+        self._capacity.set()
+
+    async def _wait_for_capacity(self, deadline: float) -> bool:
+        """Wait until some peer may take a task; False once ``deadline`` passes.
+
+        The wait is capped so a missed wake-up costs at most a fraction of a second.
+        """
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self._capacity.clear()
+        try:
+            await asyncio.wait_for(self._capacity.wait(), min(remaining, 0.25))
+        except TimeoutError:
+            pass
+        return time.monotonic() < deadline
 
     def _on_status(self, peer_id: str, status: TaskStatus) -> None:
         record = self.tasks.get(status.task_id)
@@ -154,15 +169,26 @@ class Delegator:
     ) -> dict[str, Any]:
         refusals: list[str] = []
         attempts = 1 if peer is not None else self.settings.max_attempts
-        for _ in range(attempts):
-            target = peer or self._choose(requirements, record.tried_peers)
+        # Waiting for a free slot counts against the task's timeout, like a queue would.
+        deadline = time.monotonic() + timeout
+        while record.attempts < attempts:
+            target = peer
             if target is None:
-                if self._local_runner is not None and self.settings.run_locally_when_alone:
-                    return await self._run_locally(record, data, timeout)
-                raise self._no_peer_error(record.type, requirements, refusals)
+                candidate, capable = self._choose(requirements, record.tried_peers)
+                if candidate is None and capable:
+                    # Every capable peer is at its advertised capacity: wait, do not fail.
+                    if await self._wait_for_capacity(deadline):
+                        continue
+                    raise DelegationError(
+                        "timeout", f"no capable peer had room for the task within {timeout:g} s"
+                    )
+                if candidate is None:
+                    if self._local_runner is not None and self.settings.run_locally_when_alone:
+                        return await self._run_locally(record, data, timeout)
+                    raise self._no_peer_error(record.type, requirements, refusals)
+                target = candidate
             record.peer = target
             record.attempts += 1
-            record.tried_peers.append(target)
             record.state = "submitted"
             view = self.node.peer(target)
             if view is not None:
@@ -172,22 +198,30 @@ class Delegator:
                 reply = await self.node.endpoint.request_detailed(
                     target,
                     TASK_EXECUTION,
-                    msgspec.to_builtins(request),
+                    msgspec.structs.asdict(request),  # bytes stay bytes (to_builtins base64s them)
                     timeout=timeout + self.settings.reply_grace_s,
                 )
             except RemoteError as exc:
+                if exc.reason == "busy" and peer is None and time.monotonic() < deadline:
+                    # Another delegator filled that peer's queue first: not this peer's fault.
+                    record.attempts -= 1
+                    await self._wait_for_capacity(deadline)
+                    continue
+                record.tried_peers.append(target)
                 refusals.append(f"{target[:16]}: {exc.reason}: {exc.message}")
-                if exc.reason in FINAL_REFUSALS or (peer is not None and exc.reason != "busy"):
+                if exc.reason in FINAL_REFUSALS or peer is not None:
                     raise DelegationError(
                         exc.reason, f"peer refused the task: {exc.message}"
                     ) from exc
                 continue
             except (PeerUnavailable, RequestTimeout) as exc:
+                record.tried_peers.append(target)
                 refusals.append(f"{target[:16]}: {exc}")
                 continue
             finally:
                 if view is not None and view.outstanding > 0:
                     view.outstanding -= 1
+                self._capacity_changed()
             record.bytes_out += reply.bytes_out
             record.bytes_in += reply.bytes_in
             body = reply.body if isinstance(reply.body, dict) else {}
@@ -204,9 +238,12 @@ class Delegator:
             f"{record.type} task failed on {record.attempts} peer(s): " + "; ".join(refusals),
         )
 
-    def _choose(self, requirements: list[str], tried: list[str]) -> str | None:
-        chosen = choose_peer(self.node.candidates(), requirements, exclude=tried, rng=self._rng)
-        return chosen.peer_id if chosen else None
+    def _choose(self, requirements: list[str], tried: list[str]) -> tuple[str | None, bool]:
+        """(peer with room, whether any capable untried peer exists at all)."""
+        candidates = [c for c in self.node.candidates() if c.peer_id not in tried]
+        capable = [c for c in candidates if set(requirements) <= c.capabilities]
+        chosen = choose_peer([c for c in capable if not c.full], requirements, rng=self._rng)
+        return (chosen.peer_id if chosen else None), bool(capable)
 
     def _no_peer_error(
         self, task_type: str, requirements: list[str], refusals: list[str]

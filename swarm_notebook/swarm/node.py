@@ -148,7 +148,7 @@ class SwarmNode:
         if self._card is None:
             return
         try:
-            await self.endpoint.send(peer_id, CARD, msgspec.to_builtins(self._card))
+            await self.endpoint.send(peer_id, CARD, msgspec.structs.asdict(self._card))
             await self.endpoint.send(peer_id, LOAD, msgspec.to_builtins(self._load))
         except Exception as exc:
             log.debug("card to %s not sent: %s", peer_id[:16], exc)
@@ -237,6 +237,7 @@ class SwarmNode:
                 advertised_load=(v.load.in_flight + v.load.queued) if v.load else 0,
                 local_outstanding=v.outstanding,
                 concurrency=v.concurrency,
+                capacity=v.concurrency + int(v.card.limits.get("max_queue", 0)),
             )
             for v in self._peers.values()
             if v.peer_id in connected and v.card is not None

@@ -14,6 +14,11 @@ class Candidate:
     advertised_load: int  # in flight + queued, as the peer last reported
     local_outstanding: int  # tasks we sent it that have not answered yet
     concurrency: int
+    capacity: int = 1 << 30  # most tasks it accepts at once (running + queued)
+
+    @property
+    def full(self) -> bool:
+        return self.local_outstanding >= self.capacity
 
 
 def load_score(c: Candidate) -> float:

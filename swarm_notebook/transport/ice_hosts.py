@@ -25,11 +25,11 @@ def host_addresses_from_env(environ: dict[str, str] | None = None) -> list[str] 
 def restrict_host_candidates(addresses: Sequence[str] | None) -> None:
     """Offer only ``addresses`` as ICE host candidates (``None`` restores aioice's choice)."""
     if addresses is None:
-        aioice.ice.get_host_addresses = _original
+        setattr(aioice.ice, "get_host_addresses", _original)  # noqa: B010 (module attribute)
         return
     chosen = list(addresses)
 
     def chosen_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
         return [a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
 
-    aioice.ice.get_host_addresses = chosen_addresses
+    setattr(aioice.ice, "get_host_addresses", chosen_addresses)  # noqa: B010 (module attribute)

@@ -51,7 +51,6 @@ from swarm_notebook.protocol.framing import (
     frame_message,
 )
 from swarm_notebook.transport import link_auth
-from swarm_notebook.transport.ice_hosts import host_addresses_from_env, restrict_host_candidates
 from swarm_notebook.transport.base import (
     LinkState,
     PeerLinkInfo,
@@ -60,6 +59,7 @@ from swarm_notebook.transport.base import (
     Transport,
     TransportCallbacks,
 )
+from swarm_notebook.transport.ice_hosts import host_addresses_from_env, restrict_host_candidates
 from swarm_notebook.util.tasks import OwnedTasks
 
 log = logging.getLogger(__name__)

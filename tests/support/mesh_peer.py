@@ -87,7 +87,7 @@ async def handle(
         await runner.call(send_raw())
         return {"sent": len(frames)}
     if name == "block":
-        time.sleep(float(cmd["seconds"]))  # a cell doing synchronous work on the kernel thread
+        time.sleep(float(cmd["seconds"]))  # noqa: ASYNC251  # a cell doing synchronous work on the kernel thread
         return {"blocked": cmd["seconds"]}
     raise ValueError(f"unknown command {name}")
 

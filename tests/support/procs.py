@@ -131,3 +131,96 @@ def child_processes() -> list[psutil.Process]:
         for p in psutil.Process().children(recursive=True)
         if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     ]
+
+
+class WorkerProcess:
+    """``swarm-notebook worker`` as a real child process."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+        self.peer_id = ""
+        self.capabilities: list[str] = []
+        self.output: list[str] = []
+        self.stderr_lines: list[str] = []
+        self._err_reader: asyncio.Task[None] | None = None
+        self._out_reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(
+        cls,
+        signaling: str,
+        room: str,
+        profile: str,
+        *args: str,
+        name: str = "worker",
+        timeout: float = 60,
+    ) -> WorkerProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "swarm_notebook.cli.main",
+            "worker",
+            "--signaling",
+            signaling,
+            "--room",
+            room,
+            "--profile",
+            profile,
+            "--name",
+            name,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        worker = cls(proc, name)
+        worker._err_reader = asyncio.create_task(worker._read_stderr())
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+        except TimeoutError:
+            worker.kill()
+            raise
+        text = line.decode()
+        if not text.startswith("READY"):
+            await proc.wait()
+            raise RuntimeError(f"{name} did not start: {text}{''.join(worker.stderr_lines)}")
+        fields = dict(part.split("=", 1) for part in text.split()[1:])
+        worker.peer_id = fields["peer_id"]
+        worker.capabilities = [c for c in fields["capabilities"].split(",") if c != "-"]
+        worker._out_reader = asyncio.create_task(worker._read_stdout())
+        return worker
+
+    async def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.output.append(line.decode())
+
+    async def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.stderr_lines.append(line.decode(errors="replace"))
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    async def stop(self, timeout: float = 40) -> int:
+        self.terminate()
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.kill()
+            code = await self.proc.wait()
+        readers = [t for t in (self._out_reader, self._err_reader) if t is not None]
+        await asyncio.gather(*readers, return_exceptions=True)
+        return code
+
+    def problems(self) -> list[str]:
+        bad = ("Task was destroyed", "Traceback", "never awaited", "Unclosed")
+        return [line for line in self.stderr_lines if any(b in line for b in bad)]

@@ -1,0 +1,114 @@
+"""``swarm-notebook worker``: a headless peer that runs tasks for the room.
+
+SIGINT/SIGTERM stop it gracefully: it takes no new tasks, lets running ones finish within
+the grace period, and hands the rest back to their delegators, who retry them elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from swarm_notebook.coordinator.config import DEFAULT_SIGNALING, CoordinatorConfig
+from swarm_notebook.coordinator.executors.capabilities import ExecutorConfig
+from swarm_notebook.coordinator.policy import TaskPolicy
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--room", default="default")
+    parser.add_argument("--signaling", default=DEFAULT_SIGNALING)
+    parser.add_argument("--secret", default=None, help="room secret (if the server requires one)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="profile folder holding this worker's key and stores",
+    )
+    parser.add_argument(
+        "--caps",
+        default="",
+        help="capabilities to offer, e.g. python-execution,file-management; "
+        "python-execution means running other peers' code",
+    )
+    parser.add_argument("--workspace", type=Path, default=None, help="folder for file-analysis")
+    parser.add_argument("--git-repo", type=Path, default=None, help="repository for git-operation")
+    parser.add_argument("--llm-endpoint", default=None, help="OpenAI-compatible endpoint URL")
+    parser.add_argument("--llm-model", default=None)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--memory-limit-mb", type=int, default=1024)
+    parser.add_argument(
+        "--max-input-mb", type=float, default=64.0, help="largest task input accepted from a peer"
+    )
+    parser.add_argument(
+        "--allow-from",
+        default=None,
+        help="comma-separated peer ids allowed to send tasks (default: the room)",
+    )
+    parser.add_argument(
+        "--grace", type=float, default=30.0, help="seconds running tasks get to finish on shutdown"
+    )
+    parser.add_argument("--name", default="worker")
+    parser.add_argument("--log-level", default="WARNING")
+
+
+def build_config(args: argparse.Namespace) -> CoordinatorConfig:
+    caps = [c.strip() for c in args.caps.split(",") if c.strip()]
+    executors = ExecutorConfig(
+        python_execution="python-execution" in caps,
+        workspace=args.workspace,
+        git_repo=args.git_repo,
+        llm_endpoint=args.llm_endpoint,
+        llm_model=args.llm_model,
+        sandbox_size=args.concurrency,
+        sandbox_memory_limit_mb=args.memory_limit_mb,
+    )
+    allowed = frozenset(p.strip() for p in args.allow_from.split(",")) if args.allow_from else None
+    return CoordinatorConfig(
+        room=args.room,
+        signaling=args.signaling,
+        secret=args.secret,
+        profile=args.profile,
+        name=args.name,
+        concurrency=args.concurrency,
+        capabilities=caps or None,
+        executors=executors,
+        policy=TaskPolicy(allowed_peers=allowed, max_input_bytes=int(args.max_input_mb * 2**20)),
+        drain_grace_s=args.grace,
+    )
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from swarm_notebook.api import join
+
+    config = build_config(args)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    coordinator = await join(
+        args.room, signaling=args.signaling, secret=args.secret, profile=args.profile, config=config
+    )
+    stats = coordinator.get_stats()
+    print(
+        f"READY peer_id={coordinator.peer_id} room={args.room} "
+        f"capabilities={','.join(stats['capabilities']) or '-'}",
+        flush=True,
+    )
+    await stop.wait()
+    print("stopping: finishing running tasks", flush=True)
+    await coordinator.leave()
+    print("stopped", flush=True)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(serve(args))

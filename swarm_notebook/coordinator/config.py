@@ -1,0 +1,50 @@
+"""Everything a coordinator can be told, with defaults that need no configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from swarm_notebook.coordinator.delegation import DelegationSettings
+from swarm_notebook.coordinator.executors.capabilities import ExecutorConfig
+from swarm_notebook.coordinator.policy import TaskPolicy
+from swarm_notebook.transport.mesh import MeshConfig
+
+DEFAULT_SIGNALING = "ws://127.0.0.1:8765/ws"
+
+
+@dataclass
+class ConsensusSettings:
+    timeout_s: float = 30.0
+    quorum: str = "majority"  # "majority" | "unanimous" | "threshold:K"
+    # The blueprint answers ``consensus: True`` when the swarm is unavailable; set this to
+    # refuse instead (fail closed).
+    fail_closed: bool = False
+    core_files: tuple[str, ...] | None = None  # None: the blueprint's plus this package
+
+
+@dataclass
+class KnowledgeSettings:
+    peer_timeout_s: float = 3.0
+    limit: int = 10
+
+
+@dataclass
+class CoordinatorConfig:
+    room: str = "default"
+    signaling: str = DEFAULT_SIGNALING
+    secret: str | None = None
+    profile: Path | None = None
+    name: str = "swarm-notebook"
+    concurrency: int = 2
+    max_queue: int = 64
+    # None: offer whatever is configured, except python-execution, which needs the owner's
+    # explicit opt-in (listing it here, or ``allow_remote_code``).
+    capabilities: list[str] | None = None
+    executors: ExecutorConfig = field(default_factory=ExecutorConfig)
+    policy: TaskPolicy = field(default_factory=TaskPolicy)
+    delegation: DelegationSettings = field(default_factory=DelegationSettings)
+    consensus: ConsensusSettings = field(default_factory=ConsensusSettings)
+    knowledge: KnowledgeSettings = field(default_factory=KnowledgeSettings)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    drain_grace_s: float = 30.0

@@ -1,0 +1,352 @@
+"""The blueprint's WebRTCCoordinator: workload, knowledge and governance on one swarm node.
+
+``SwarmCoordinator`` lives on the network loop. Notebook code talks to it through
+``swarm_notebook.api.Coordinator``, which bridges from the kernel's loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from swarm_notebook import __version__
+from swarm_notebook.coordinator.audit import AuditLog
+from swarm_notebook.coordinator.config import CoordinatorConfig
+from swarm_notebook.coordinator.consensus_service import ConsensusService
+from swarm_notebook.coordinator.delegation import (
+    DelegationError,
+    Delegator,
+    TaskServer,
+    requirements_for_task_type,
+)
+from swarm_notebook.coordinator.events import EventBus
+from swarm_notebook.coordinator.executors.base import Executor
+from swarm_notebook.coordinator.executors.capabilities import (
+    PYTHON_EXECUTION,
+    build_executors,
+    close_executors,
+    detect_capabilities,
+)
+from swarm_notebook.coordinator.knowledge.reflection_store import ReflectionStore
+from swarm_notebook.coordinator.knowledge_service import KnowledgeService
+from swarm_notebook.coordinator.records import CoordinationStats, TaskLog
+from swarm_notebook.identity import Identity
+from swarm_notebook.protocol.values import decode_value, encode_value
+from swarm_notebook.swarm.node import SwarmNode
+from swarm_notebook.transport.base import Transport
+
+log = logging.getLogger(__name__)
+
+
+class SwarmCoordinator:
+    """Coordinates one peer's part in the swarm. All methods run on the network loop."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        transport: Transport,
+        config: CoordinatorConfig,
+        profile_dir: Path,
+        events: EventBus,
+    ) -> None:
+        self.identity = identity
+        self.config = config
+        self.profile_dir = profile_dir
+        self.events = events
+        self.node = SwarmNode(identity, transport, name=config.name, version=__version__)
+        self.stats = CoordinationStats()
+        self.tasks = TaskLog()
+        self.audit = AuditLog(profile_dir / "audit.sqlite3")
+        self.reflections = ReflectionStore(profile_dir / "reflections.sqlite3")
+        self.initialized = False
+        self.init_count = 0
+        self.executors: dict[str, Executor] = {}
+        self.delegator = Delegator(
+            self.node,
+            self.tasks,
+            self.stats,
+            self._notify,
+            config.delegation,
+            local_runner=self._run_locally,
+        )
+        self.task_server = TaskServer(
+            self.node,
+            self.executors,
+            config.policy,
+            self.tasks,
+            self.stats,
+            self._notify,
+            concurrency=config.concurrency,
+            max_queue=config.max_queue,
+            audit=self._audit,
+        )
+        self.knowledge = KnowledgeService(
+            node=self.node,
+            store=self.reflections,
+            audit=self.audit,
+            stats=self.stats,
+            notify=self._notify,
+            settings=config.knowledge,
+            workspace=config.executors.workspace,
+            is_initialized=lambda: self.initialized,
+        )
+        self.consensus = ConsensusService(
+            node=self.node,
+            audit=self.audit,
+            stats=self.stats,
+            notify=self._notify,
+            settings=config.consensus,
+            is_initialized=lambda: self.initialized,
+        )
+        self.node.add_listener(self._peer_changed)
+
+    @property
+    def local_id(self) -> str:
+        return self.identity.peer_id
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.node.start()
+        await self.init()
+
+    async def init(self) -> list[str]:
+        """Detect capabilities, (re)build executors and advertise a fresh agent card.
+
+        Safe to call again (the blueprint's Reinitialize): message handlers are registered
+        once, in the constructors, and never duplicated.
+        """
+        detected = await detect_capabilities(self.config.executors)
+        wanted = self.config.capabilities
+        if wanted is not None:
+            capabilities = [c for c in detected if c in wanted]
+        else:
+            capabilities = [
+                c
+                for c in detected
+                if c != PYTHON_EXECUTION or self.config.executors.python_execution
+            ]
+        old = dict(self.executors)
+        fresh = build_executors(self.config.executors, capabilities)
+        # Keep executors that are still wanted (a warm sandbox pool is worth keeping).
+        for task_type, executor in old.items():
+            if task_type in fresh:
+                await fresh[task_type].close()
+                fresh[task_type] = executor
+        for task_type, executor in old.items():
+            if task_type not in fresh:
+                await executor.close()
+        self.executors.clear()
+        self.executors.update(fresh)
+        for executor in self.executors.values():
+            start = getattr(executor, "start", None)
+            if start is not None:
+                await start()
+        limits = {
+            "max_input_bytes": self.config.policy.max_input_bytes,
+            "max_queue": self.config.max_queue,
+        }
+        self.node.advertise(capabilities, self.config.concurrency, limits)
+        self.initialized = True
+        self.init_count += 1
+        self.stats.touch("init")
+        self._notify("stats:changed", {})
+        return capabilities
+
+    async def leave(self) -> None:
+        handed_back = await self.task_server.drain(self.config.drain_grace_s)
+        if handed_back:
+            log.warning("%d task(s) handed back to their delegators on shutdown", handed_back)
+        self.initialized = False
+        await self.knowledge.close()
+        await self.consensus.close()
+        await self.task_server.close()
+        await close_executors(self.executors)
+        await self.node.close()
+        self.reflections.close()
+        self.audit.close()
+        self._notify("stats:changed", {})
+
+    # -- events ------------------------------------------------------------------------
+
+    def _notify(self, event: str, payload: dict[str, Any]) -> None:
+        self.events.emit(event, payload)
+        if event != "stats:changed":
+            self.events.emit("stats:changed", {"cause": event})
+
+    def _audit(
+        self, operation: str, *, peer: str | None, outcome: str, detail: dict[str, Any]
+    ) -> None:
+        try:
+            self.audit.record(operation, peer=peer, outcome=outcome, detail=detail)
+        except Exception:
+            log.exception("audit record failed")
+
+    def _peer_changed(self, peer_id: str, what: str) -> None:
+        if what == "up":
+            self._notify("swarm:peer-joined", {"peer_id": peer_id})
+        elif what == "down":
+            self._notify("swarm:peer-left", {"peer_id": peer_id})
+        else:
+            self.events.emit("stats:changed", {"cause": what})
+
+    # -- workload ----------------------------------------------------------------------
+
+    async def delegate_task(
+        self, task_type: str, data: Any, *, timeout: float | None = None, peer: str | None = None
+    ) -> dict[str, Any]:
+        if not self.initialized:
+            raise DelegationError(
+                "not-initialized", "the coordinator is not initialised; call init()"
+            )
+        requirements_for_task_type(task_type)
+        wire_data = self._encode_inputs(task_type, data)
+        started = time.monotonic()
+        record, result = await self.delegator.delegate(
+            task_type, wire_data, timeout=timeout, peer=peer
+        )
+        self._audit(
+            "delegation-sent",
+            peer=record.peer,
+            outcome=record.state,
+            detail={
+                "task_id": record.id,
+                "type": task_type,
+                "attempts": record.attempts,
+                "error": record.error,
+            },
+        )
+        result = self._decode_outputs(task_type, result, record.peer)
+        result.update(
+            task_id=record.id,
+            peer=record.peer,
+            attempts=record.attempts,
+            state=record.state,
+            duration_s=time.monotonic() - started,
+        )
+        return result
+
+    def _encode_inputs(self, task_type: str, data: Any) -> Any:
+        if task_type != "python-computation" or not isinstance(data, dict):
+            return data
+        wire = dict(data)
+        inputs = data.get("inputs") or {}
+        if not isinstance(inputs, dict):
+            raise DelegationError(
+                "bad-input", "python-computation 'inputs' must be a dict of name -> value"
+            )
+        wire["inputs"] = {name: encode_value(value) for name, value in inputs.items()}
+        return wire
+
+    def _decode_outputs(
+        self, task_type: str, result: dict[str, Any], peer: str | None
+    ) -> dict[str, Any]:
+        if task_type != "python-computation":
+            return result
+        allow = peer is not None and self.config.policy.allows_pickle(peer)
+        if "value" in result:
+            result["value"] = decode_value(result["value"], allow_pickle=allow)
+        outputs = result.get("outputs")
+        if isinstance(outputs, dict):
+            result["outputs"] = {k: decode_value(v, allow_pickle=allow) for k, v in outputs.items()}
+        return result
+
+    async def _run_locally(
+        self, task_id: str, task_type: str, data: Any, timeout: float
+    ) -> dict[str, Any]:
+        return await self.task_server.run_local(task_id, task_type, data, timeout)
+
+    async def execute_task(self, task: dict[str, Any]) -> dict[str, Any]:
+        """Run a task here, as a peer's request would (the blueprint's ``executeTask``)."""
+        task_type = str(task.get("type") or task.get("name") or "")
+        requirements_for_task_type(task_type)
+        data = self._encode_inputs(task_type, task.get("data") or {})
+        timeout = float(task.get("timeout") or self.config.delegation.default_timeout_s)
+        result = await self.task_server.run_local(
+            str(task.get("id") or "local"), task_type, data, timeout
+        )
+        return self._decode_outputs(task_type, result, self.local_id)
+
+    # -- views -------------------------------------------------------------------------
+
+    def get_stats(self) -> dict[str, Any]:
+        peers = []
+        for view in self.node.peers():
+            link = next(
+                (i for i in self.node.transport.link_info() if i.peer_id == view.peer_id), None
+            )
+            peers.append(
+                {
+                    "id": view.peer_id,
+                    "name": view.card.name if view.card else None,
+                    "capabilities": view.capabilities,
+                    "state": view.state,
+                    "load": round(view.load_fraction, 3),
+                    "in_flight": view.load.in_flight if view.load else 0,
+                    "queued": view.load.queued if view.load else 0,
+                    "concurrency": view.concurrency,
+                    "rtt_ms": link.rtt_ms if link else None,
+                    "connected_since": view.connected_since,
+                }
+            )
+        s = self.stats
+        return {
+            "initialized": self.initialized,
+            "local_peer_id": self.local_id,
+            "room": self.config.room,
+            "connected_peers": len(self.node.connected_peers()),
+            "total_peers": len(self.node.peers()),
+            "capabilities": self.node.capabilities,
+            "peers": peers,
+            "total_tasks": s.total_tasks,
+            "tasks_completed": s.tasks_completed,
+            "tasks_failed": s.tasks_failed,
+            "tasks_canceled": s.tasks_canceled,
+            "tasks_served": s.tasks_served,
+            "patterns_shared": s.patterns_shared,
+            "reflections_integrated": s.reflections_integrated,
+            "consensus_requests": s.consensus_requests,
+            "knowledge_queries": s.knowledge_queries,
+            "last_activity": s.last_activity,
+            "load": {
+                "in_flight": self.task_server.in_flight,
+                "concurrency": self.config.concurrency,
+            },
+            "rejections": self.rejections(),
+        }
+
+    def rejections(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        sources = (
+            self.node.transport.rejections.by_reason,
+            self.node.endpoint.rejections,
+            self.task_server.refusals,
+            self.node.card_rejections,
+        )
+        for source in sources:
+            for reason, n in source.items():
+                counts[reason] = counts.get(reason, 0) + n
+        return counts
+
+    def dashboard_snapshot(self) -> dict[str, Any]:
+        snapshot = self.get_stats()
+        now = time.time()
+        snapshot["tasks_in_flight"] = [
+            {
+                "id": r.id,
+                "type": r.type,
+                "peer": r.peer,
+                "state": r.state,
+                "elapsed_s": round(now - r.submitted_at, 1),
+            }
+            for r in self.tasks.in_flight()
+            if r.role == "delegated"
+        ][:20]
+        snapshot["latest_consensus"] = self.consensus.latest()
+        snapshot["latest_reflections"] = self.knowledge.latest_reflections(5)
+        return snapshot
+
+    def task_records(self) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in self.tasks.all()]
