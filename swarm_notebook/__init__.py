@@ -13,7 +13,15 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from swarm_notebook.api import Coordinator
 
-__all__ = ["Coordinator", "__version__", "join", "verify_consensus"]
+__all__ = [
+    "Coordinator",
+    "__version__",
+    "current",
+    "join",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+    "verify_consensus",
+]
 
 
 async def join(room: str = "default", **kwargs: Any) -> Coordinator:
@@ -28,6 +36,30 @@ def verify_consensus(result: dict[str, Any]) -> bool:
     from swarm_notebook.coordinator.governance.consensus import verify_consensus as _verify
 
     return _verify(result)
+
+
+def current() -> Coordinator:
+    """The coordinator ``%swarm join`` created in this IPython session (shared with code).
+
+    >>> c = swarm_notebook.current()  # doctest: +SKIP
+    """
+    from swarm_notebook.notebook.extension import current as _current
+
+    return _current()
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext swarm_notebook``: register ``%swarm`` and ``%%swarm``."""
+    from swarm_notebook.notebook.extension import load_ipython_extension as _load
+
+    _load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext swarm_notebook``: leave the swarm and remove the magics."""
+    from swarm_notebook.notebook.extension import unload_ipython_extension as _unload
+
+    _unload(ipython)
 
 
 def __getattr__(name: str) -> Any:

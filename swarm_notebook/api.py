@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from swarm_notebook.coordinator.config import DEFAULT_SIGNALING, CoordinatorConfig
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
@@ -26,6 +26,11 @@ from swarm_notebook.coordinator.executors.capabilities import PYTHON_EXECUTION
 from swarm_notebook.identity import Identity, default_profile_dir
 from swarm_notebook.transport.factory import mesh_transport
 from swarm_notebook.transport.loop_thread import LoopThread
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from swarm_notebook.notebook.widget import SwarmDashboard
 
 T = TypeVar("T")
 
@@ -177,6 +182,52 @@ class Coordinator:
 
     def audit_rows(self, operation: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return self._read(lambda: self._core.audit.rows(operation, limit=limit))
+
+    # -- notebook views (pandas DataFrames and the dashboard; read-only adapters) ---------
+
+    def peers_frame(self) -> pd.DataFrame:
+        """Known peers: id, name, capabilities, state, load, in flight, round-trip time."""
+        from swarm_notebook.notebook.frames import peers_frame
+
+        return peers_frame(self.get_stats())
+
+    def tasks_frame(self, role: str | None = "delegated") -> pd.DataFrame:
+        """One row per task (``role=None`` adds the tasks this peer served for others).
+
+        >>> c.tasks_frame()[["peer", "state", "duration"]]  # doctest: +SKIP
+        """
+        from swarm_notebook.notebook.frames import tasks_frame
+
+        records = self.task_records()
+        return tasks_frame(r for r in records if role is None or r.get("role") == role)
+
+    def stats_frame(self) -> pd.DataFrame:
+        """The counters as a one-row frame, with the success rate."""
+        from swarm_notebook.notebook.frames import stats_frame
+
+        return stats_frame(self.get_stats())
+
+    def consensus_frame(self) -> pd.DataFrame:
+        """Consensus decisions: target, risk, outcome, votes for / against / missing."""
+        from swarm_notebook.notebook.frames import consensus_frame
+
+        return consensus_frame(self._read(self._core.consensus.consensus_records))
+
+    def reflections_frame(self) -> pd.DataFrame:
+        """Reflections in this peer's store, local and shared (``shared_from``)."""
+        from swarm_notebook.notebook.frames import reflections_frame
+
+        return reflections_frame(self._read(self._core.knowledge.reflection_records))
+
+    def dashboard(self) -> SwarmDashboard:
+        """The live swarm panel; call it in a notebook cell to show it.
+
+        >>> c.dashboard()  # doctest: +SKIP
+        """
+        from swarm_notebook.notebook.source import CoordinatorSource
+        from swarm_notebook.notebook.widget import SwarmDashboard
+
+        return SwarmDashboard(CoordinatorSource(self))
 
 
 async def join(

@@ -1,0 +1,369 @@
+"""``%swarm`` and ``%%swarm run``: the swarm from notebook cells.
+
+    %load_ext swarm_notebook
+    %swarm join lab --signaling ws://127.0.0.1:8765/ws
+    %%swarm run --push df --pull summary
+    summary = df.describe()
+    summary.loc["mean"]
+
+Magics are synchronous, so a running cell blocks the kernel's loop; the task itself runs
+on the coordinator's network thread, and the cell waits on its future while a progress
+line shows which peer has it, its state and how long it has taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+
+from swarm_notebook.notebook.handle import (
+    RemoteRun,
+    RemoteTaskError,
+    SwarmNotebookError,
+    SwarmUsageError,
+    TaskHandle,
+    TaskProgress,
+    short_id,
+)
+from swarm_notebook.notebook.progress import (
+    DisplayProgress,
+    ProgressLine,
+    ProgressView,
+    StreamProgress,
+    summary,
+    wait_with_progress,
+)
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from swarm_notebook.api import Coordinator
+    from swarm_notebook.notebook.extension import SwarmSession
+
+TASK_TYPE = "python-computation"
+PYTHON_EXECUTION = "python-execution"
+ENV_SIGNALING = "SWARM_NOTEBOOK_SIGNALING"
+ENV_ROOM = "SWARM_NOTEBOOK_ROOM"
+ENV_SECRET = "SWARM_NOTEBOOK_SECRET"
+DEFAULT_ROOM = "local"
+SUBCOMMANDS = ("join", "status", "peers", "tasks", "dashboard", "leave")
+
+
+class _HelpShown(Exception):
+    """``-h`` printed the usage: nothing else to do."""
+
+
+class MagicArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad flags as a ``SwarmUsageError`` instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SwarmUsageError("bad-arguments", f"{message}\nusage: {self.format_usage().strip()}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _HelpShown()
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if not name.isidentifier():
+            raise argparse.ArgumentTypeError(f"{name!r} is not a Python variable name")
+    return names
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0 seconds")
+    return value
+
+
+def build_parser(env: dict[str, str]) -> MagicArgumentParser:
+    """Parser of ``%swarm`` lines; defaults come from the ``SWARM_NOTEBOOK_*`` variables."""
+    parser = MagicArgumentParser(prog="%swarm", add_help=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=MagicArgumentParser)
+    sub.required = True
+    join = sub.add_parser("join", help="join a room")
+    join.add_argument("room", nargs="?", default=env.get(ENV_ROOM) or DEFAULT_ROOM)
+    join.add_argument("--signaling", default=env.get(ENV_SIGNALING) or None)
+    join.add_argument("--secret", default=env.get(ENV_SECRET) or None)
+    join.add_argument("--caps", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+                      default=None, help="capabilities to offer, comma-separated")
+    join.add_argument("--profile", type=Path, default=None, help="profile folder (key, stores)")
+    join.add_argument("--settle", type=float, default=10.0,
+                      help="seconds to wait for the room's peers to connect")
+    for name, text in (("status", "state and counters"), ("peers", "peers as a DataFrame"),
+                       ("tasks", "tasks as a DataFrame"), ("dashboard", "the live panel"),
+                       ("leave", "leave the swarm")):
+        sub.add_parser(name, help=text)
+    run = sub.add_parser("run", help="(cell magic) run the cell on a capable peer")
+    target = run.add_mutually_exclusive_group()
+    target.add_argument("--requires", action="append", default=[], metavar="CAP",
+                        help="capability the peer must offer besides python-execution")
+    target.add_argument("--peer", default=None, help="peer id (or a unique prefix of one)")
+    run.add_argument("--push", type=_names, default=[], help="variables to send: a,b")
+    run.add_argument("--pull", type=_names, default=[], help="variables to bring back: x,y")
+    run.add_argument("--timeout", type=_positive, default=None, help="seconds")
+    run.add_argument("--no-wait", action="store_true", help="return a handle at once")
+    return parser
+
+
+@magics_class
+class SwarmMagics(Magics):
+    """``%swarm join|status|peers|tasks|dashboard|leave`` and ``%%swarm run``."""
+
+    def __init__(self, shell: InteractiveShell, session: SwarmSession) -> None:
+        super().__init__(shell)
+        self.session = session
+
+    @line_cell_magic
+    def swarm(self, line: str, cell: str | None = None) -> Any:
+        """Work with the swarm; ``%swarm -h`` lists the commands."""
+        import os
+
+        parser = build_parser(dict(os.environ))
+        try:
+            args = parser.parse_args(shlex.split(line))
+        except _HelpShown:
+            return None
+        except ValueError as exc:  # shlex: unbalanced quotes
+            raise SwarmUsageError("bad-arguments", str(exc)) from None
+        if args.command == "run":
+            if cell is None:
+                raise SwarmUsageError("bad-arguments", "run is a cell magic: use %%swarm run")
+            return self._run(args, cell)
+        if cell is not None:
+            raise SwarmUsageError(
+                "bad-arguments", f"%%swarm takes only `run`; use %swarm {args.command} on a line"
+            )
+        command: Callable[[argparse.Namespace], Any] = getattr(self, f"_{args.command}")
+        return command(args)
+
+    # -- line commands -----------------------------------------------------------------
+
+    def _join(self, args: argparse.Namespace) -> None:
+        from swarm_notebook.coordinator.config import DEFAULT_SIGNALING
+
+        signaling = args.signaling or DEFAULT_SIGNALING
+        coordinator, missing = self.session.join(
+            args.room, signaling=signaling, secret=args.secret, capabilities=args.caps,
+            profile=args.profile, settle_s=args.settle,
+        )  # fmt: skip
+        stats = coordinator.get_stats()
+        print(
+            f"joined room {args.room!r} as {short_id(coordinator.peer_id)} via {signaling}: "
+            f"{stats['connected_peers']} peer(s) connected"
+        )
+        for peer in stats["peers"]:
+            caps = ", ".join(peer["capabilities"]) or "no capabilities"
+            print(f"  {short_id(peer['id'])}  {peer['state']:<10} {caps}")
+        if missing:
+            print(
+                f"still connecting to {len(missing)} peer(s) after {args.settle:g} s: "
+                + ", ".join(short_id(m) for m in missing),
+                file=sys.stderr,
+            )
+
+    def _status(self, args: argparse.Namespace) -> Any:
+        coordinator = self.session.require()
+        status = coordinator.get_status()
+        print(
+            f"{status['state']} · {status['primary_metric']} · {status['secondary_metric']} · "
+            f"room {self.session.room!r} · peer {short_id(coordinator.peer_id)}"
+        )
+        return coordinator.stats_frame()
+
+    def _peers(self, args: argparse.Namespace) -> Any:
+        return self.session.require().peers_frame()
+
+    def _tasks(self, args: argparse.Namespace) -> Any:
+        return self.session.require().tasks_frame()
+
+    def _dashboard(self, args: argparse.Namespace) -> Any:
+        coordinator = self.session.require()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise SwarmUsageError(
+                "no-kernel", "the dashboard needs a Jupyter kernel (JupyterLab, Notebook, VS Code)"
+            ) from None
+        return coordinator.dashboard()
+
+    def _leave(self, args: argparse.Namespace) -> None:
+        room = self.session.room
+        if self.session.leave():
+            print(f"left room {room!r}")
+        else:
+            print("not in a swarm: nothing to leave")
+
+    # -- %%swarm run ---------------------------------------------------------------------
+
+    def _run(self, args: argparse.Namespace, cell: str) -> Any:
+        coordinator = self.session.require()
+        user_ns = self.shell.user_ns if self.shell is not None else {}
+        missing = [name for name in args.push if name not in user_ns]
+        if missing:
+            raise SwarmUsageError(
+                "unknown-variable",
+                f"--push names variables that do not exist: {', '.join(missing)}",
+            )
+        peer = self._target(coordinator, args)
+        data = {
+            "code": cell,
+            "inputs": {name: user_ns[name] for name in args.push},
+            "outputs": list(args.pull),
+        }
+        run = RemoteRun(coordinator, TASK_TYPE, data, timeout=args.timeout, peer=peer)
+        view = self._progress_view()
+
+        def finish(future: concurrent.futures.Future[dict[str, Any]]) -> Any:
+            return self._finish(future, run, args, peer, view, quiet=args.no_wait)
+
+        if args.no_wait:
+            try:
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            return TaskHandle(run, finish, loop=loop)
+        try:
+            wait_with_progress(run, view)
+        except KeyboardInterrupt:
+            raise SwarmNotebookError("canceled", "interrupted: the task was canceled") from None
+        return finish(run.future)
+
+    def _progress_view(self) -> ProgressView:
+        if getattr(self.shell, "kernel", None) is not None:
+            return DisplayProgress(TASK_TYPE)
+        return StreamProgress(TASK_TYPE)
+
+    def _target(self, coordinator: Coordinator, args: argparse.Namespace) -> str | None:
+        """The peer to use, or None to let the coordinator choose (and fail over)."""
+        peers = coordinator.get_stats()["peers"]
+        connected = [p for p in peers if p["state"] == "connected"]
+        if args.peer:
+            matches = [p["id"] for p in peers if p["id"].startswith(args.peer)]
+            live = [p["id"] for p in connected if p["id"].startswith(args.peer)]
+            if len(live) > 1:
+                raise SwarmUsageError(
+                    "ambiguous-peer",
+                    f"{args.peer!r} matches {len(live)} peers; give more of the id",
+                )
+            if not live:
+                what = "is gone" if matches else "is not in this room"
+                raise SwarmUsageError(
+                    "peer-gone", f"peer {args.peer!r} {what}.\n{describe_peers(connected)}"
+                )
+            return str(live[0])
+        needed = {PYTHON_EXECUTION, *args.requires}
+        capable = [p for p in connected if needed <= set(p["capabilities"])]
+        if not capable:
+            raise SwarmUsageError(
+                "no-capable-peer",
+                f"no connected peer offers {', '.join(sorted(needed))}.\n"
+                + describe_peers(connected),
+            )
+        if args.requires:
+            # Extra requirements are the notebook's choice: pick the least-loaded such peer.
+            return str(min(capable, key=lambda p: (p["load"], p["id"]))["id"])
+        return None
+
+    def _finish(
+        self,
+        future: concurrent.futures.Future[dict[str, Any]],
+        run: RemoteRun,
+        args: argparse.Namespace,
+        peer: str | None,
+        view: ProgressView,
+        *,
+        quiet: bool,
+    ) -> Any:
+        try:
+            result = future.result(0)
+        except concurrent.futures.CancelledError:
+            view.finish(ProgressLine(f"✖ canceled after {run.elapsed():.1f} s", "failed"))
+            raise SwarmNotebookError("canceled", "the task was canceled") from None
+        except Exception as exc:
+            error = delegation_error(exc, peer)
+            view.finish(ProgressLine(f"✖ {error.reason}: {error.message}", "failed"))
+            raise error from None
+        final = TaskProgress(
+            result.get("task_id"), result.get("peer"), str(result.get("state")),
+            int(result.get("attempts") or 0), float(result.get("duration_s") or run.elapsed()),
+        )  # fmt: skip
+        view.finish(summary(final, final.state, TASK_TYPE))
+        if not quiet:
+            if result.get("stdout"):
+                sys.stdout.write(result["stdout"])
+                sys.stdout.flush()
+            if result.get("stderr"):
+                sys.stderr.write(result["stderr"])
+                sys.stderr.flush()
+        if not result.get("success"):
+            raise RemoteTaskError(
+                result.get("peer"), result.get("task_id"), str(result.get("error")),
+                result.get("traceback"), result.get("error_type"),
+            )  # fmt: skip
+        outputs = result.get("outputs") or {}
+        if self.shell is not None:
+            pulled = {name: outputs[name] for name in args.pull if name in outputs}
+            self.shell.user_ns.update(pulled)
+        if result.get("value_error"):
+            print(f"the value did not travel back: {result['value_error']}", file=sys.stderr)
+            return RemoteRepr(str(result.get("value_repr")))
+        return result.get("value")
+
+
+class RemoteRepr:
+    """The repr of a remote value that could not be sent back (shown instead of it)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def describe_peers(peers: list[dict[str, Any]]) -> str:
+    """Connected peers and what they offer, for error messages.
+
+    >>> print(describe_peers([{"id": "A" * 52, "capabilities": ["git-vfs"], "load": 0.0}]))
+    connected peers:
+      AAAAAAAAAAAAAAAA…  git-vfs (load 0%)
+    """
+    if not peers:
+        return "no peers are connected (are workers running? try `%swarm peers`)"
+    lines = ["connected peers:"]
+    for peer in peers:
+        caps = ", ".join(peer["capabilities"]) or "no capabilities"
+        lines.append(f"  {short_id(peer['id'])}  {caps} (load {peer.get('load', 0):.0%})")
+    return "\n".join(lines)
+
+
+def delegation_error(exc: BaseException, peer: str | None) -> SwarmNotebookError:
+    """A coordinator failure as a short notebook error (peer gone, no capable peer...)."""
+    from swarm_notebook.coordinator.delegation import DelegationError
+
+    if isinstance(exc, DelegationError):
+        if peer is not None and exc.reason == "attempts-exhausted":
+            return SwarmNotebookError(
+                "peer-gone", f"peer {short_id(peer)} went away before finishing: {exc}"
+            )
+        if exc.reason in ("not-initialized",):
+            return SwarmUsageError("not-joined", str(exc))
+        return SwarmNotebookError(exc.reason, str(exc))
+    if isinstance(exc, RuntimeError) and "left the swarm" in str(exc):
+        return SwarmUsageError("not-joined", str(exc))
+    return SwarmNotebookError("delegation-failed", f"{type(exc).__name__}: {exc}")

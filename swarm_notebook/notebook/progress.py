@@ -1,0 +1,126 @@
+"""A live progress line for a delegated task: which peer, which state, how long.
+
+In a Jupyter kernel the line is a display updated in place (``display_id``); in a
+terminal it is one line rewritten with ``\\r`` (or, when output is not a terminal, just
+the final summary). The cell waits on the task's future with a short timeout, so the
+line moves while the network thread does the work.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import html
+import sys
+from typing import Any, Protocol, TextIO
+
+from swarm_notebook.notebook.handle import RemoteRun, TaskProgress, short_id
+
+TICK_S = 0.25
+COLOURS = {"running": "#0891b2", "ok": "#16a34a", "failed": "#dc2626"}
+
+
+class ProgressLine:
+    """One line of text with an HTML face (coloured by outcome)."""
+
+    def __init__(self, text: str, tone: str = "running") -> None:
+        self.text = text
+        self.tone = tone
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_html_(self) -> str:
+        colour = COLOURS.get(self.tone, COLOURS["running"])
+        return (
+            f'<div class="swarm-nb-progress" data-tone="{self.tone}" '
+            f'style="font-family: var(--jp-code-font-family, monospace); '
+            f'color: {colour};">{html.escape(self.text)}</div>'
+        )
+
+
+class ProgressView(Protocol):
+    def update(self, progress: TaskProgress) -> None: ...
+
+    def finish(self, line: ProgressLine) -> None: ...
+
+
+def describe(progress: TaskProgress, label: str) -> str:
+    """The running line.
+
+    >>> describe(TaskProgress("t1", "P" * 52, "working", 1, 2.04), "python-computation")
+    '⏳ python-computation on PPPPPPPPPPPPPPPP… · working · 2.0 s'
+    """
+    where = f" on {short_id(progress.peer)}" if progress.peer else ""
+    retry = f" · attempt {progress.attempts}" if progress.attempts > 1 else ""
+    return f"⏳ {label}{where} · {progress.state}{retry} · {progress.elapsed_s:.1f} s"
+
+
+def summary(progress: TaskProgress, state: str, label: str) -> ProgressLine:
+    """The final line: peer, duration and attempts.
+
+    >>> summary(TaskProgress("t1", "P" * 52, "completed", 1, 0.5), "completed", "run").text
+    '✔ run completed on PPPPPPPPPPPPPPPP… in 0.50 s (1 attempt)'
+    """
+    attempts = f"{progress.attempts} attempt{'s' if progress.attempts != 1 else ''}"
+    where = f" on {short_id(progress.peer)}" if progress.peer else ""
+    mark, tone = ("✔", "ok") if state == "completed" else ("✖", "failed")
+    return ProgressLine(
+        f"{mark} {label} {state}{where} in {progress.elapsed_s:.2f} s ({attempts})", tone
+    )
+
+
+class DisplayProgress:
+    """Jupyter: a display output updated in place, so the cell shows one live line."""
+
+    def __init__(self, label: str) -> None:
+        from IPython.display import display
+
+        self._label = label
+        self._handle: Any = display(ProgressLine(f"⏳ {label} · starting"), display_id=True)
+        self._last = ""
+
+    def update(self, progress: TaskProgress) -> None:
+        text = describe(progress, self._label)
+        if text != self._last and self._handle is not None:
+            self._last = text
+            self._handle.update(ProgressLine(text))
+
+    def finish(self, line: ProgressLine) -> None:
+        if self._handle is not None:
+            self._handle.update(line)
+
+
+class StreamProgress:
+    """Terminal IPython: rewrite one line while waiting (tty only), then print the summary."""
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self._label = label
+        self._stream = stream or sys.stderr
+        self._live = bool(getattr(self._stream, "isatty", lambda: False)())
+        self._width = 0
+
+    def update(self, progress: TaskProgress) -> None:
+        if self._live:
+            text = describe(progress, self._label)
+            self._stream.write("\r" + text.ljust(self._width))
+            self._width = len(text)
+            self._stream.flush()
+
+    def finish(self, line: ProgressLine) -> None:
+        prefix = "\r" if self._live and self._width else ""
+        self._stream.write(prefix + line.text.ljust(self._width) + "\n")
+        self._stream.flush()
+
+
+def wait_with_progress(run: RemoteRun, view: ProgressView, tick: float = TICK_S) -> None:
+    """Block until ``run`` finishes, updating ``view``; Ctrl-C / interrupt cancels the task."""
+    try:
+        while True:
+            done, _ = concurrent.futures.wait([run.future], timeout=tick)
+            if done:
+                return
+            view.update(run.progress())
+    except KeyboardInterrupt:
+        run.cancel()
+        view.finish(ProgressLine(f"✖ canceled after {run.elapsed():.1f} s", "failed"))
+        raise

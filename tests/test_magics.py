@@ -1,0 +1,300 @@
+"""``%swarm`` / ``%%swarm run`` in a real IPython shell against real peers.
+
+The shell runs in this process (as in terminal IPython: no running loop, so the magics
+block while the coordinator's thread works); the signaling server runs on a background
+loop here and the workers are ``swarm-notebook worker`` processes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from IPython.core.interactiveshell import ExecutionResult, InteractiveShell
+
+import swarm_notebook
+from swarm_notebook.notebook.handle import (
+    RemoteTaskError,
+    SwarmNotebookError,
+    SwarmUsageError,
+    TaskHandle,
+)
+from swarm_notebook.signaling import SignalingConfig, SignalingServer
+from swarm_notebook.transport.loop_thread import LoopThread
+from tests.support.procs import WorkerProcess, child_processes
+
+pytestmark = pytest.mark.timeout(240)
+
+ROOM = "magics"
+
+
+class Swarm:
+    """A signaling server and workers, run from a background loop of this process."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.net = LoopThread(name="test-swarm")
+        self.net.start()
+        self.server = SignalingServer(SignalingConfig(port=0))
+        self.net.run_sync(self.server.start(), timeout=30)
+        self.workers: list[WorkerProcess] = []
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start_worker(self, name: str, *caps: str) -> WorkerProcess:
+        args = ["--caps", ",".join(caps)]
+        if "file-management" in caps:
+            (self.tmp / "ws").mkdir(exist_ok=True)
+            args += ["--workspace", str(self.tmp / "ws")]
+        worker = self.net.run_sync(
+            WorkerProcess.start(self.url, ROOM, str(self.tmp / name), *args, name=name),
+            timeout=90,
+        )
+        self.workers.append(worker)
+        return worker
+
+    def stop_worker(self, worker: WorkerProcess) -> int:
+        return self.net.run_sync(worker.stop(), timeout=60)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            code = self.stop_worker(worker)
+            if code != -9:
+                assert code == 0, "".join(worker.stderr_lines[-20:])
+                assert worker.problems() == [], worker.problems()
+        self.net.run_sync(self.server.close(), timeout=30)
+        self.net.stop()
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    running = Swarm(tmp_path_factory.mktemp("swarm"))
+    try:
+        running.start_worker("w0", "python-execution")
+        running.start_worker("w1", "python-execution", "file-management")
+        yield running
+    finally:
+        running.close()
+    assert child_processes() == []
+
+
+@pytest.fixture(scope="module")
+def shell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InteractiveShell]:
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "swarm_notebook")
+    try:
+        yield ip
+    finally:
+        ip.run_line_magic("unload_ext", "swarm_notebook")
+        InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def joined(
+    shell: InteractiveShell, swarm: Swarm, tmp_path_factory: pytest.TempPathFactory
+) -> InteractiveShell:
+    session = shell.swarm_notebook_session  # type: ignore[attr-defined]
+    if session.coordinator is None or not session.coordinator.is_initialized:
+        profile = tmp_path_factory.mktemp("notebook")
+        ok(shell.run_cell(f"%swarm join {ROOM} --signaling {swarm.url} --profile {profile}"))
+    return shell
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    """Re-check a condition every 50 ms until it holds (the condition is the sync point)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def ok(result: ExecutionResult) -> Any:
+    if result.error_in_exec is not None:
+        raise result.error_in_exec
+    assert result.error_before_exec is None
+    return result.result
+
+
+def failed(result: ExecutionResult) -> BaseException:
+    assert result.error_in_exec is not None, "the cell should have failed"
+    return result.error_in_exec
+
+
+def test_misuse_before_join_is_explained(
+    shell: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for line in ("%swarm peers", "%swarm status", "%swarm tasks", "%swarm dashboard"):
+        error = failed(shell.run_cell(line))
+        assert isinstance(error, SwarmUsageError) and error.reason == "not-joined", line
+    error = failed(shell.run_cell("%%swarm run\n1 + 1"))
+    assert isinstance(error, SwarmUsageError) and error.reason == "not-joined"
+    out = capsys.readouterr().out
+    # Shown as one short line with the fix, not as a local traceback.
+    assert "%swarm join ROOM" in out and "Traceback" not in out and "magics.py" not in out
+    with pytest.raises(SwarmUsageError, match="not-joined"):
+        swarm_notebook.current()
+
+    error = failed(shell.run_cell("%swarm join --bogus"))
+    assert isinstance(error, SwarmUsageError) and error.reason == "bad-arguments"
+    assert "unrecognized arguments: --bogus" in error.message and "usage: %swarm" in error.message
+    error = failed(shell.run_cell("%swarm frobnicate"))
+    assert isinstance(error, SwarmUsageError) and "invalid choice" in error.message
+    assert "bad-arguments" in capsys.readouterr().out
+
+
+def test_join_status_peers_and_current(joined: InteractiveShell, swarm: Swarm,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    coordinator = swarm_notebook.current()
+    assert coordinator is joined.swarm_notebook_session.coordinator  # type: ignore[attr-defined]
+    peers = ok(joined.run_cell("%swarm peers"))
+    assert isinstance(peers, pd.DataFrame)
+    assert set(peers["peer_id"]) == {w.peer_id for w in swarm.workers[:2]}
+    assert (peers["state"] == "connected").all()
+    assert peers["capabilities"].str.contains("python-execution").all()
+
+    stats = ok(joined.run_cell("%swarm status"))
+    assert isinstance(stats, pd.DataFrame) and int(stats["connected_peers"].iloc[0]) == 2
+    assert re.search(r"active · 2 peers · \d+ tasks · room 'magics'", capsys.readouterr().out)
+
+    error = failed(joined.run_cell(f"%swarm join {ROOM} --signaling {swarm.url}"))
+    assert isinstance(error, SwarmUsageError) and error.reason == "already-joined"
+
+
+def test_run_pushes_and_pulls_dataframes(joined: InteractiveShell,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    joined.user_ns["df"] = pd.DataFrame({"city": ["a", "b", "a"], "sales": [1.5, 2.0, 3.5]})
+    joined.user_ns["weights"] = np.arange(3, dtype="float64")
+    cell = (
+        "%%swarm run --push df,weights --pull totals,scaled\n"
+        "import sys\n"
+        "print('rows', len(df))\n"
+        "print('careful', file=sys.stderr)\n"
+        "totals = df.groupby('city', as_index=False)['sales'].sum()\n"
+        "scaled = weights * 2\n"
+        "totals\n"
+    )
+    value = ok(joined.run_cell(cell))
+    expected = pd.DataFrame({"city": ["a", "b"], "sales": [5.0, 2.0]})
+    pd.testing.assert_frame_equal(value, expected)  # the last expression, as IPython shows it
+    pd.testing.assert_frame_equal(joined.user_ns["totals"], expected)
+    np.testing.assert_array_equal(joined.user_ns["scaled"], np.array([0.0, 2.0, 4.0]))
+    captured = capsys.readouterr()
+    assert "rows 3\n" in captured.out
+    assert "careful\n" in captured.err
+    # The progress summary: which peer, how long, how many attempts.
+    assert re.search(r"✔ python-computation completed on \w{16}… in [\d.]+ s \(1 attempt\)",
+                     captured.err)
+    tasks = ok(joined.run_cell("%swarm tasks"))
+    assert isinstance(tasks, pd.DataFrame) and (tasks["state"] == "completed").any()
+    assert str(tasks["duration"].dtype) == "timedelta64[ns]"
+
+
+def test_remote_error_shows_the_remote_traceback(joined: InteractiveShell, swarm: Swarm,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    cell = "%%swarm run\nprint('before')\ndef divide(x):\n    return x / 0\ndivide(1)\n"
+    error = failed(joined.run_cell(cell))
+    assert isinstance(error, RemoteTaskError)
+    assert error.peer in {w.peer_id for w in swarm.workers}
+    assert "ZeroDivisionError" in error.error
+    out = capsys.readouterr()
+    assert "before\n" in out.out
+    assert "Remote traceback (peer" in out.out
+    assert "return x / 0" in out.out  # the remote source line, from the remote traceback
+    assert "ZeroDivisionError: division by zero" in out.out
+    # No local frames: the user sees the remote cell only.
+    assert "magics.py" not in out.out and "interactiveshell.py" not in out.out
+    assert f"failed on peer {error.peer[:16]}" in out.out
+
+
+def test_no_wait_returns_a_handle_and_lands_pulled_variables(joined: InteractiveShell) -> None:
+    joined.user_ns["n"] = 5
+    handle = ok(joined.run_cell("%%swarm run --no-wait --push n --pull squares\n"
+                                "squares = [i * i for i in range(n)]\nlen(squares)\n"))
+    assert isinstance(handle, TaskHandle)
+    assert handle.result(timeout=60) == 5
+    assert handle.done()
+    assert joined.user_ns["squares"] == [0, 1, 4, 9, 16]
+
+    # Variables land without anyone asking for the result.
+    joined.user_ns.pop("late", None)
+    handle = ok(joined.run_cell("%%swarm run --no-wait --pull late\nlate = 'here'\n"))
+    assert handle.wait(timeout=60)
+    assert joined.user_ns["late"] == "here"
+
+    slow = ok(joined.run_cell("%%swarm run --no-wait\nimport time\ntime.sleep(30)\n"))
+    assert not slow.done()
+    assert slow.cancel()
+    with pytest.raises(SwarmNotebookError, match="canceled"):
+        slow.result(timeout=30)
+    failing = ok(joined.run_cell("%%swarm run --no-wait\nraise ValueError('nope')\n"))
+    with pytest.raises(RemoteTaskError, match="ValueError: nope"):
+        failing.result(timeout=60)
+
+
+def test_misuse_after_join_is_explained(joined: InteractiveShell, swarm: Swarm) -> None:
+    error = failed(joined.run_cell("%%swarm run --frobnicate\n1"))
+    assert isinstance(error, SwarmUsageError) and "unrecognized arguments" in error.message
+    error = failed(joined.run_cell("%%swarm run --push nowhere_defined\n1"))
+    assert isinstance(error, SwarmUsageError) and error.reason == "unknown-variable"
+    assert "nowhere_defined" in error.message
+    error = failed(joined.run_cell("%%swarm run --pull 'not a name'\n1"))
+    assert isinstance(error, SwarmUsageError) and "not a Python variable name" in error.message
+    error = failed(joined.run_cell("%swarm run"))
+    assert isinstance(error, SwarmUsageError) and "%%swarm run" in error.message
+
+    # No capable peer: the message lists the peers and what they offer.
+    error = failed(joined.run_cell("%%swarm run --requires local-llm\n1"))
+    assert isinstance(error, SwarmUsageError) and error.reason == "no-capable-peer"
+    assert "local-llm" in error.message and "connected peers:" in error.message
+    assert swarm.workers[0].peer_id[:16] in error.message
+    assert "file-management" in error.message
+
+    error = failed(joined.run_cell("%%swarm run --peer NOSUCHPEER\n1"))
+    assert isinstance(error, SwarmUsageError) and error.reason == "peer-gone"
+    assert "not in this room" in error.message
+
+
+def test_requires_and_peer_pick_the_right_peer(joined: InteractiveShell, swarm: Swarm) -> None:
+    w1 = swarm.workers[1]
+    ok(joined.run_cell("%%swarm run --requires file-management --pull where\nwhere = 1\n"))
+    assert swarm_notebook.current().tasks_frame()["peer"].iloc[-1] == w1.peer_id
+    w0 = swarm.workers[0]
+    ok(joined.run_cell(f"%%swarm run --peer {w0.peer_id[:10]}\n2\n"))
+    assert swarm_notebook.current().tasks_frame()["peer"].iloc[-1] == w0.peer_id
+
+
+def test_peer_gone_mid_task(joined: InteractiveShell, swarm: Swarm) -> None:
+    doomed = swarm.start_worker("doomed", "python-execution")
+    coordinator = swarm_notebook.current()
+    wait_until(lambda: doomed.peer_id in set(
+        coordinator.peers_frame().query("state == 'connected'")["peer_id"]), 30, "doomed joins")
+    handle = ok(joined.run_cell(f"%%swarm run --no-wait --peer {doomed.peer_id}\n"
+                                "import time\ntime.sleep(60)\n"))
+    wait_until(lambda: handle.progress().state == "working", 30, "task working on doomed")
+    doomed.kill()
+    with pytest.raises(SwarmNotebookError) as caught:
+        handle.result(timeout=60)
+    assert caught.value.reason == "peer-gone" and doomed.peer_id[:16] in caught.value.message
+    error = failed(joined.run_cell(f"%%swarm run --peer {doomed.peer_id}\n1"))
+    assert isinstance(error, SwarmUsageError) and error.reason == "peer-gone"
+    assert "is gone" in error.message
+
+
+def test_leave_then_current_fails(
+    joined: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok(joined.run_cell("%swarm leave"))
+    assert "left room 'magics'" in capsys.readouterr().out
+    with pytest.raises(SwarmUsageError, match="not-joined"):
+        swarm_notebook.current()
+    ok(joined.run_cell("%swarm leave"))
+    assert "nothing to leave" in capsys.readouterr().out
