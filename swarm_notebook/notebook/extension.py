@@ -90,6 +90,7 @@ class SwarmSession:
                 "already-joined", f"already joined room {self.room!r}; run `%swarm leave` first"
             )
         from swarm_notebook.api import join
+        from swarm_notebook.signaling.errors import SignalingError
 
         try:
             coordinator = run_blocking(
@@ -101,6 +102,11 @@ class SwarmSession:
                     profile=profile,
                 )
             )
+        except SignalingError as exc:
+            raise SwarmUsageError(
+                f"signaling-{exc.reason}",
+                f"cannot join room {room!r} via {signaling}: {exc.message}",
+            ) from None
         except OSError as exc:
             raise SwarmUsageError(
                 "signaling-unreachable", f"cannot reach the signaling server {signaling}: {exc}"

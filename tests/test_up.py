@@ -1,0 +1,120 @@
+"""``swarm-notebook up --no-lab`` as a real process: server, workers, secret, clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+from swarm_notebook.api import join
+from swarm_notebook.signaling.errors import SignalingRefused
+from tests.support.procs import child_processes
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def read_env(path: Path) -> dict[str, str]:
+    pairs = (line.removeprefix("export ").split("=", 1) for line in path.read_text().splitlines())
+    return {key: value for key, value in pairs}
+
+
+async def read_until_ready(proc: asyncio.subprocess.Process, timeout: float) -> list[str]:
+    assert proc.stdout is not None
+    lines: list[str] = []
+
+    async def collect() -> None:
+        while line := await proc.stdout.readline():  # type: ignore[union-attr]
+            lines.append(line.decode())
+            if line.startswith(b"ready:"):
+                return
+        raise AssertionError(f"up exited before it was ready: {lines}")
+
+    await asyncio.wait_for(collect(), timeout)
+    return lines
+
+
+async def test_up_runs_a_local_swarm_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
+    # Hold the port `up` is asked to use: it must say so and use another one.
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    busy_port = busy.getsockname()[1]
+    workdir = tmp_path / "work"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "swarm_notebook.cli.main", "up", "--no-lab", "--workers", "2",
+        "--dir", str(workdir), "--port", str(busy_port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    coordinator = None
+    try:
+        lines = await read_until_ready(proc, 120)
+        text = "".join(lines)
+        assert f"port {busy_port} is busy" in text
+        workers = [line for line in lines if line.startswith("local-worker-")]
+        assert len(workers) == 2 and all("python-execution" in w for w in workers)
+
+        session_file = workdir / ".swarm" / "session.env"
+        assert stat.S_IMODE(session_file.stat().st_mode) == 0o600  # it holds the secret
+        session = read_env(session_file)
+        url = session["SWARM_NOTEBOOK_SIGNALING"]
+        assert url in text and session["SWARM_NOTEBOOK_SECRET"] not in text
+        assert session["SWARM_NOTEBOOK_ICE_HOSTS"] == "127.0.0.1"
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        assert port != busy_port
+        async with aiohttp.ClientSession() as http, http.get(
+            f"http://127.0.0.1:{port}/healthz"
+        ) as response:
+            assert response.status == 200 and await response.text() == "ok"
+
+        # Without the session's secret nobody gets in.
+        with pytest.raises(SignalingRefused):
+            await join(session["SWARM_NOTEBOOK_ROOM"], signaling=url, profile=tmp_path / "x")
+
+        coordinator = await join(
+            session["SWARM_NOTEBOOK_ROOM"], signaling=url,
+            secret=session["SWARM_NOTEBOOK_SECRET"], profile=tmp_path / "me",
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while coordinator.get_stats()["connected_peers"] < 2:
+            assert time.monotonic() < deadline, coordinator.get_stats()
+            await asyncio.sleep(0.05)  # re-check the peer count; it is the condition
+        results = await asyncio.gather(
+            *(coordinator.delegate_task("python-computation", {"code": f"{i} ** 2"})
+              for i in range(6))
+        )
+        assert [r["value"] for r in results] == [i * i for i in range(6)]
+        worker_ids = {w.split()[1].rstrip("…") for w in workers}
+        assert {r["peer"][:16] for r in results} <= worker_ids
+        await coordinator.leave()
+        coordinator = None
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 90)
+        assert proc.stdout is not None and proc.stderr is not None
+        rest = (await proc.stdout.read()).decode()
+        errors = (await proc.stderr.read()).decode()
+        assert code == 0, rest + errors
+        assert "stopped" in rest and "Traceback" not in errors, errors
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == [], f"left behind: {alive}"
+        assert not session_file.exists()
+    finally:
+        busy.close()
+        if coordinator is not None:
+            await coordinator.leave()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert child_processes() == []
