@@ -65,8 +65,9 @@ def default_suites() -> list[Suite]:
     # own module already imported through this package.
     from swarm_notebook.bench.baselines import dask_suite, ipyparallel_suite
     from swarm_notebook.bench.raw_aiortc import raw_suite
+    from swarm_notebook.bench.swarm_suites import swarm_suites
 
-    return [raw_suite(), ipyparallel_suite(), dask_suite()]
+    return [raw_suite(), ipyparallel_suite(), dask_suite(), *swarm_suites()]
 
 
 def select_suites(suites: Sequence[Suite], only: Iterable[str] | None) -> list[Suite]:

@@ -104,8 +104,7 @@ def _ipyparallel_measure(
     import ipyparallel as ipp
 
     # The client lives and dies on this one worker thread (its zmq sockets are not shared).
-    client = ipp.Client(client_info, profile_dir=cluster.profile_dir,
-                        cluster_id=cluster.cluster_id)
+    client = ipp.Client(client_info, profile_dir=cluster.profile_dir, cluster_id=cluster.cluster_id)
     try:
         client.wait_for_engines(2, timeout=config.start_timeout_s, interactive=False)
         view = client.load_balanced_view()
@@ -118,13 +117,21 @@ def _ipyparallel_measure(
             pending = [view.apply_async(eval, WORKLOAD) for _ in range(n)]
             return [ar.get(timeout=timeout) for ar in pending]
 
-        ctx.record("ipyparallel_rtt_ms",
-                   timed_calls_ms(ctx, "rtt", one, config.rtt_warmup, config.rtt_samples), "ms")
+        ctx.record(
+            "ipyparallel_rtt_ms",
+            timed_calls_ms(ctx, "rtt", one, config.rtt_warmup, config.rtt_samples),
+            "ms",
+        )
         batch(min(50, config.tasks_per_sample))  # warm the pipeline
         ctx.record(
             "ipyparallel_tasks_per_s",
-            pipelined_rates(ctx, f"{config.tasks_per_sample} tasks", batch,
-                            config.tasks_per_sample, config.task_samples),
+            pipelined_rates(
+                ctx,
+                f"{config.tasks_per_sample} tasks",
+                batch,
+                config.tasks_per_sample,
+                config.task_samples,
+            ),
             "tasks/s",
         )
     finally:
@@ -162,9 +169,14 @@ def measure_dask(ctx: SuiteContext, config: BaselineConfig) -> None:
         stack.enter_context(dask.config.set({"distributed.admin.tick.limit": "60s"}))
         with ctx.task("start scheduler + 2 workers", None):
             cluster = stack.enter_context(
-                LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                             dashboard_address=None, silence_logs=logging.ERROR,
-                             timeout=config.start_timeout_s)
+                LocalCluster(
+                    n_workers=2,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                    timeout=config.start_timeout_s,
+                )
             )
             client = stack.enter_context(Client(cluster, timeout=config.start_timeout_s))
             client.wait_for_workers(2, timeout=config.start_timeout_s)
@@ -178,13 +190,21 @@ def measure_dask(ctx: SuiteContext, config: BaselineConfig) -> None:
             results: list[Any] = client.gather(futures)
             return results
 
-        ctx.record("dask_rtt_ms",
-                   timed_calls_ms(ctx, "rtt", one, config.rtt_warmup, config.rtt_samples), "ms")
+        ctx.record(
+            "dask_rtt_ms",
+            timed_calls_ms(ctx, "rtt", one, config.rtt_warmup, config.rtt_samples),
+            "ms",
+        )
         batch(min(50, config.tasks_per_sample))
         ctx.record(
             "dask_tasks_per_s",
-            pipelined_rates(ctx, f"{config.tasks_per_sample} tasks", batch,
-                            config.tasks_per_sample, config.task_samples),
+            pipelined_rates(
+                ctx,
+                f"{config.tasks_per_sample} tasks",
+                batch,
+                config.tasks_per_sample,
+                config.task_samples,
+            ),
             "tasks/s",
         )
 
@@ -194,10 +214,16 @@ def ipyparallel_suite(config: BaselineConfig | None = None) -> Suite:
 
     async def run(ctx: SuiteContext) -> None:
         await measure_ipyparallel(
-            ctx, config or (BaselineConfig.quick() if ctx.quick else BaselineConfig.full()))
+            ctx, config or (BaselineConfig.quick() if ctx.quick else BaselineConfig.full())
+        )
 
-    return Suite("ipyparallel", run, timeout_s=400.0, quick_timeout_s=100.0,
-                 description="ipyparallel 2 engines, load-balanced view")
+    return Suite(
+        "ipyparallel",
+        run,
+        timeout_s=400.0,
+        quick_timeout_s=100.0,
+        description="ipyparallel 2 engines, load-balanced view",
+    )
 
 
 def dask_suite(config: BaselineConfig | None = None) -> Suite:
@@ -205,7 +231,13 @@ def dask_suite(config: BaselineConfig | None = None) -> Suite:
 
     def run(ctx: SuiteContext) -> None:
         measure_dask(
-            ctx, config or (BaselineConfig.quick() if ctx.quick else BaselineConfig.full()))
+            ctx, config or (BaselineConfig.quick() if ctx.quick else BaselineConfig.full())
+        )
 
-    return Suite("dask", run, timeout_s=400.0, quick_timeout_s=100.0,
-                 description="Dask LocalCluster, 2 worker processes")
+    return Suite(
+        "dask",
+        run,
+        timeout_s=400.0,
+        quick_timeout_s=100.0,
+        description="Dask LocalCluster, 2 worker processes",
+    )

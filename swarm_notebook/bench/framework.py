@@ -66,6 +66,7 @@ class Comparison:
 COMPARISONS: Mapping[str, Comparison] = MappingProxyType(
     {
         "swarm_rtt_ms": Comparison("raw_rtt_ms", "<=", 1.5),
+        "swarm_rtt_bridged_ms": Comparison("raw_rtt_ms"),
         "swarm_bulk_MBps": Comparison("raw_bulk_MBps", ">=", 0.8),
         "delegate_rtt_ms": Comparison("ipyparallel_rtt_ms", "<=", 0.5),
         "delegate_tasks_per_s": Comparison("ipyparallel_tasks_per_s", ">=", 2.0),
@@ -275,9 +276,7 @@ def compare(metric: Metric, results: MetricRegistry) -> MetricRow:
     ratio = None
     if anchor is not None and anchor.median != 0:
         ratio = metric.median / anchor.median
-    return MetricRow(
-        metric, comparison.anchor, ratio, comparison.target, comparison.verdict(ratio)
-    )
+    return MetricRow(metric, comparison.anchor, ratio, comparison.target, comparison.verdict(ratio))
 
 
 @dataclass
@@ -346,14 +345,14 @@ def reaped_children(label: str, grace_s: float = PROCESS_EXIT_GRACE_S) -> Iterat
         stragglers = _stop_new_children(me, before, grace_s)
     if stragglers:
         raise LeftoverProcessesError(
-            f"{label} left {len(stragglers)} process(es) running ({', '.join(stragglers)});"
-            " killed"
+            f"{label} left {len(stragglers)} process(es) running ({', '.join(stragglers)}); killed"
         )
 
 
 def _stop_new_children(me: psutil.Process, before: set[int], grace_s: float) -> list[str]:
-    new = [p for p in me.children(recursive=True)
-           if p.pid not in before and not _is_process_helper(p)]
+    new = [
+        p for p in me.children(recursive=True) if p.pid not in before and not _is_process_helper(p)
+    ]
     _, alive = psutil.wait_procs(new, timeout=grace_s)
     names = [_name(p) for p in alive]
     for proc in alive:
@@ -420,8 +419,9 @@ def run_suites(
         results=MetricRegistry(),
     )
     for suite in suites:
-        ctx = SuiteContext(quick=quick, progress=progress, results=report.results,
-                           suite_name=suite.name)
+        ctx = SuiteContext(
+            quick=quick, progress=progress, results=report.results, suite_name=suite.name
+        )
         started = time.perf_counter()
         try:
             with reaped_children(f"suite {suite.name!r}"):
@@ -450,8 +450,7 @@ def render_table(report: BenchReport) -> str:
 
     Failed suites follow as ``[suite] ERROR message`` lines: no number stands in for them.
     """
-    header = ("metric", "median", "p95", "samples", "unit", "ratio vs anchor", "target",
-              "verdict")
+    header = ("metric", "median", "p95", "samples", "unit", "ratio vs anchor", "target", "verdict")
     lines: list[tuple[str, ...]] = [header]
     for row in report.rows():
         if row.anchor is None:
@@ -473,7 +472,8 @@ def render_table(report: BenchReport) -> str:
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip()
-           for line in lines]
+    out = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in lines
+    ]
     out.extend(f"[{suite}] ERROR {message}" for suite, message in report.errors.items())
     return "\n".join(out)

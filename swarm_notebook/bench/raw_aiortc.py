@@ -43,7 +43,11 @@ class _Child:
     @classmethod
     async def spawn(cls, role: str, config: RawConfig) -> _Child:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "swarm_notebook.bench.raw_peer", role, config.to_json(),
+            sys.executable,
+            "-m",
+            "swarm_notebook.bench.raw_peer",
+            role,
+            config.to_json(),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -147,11 +151,13 @@ async def measure_raw(ctx: SuiteContext, config: RawConfig) -> None:
             elif kind == "close":
                 await answerer.write(message)
             elif kind == "progress":
-                phases.update(str(message["phase"]), int(message["done"]),
-                              int(message["total"]))
+                phases.update(str(message["phase"]), int(message["done"]), int(message["total"]))
             elif kind == "metric":
-                ctx.record(str(message["name"]), [float(s) for s in message["samples"]],
-                           str(message["unit"]))
+                ctx.record(
+                    str(message["name"]),
+                    [float(s) for s in message["samples"]],
+                    str(message["unit"]),
+                )
             elif kind == "done":
                 await answerer.write({"type": "quit"})
                 break
@@ -170,5 +176,10 @@ def raw_suite(config: RawConfig | None = None) -> Suite:
         chosen = config or (RawConfig.quick() if ctx.quick else RawConfig.full())
         await measure_raw(ctx, chosen)
 
-    return Suite("raw", run, timeout_s=300.0, quick_timeout_s=90.0,
-                 description="two bare aiortc peers in two processes")
+    return Suite(
+        "raw",
+        run,
+        timeout_s=300.0,
+        quick_timeout_s=90.0,
+        description="two bare aiortc peers in two processes",
+    )

@@ -52,8 +52,15 @@ class RawConfig:
     step_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        counts = ("connect_samples", "rtt_samples", "bulk_samples", "df50_samples",
-                  "bulk_bytes", "df50_bytes", "rtt_payload_bytes")
+        counts = (
+            "connect_samples",
+            "rtt_samples",
+            "bulk_samples",
+            "df50_samples",
+            "bulk_bytes",
+            "df50_bytes",
+            "rtt_payload_bytes",
+        )
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"bad_config: {name} must be >= 1")
@@ -70,14 +77,27 @@ class RawConfig:
 
     @classmethod
     def quick(cls) -> RawConfig:
-        return cls(connect_samples=5, rtt_warmup=20, rtt_samples=300, bulk_samples=3,
-                   bulk_bytes=8 << 20, df50_samples=2)
+        return cls(
+            connect_samples=5,
+            rtt_warmup=20,
+            rtt_samples=300,
+            bulk_samples=3,
+            bulk_bytes=8 << 20,
+            df50_samples=2,
+        )
 
     @classmethod
     def tiny(cls) -> RawConfig:
-        return cls(connect_samples=2, rtt_warmup=5, rtt_samples=30, bulk_samples=2,
-                   bulk_bytes=2 << 20, df50_samples=1, df50_bytes=2_000_000,
-                   step_timeout_s=30.0)
+        return cls(
+            connect_samples=2,
+            rtt_warmup=5,
+            rtt_samples=30,
+            bulk_samples=2,
+            bulk_bytes=2 << 20,
+            df50_samples=1,
+            df50_bytes=2_000_000,
+            step_timeout_s=30.0,
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -402,8 +422,10 @@ async def measure(offerer: Offerer, config: RawConfig) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("offer", "answer"):
-        print("usage: python -m swarm_notebook.bench.raw_peer offer|answer CONFIG_JSON",
-              file=sys.stderr)
+        print(
+            "usage: python -m swarm_notebook.bench.raw_peer offer|answer CONFIG_JSON",
+            file=sys.stderr,
+        )
         return 2
     role = run_offerer if argv[0] == "offer" else run_answerer
     try:

@@ -143,7 +143,9 @@ class Endpoint:
         self._pending[msg_id] = (peer_id, future)
         try:
             env = Envelope(v=PROTOCOL_VERSION, type=type_, id=msg_id, body=body, ask=True)
-            sent = await self.transport.send(peer_id, env)
+            sent = self.transport.send_nowait(peer_id, env)
+            if sent is None:
+                sent = await self.transport.send(peer_id, env)
             self.sent[type_] += 1
             try:
                 reply_body, received = await asyncio.wait_for(future, timeout)
@@ -264,6 +266,14 @@ class Endpoint:
             self._reply_soon(peer_id, env, {"reason": reason, "message": message}, ERROR)
 
     def _reply_soon(self, peer_id: str, env: Envelope, body: Any, kind: str = REPLY) -> None:
+        reply = Envelope(
+            v=PROTOCOL_VERSION, type=kind, id=self._next_id(), reply_to=env.id, body=body
+        )
+        try:
+            if self.transport.send_nowait(peer_id, reply) is not None:
+                return
+        except (msgspec.EncodeError, TypeError):
+            pass  # the slow path below reports an unencodable reply properly
         if self._tasks.full():
             self.rejections["reply-dropped-busy"] += 1
             return

@@ -46,6 +46,7 @@ from swarm_notebook.protocol.envelope import (
 )
 from swarm_notebook.protocol.framing import (
     DEFAULT_FRAME_SIZE,
+    WHOLE,
     Reassembler,
     ReassemblyLimits,
     frame_message,
@@ -250,6 +251,26 @@ class MeshTransport(Transport):
                 "oversized", f"{len(payload)} bytes > limit {self.config.max_message_bytes}"
             )
         await self._send_payload(link, payload)
+        self.counters["messages_out"] += 1
+        return len(payload)
+
+    def send_nowait(self, peer_id: str, envelope: Envelope) -> int | None:
+        link = self._links.get(peer_id)
+        channel = link.channel if link is not None else None
+        if (
+            link is None
+            or link.state is not LinkState.CONNECTED
+            or channel is None
+            or channel.readyState != "open"
+            or channel.bufferedAmount > self.config.buffer_high_water
+        ):
+            return None
+        payload = encode_envelope(envelope)
+        if len(payload) + 1 > self.config.frame_size:
+            return None
+        channel.send(bytes((WHOLE,)) + payload)
+        self.counters["frames_out"] += 1
+        self.counters["bytes_out"] += len(payload) + 1
         self.counters["messages_out"] += 1
         return len(payload)
 
