@@ -129,6 +129,7 @@ def test_verdict_per_declared_bound() -> None:
 def test_declared_targets_match_the_plan() -> None:
     expected = {
         "swarm_rtt_ms": ("raw_rtt_ms", "<= 1.5x"),
+        "swarm_rtt_bridged_ms": ("raw_rtt_ms", None),
         "delegate_rtt_ms": ("ipyparallel_rtt_ms", "<= 0.5x"),
         "delegate_tasks_per_s": ("ipyparallel_tasks_per_s", ">= 2x"),
         "swarm_bulk_MBps": ("raw_bulk_MBps", ">= 0.8x"),
@@ -220,7 +221,7 @@ def test_report_json_schema(tmp_path: Path) -> None:
 
 def test_select_suites_rejects_unknown_names() -> None:
     suites = default_suites()
-    assert [s.name for s in suites] == ["raw", "ipyparallel", "dask"]
+    assert [s.name for s in suites] == ["raw", "ipyparallel", "dask", "swarm", "delegate", "mesh6"]
     assert [s.name for s in select_suites(suites, ["dask", "raw"])] == ["raw", "dask"]
     with pytest.raises(UnknownSuiteError, match="nope"):
         select_suites(suites, ["raw", "nope"])
