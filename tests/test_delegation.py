@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 from swarm_notebook.api import Coordinator, join
@@ -68,6 +70,8 @@ async def test_blueprint_checklist_and_load_balance(
             )
         )
     )
+    sockets_before = {conn.laddr for conn in psutil.Process().net_connections(kind="inet")}
+    tasks_before = asyncio.all_tasks()
     c = await join("r1", signaling=server.url, profile=tmp_path / "me")
     try:
         await capable_peers(c, 2)
@@ -113,6 +117,21 @@ async def test_blueprint_checklist_and_load_balance(
         await c.leave()
         await stop_workers(workers)
     assert child_processes() == []
+    # leave() left nothing behind in this process: no network thread, socket or task.
+    assert not [t for t in threading.enumerate() if t.name.startswith("swarm-notebook")]
+    await wait_until(
+        lambda: (
+            {
+                conn.laddr
+                for conn in psutil.Process().net_connections(kind="inet")
+                if conn.status != psutil.CONN_TIME_WAIT
+            }
+            <= sockets_before
+        ),
+        5,
+        "sockets to close",
+    )
+    assert asyncio.all_tasks() - tasks_before == {asyncio.current_task()} - tasks_before
 
 
 async def test_worker_killed_mid_task_completes_elsewhere_once(

@@ -68,6 +68,10 @@ async def stop_all(peers: list[PeerProcess]) -> None:
         if code != -9:
             assert code == 0, f"{p.name} exited {code}: {''.join(p.stderr_lines[-20:])}"
             assert p.problems() == [], p.problems()
+            closed = next(e for e in p.events if e.get("event") == "closed")
+            # Nothing left behind: no pending task on the network loop, no socket, no thread.
+            assert closed["tasks"] == 0 and closed["sockets"] == 0, closed
+            assert closed["threads"] == [], closed
     assert child_processes() == []
 
 
@@ -182,6 +186,33 @@ async def test_garbage_over_the_data_channel_is_counted_and_peer_keeps_serving(
         for sender in (a, c):
             assert (await sender.call("request", peer=b.peer_id, size=100_000))["identical"]
         assert len((await b.call("peers"))["connected"]) == 2
+    finally:
+        await stop_all(peers)
+
+
+async def test_dropped_link_is_redialled_while_both_stay_in_the_room(
+    server: SignalingServer, tmp_path: Path
+) -> None:
+    peers = await start_peers(server.url, tmp_path, 2)
+    a, b = peers
+    try:
+        await wait_connected(a, 1)
+        await wait_connected(b, 1)
+        marks = [len(a.events), len(b.events)]
+        await a.call("drop_link", peer=b.peer_id)
+        for p, other, mark in ((a, b, marks[0]), (b, a, marks[1])):
+            await p.wait_for(
+                lambda e, o=other: e.get("event") == "peer_down" and e.get("peer") == o.peer_id,
+                10,
+                start=mark,
+            )
+            await p.wait_for(
+                lambda e, o=other: e.get("event") == "peer_up" and e.get("peer") == o.peer_id,
+                20,
+                start=mark,
+            )
+        assert (await a.call("request", peer=b.peer_id, size=200_000))["identical"]
+        assert (await b.call("request", peer=a.peer_id, size=200_000))["identical"]
     finally:
         await stop_all(peers)
 

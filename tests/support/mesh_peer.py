@@ -86,6 +86,13 @@ async def handle(
 
         await runner.call(send_raw())
         return {"sent": len(frames)}
+    if name == "drop_link":
+        # Kill the link underneath the transport, as a network fault would.
+        async def drop() -> None:
+            await transport._links[cmd["peer"]].pc.close()
+
+        await runner.call(drop())
+        return {"dropped": cmd["peer"]}
     if name == "block":
         time.sleep(float(cmd["seconds"]))  # noqa: ASYNC251  # a cell doing synchronous work on the kernel thread
         return {"blocked": cmd["seconds"]}
@@ -118,13 +125,20 @@ async def main() -> int:
         except Exception as exc:
             emit(reply_to=cmd["call"], error=f"{type(exc).__name__}: {exc}")
 
-    async def shutdown() -> None:
+    async def shutdown() -> int:
         await endpoint.close()
         await transport.close()
+        await asyncio.sleep(0.1)  # let aiortc's own close callbacks run
+        current = asyncio.current_task()
+        return len([t for t in asyncio.all_tasks() if t is not current and not t.done()])
 
-    runner.run_sync(shutdown(), timeout=30)
+    leftover_tasks = runner.run_sync(shutdown(), timeout=30)
     runner.stop()
-    emit(event="closed")
+    import psutil
+
+    sockets = [c for c in psutil.Process().net_connections(kind="inet")]
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    emit(event="closed", tasks=leftover_tasks, sockets=len(sockets), threads=threads)
     return 0
 
 
