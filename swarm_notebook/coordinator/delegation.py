@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 TASK_EXECUTION = "task-execution"
 TASK_STATUS = "task-status"
 
+# Refusals that pass with time: the task waits for room instead of using up an attempt.
+TEMPORARY_REFUSALS = frozenset({"busy", "rate-limited"})
 # Refusals that would be the same on every peer: retrying elsewhere cannot help.
 FINAL_REFUSALS = frozenset({"bad-input", "wrong-schema", "too-large", "unknown-task-type"})
 
@@ -202,8 +204,12 @@ class Delegator:
                     timeout=timeout + self.settings.reply_grace_s,
                 )
             except RemoteError as exc:
-                if exc.reason == "busy" and peer is None and time.monotonic() < deadline:
-                    # Another delegator filled that peer's queue first: not this peer's fault.
+                if (
+                    exc.reason in TEMPORARY_REFUSALS
+                    and peer is None
+                    and time.monotonic() < deadline
+                ):
+                    # The peer is full or we are too fast for it: wait, do not give up on it.
                     record.attempts -= 1
                     await self._wait_for_capacity(deadline)
                     continue
