@@ -37,11 +37,13 @@ ROOM = "magics"
 class Swarm:
     """A signaling server and workers, run from a background loop of this process."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, secret: str | None = None, room: str = ROOM) -> None:
         self.tmp = tmp
+        self.secret = secret
+        self.room = room
         self.net = LoopThread(name="test-swarm")
         self.net.start()
-        self.server = SignalingServer(SignalingConfig(port=0))
+        self.server = SignalingServer(SignalingConfig(port=0, secret=secret))
         self.net.run_sync(self.server.start(), timeout=30)
         self.workers: list[WorkerProcess] = []
 
@@ -51,11 +53,13 @@ class Swarm:
 
     def start_worker(self, name: str, *caps: str) -> WorkerProcess:
         args = ["--caps", ",".join(caps)]
+        if self.secret:
+            args += ["--secret", self.secret]
         if "file-management" in caps:
             (self.tmp / "ws").mkdir(exist_ok=True)
             args += ["--workspace", str(self.tmp / "ws")]
         worker = self.net.run_sync(
-            WorkerProcess.start(self.url, ROOM, str(self.tmp / name), *args, name=name),
+            WorkerProcess.start(self.url, self.room, str(self.tmp / name), *args, name=name),
             timeout=90,
         )
         self.workers.append(worker)

@@ -134,19 +134,23 @@ class SwarmSession:
             pass
 
 
-async def settle(coordinator: Coordinator, timeout: float) -> list[str]:
-    """On the network loop: wait until every room member is connected and advertised
-    its capabilities; returns those that did not make it within ``timeout``."""
+async def settle(coordinator: Coordinator, timeout: float, count: int | None = None) -> list[str]:
+    """On the network loop: wait until the room's members (or ``count`` peers) are connected
+    and advertised their capabilities; returns the members still missing at ``timeout``."""
     core = coordinator.core
     changed = asyncio.Event()
 
+    def ready(peer_id: str) -> bool:
+        view = core.node.peer(peer_id)
+        return view is not None and view.state == "connected" and view.card is not None
+
     def pending() -> list[str]:
-        waiting = []
-        for member in core.node.transport.room_members():
-            view = core.node.peer(member)
-            if view is None or view.state != "connected" or view.card is None:
-                waiting.append(member)
-        return waiting
+        missing = [m for m in core.node.transport.room_members() if not ready(m)]
+        if count is not None:
+            have = sum(1 for v in core.node.peers() if ready(v.peer_id))
+            # Members we have not even heard of yet count as missing too.
+            return (missing or ["(not yet in the room)"]) if have < count else []
+        return missing
 
     unsubscribe = core.events.on("stats:changed", lambda _payload: changed.set())
     try:
@@ -159,6 +163,21 @@ async def settle(coordinator: Coordinator, timeout: float) -> list[str]:
     finally:
         unsubscribe()
     return pending()
+
+
+async def wait_for_peers(coordinator: Coordinator, count: int, timeout: float = 30.0) -> int:
+    """Wait until ``count`` peers are connected and told us their capabilities.
+
+    Returns the number connected; raises ``TimeoutError`` if fewer made it in time.
+
+    >>> await wait_for_peers(colleague, 3)  # doctest: +SKIP
+    3
+    """
+    missing = await coordinator._runner.call(settle(coordinator, timeout, count))
+    connected = int(coordinator.get_stats()["connected_peers"])
+    if missing:
+        raise TimeoutError(f"{connected} of {count} peers connected after {timeout:g} s")
+    return connected
 
 
 def session_of(shell: Any) -> SwarmSession | None:

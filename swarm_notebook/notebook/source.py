@@ -23,9 +23,7 @@ class CoordinatorSource:
         self._coordinator = coordinator
 
     def dashboard_snapshot(self) -> dict[str, Any]:
-        if not self._coordinator.is_initialized:
-            # Left the swarm: show it as disabled rather than failing the panel.
-            return {"initialized": False, "local_peer_id": self._coordinator.peer_id}
+        # After leave() this still reads the last state, marked not initialized (disabled).
         return self._coordinator.dashboard_snapshot()
 
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:

@@ -1,0 +1,110 @@
+"""The example notebooks, executed top to bottom by nbclient against real peers.
+
+Each notebook runs in a real ipykernel whose environment carries only what
+``swarm-notebook up`` would give it (signaling URL, room, room secret, profile folder).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from tests.support.procs import child_processes
+from tests.test_magics import Swarm
+
+pytestmark = pytest.mark.timeout(300)
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+ROOM = "notebooks"
+SECRET = "notebook-test-secret"
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    running = Swarm(tmp_path_factory.mktemp("swarm"), secret=SECRET, room=ROOM)
+    try:
+        running.start_worker("w0", "python-execution")
+        running.start_worker("w1", "python-execution")
+        yield running
+    finally:
+        running.close()
+    assert child_processes() == []
+
+
+def execute(name: str, swarm: Swarm, workdir: Path) -> nbformat.NotebookNode:
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert not any(cell.get("outputs") for cell in code_cells), f"clear {name}'s outputs"
+    env = {
+        **os.environ,
+        "SWARM_NOTEBOOK_SIGNALING": swarm.url,
+        "SWARM_NOTEBOOK_ROOM": ROOM,
+        "SWARM_NOTEBOOK_SECRET": SECRET,
+        "SWARM_NOTEBOOK_PROFILE": str(workdir / "profiles"),
+        "SWARM_NOTEBOOK_ICE_HOSTS": "127.0.0.1",
+    }
+    client = NotebookClient(
+        notebook, timeout=120, kernel_name="python3",
+        resources={"metadata": {"path": str(workdir)}},
+    )
+    client.execute(env=env)
+    assert live_children(swarm) == [], "the kernel left processes behind"
+    return notebook
+
+
+def outputs_text(notebook: nbformat.NotebookNode) -> list[str]:
+    texts = []
+    for cell in notebook.cells:
+        parts: list[str] = []
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                parts.append(output["text"])
+            data: dict[str, Any] = output.get("data", {})
+            parts.append(str(data.get("text/plain", "")))
+            parts.append(str(data.get("text/html", "")))
+        texts.append("\n".join(parts))
+    return texts
+
+
+def live_children(swarm: Swarm) -> list[Any]:
+    workers = {w.proc.pid for w in swarm.workers}
+    return [p for p in child_processes() if p.pid not in workers and p.ppid() not in workers]
+
+
+def test_quickstart(swarm: Swarm, tmp_path: Path) -> None:
+    notebook = execute("quickstart.ipynb", swarm, tmp_path)
+    texts = outputs_text(notebook)
+    everything = "\n".join(texts)
+    assert "joined room 'notebooks'" in everything and "2 peer(s) connected" in everything
+    run_output = next(t for t in texts if "computed in worker process" in t)
+    assert "✔ python-computation completed on" in run_output
+    assert "revenue" in run_output  # the by_region table came back and was displayed
+    worker_pids = {str(w.proc.pid) for w in swarm.workers}
+    # The code ran in a sandbox child of a worker, never in the kernel.
+    assert not any(f"process {pid}\n" in run_output for pid in worker_pids)
+    assert "completed" in next(t for t in texts if "duration" in t)  # tasks_frame
+    assert "rows: 3" in everything  # the --no-wait handle was awaited
+    assert "application/vnd.jupyter.widget-view+json" in str(notebook.cells)  # the dashboard
+
+
+def test_knowledge(swarm: Swarm, tmp_path: Path) -> None:
+    notebook = execute("knowledge.ipynb", swarm, tmp_path)
+    everything = "\n".join(outputs_text(notebook))
+    assert "shared with 3 peer(s)" in everything  # two workers and this notebook's peer
+    assert "Vectorise groupby aggregations" in everything
+    assert "answered" in everything
+
+
+def test_governance(swarm: Swarm, tmp_path: Path) -> None:
+    notebook = execute("governance.ipynb", swarm, tmp_path)
+    texts = outputs_text(notebook)
+    assert "'high'" in texts[5]
+    assert "(True, 'approved')" in texts[6]
+    assert "(True, False)" in "\n".join(texts)  # the real result verifies, the forged one not
+    assert "refused: the code calls eval()/exec()" in "\n".join(texts)
