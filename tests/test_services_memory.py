@@ -328,6 +328,7 @@ async def test_query_merges_peers_attributed_with_artifacts_and_partial_on_timeo
     await b.knowledge.add_reflection(lesson("pandas merge: validate one_to_one"))
     await c.knowledge.add_reflection(lesson("pandas groupby with observed=True"))
     await a.knowledge.add_reflection(lesson("polars is not pandas", tags=["polars"]))
+    await b.knowledge.add_reflection(lesson("pandas iterrows on 1e6 rows", "failed"))
     assert b.knowledge.workspace is not None and a.knowledge.workspace is not None
     (b.knowledge.workspace / "pandas_tips.md").write_text("secret contents")
     (a.knowledge.workspace / "sub").mkdir()
@@ -338,6 +339,10 @@ async def test_query_merges_peers_attributed_with_artifacts_and_partial_on_timeo
     assert by_text["pandas merge: validate one_to_one"]["from_peer"] == [b.id]
     assert by_text["pandas groupby with observed=True"]["from_peer"] == [c.id]
     assert by_text["polars is not pandas"]["from_peer"] == ["local"]
+    # Peers answer with successful lessons only; a failed one stays a local note.
+    assert "pandas iterrows on 1e6 rows" not in by_text
+    own = await b.knowledge.query_knowledge("iterrows")
+    assert [r["description"] for r in own["reflections"]] == ["pandas iterrows on 1e6 rows"]
     assert all(r["verified"] for r in found["reflections"])
     assert {(x["from_peer"], x["path"], x["type"]) for x in found["artifacts"]} == {
         ("local", "sub/pandas_profile.parquet", "parquet"),

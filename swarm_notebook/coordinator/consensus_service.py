@@ -270,7 +270,7 @@ class ConsensusService:
             result = state.tally.result()
         elif self._closed:
             result = state.tally.result(reason="closed")
-        elif len(state.answered) >= len(proposal.members):
+        elif len(state.answered) >= len(proposal.members) and time.time() < proposal.deadline:
             result = state.tally.result(reason=NO_QUORUM)
         else:
             result = state.tally.result(reason="timeout")
@@ -288,6 +288,8 @@ class ConsensusService:
             return
         except RemoteError as exc:
             state.member_errors[member] = exc.reason
+            if exc.reason == "late":
+                return  # the voter ran out of time: that is a timeout, not an answer
         except PeerUnavailable:
             state.member_errors[member] = "peer-unavailable"
         else:

@@ -352,8 +352,11 @@ class KnowledgeService:
         if not self._request_rate.take(peer_id, time.monotonic()):
             raise self._refuse_request("rate-limited", "too many knowledge requests")
         limit = min(body.limit, MAX_ANSWER_ITEMS)
+        # Peers hear only successful lessons, as with sharing; failed ones stay local notes.
+        candidates = self.store.search_reflections(body.query, limit * 4)
+        successful = [s.to_dict() for s in candidates if s.reflection.outcome == SUCCESSFUL]
         return {
-            "reflections": self._local_answer(body.query, limit),
+            "reflections": successful[:limit],
             "artifacts": await self._artifacts(body.query, limit),
         }
 
