@@ -226,6 +226,7 @@ def test_no_wait_returns_a_handle_and_lands_pulled_variables(joined: Interactive
     assert isinstance(handle, TaskHandle)
     assert handle.result(timeout=60) == 5
     assert handle.done()
+    assert handle.outcome is not None and handle.outcome["state"] == "completed"
     assert joined.user_ns["squares"] == [0, 1, 4, 9, 16]
 
     # Variables land without anyone asking for the result.

@@ -118,3 +118,38 @@ async def test_up_runs_a_local_swarm_and_stops_cleanly_on_sigint(tmp_path: Path)
             proc.kill()
             await proc.wait()
     assert child_processes() == []
+
+
+def processes_mentioning(text: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info.get("cmdline") or []
+        if any(text in part for part in cmdline):
+            found.append(process)
+    return found
+
+
+async def test_sigterm_during_startup_leaves_nothing_behind(tmp_path: Path) -> None:
+    workdir = tmp_path / "starting"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "swarm_notebook.cli.main", "up", "--no-lab", "--workers", "2",
+        "--dir", str(workdir), "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert first.startswith(b"signaling")  # workers are being started right now
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 90)
+        rest = (await proc.stdout.read()).decode()
+        errors = (await proc.stderr.read()).decode()
+        assert code == 0, rest + errors
+        assert "ready:" not in rest and rest.rstrip().endswith("stopped")
+        assert "Traceback" not in errors, errors
+        assert processes_mentioning(str(workdir)) == []
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -23,6 +23,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -203,6 +204,9 @@ async def start_worker(
     except TimeoutError:
         await child.stop(5)
         raise UpError(f"{name} did not start within {WORKER_READY_TIMEOUT_S:g} s") from None
+    except BaseException:  # stopped while starting: do not leave it behind
+        await asyncio.shield(child.stop(WORKER_GRACE_S))
+        raise
     text = line.decode(errors="replace").strip()
     if not text.startswith("READY"):
         await child.stop(5)
@@ -251,7 +255,9 @@ async def start_lab(
     workdir: Path, port: int, env: dict[str, str], log_path: Path, open_browser: bool
 ) -> tuple[Child, str]:
     token = secrets.token_hex(24)
-    if not port_free(port):
+    if port == 0:
+        port = free_port()
+    elif not port_free(port):
         chosen = free_port()
         say(f"port {port} is busy; JupyterLab uses port {chosen} instead")
         port = chosen
@@ -297,73 +303,89 @@ async def stop_signals() -> AsyncIterator[asyncio.Event]:
 
 
 async def serve(args: argparse.Namespace, workdir: Path) -> int:
-    state = workdir / ".swarm"
-    secret = secrets.token_urlsafe(24)
+    """Start everything, wait for Ctrl-C / SIGTERM (or JupyterLab exiting), stop in order.
+
+    A signal during startup stops what was started so far: nothing is left running.
+    """
     async with stop_signals() as stop, contextlib.AsyncExitStack() as stack:
-        server = await start_signaling("127.0.0.1", args.port, secret)
-        stack.push_async_callback(server.close)
-        say(f"signaling  {server.url}  (room {args.room!r}, secret made for this session)")
-        session = {
-            "SWARM_NOTEBOOK_SIGNALING": server.url,
-            "SWARM_NOTEBOOK_ROOM": args.room,
-            "SWARM_NOTEBOOK_SECRET": secret,
-            "SWARM_NOTEBOOK_ICE_HOSTS": "127.0.0.1",  # everything here is on this machine
-        }
-        env = {**os.environ, **session, "PYTHONUNBUFFERED": "1"}
-        session_file = state / "session.env"
-        write_session_env(session_file, session)
-        stack.callback(session_file.unlink, missing_ok=True)
-
-        workers: list[Child] = []
-
-        async def stop_workers() -> None:
-            codes = await asyncio.gather(*(w.stop(WORKER_GRACE_S) for w in workers))
-            for worker, code in zip(workers, codes, strict=True):
-                if code != 0:
-                    say(f"{worker.name} exited with {code}; see {state / 'logs'}")
-
-        stack.push_async_callback(stop_workers)
-        started = await asyncio.gather(
-            *(
-                start_worker(i, server.url, args.room, secret, state / "workers" / f"worker-{i}",
-                             state / "logs" / f"worker-{i}.log", env)
-                for i in range(1, args.workers + 1)
-            ),
-            return_exceptions=True,
-        )
-        workers.extend(w for w in started if isinstance(w, Child))
-        failures = [w for w in started if isinstance(w, BaseException)]
-        if failures:
-            raise failures[0]
-        for worker in workers:
-            say(f"{worker.name:<15} {worker.info.get('peer_id', '?')[:16]}…  "
-                f"{worker.info.get('capabilities', '-')}")
-        say(f"session    {session_file}  (source it to join from another terminal)")
-
-        lab_ended: asyncio.Task[int] | None = None
-        if not args.no_lab:
-            copied = prepare_workdir(workdir)
-            if copied:
-                say(f"notebooks  copied {', '.join(copied)} to {workdir}")
-            lab_env = {**env, "SWARM_NOTEBOOK_PROFILE": str(state / "notebooks")}
-            lab, url = await start_lab(workdir, args.lab_port, lab_env, state / "logs" / "lab.log",
-                                       open_browser=not args.no_browser)
-            stack.push_async_callback(lab.stop, LAB_STOP_TIMEOUT_S, True)
-            lab_ended = asyncio.create_task(lab.proc.wait())
-            say(f"JupyterLab {url}")
-        say("ready: press Ctrl-C to stop")
-
-        waiters: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
-        if lab_ended is not None:
-            waiters.append(lab_ended)
-        done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        startup = asyncio.create_task(start_all(args, workdir, stack))
+        stopped = asyncio.create_task(stop.wait())
+        waiting: set[asyncio.Task[Any]] = {startup, stopped}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         code = 0
-        if lab_ended is not None and lab_ended in done:
-            say(f"JupyterLab exited with {lab_ended.result()}; stopping")
-            code = 1
+        if startup in done:
+            lab = startup.result()  # raises UpError if something did not come up
+            say("ready: press Ctrl-C to stop")
+            if lab is not None:
+                lab_ended = asyncio.create_task(lab.proc.wait())
+                waiting = {lab_ended, stopped}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if lab_ended in done:
+                    say(f"JupyterLab exited with {lab_ended.result()}; stopping")
+                    code = 1
+            else:
+                await stopped
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
         say("stopping: JupyterLab, then workers (they finish running tasks), then signaling")
     say("stopped")
     return code
+
+
+async def start_all(
+    args: argparse.Namespace, workdir: Path, stack: contextlib.AsyncExitStack
+) -> Child | None:
+    """Start server, workers and lab, registering each one's stop on ``stack`` at once."""
+    state = workdir / ".swarm"
+    secret = secrets.token_urlsafe(24)
+    server = await start_signaling("127.0.0.1", args.port, secret)
+    stack.push_async_callback(server.close)
+    say(f"signaling  {server.url}  (room {args.room!r}, secret made for this session)")
+    session = {
+        "SWARM_NOTEBOOK_SIGNALING": server.url,
+        "SWARM_NOTEBOOK_ROOM": args.room,
+        "SWARM_NOTEBOOK_SECRET": secret,
+        "SWARM_NOTEBOOK_ICE_HOSTS": "127.0.0.1",  # everything here is on this machine
+    }
+    env = {**os.environ, **session, "PYTHONUNBUFFERED": "1"}
+    session_file = state / "session.env"
+    write_session_env(session_file, session)
+    stack.callback(session_file.unlink, missing_ok=True)
+
+    workers: list[Child] = []
+
+    async def stop_workers() -> None:
+        codes = await asyncio.gather(*(w.stop(WORKER_GRACE_S) for w in workers))
+        for worker, code in zip(workers, codes, strict=True):
+            if code != 0:
+                say(f"{worker.name} exited with {code}; see {state / 'logs'}")
+
+    stack.push_async_callback(stop_workers)
+    started = await asyncio.gather(
+        *(
+            start_worker(i, server.url, args.room, secret, state / "workers" / f"worker-{i}",
+                         state / "logs" / f"worker-{i}.log", env)
+            for i in range(1, args.workers + 1)
+        ),
+        return_exceptions=True,
+    )
+    workers.extend(w for w in started if isinstance(w, Child))
+    failures = [w for w in started if isinstance(w, BaseException)]
+    if failures:
+        raise failures[0]
+    for worker in workers:
+        say(f"{worker.name:<15} {worker.info.get('peer_id', '?')[:16]}…  "
+            f"{worker.info.get('capabilities', '-')}")
+    say(f"session    {session_file}  (source it to join from another terminal)")
+    if args.no_lab:
+        return None
+    copied = prepare_workdir(workdir)
+    if copied:
+        say(f"notebooks  copied {', '.join(copied)} to {workdir}")
+    lab_env = {**env, "SWARM_NOTEBOOK_PROFILE": str(state / "notebooks")}
+    lab, url = await start_lab(workdir, args.lab_port, lab_env, state / "logs" / "lab.log",
+                               open_browser=not args.no_browser)
+    stack.push_async_callback(lab.stop, LAB_STOP_TIMEOUT_S, True)
+    say(f"JupyterLab {url}")
+    return lab

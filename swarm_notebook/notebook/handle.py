@@ -211,6 +211,14 @@ class TaskHandle:
     def progress(self) -> TaskProgress:
         return self._run.progress()
 
+    @property
+    def outcome(self) -> dict[str, Any] | None:
+        """The full result once finished (``stdout``, ``stderr``, ``peer``, ``duration_s``...)."""
+        future = self._run.future
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            return None
+        return future.result()
+
     def done(self) -> bool:
         """True once the task finished (successfully or not) or was canceled."""
         return self._run.future.done()
