@@ -220,6 +220,7 @@ class KnowledgeService:
         self.rejections_not_audited = 0
         self.request_rejections: dict[str, int] = {}
         self._tasks = OwnedTasks("knowledge-service")
+        self._closed = False
         node.endpoint.register_message_handler(
             REFLECTION_SHARE, self._on_reflection_share, schema=ReflectionShare
         )
@@ -392,6 +393,8 @@ class KnowledgeService:
         >>> found = await coordinator.query_knowledge("parquet pandas")  # doctest: +SKIP
         >>> [(r["description"], r["from_peer"]) for r in found["reflections"]]  # doctest: +SKIP
         """
+        if self._closed:
+            raise RuntimeError("the knowledge service is closed")
         if not isinstance(query, str) or len(query) > MAX_QUERY_LENGTH:
             raise ValueError(f"query must be a string of at most {MAX_QUERY_LENGTH} characters")
         limit = self.settings.limit if limit is None else limit
@@ -482,6 +485,8 @@ class KnowledgeService:
         ]
 
     async def close(self) -> None:
+        """Unregister the handlers and cancel peer questions still in flight."""
+        self._closed = True
         for type_ in (REFLECTION_SHARE, KNOWLEDGE_REQUEST):
             self.node.endpoint.unregister_message_handler(type_)
         await self._tasks.close()
