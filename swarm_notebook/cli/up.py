@@ -192,10 +192,13 @@ async def start_worker(
     with log_path.open("ab") as log_file:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "swarm_notebook.cli.main", "worker",
-            "--room", room, "--signaling", signaling, "--secret", secret,
+            # The secret travels in the environment (SWARM_NOTEBOOK_SECRET), not argv,
+            # where any local user could read it with ps.
+            "--room", room, "--signaling", signaling,
             "--caps", "python-execution", "--profile", str(profile), "--name", name,
             "--grace", str(WORKER_GRACE_S / 2),
-            stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env, start_new_session=True,
+            stdout=asyncio.subprocess.PIPE, stderr=log_file,
+            env={**env, "SWARM_NOTEBOOK_SECRET": secret}, start_new_session=True,
         )  # fmt: skip
     child = Child(name, proc)
     assert proc.stdout is not None

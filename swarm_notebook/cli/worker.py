@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -21,7 +22,12 @@ from swarm_notebook.coordinator.policy import TaskPolicy
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--room", default="default")
     parser.add_argument("--signaling", default=DEFAULT_SIGNALING)
-    parser.add_argument("--secret", default=None, help="room secret (if the server requires one)")
+    parser.add_argument(
+        "--secret",
+        default=os.environ.get("SWARM_NOTEBOOK_SECRET"),
+        help="room secret if the server requires one "
+        "(default $SWARM_NOTEBOOK_SECRET; the variable keeps it out of ps)",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
