@@ -50,15 +50,15 @@ async def start_peers(url: str, tmp: Path, n: int, *extra: str) -> list[PeerProc
 async def wait_connected(peer: PeerProcess, count: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while True:
+        # Mark before asking: a peer_up printed while the reply travels is not missed.
+        mark = len(peer.events)
         reply = await peer.call("peers")
         if len(reply["connected"]) >= count:
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"{peer.name} has {reply} after {timeout}s")
         await peer.wait_for(
-            lambda e: e.get("event") == "peer_up",
-            deadline - time.monotonic(),
-            start=len(peer.events),
+            lambda e: e.get("event") == "peer_up", deadline - time.monotonic(), start=mark
         )
 
 

@@ -86,6 +86,9 @@ class Recorder:
     async def on_disconnected(self, reason: str) -> None:
         await self.add("disconnected", reason)
 
+    async def on_undeliverable(self, peer: str) -> None:
+        await self.add("undeliverable", peer)
+
 
 ServerFactory = Callable[..., Awaitable[SignalingServer]]
 ClientFactory = Callable[..., Awaitable[tuple[SignalingClient, Recorder]]]
@@ -139,6 +142,7 @@ async def make_client() -> AsyncIterator[ClientFactory]:
         options.setdefault("on_peer_left", recorder.on_peer_left)
         options.setdefault("on_error", recorder.on_error)
         options.setdefault("on_disconnected", recorder.on_disconnected)
+        options.setdefault("on_undeliverable", recorder.on_undeliverable)
         client = SignalingClient(url, room, identity or Identity.generate(), secret, **options)
         clients.append(client)
         if start:
@@ -533,10 +537,12 @@ async def test_unknown_target_is_answered_and_counted(busy_room: Any, raw: RawSo
     reply = await next_message(ws)
     assert isinstance(reply, Error) and reply.reason == "unknown-peer"
     assert server.stats()["rejections"]["unknown-peer"] == 1
-    # The client API reports the same through on_error.
+    # The client API reports the same through on_error, and names the peer it could not reach.
     client_a, rec_a = a
-    await client_a.send_signal(Identity.generate().peer_id, {"lost": True})
+    missing = Identity.generate().peer_id
+    await client_a.send_signal(missing, {"lost": True})
     await rec_a.wait_for("error", "unknown-peer")
+    await rec_a.wait_for("undeliverable", missing)
     await round_trip(a, b, "after-unknown")
     await ws.close()
 

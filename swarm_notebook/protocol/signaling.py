@@ -61,9 +61,10 @@ class Signal(msgspec.Struct, tag="signal", tag_field="type", omit_defaults=True)
     from_: str | None = msgspec.field(default=None, name="from")
 
 
-class Error(msgspec.Struct, tag="error", tag_field="type"):
+class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
     reason: str
     message: str
+    peer: str | None = None  # the addressed peer, for errors about a signal (unknown-peer)
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", tag_field="type"):
@@ -84,13 +85,26 @@ def encode(message: msgspec.Struct) -> str:
 
 def decode_client_message(data: str | bytes) -> Join | Signal:
     """Raises ``msgspec.DecodeError`` / ``msgspec.ValidationError`` on a bad frame."""
-    return _client_decoder.decode(data)
+    try:
+        return _client_decoder.decode(data)
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise _malformed(exc) from exc
 
 
 def decode_server_message(
     data: str | bytes,
 ) -> Challenge | Joined | PeerJoined | PeerLeft | Signal | Error | Shutdown:
-    return _server_decoder.decode(data)
+    """Raises ``msgspec.DecodeError`` / ``msgspec.ValidationError`` on a bad frame."""
+    try:
+        return _server_decoder.decode(data)
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise _malformed(exc) from exc
+
+
+def _malformed(exc: Exception) -> msgspec.DecodeError:
+    # msgspec raises these itself (nesting deeper than the interpreter's limit, invalid
+    # UTF-8 in bytes); callers handle bad frames as DecodeError, so report them as one.
+    return msgspec.DecodeError(f"{type(exc).__name__}: {str(exc)[:160]}")
 
 
 def join_payload(nonce_hex: str, room: str, peer_id: str) -> bytes:

@@ -97,6 +97,7 @@ class _SignalEvent:
 class _ErrorEvent:
     reason: str
     message: str
+    peer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ class SignalingClient:
 
     ``on_signal(from_peer_id, data)``, ``on_peer_joined(peer_id)``,
     ``on_peer_left(peer_id)``, ``on_error(reason, message)`` (a server ``Error`` that
-    did not end the connection, e.g. ``unknown-peer``) and ``on_disconnected(reason)``
+    did not end the connection, e.g. ``unknown-peer``), ``on_undeliverable(peer_id)`` (a
+    signal could not reach that peer: it is not in the room) and ``on_disconnected(reason)``
     (``"shutdown"``, ``"closed"``, ``"lost"`` or a refusal reason).
     """
 
@@ -135,6 +137,7 @@ class SignalingClient:
         on_peer_left: Callback | None = None,
         on_error: Callback | None = None,
         on_disconnected: Callback | None = None,
+        on_undeliverable: Callback | None = None,
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
         departure_grace: float = 5.0,
@@ -153,6 +156,7 @@ class SignalingClient:
         self._on_peer_left = on_peer_left
         self._on_error = on_error
         self._on_disconnected = on_disconnected
+        self._on_undeliverable = on_undeliverable
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._join_timeout = join_timeout
@@ -427,7 +431,7 @@ class SignalingClient:
                 if message.reason in reasons.FINAL_REFUSALS:
                     raise SignalingRefused(message.reason, message.message)
                 log.warning("signaling server error %s: %s", message.reason, message.message)
-                await self._events.put(_ErrorEvent(message.reason, message.message))
+                await self._events.put(_ErrorEvent(message.reason, message.message, message.peer))
             elif isinstance(message, Shutdown):
                 self._counters["shutdowns_received"] += 1
                 return "shutdown"
@@ -471,6 +475,8 @@ class SignalingClient:
             await self._call("on_signal", self._on_signal, event.from_peer, event.data)
         elif isinstance(event, _ErrorEvent):
             await self._call("on_error", self._on_error, event.reason, event.message)
+            if event.peer is not None and event.reason == reasons.UNKNOWN_PEER:
+                await self._call("on_undeliverable", self._on_undeliverable, event.peer)
         else:
             await self._call("on_disconnected", self._on_disconnected, event.reason)
 

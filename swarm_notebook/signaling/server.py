@@ -365,7 +365,10 @@ class SignalingServer:
         if target is None:
             self._rejections[reasons.UNKNOWN_PEER] += 1
             return self._reply(
-                conn, reasons.UNKNOWN_PEER, f"no peer {signal.to[:16]!r} in room {conn.room!r:.40}"
+                conn,
+                reasons.UNKNOWN_PEER,
+                f"no peer {signal.to[:16]!r} in room {conn.room!r:.40}",
+                peer=signal.to,
             )
         # ``from`` is stamped from the socket's proven id; whatever the client sent is ignored.
         if target.send(Signal(data=signal.data, from_=conn.peer_id)):
@@ -392,9 +395,9 @@ class SignalingServer:
             self._rejections[reasons.SLOW_CONSUMER] += 1
             conn.abort()
 
-    def _reply(self, conn: Connection, reason: str, message: str) -> bool:
+    def _reply(self, conn: Connection, reason: str, message: str, peer: str | None = None) -> bool:
         """Tell the client what went wrong, keeping the socket open."""
-        if conn.send(Error(reason=reason, message=message)):
+        if conn.send(Error(reason=reason, message=message, peer=peer)):
             return True
         if not conn.closing:
             self._rejections[reasons.SLOW_CONSUMER] += 1

@@ -287,7 +287,7 @@ class Endpoint:
             await self.transport.send(peer_id, env)
         except PeerUnavailable:
             self.rejections["reply-undeliverable"] += 1
-        except (ProtocolError, msgspec.EncodeError, TypeError) as exc:
+        except (ProtocolError, msgspec.EncodeError, TypeError, OverflowError) as exc:
             # The answer itself could not travel (too large, not encodable): say so.
             if kind == REPLY:
                 await self._send_reply(

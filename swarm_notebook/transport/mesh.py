@@ -93,7 +93,7 @@ class MeshConfig:
     ice_servers: list[dict[str, Any]] = field(default_factory=list)
     heartbeat_interval_s: float = 1.0
     peer_timeout_s: float = 3.5
-    connect_timeout_s: float = 20.0
+    connect_timeout_s: float = 15.0
     frame_size: int = DEFAULT_FRAME_SIZE
     max_message_bytes: int = 256 * 1024 * 1024
     reassembly: ReassemblyLimits = field(default_factory=ReassemblyLimits)
@@ -316,6 +316,15 @@ class MeshTransport(Transport):
         link = self._links.get(peer_id)
         if link is not None and link.state is LinkState.CONNECTING:
             self._fail_link(link, "peer left the room")
+
+    def signal_undeliverable(self, peer_id: str) -> None:
+        """Signaling could not reach ``peer_id``: a link still forming to it cannot finish.
+
+        Without this, a dial to a peer that just left would wait out the connect timeout.
+        """
+        link = self._links.get(peer_id)
+        if link is not None and link.state is LinkState.CONNECTING:
+            self._fail_link(link, "peer not in the room")
 
     def _on_signal(self, from_peer: str, data: dict[str, Any]) -> None:
         if self._closed:
