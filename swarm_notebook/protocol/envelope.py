@@ -56,7 +56,9 @@ def decode_envelope(data: bytes, *, max_size: int) -> Envelope:
         raise ProtocolError("oversized", f"{len(data)} bytes > limit {max_size}")
     try:
         env = _decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # msgspec raises the last two itself for invalid UTF-8 in a string and for
+        # nesting deeper than the interpreter's limit; both are malformed input.
         raise ProtocolError("malformed", str(exc)[:200]) from exc
     if env.v != PROTOCOL_VERSION:
         raise ProtocolError("bad-version", f"version {env.v}, expected {PROTOCOL_VERSION}")
