@@ -320,3 +320,45 @@ async def test_dataframe_round_trip_and_graceful_shutdown(
         await c.leave()
         await stop_workers(workers)
     assert child_processes() == []
+
+
+async def test_cancel_reaches_the_worker_and_missing_capability_is_explained(
+    server: SignalingServer, tmp_path: Path
+) -> None:
+    worker = await WorkerProcess.start(
+        server.url, "r5", str(tmp_path / "w0"), *PY_CAPS, "--concurrency", "1", name="w0"
+    )
+    c = await join("r5", signaling=server.url, profile=tmp_path / "me")
+    try:
+        await capable_peers(c, 1)
+        working: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        c.on("task:working", working.put_nowait)
+        long = asyncio.create_task(
+            c.delegate_task(
+                "python-computation", {"code": "import time\ntime.sleep(60)"}, timeout=90
+            )
+        )
+        started = await asyncio.wait_for(working.get(), 20)
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        record = next(r for r in c.task_records() if r["id"] == started["id"])
+        assert record["state"] == "canceled"
+        # The worker's only slot is free again at once: the remote sleep was really stopped.
+        began = time.monotonic()
+        quick = await c.delegate_task("python-computation", {"code": "'free'"}, timeout=20)
+        assert quick["value"] == "free" and time.monotonic() - began < 10
+        assert c.get_stats()["tasks_canceled"] == 1
+
+        with pytest.raises(DelegationError) as err:
+            await c.delegate_task("git-operation", {"op": "log"})
+        assert err.value.reason == "no-capable-peer"
+        message = str(err.value)
+        assert (
+            "git-vfs" in message
+            and worker.peer_id[:16] in message
+            and "python-execution" in message
+        )
+    finally:
+        await c.leave()
+        await stop_workers([worker])

@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+CANCEL_SETTLE_S = 5.0
 
 
 class LoopThread:
@@ -68,11 +69,31 @@ class LoopThread:
     async def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` on this thread's loop from another loop (e.g. the kernel's).
 
-        Cancelling the caller cancels the work on the network loop too.
+        Cancelling the caller cancels the work on the network loop too, and returns only
+        once that work has finished unwinding (bounded), so state read right after a
+        cancel is already settled.
         """
         if self.in_thread():
             return await coro
-        return await asyncio.wrap_future(self.submit(coro))
+        caller = asyncio.get_running_loop()
+        finished = asyncio.Event()
+
+        async def tracked() -> T:
+            try:
+                return await coro
+            finally:
+                if not caller.is_closed():
+                    caller.call_soon_threadsafe(finished.set)
+
+        future = self.submit(tracked())
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            try:
+                await asyncio.wait_for(finished.wait(), CANCEL_SETTLE_S)
+            except TimeoutError:
+                pass
+            raise
 
     def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         if self.in_thread():
