@@ -18,8 +18,8 @@ from swarm_notebook.protocol.envelope import (
 )
 from swarm_notebook.protocol.framing import (
     CHUNK,
-    ReassemblyLimits,
     Reassembler,
+    ReassemblyLimits,
     frame_message,
 )
 
