@@ -9,6 +9,7 @@ coordinator records (``KNOWN_OPERATIONS``).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import threading
@@ -32,6 +33,7 @@ KNOWN_OPERATIONS = frozenset(
 )
 MAX_DETAIL_BYTES = 4096
 MAX_ROWS_PER_QUERY = 10_000
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,63}")
 _MAX_PEER = 128
 _MAX_OUTCOME = 64
@@ -141,6 +143,17 @@ class AuditLog:
             )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
+
+    def record_quietly(
+        self, operation: str, *, peer: str | None, outcome: str, detail: dict[str, Any]
+    ) -> int | None:
+        """``record`` for message handlers: a failure is logged, never raised, because the
+        audit log must not take a handler (and so the peer) down with it."""
+        try:
+            return self.record(operation, peer=peer, outcome=outcome[:_MAX_OUTCOME], detail=detail)
+        except Exception:
+            log.exception("audit %s failed", operation)
+            return None
 
     def rows(
         self, operation: str | None = None, *, peer: str | None = None, limit: int = 100

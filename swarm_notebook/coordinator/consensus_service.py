@@ -166,14 +166,6 @@ class ConsensusService:
         except Exception:
             log.exception("notify %s failed", event)
 
-    def _record(
-        self, operation: str, *, peer: str | None, outcome: str, detail: dict[str, Any]
-    ) -> None:
-        try:
-            self.audit.record(operation, peer=peer, outcome=outcome[:64], detail=detail)
-        except Exception:
-            log.exception("audit %s failed", operation)
-
     def _refuse(self, reason: str, message: str) -> HandlerRefusal:
         self.rejections[reason] += 1
         self.stats.messages_rejected += 1
@@ -237,7 +229,7 @@ class ConsensusService:
         )
         state = _Open(proposal, Tally(proposal))
         self._open[proposal.id] = state
-        self._record(
+        self.audit.record_quietly(
             "proposal-created",
             peer=None,
             outcome="sent",
@@ -309,7 +301,7 @@ class ConsensusService:
             outcome = f"ignored:{next(iter(grown), 'unknown')}"
         voter = ballot.get("voter") if isinstance(ballot, dict) else None
         approve = ballot.get("approve") if isinstance(ballot, dict) else None
-        self._record(
+        self.audit.record_quietly(
             "ballot-received",
             peer=sender,
             outcome=outcome,
@@ -356,7 +348,7 @@ class ConsensusService:
         }
         self._records.append(row)
         self._latest = {**row, "votes": dict(result["votes"])}
-        self._record(
+        self.audit.record_quietly(
             "consensus-result",
             peer=None,
             outcome=str(result["reason"]),
@@ -408,7 +400,7 @@ class ConsensusService:
                 timeout=max(0.0, proposal.deadline - now),
             )
         except ConsensusError as exc:
-            self._record(
+            self.audit.record_quietly(
                 "ballot-cast",
                 peer=peer_id,
                 outcome=f"refused:{exc.reason}",
@@ -428,7 +420,7 @@ class ConsensusService:
         self._cast[key] = answer
         while len(self._cast) > 1024:
             self._cast.popitem(last=False)
-        self._record(
+        self.audit.record_quietly(
             "ballot-cast",
             peer=peer_id,
             outcome="approve" if ballot.approve else "reject",

@@ -80,7 +80,7 @@ class SwarmCoordinator:
             self._notify,
             concurrency=config.concurrency,
             max_queue=config.max_queue,
-            audit=self._audit,
+            audit=self.audit.record_quietly,
         )
         self.knowledge = KnowledgeService(
             node=self.node,
@@ -176,14 +176,6 @@ class SwarmCoordinator:
         if event != "stats:changed":
             self.events.emit("stats:changed", {"cause": event})
 
-    def _audit(
-        self, operation: str, *, peer: str | None, outcome: str, detail: dict[str, Any]
-    ) -> None:
-        try:
-            self.audit.record(operation, peer=peer, outcome=outcome, detail=detail)
-        except Exception:
-            log.exception("audit record failed")
-
     def _peer_changed(self, peer_id: str, what: str) -> None:
         if what == "up":
             self._notify("swarm:peer-joined", {"peer_id": peer_id})
@@ -207,7 +199,7 @@ class SwarmCoordinator:
         record, result = await self.delegator.delegate(
             task_type, wire_data, timeout=timeout, peer=peer
         )
-        self._audit(
+        self.audit.record_quietly(
             "delegation-sent",
             peer=record.peer,
             outcome=record.state,

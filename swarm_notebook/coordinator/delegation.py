@@ -13,6 +13,7 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -106,28 +107,47 @@ class Delegator:
         self.settings = settings
         self._local_runner = local_runner
         self._rng = rng or random.Random()
-        # Set whenever a peer may have room for another task (all on the network loop).
-        self._capacity = asyncio.Event()
+        # Tasks waiting for a peer with room, first come first served. Each finished attempt
+        # wakes one; a new peer or card wakes all. No polling: with thousands of tasks
+        # gathered at once, waking everyone on every change costs waiters x completions.
+        self._waiters: deque[asyncio.Future[None]] = deque()
         node.endpoint.register_message_handler(TASK_STATUS, self._on_status, schema=TaskStatus)
-        node.add_listener(lambda _peer, _what: self._capacity_changed())
+        node.add_listener(self._peer_changed)
 
-    def _capacity_changed(self) -> None:
-        self._capacity.set()
+    def _peer_changed(self, _peer: str, what: str) -> None:
+        if what in ("up", "card"):
+            self._wake(len(self._waiters))
+
+    def _wake(self, count: int = 1) -> None:
+        while count > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
 
     async def _wait_for_capacity(self, deadline: float) -> bool:
-        """Wait until some peer may take a task; False once ``deadline`` passes.
-
-        The wait is capped so a missed wake-up costs at most a fraction of a second.
-        """
+        """Wait until a peer may have room; False once ``deadline`` passes."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        self._capacity.clear()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(self._capacity.wait(), min(remaining, 0.25))
+            await asyncio.wait_for(waiter, remaining)
         except TimeoutError:
-            pass
-        return time.monotonic() < deadline
+            return False
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake()  # we were woken for a slot we will not use: pass it on
+            raise
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+        return True
 
     def _on_status(self, peer_id: str, status: TaskStatus) -> None:
         record = self.tasks.get(status.task_id)
@@ -173,6 +193,7 @@ class Delegator:
         attempts = 1 if peer is not None else self.settings.max_attempts
         # Waiting for a free slot counts against the task's timeout, like a queue would.
         deadline = time.monotonic() + timeout
+        backoff = 0.0
         while record.attempts < attempts:
             target = peer
             if target is None:
@@ -209,9 +230,12 @@ class Delegator:
                     and peer is None
                     and time.monotonic() < deadline
                 ):
-                    # The peer is full or we are too fast for it: wait, do not give up on it.
+                    # Full with other delegators' work, or we are too fast for it: back off
+                    # and try again; this is not the peer failing the task.
                     record.attempts -= 1
-                    await self._wait_for_capacity(deadline)
+                    backoff = min(1.0, max(0.02, backoff * 2))
+                    pause = min(backoff * random.uniform(0.5, 1.0), deadline - time.monotonic())
+                    await asyncio.sleep(max(0.0, pause))
                     continue
                 record.tried_peers.append(target)
                 refusals.append(f"{target[:16]}: {exc.reason}: {exc.message}")
@@ -227,7 +251,7 @@ class Delegator:
             finally:
                 if view is not None and view.outstanding > 0:
                     view.outstanding -= 1
-                self._capacity_changed()
+                self._wake()
             record.bytes_out += reply.bytes_out
             record.bytes_in += reply.bytes_in
             body = reply.body if isinstance(reply.body, dict) else {}
@@ -311,7 +335,7 @@ class TaskServer:
         *,
         concurrency: int,
         max_queue: int = 64,
-        audit: Callable[..., None] = lambda *a, **k: None,
+        audit: Callable[..., object] = lambda *a, **k: None,
     ) -> None:
         self.node = node
         self.executors = executors

@@ -236,15 +236,6 @@ class KnowledgeService:
         except Exception:
             log.exception("notify %s failed", event)
 
-    def _record(
-        self, operation: str, *, peer: str | None, outcome: str, detail: dict[str, Any]
-    ) -> None:
-        # The audit log must never take a handler (and so the peer) down with it.
-        try:
-            self.audit.record(operation, peer=peer, outcome=outcome[:64], detail=detail)
-        except Exception:
-            log.exception("audit %s failed", operation)
-
     def _sign(self, reflection: Mapping[str, Any] | Reflection) -> Reflection:
         return sign_reflection(self.node.identity, **_draft_fields(reflection))
 
@@ -268,14 +259,16 @@ class KnowledgeService:
         detail = {"content_hash": digest, "category": signed.category}
         if signed.outcome != SUCCESSFUL or not self._is_initialized():
             why = "not-successful" if signed.outcome != SUCCESSFUL else "not-initialized"
-            self._record("reflection-shared", peer=None, outcome=f"skipped:{why}", detail=detail)
+            self.audit.record_quietly(
+                "reflection-shared", peer=None, outcome=f"skipped:{why}", detail=detail
+            )
             return 0
         body = {"reflection": encode_reflection(signed)}
         reached = await self.node.endpoint.broadcast(REFLECTION_SHARE, body)
         if reached:
             self.stats.patterns_shared += 1
             self.stats.touch("reflection-shared")
-        self._record(
+        self.audit.record_quietly(
             "reflection-shared", peer=None, outcome="sent", detail={**detail, "count": reached}
         )
         self._emit(
@@ -301,7 +294,7 @@ class KnowledgeService:
         except ReflectionRejected as exc:
             self.stats.messages_rejected += 1
             if self._rejection_audit_rate.take(peer_id, time.monotonic()):
-                self._record(
+                self.audit.record_quietly(
                     "reflection-rejected",
                     peer=peer_id,
                     outcome=exc.reason,
@@ -315,7 +308,7 @@ class KnowledgeService:
         row = stored.to_dict()
         self.stats.reflections_integrated += 1
         self.stats.touch("reflection-integrated")
-        self._record(
+        self.audit.record_quietly(
             "reflection-integrated",
             peer=peer_id,
             outcome="stored",
@@ -433,7 +426,7 @@ class KnowledgeService:
             ],
             limit,
         )
-        self._record(
+        self.audit.record_quietly(
             "knowledge-query",
             peer=None,
             outcome="partial" if any(s != "answered" for s in statuses.values()) else "ok",

@@ -300,3 +300,51 @@ async def test_signaling_restart_under_load_keeps_links_and_tasks(tmp_path: Path
         for srv in servers:
             await srv.close()
     assert child_processes() == []
+
+
+async def test_thousands_gathered_at_once_all_complete(tmp_path: Path) -> None:
+    """The notebook pattern ``gather(*(delegate_task(...) for ...))`` with far more tasks
+    than the workers' capacity: every task waits its turn and completes."""
+    server = SignalingServer(SignalingConfig(port=0))
+    await server.start()
+    workers = list(
+        await asyncio.gather(
+            *(
+                WorkerProcess.start(
+                    server.url, "gather", str(tmp_path / f"w{i}"), *PY_CAPS, name=f"w{i}"
+                )
+                for i in range(2)
+            )
+        )
+    )
+    c = await join("gather", signaling=server.url, profile=tmp_path / "me")
+    try:
+        await wait_until(
+            lambda: (
+                sum(1 for p in c.get_stats()["peers"] if "python-execution" in p["capabilities"])
+                == 2
+            ),
+            30,
+            "two workers",
+        )
+        n = 3000
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(
+                c.delegate_task("python-computation", {"code": f"{i} * 3"}, timeout=300)
+                for i in range(n)
+            )
+        )
+        seconds = time.perf_counter() - started
+        assert [r["value"] for r in results] == [i * 3 for i in range(n)]
+        per_peer = Counter(r["peer"] for r in results)
+        print(
+            f"\n{n} gathered at once: {seconds:.2f} s ({n / seconds:.0f} tasks/s), {dict(per_peer)}"
+        )
+        stats = c.get_stats()
+        assert stats["tasks_completed"] == n and stats["tasks_failed"] == 0
+    finally:
+        await c.leave()
+        await asyncio.gather(*(w.stop() for w in workers))
+        await server.close()
+    assert child_processes() == []
