@@ -24,6 +24,7 @@ from swarm_notebook.coordinator.executors.base import Executor, TaskContext, Tas
 from swarm_notebook.coordinator.executors.capabilities import REQUIREMENTS
 from swarm_notebook.coordinator.policy import PolicyRefusal, TaskPolicy
 from swarm_notebook.coordinator.records import CoordinationStats, TaskLog, TaskRecord
+from swarm_notebook.protocol.envelope import ProtocolError
 from swarm_notebook.swarm.agent_card import LoadReport
 from swarm_notebook.swarm.node import SwarmNode
 from swarm_notebook.swarm.routing import choose_peer
@@ -175,6 +176,10 @@ class Delegator:
         except DelegationError as exc:
             self._finish(record, "rejected" if exc.reason != "timeout" else "failed", str(exc))
             raise
+        except Exception as exc:
+            # Whatever went wrong, the task still ends exactly once, and says why.
+            self._finish(record, "failed", f"{type(exc).__name__}: {exc}")
+            raise
         success = bool(result.get("success"))
         self._finish(
             record, "completed" if success else "failed", None if success else result.get("error")
@@ -244,6 +249,12 @@ class Delegator:
                         exc.reason, f"peer refused the task: {exc.message}"
                     ) from exc
                 continue
+            except ProtocolError as exc:
+                # Our own request broke a protocol limit (e.g. too large): no peer can help.
+                raise DelegationError(
+                    "too-large" if exc.reason == "oversized" else exc.reason,
+                    f"the task could not be sent: {exc}",
+                ) from exc
             except (PeerUnavailable, RequestTimeout) as exc:
                 record.tried_peers.append(target)
                 refusals.append(f"{target[:16]}: {exc}")

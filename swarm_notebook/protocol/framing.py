@@ -50,10 +50,12 @@ class _Transfer:
 
 @dataclass
 class ReassemblyLimits:
-    max_message_bytes: int = 256 * 1024 * 1024
-    max_pending_bytes: int = 512 * 1024 * 1024
+    # One message may be large (a DataFrame); what a peer can make us hold unfinished is
+    # bounded per link, and a stalled transfer is dropped after ``timeout_s``.
+    max_message_bytes: int = 128 * 1024 * 1024
+    max_pending_bytes: int = 160 * 1024 * 1024
     max_transfers: int = 64
-    timeout_s: float = 60.0
+    timeout_s: float = 30.0
 
 
 class Reassembler:

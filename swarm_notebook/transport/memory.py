@@ -112,7 +112,7 @@ class MemoryTransport(Transport):
         network: MemoryNetwork,
         room: str,
         *,
-        max_message_bytes: int = 256 * 1024 * 1024,
+        max_message_bytes: int = 128 * 1024 * 1024,
     ) -> None:
         self.identity = identity
         self.local_id = identity.peer_id

@@ -95,7 +95,7 @@ class MeshConfig:
     peer_timeout_s: float = 3.5
     connect_timeout_s: float = 15.0
     frame_size: int = DEFAULT_FRAME_SIZE
-    max_message_bytes: int = 256 * 1024 * 1024
+    max_message_bytes: int = 128 * 1024 * 1024
     reassembly: ReassemblyLimits = field(default_factory=ReassemblyLimits)
     buffer_high_water: int = 1024 * 1024
     buffer_low_water: int = 256 * 1024
