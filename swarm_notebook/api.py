@@ -252,8 +252,17 @@ async def join(
     >>> c = await swarm_notebook.join("lab", signaling="ws://127.0.0.1:8765/ws")  # doctest: +SKIP
     """
     cfg, profile_dir = _resolve_config(
-        room, signaling, capabilities, secret, profile, allow_remote_code, workspace, git_repo,
-        llm_endpoint, ice_servers, config,
+        room,
+        signaling,
+        capabilities,
+        secret,
+        profile,
+        allow_remote_code,
+        workspace,
+        git_repo,
+        llm_endpoint,
+        ice_servers,
+        config,
     )
     identity = Identity.load_or_create(profile_dir)
     events = EventBus()

@@ -86,3 +86,18 @@ def test_bad_records_get_clear_errors(tmp_path: Path) -> None:
         for op in sorted(KNOWN_OPERATIONS):
             log.record(op, peer=None, outcome="ok")
         assert log.count() == len(KNOWN_OPERATIONS)
+
+
+def test_batched_rows_are_read_back_at_once_and_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "audit.sqlite3"
+    log = AuditLog(path)
+    for i in range(300):  # more than one batch
+        log.record_quietly("delegation-sent", peer=None, outcome="completed", detail={"i": i})
+    log.record_quietly("Not A Name", peer=None, outcome="x", detail={})  # refused, not raised
+    assert log.count("delegation-sent") == 300
+    assert log.rows("delegation-sent", limit=1)[0]["detail"] == {"i": 299}
+    log.record_quietly("knowledge-query", peer=None, outcome="answered", detail={})
+    log.close()  # flushes what is still batched
+    reopened = AuditLog(path)
+    assert reopened.count() == 301
+    reopened.close()

@@ -25,10 +25,12 @@ from swarm_notebook.transport.ice_hosts import ICE_HOSTS_ENV
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the JSON report here")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer samples (under 2 minutes on 2 cores)")
-    parser.add_argument("--only", metavar="SUITE,...",
-                        help="comma-separated suites to run (default: all)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer samples (under 2 minutes on 2 cores)"
+    )
+    parser.add_argument(
+        "--only", metavar="SUITE,...", help="comma-separated suites to run (default: all)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
         print("swarm-notebook bench: error: no_suite: --only selected nothing", file=sys.stderr)
         return 2
     if args.json is not None and not args.json.parent.is_dir():
-        print(f"swarm-notebook bench: error: bad_path: no directory {args.json.parent}",
-              file=sys.stderr)
+        print(
+            f"swarm-notebook bench: error: bad_path: no directory {args.json.parent}",
+            file=sys.stderr,
+        )
         return 2
     # Every peer of the bench lives on this machine: keep ICE on loopback (children inherit).
     os.environ.setdefault(ICE_HOSTS_ENV, "127.0.0.1")

@@ -46,12 +46,20 @@ REPO_NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dir", type=Path, default=Path(DEFAULT_DIR),
-                        help=f"work folder for notebooks and profiles (default {DEFAULT_DIR})")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(DEFAULT_DIR),
+        help=f"work folder for notebooks and profiles (default {DEFAULT_DIR})",
+    )
     parser.add_argument("--workers", type=int, default=2, help="local worker peers (default 2)")
     parser.add_argument("--room", default=DEFAULT_ROOM)
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help="signaling port; a free one is used if this one is taken")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="signaling port; a free one is used if this one is taken",
+    )
     parser.add_argument("--lab-port", type=int, default=DEFAULT_LAB_PORT)
     parser.add_argument("--no-lab", action="store_true", help="do not start JupyterLab")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
@@ -59,8 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=str(args.log_level).upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=str(args.log_level).upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.workers < 0:
         print("swarm-notebook up: --workers must be >= 0", file=sys.stderr)
         return 2
@@ -184,7 +195,12 @@ async def drain(stream: asyncio.StreamReader | None) -> None:
 
 
 async def start_worker(
-    index: int, signaling: str, room: str, secret: str, profile: Path, log_path: Path,
+    index: int,
+    signaling: str,
+    room: str,
+    secret: str,
+    profile: Path,
+    log_path: Path,
     env: dict[str, str],
 ) -> Child:
     name = f"local-worker-{index}"
@@ -245,8 +261,9 @@ async def wait_for_lab(url: str, token: str, child: Child, log_path: Path) -> No
             if child.proc.returncode is not None:
                 raise UpError(f"JupyterLab exited with {child.proc.returncode}; see {log_path}")
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with http.get(f"{url}/api/status", headers=headers,
-                                    timeout=aiohttp.ClientTimeout(total=2)) as response:
+                async with http.get(
+                    f"{url}/api/status", headers=headers, timeout=aiohttp.ClientTimeout(total=2)
+                ) as response:
                     if response.status == 200:
                         return
             # Nothing to wait on but the server's boot: ask again shortly.
@@ -276,7 +293,11 @@ async def start_lab(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log_file:
         proc = await asyncio.create_subprocess_exec(
-            *command, stdout=log_file, stderr=log_file, env=env, cwd=workdir,
+            *command,
+            stdout=log_file,
+            stderr=log_file,
+            env=env,
+            cwd=workdir,
             start_new_session=True,
         )
     child = Child("JupyterLab", proc)
@@ -367,8 +388,15 @@ async def start_all(
     stack.push_async_callback(stop_workers)
     started = await asyncio.gather(
         *(
-            start_worker(i, server.url, args.room, secret, state / "workers" / f"worker-{i}",
-                         state / "logs" / f"worker-{i}.log", env)
+            start_worker(
+                i,
+                server.url,
+                args.room,
+                secret,
+                state / "workers" / f"worker-{i}",
+                state / "logs" / f"worker-{i}.log",
+                env,
+            )
             for i in range(1, args.workers + 1)
         ),
         return_exceptions=True,
@@ -378,8 +406,10 @@ async def start_all(
     if failures:
         raise failures[0]
     for worker in workers:
-        say(f"{worker.name:<15} {worker.info.get('peer_id', '?')[:16]}…  "
-            f"{worker.info.get('capabilities', '-')}")
+        say(
+            f"{worker.name:<15} {worker.info.get('peer_id', '?')[:16]}…  "
+            f"{worker.info.get('capabilities', '-')}"
+        )
     say(f"session    {session_file}  (source it to join from another terminal)")
     if args.no_lab:
         return None
@@ -387,8 +417,13 @@ async def start_all(
     if copied:
         say(f"notebooks  copied {', '.join(copied)} to {workdir}")
     lab_env = {**env, "SWARM_NOTEBOOK_PROFILE": str(state / "notebooks")}
-    lab, url = await start_lab(workdir, args.lab_port, lab_env, state / "logs" / "lab.log",
-                               open_browser=not args.no_browser)
+    lab, url = await start_lab(
+        workdir,
+        args.lab_port,
+        lab_env,
+        state / "logs" / "lab.log",
+        open_browser=not args.no_browser,
+    )
     stack.push_async_callback(lab.stop, LAB_STOP_TIMEOUT_S, True)
     say(f"JupyterLab {url}")
     return lab

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -36,8 +37,10 @@ from swarm_notebook.identity import Identity
 from swarm_notebook.protocol.values import decode_value, encode_value
 from swarm_notebook.swarm.node import SwarmNode
 from swarm_notebook.transport.base import Transport
+from swarm_notebook.util.tasks import OwnedTasks
 
 log = logging.getLogger(__name__)
+AUDIT_FLUSH_INTERVAL_S = 0.25
 
 
 class SwarmCoordinator:
@@ -100,6 +103,7 @@ class SwarmCoordinator:
             settings=config.consensus,
             is_initialized=lambda: self.initialized,
         )
+        self._background = OwnedTasks("coordinator")
         self.node.add_listener(self._peer_changed)
 
     @property
@@ -110,7 +114,15 @@ class SwarmCoordinator:
 
     async def start(self) -> None:
         await self.node.start()
+        self._background.spawn(self._flush_audit_periodically(), name="audit-flush")
         await self.init()
+
+    async def _flush_audit_periodically(self) -> None:
+        # Batched audit rows reach the file within a fraction of a second even when
+        # activity stops (reads and leave() flush at once anyway).
+        while True:
+            await asyncio.sleep(AUDIT_FLUSH_INTERVAL_S)
+            self.audit.flush()
 
     async def init(self) -> list[str]:
         """Detect capabilities, (re)build executors and advertise a fresh agent card.
@@ -160,6 +172,7 @@ class SwarmCoordinator:
         if handed_back:
             log.warning("%d task(s) handed back to their delegators on shutdown", handed_back)
         self.initialized = False
+        await self._background.close()
         await self.knowledge.close()
         await self.consensus.close()
         await self.task_server.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 TERMINAL_STATES = frozenset({"completed", "failed", "canceled", "rejected"})
@@ -32,7 +32,10 @@ class TaskRecord:
         return self.state in TERMINAL_STATES
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow on purpose: dataclasses.asdict deep-copies and runs for every task event.
+        out = dict(self.__dict__)
+        out["tried_peers"] = list(self.tried_peers)
+        return out
 
 
 class TaskLog:

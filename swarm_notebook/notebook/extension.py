@@ -112,9 +112,7 @@ class SwarmSession:
                 "signaling-unreachable", f"cannot reach the signaling server {signaling}: {exc}"
             ) from None
         self.coordinator, self.room = coordinator, room
-        missing = coordinator._runner.run_sync(
-            settle(coordinator, settle_s), timeout=settle_s + 10
-        )
+        missing = coordinator._runner.run_sync(settle(coordinator, settle_s), timeout=settle_s + 10)
         return coordinator, missing
 
     def leave(self, timeout: float = LEAVE_TIMEOUT_S) -> bool:

@@ -100,19 +100,33 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
     join.add_argument("room", nargs="?", default=env.get(ENV_ROOM) or DEFAULT_ROOM)
     join.add_argument("--signaling", default=env.get(ENV_SIGNALING) or None)
     join.add_argument("--secret", default=env.get(ENV_SECRET) or None)
-    join.add_argument("--caps", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
-                      default=None, help="capabilities to offer, comma-separated")
+    join.add_argument(
+        "--caps",
+        type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+        default=None,
+        help="capabilities to offer, comma-separated",
+    )
     join.add_argument("--profile", type=Path, default=None, help="profile folder (key, stores)")
-    join.add_argument("--settle", type=float, default=10.0,
-                      help="seconds to wait for the room's peers to connect")
-    for name, text in (("status", "state and counters"), ("peers", "peers as a DataFrame"),
-                       ("tasks", "tasks as a DataFrame"), ("dashboard", "the live panel"),
-                       ("leave", "leave the swarm")):
+    join.add_argument(
+        "--settle", type=float, default=10.0, help="seconds to wait for the room's peers to connect"
+    )
+    for name, text in (
+        ("status", "state and counters"),
+        ("peers", "peers as a DataFrame"),
+        ("tasks", "tasks as a DataFrame"),
+        ("dashboard", "the live panel"),
+        ("leave", "leave the swarm"),
+    ):
         sub.add_parser(name, help=text)
     run = sub.add_parser("run", help="(cell magic) run the cell on a capable peer")
     target = run.add_mutually_exclusive_group()
-    target.add_argument("--requires", action="append", default=[], metavar="CAP",
-                        help="capability the peer must offer besides python-execution")
+    target.add_argument(
+        "--requires",
+        action="append",
+        default=[],
+        metavar="CAP",
+        help="capability the peer must offer besides python-execution",
+    )
     target.add_argument("--peer", default=None, help="peer id (or a unique prefix of one)")
     run.add_argument("--push", type=_names, default=[], help="variables to send: a,b")
     run.add_argument("--pull", type=_names, default=[], help="variables to bring back: x,y")

@@ -77,22 +77,33 @@ class LoopThread:
             return await coro
         caller = asyncio.get_running_loop()
         finished = asyncio.Event()
+        # Only a cancelled caller waits for the unwinding; in the common case no second
+        # cross-thread wake-up is sent. The lock orders "finished" against "waiting".
+        guard = threading.Lock()
+        state = {"finished": False, "waiting": False}
 
         async def tracked() -> T:
             try:
                 return await coro
             finally:
-                if not caller.is_closed():
+                with guard:
+                    state["finished"] = True
+                    notify = state["waiting"]
+                if notify and not caller.is_closed():
                     caller.call_soon_threadsafe(finished.set)
 
         future = self.submit(tracked())
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            try:
-                await asyncio.wait_for(finished.wait(), CANCEL_SETTLE_S)
-            except TimeoutError:
-                pass
+            with guard:
+                state["waiting"] = True
+                already = state["finished"]
+            if not already:
+                try:
+                    await asyncio.wait_for(finished.wait(), CANCEL_SETTLE_S)
+                except TimeoutError:
+                    pass
             raise
 
     def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
