@@ -44,7 +44,7 @@ def frame_message(
 class _Transfer:
     count: int
     started: float
-    parts: list[bytes] = field(default_factory=list)
+    parts: list[memoryview] = field(default_factory=list)
     size: int = 0
 
 
@@ -93,7 +93,8 @@ class Reassembler:
         if len(frame) <= CHUNK_HEADER_SIZE:
             raise ProtocolError("truncated-chunk", f"{len(frame)} bytes")
         _, transfer_id, index, count = _CHUNK_HEADER.unpack_from(frame)
-        payload = frame[CHUNK_HEADER_SIZE:]
+        # A view, not a slice: slicing would copy every chunk once more before the join.
+        payload = memoryview(frame)[CHUNK_HEADER_SIZE:]
         transfer = self._transfers.get(transfer_id)
         if transfer is None:
             if index != 0:
