@@ -523,3 +523,19 @@ def test_requirements_for_task_types() -> None:
     assert requirements_for_task_type("git-operation") == ["git-vfs"]
     with pytest.raises(UnknownTaskType, match="unknown task type 'teleport'"):
         requirements_for_task_type("teleport")
+
+
+async def test_a_child_never_runs_code_for_a_second_peer(pool: PythonSandboxPool) -> None:
+    plant = {"code": "import json\njson.planted = 'by peer-a'\nimport os\nos.getpid()"}
+    peek = {"code": "import json, os\n(getattr(json, 'planted', None), os.getpid())"}
+    first = await pool.run(plant, TaskContext("t-a1", "peer-a"))
+    planted_pid = decode_value(first["value"])
+    # The same peer keeps its warm child and its state (like a kernel of its own).
+    again = await pool.run(peek, TaskContext("t-a2", "peer-a"))
+    assert decode_value(again["value"]) == ("by peer-a", planted_pid)
+    # Another peer gets the other, clean child; a third finds both taken and gets a fresh one.
+    for peer in ("peer-b", "peer-c"):
+        other = await pool.run(peek, TaskContext(f"t-{peer}", peer))
+        planted, pid = decode_value(other["value"])
+        assert planted is None and pid != planted_pid
+    assert pool.stats()["recycled_for_isolation"] == 1

@@ -37,6 +37,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,9 @@ class _Worker:
         self.writer = writer
         self.tasks_done = 0
         self.busy = False
+        # The peer whose code this child has run: module state survives between tasks, so
+        # a child never runs code for a second peer (see ``_take_idle``).
+        self.owner: str | None = None
         self.memory_killed = False
         self.ps = psutil.Process(proc.pid)
 
@@ -182,7 +186,8 @@ class PythonSandboxPool:
         self.python = python
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder()
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._idle: deque[_Worker] = deque()
+        self._idle_changed = asyncio.Event()
         self._workers: set[_Worker] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._start_lock = asyncio.Lock()
@@ -200,6 +205,7 @@ class PythonSandboxPool:
             "memory_kills": 0,
             "crashes": 0,
             "spawn_failures": 0,
+            "recycled_for_isolation": 0,
         }
         self._last_spawn_error: str | None = None
 
@@ -249,7 +255,7 @@ class PythonSandboxPool:
         return {
             "size": self.size,
             "busy": busy,
-            "idle": self._idle.qsize(),
+            "idle": len(self._idle),
             "queued": self._waiting,
             "pids": sorted(w.pid for w in self._workers if w.alive),
             "last_spawn_error": self._last_spawn_error,
@@ -290,7 +296,7 @@ class PythonSandboxPool:
         budget = ctx.timeout_s if ctx.timeout_s is not None else None
         run_timeout = min(task.timeout or self.default_timeout_s, self.max_timeout_s)
         self._counters["tasks"] += 1
-        worker = await self._acquire(budget)
+        worker = await self._acquire(budget, ctx.delegator)
         if worker is None:
             self._counters["failed"] += 1
             self._counters["timeouts"] += 1
@@ -337,24 +343,52 @@ class PythonSandboxPool:
             raise
         return task
 
-    async def _acquire(self, budget: float | None) -> _Worker | None:
+    async def _acquire(self, budget: float | None, owner: str) -> _Worker | None:
         self._waiting += 1
         try:
             deadline = None if budget is None else time.monotonic() + budget
             while True:
+                worker = self._take_idle(owner)
+                if worker is not None:
+                    worker.busy = True
+                    worker.owner = owner
+                    return worker
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
+                self._idle_changed.clear()
                 try:
-                    worker = await asyncio.wait_for(self._idle.get(), remaining)
+                    await asyncio.wait_for(self._idle_changed.wait(), remaining)
                 except TimeoutError:
                     return None
-                if worker.alive:
-                    worker.busy = True
-                    return worker
-                # Died while idle: its monitor is already replacing it.
         finally:
             self._waiting -= 1
+
+    def _take_idle(self, owner: str) -> _Worker | None:
+        """An idle child that has only run ``owner``'s code, or none yet.
+
+        When only children owned by other peers are idle, one is recycled: its
+        replacement starts clean and arrives through ``_adopt``. One peer's code can thus
+        never leave state (a patched module, a global) for another peer's task.
+        """
+        for worker in list(self._idle):
+            if not worker.alive:
+                self._idle.remove(worker)  # its monitor is already replacing it
+        # Its own warm child first, then a clean one (left free for other peers otherwise).
+        for wanted in (owner, None):
+            for worker in self._idle:
+                if worker.owner == wanted:
+                    self._idle.remove(worker)
+                    return worker
+        if self._idle:
+            foreign = self._idle.popleft()
+            foreign.kill()
+            self._counters["recycled_for_isolation"] += 1
+        return None
+
+    def _release(self, worker: _Worker) -> None:
+        self._idle.append(worker)
+        self._idle_changed.set()
 
     async def _run_on(self, worker: _Worker, request: bytes, timeout: float) -> dict[str, Any]:
         try:
@@ -394,7 +428,7 @@ class PythonSandboxPool:
         if recycle or self._closed:
             worker.kill()  # its monitor reaps it and starts a fresh one
         else:
-            self._idle.put_nowait(worker)
+            self._release(worker)
         return result
 
     def _memory_failure(self) -> dict[str, Any]:
@@ -460,7 +494,7 @@ class PythonSandboxPool:
 
     def _adopt(self, worker: _Worker) -> None:
         self._workers.add(worker)
-        self._idle.put_nowait(worker)
+        self._release(worker)
         self._own(self._monitor(worker))
 
     async def _monitor(self, worker: _Worker) -> None:
