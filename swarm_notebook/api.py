@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import warnings
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
@@ -134,7 +135,19 @@ class Coordinator:
     # -- knowledge ---------------------------------------------------------------------
 
     async def share_success_pattern(self, reflection: dict[str, Any]) -> int:
-        """Share a successful reflection with every peer; returns how many it reached."""
+        """Share a successful reflection with every peer; returns how many it reached.
+
+        As in the blueprint only ``outcome == "successful"`` is shared; anything else is
+        stored locally, reaches no peer, and says so with a warning.
+        """
+        outcome = reflection.get("outcome") if isinstance(reflection, dict) else None
+        if outcome != "successful":
+            warnings.warn(
+                f"only reflections with outcome 'successful' are shared (got {outcome!r}); "
+                "it was stored locally and reached no peer",
+                UserWarning,
+                stacklevel=2,
+            )
         return await self._call(self._core.knowledge.share_success_pattern(reflection))
 
     async def integrate_shared_reflection(self, peer_id: str, reflection: Any) -> dict[str, Any]:
