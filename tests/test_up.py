@@ -153,3 +153,23 @@ async def test_sigterm_during_startup_leaves_nothing_behind(tmp_path: Path) -> N
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_workers_do_not_outlive_a_killed_up(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "swarm_notebook.cli.main", "up", "--no-lab", "--workers", "1",
+        "--dir", str(tmp_path / "work"), "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    await read_until_ready(proc, 120)
+    workers = [
+        p for p in psutil.Process(proc.pid).children(recursive=True)
+        if "worker" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 1
+    proc.kill()  # no chance to clean up: the worker must notice on its own
+    await proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert alive == [] and len(gone) == 1
+    assert child_processes() == []

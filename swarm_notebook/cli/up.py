@@ -212,7 +212,7 @@ async def start_worker(
             # where any local user could read it with ps.
             "--room", room, "--signaling", signaling,
             "--caps", "python-execution", "--profile", str(profile), "--name", name,
-            "--grace", str(WORKER_GRACE_S / 2),
+            "--grace", str(WORKER_GRACE_S / 2), "--exit-with-parent",
             stdout=asyncio.subprocess.PIPE, stderr=log_file,
             env={**env, "SWARM_NOTEBOOK_SECRET": secret}, start_new_session=True,
         )  # fmt: skip

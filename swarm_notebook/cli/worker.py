@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grace", type=float, default=30.0, help="seconds running tasks get to finish on shutdown"
     )
     parser.add_argument("--name", default="worker")
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop gracefully when the process that started this one dies "
+        "(used by `swarm-notebook up`, so a killed launcher leaves no workers)",
+    )
     parser.add_argument("--log-level", default="WARNING")
 
 
@@ -104,11 +110,35 @@ async def serve(args: argparse.Namespace) -> int:
         f"capabilities={','.join(stats['capabilities']) or '-'}",
         flush=True,
     )
+    watchdog = (
+        asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
+        if args.exit_with_parent
+        else None
+    )
     await stop.wait()
-    print("stopping: finishing running tasks", flush=True)
+    if watchdog is not None:
+        watchdog.cancel()
+        await asyncio.gather(watchdog, return_exceptions=True)
+    _say("stopping: finishing running tasks")
     await coordinator.leave()
-    print("stopped", flush=True)
+    _say("stopped")
     return 0
+
+
+def _say(line: str) -> None:
+    # Whoever read our stdout may be gone (a killed launcher): status lines are optional.
+    try:
+        print(line, flush=True)
+    except (BrokenPipeError, OSError):
+        pass
+
+
+async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
+    # When the launcher dies the kernel re-parents us, and no event says so portably.
+    while os.getppid() == parent:  # noqa: ASYNC110
+        await asyncio.sleep(1.0)
+    stop.set()
+    _say("parent process gone")
 
 
 def run(args: argparse.Namespace) -> int:
