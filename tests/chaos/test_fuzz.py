@@ -221,8 +221,9 @@ def mutated_streams(draw: st.DrawFn) -> tuple[list[bytes], list[bytes], bool]:
         kind = draw(st.sampled_from(["bytes", "header", "drop", "dup", "swap", "stale"]))
         if kind == "bytes":
             frames[i] = draw(mutated(frames[i]))
-        elif kind == "header" and frames[i][0] == CHUNK and len(frames[i]) > CHUNK_HEADER_SIZE:
-            # Rewrite the length fields a sender controls: index and count.
+        elif kind == "header" and len(frames[i]) > CHUNK_HEADER_SIZE and frames[i][0] == CHUNK:
+            # Rewrite the length fields a sender controls: index and count (the length is
+            # checked first: a byte mutation may have emptied the frame).
             _, tid, index, count = struct.unpack_from(">BQII", frames[i])
             index = draw(st.sampled_from([index, index + 1, 0, 2**32 - 1]))
             count = draw(st.sampled_from([count, count - 1, count + 1, 1, 0, 2**32 - 1]))
