@@ -7,7 +7,6 @@ import json
 import re
 import signal
 import sys
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -40,6 +39,7 @@ from swarm_notebook.signaling import (
     SignalingUnavailable,
 )
 from swarm_notebook.signaling.membership import RoomMembership
+from tests.support.threaded_server import ThreadedServer
 
 WAIT = 5.0
 
@@ -736,40 +736,9 @@ async def test_cli_prints_its_url_and_stops_cleanly_on_sigterm(make_client: Clie
 # -- fuzz ----------------------------------------------------------------------------------
 
 
-class ThreadedServer:
-    """A signaling server on its own event loop thread, so sync hypothesis tests can use it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.server = SignalingServer(
-            SignalingConfig(port=0, limits=SignalingLimits(max_frame_bytes=FRAME_LIMIT))
-        )
-        self.call(self.server.start())
-        self.http: aiohttp.ClientSession = self.call(self._session())
-
-    @staticmethod
-    async def _session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession()
-
-    def call(self, coro: Awaitable[Any]) -> Any:
-        async def wrapped() -> Any:
-            return await coro
-
-        return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result(timeout=30)
-
-    def stop(self) -> None:
-        self.call(self.http.close())
-        self.call(self.server.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
 def threaded_server() -> Iterator[ThreadedServer]:
-    server = ThreadedServer()
+    server = ThreadedServer(SignalingLimits(max_frame_bytes=FRAME_LIMIT), call_timeout=30)
     yield server
     server.stop()
 

@@ -14,9 +14,8 @@ import asyncio
 import logging
 import os
 import struct
-import threading
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +64,7 @@ from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
 from swarm_notebook.transport.mesh import MeshTransport
 from tests.chaos.helpers import wait_until
 from tests.support.procs import PeerProcess, child_processes
+from tests.support.threaded_server import ThreadedServer
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
@@ -312,35 +312,6 @@ class ErrorLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
-
-
-class ThreadedServer:
-    """A signaling server on its own loop thread, so sync hypothesis tests can drive it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.server = SignalingServer(SignalingConfig(port=0))
-        self.call(self.server.start())
-        self.http: aiohttp.ClientSession = self.call(self._session())
-
-    @staticmethod
-    async def _session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession()
-
-    def call(self, coro: Awaitable[Any]) -> Any:
-        async def wrapped() -> Any:
-            return await coro
-
-        return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result(timeout=60)
-
-    def stop(self) -> None:
-        self.call(self.http.close())
-        self.call(self.server.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
