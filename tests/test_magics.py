@@ -195,7 +195,7 @@ def test_run_pushes_and_pulls_dataframes(joined: InteractiveShell,
     assert "rows 3\n" in captured.out
     assert "careful\n" in captured.err
     # The progress summary: which peer, how long, how many attempts.
-    assert re.search(r"✔ python-computation completed on \w{16}… in [\d.]+ s \(1 attempt\)",
+    assert re.search(r"✔ python-computation completed on w\d \(\w{16}…\) in [\d.]+ s \(1 attempt\)",
                      captured.err)
     tasks = ok(joined.run_cell("%swarm tasks"))
     assert isinstance(tasks, pd.DataFrame) and (tasks["state"] == "completed").any()

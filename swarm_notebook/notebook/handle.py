@@ -91,6 +91,22 @@ class TaskProgress:
     state: str
     attempts: int
     elapsed_s: float
+    peer_name: str | None = None  # the name on the peer's agent card, e.g. "worker-1"
+
+    @property
+    def where(self) -> str:
+        """``name (id…)`` when the peer has a name, else the shortened id."""
+        if not self.peer:
+            return ""
+        return (
+            f"{self.peer_name} ({short_id(self.peer)})" if self.peer_name else short_id(self.peer)
+        )
+
+
+def peer_name(coordinator: Coordinator, peer_id: str | None) -> str | None:
+    """The name a peer gave itself on its signed agent card (display only)."""
+    view = coordinator.core.node.peer(peer_id) if peer_id else None
+    return view.card.name if view is not None and view.card is not None else None
 
 
 class RemoteRun:
@@ -134,6 +150,10 @@ class RemoteRun:
         finally:
             unsubscribe()
 
+    @property
+    def coordinator(self) -> Coordinator:
+        return self._coordinator
+
     def _mark_finished(self, _future: concurrent.futures.Future[dict[str, Any]]) -> None:
         self._finished = time.monotonic()
 
@@ -168,6 +188,7 @@ class RemoteRun:
             str(record.get("state")),
             int(record.get("attempts") or 0),
             self.elapsed(),
+            peer_name(self._coordinator, record.get("peer")),
         )
 
     def cancel(self) -> bool:

@@ -31,6 +31,7 @@ from swarm_notebook.notebook.handle import (
     SwarmUsageError,
     TaskHandle,
     TaskProgress,
+    peer_name,
     short_id,
 )
 from swarm_notebook.notebook.progress import (
@@ -316,6 +317,7 @@ class SwarmMagics(Magics):
         final = TaskProgress(
             result.get("task_id"), result.get("peer"), str(result.get("state")),
             int(result.get("attempts") or 0), float(result.get("duration_s") or run.elapsed()),
+            peer_name(run.coordinator, result.get("peer")),
         )  # fmt: skip
         view.finish(summary(final, final.state, TASK_TYPE))
         if not quiet:

@@ -13,7 +13,7 @@ import html
 import sys
 from typing import Any, Protocol, TextIO
 
-from swarm_notebook.notebook.handle import RemoteRun, TaskProgress, short_id
+from swarm_notebook.notebook.handle import RemoteRun, TaskProgress
 
 TICK_S = 0.25
 COLOURS = {"running": "#0891b2", "ok": "#16a34a", "failed": "#dc2626"}
@@ -50,7 +50,7 @@ def describe(progress: TaskProgress, label: str) -> str:
     >>> describe(TaskProgress("t1", "P" * 52, "working", 1, 2.04), "python-computation")
     '⏳ python-computation on PPPPPPPPPPPPPPPP… · working · 2.0 s'
     """
-    where = f" on {short_id(progress.peer)}" if progress.peer else ""
+    where = f" on {progress.where}" if progress.peer else ""
     retry = f" · attempt {progress.attempts}" if progress.attempts > 1 else ""
     return f"⏳ {label}{where} · {progress.state}{retry} · {progress.elapsed_s:.1f} s"
 
@@ -60,9 +60,11 @@ def summary(progress: TaskProgress, state: str, label: str) -> ProgressLine:
 
     >>> summary(TaskProgress("t1", "P" * 52, "completed", 1, 0.5), "completed", "run").text
     '✔ run completed on PPPPPPPPPPPPPPPP… in 0.50 s (1 attempt)'
+    >>> summary(TaskProgress("t1", "P" * 52, "completed", 2, 0.5, "w1"), "completed", "run").text
+    '✔ run completed on w1 (PPPPPPPPPPPPPPPP…) in 0.50 s (2 attempts)'
     """
     attempts = f"{progress.attempts} attempt{'s' if progress.attempts != 1 else ''}"
-    where = f" on {short_id(progress.peer)}" if progress.peer else ""
+    where = f" on {progress.where}" if progress.peer else ""
     mark, tone = ("✔", "ok") if state == "completed" else ("✖", "failed")
     return ProgressLine(
         f"{mark} {label} {state}{where} in {progress.elapsed_s:.2f} s ({attempts})", tone
