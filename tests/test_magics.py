@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,62 +24,17 @@ from swarm_notebook.notebook.handle import (
     SwarmUsageError,
     TaskHandle,
 )
-from swarm_notebook.signaling import SignalingConfig, SignalingServer
-from swarm_notebook.transport.loop_thread import LoopThread
-from tests.support.procs import WorkerProcess, child_processes
+from tests.support.procs import child_processes
+from tests.support.swarm import Swarm
 
 pytestmark = pytest.mark.timeout(240)
 
 ROOM = "magics"
 
 
-class Swarm:
-    """A signaling server and workers, run from a background loop of this process."""
-
-    def __init__(self, tmp: Path, secret: str | None = None, room: str = ROOM) -> None:
-        self.tmp = tmp
-        self.secret = secret
-        self.room = room
-        self.net = LoopThread(name="test-swarm")
-        self.net.start()
-        self.server = SignalingServer(SignalingConfig(port=0, secret=secret))
-        self.net.run_sync(self.server.start(), timeout=30)
-        self.workers: list[WorkerProcess] = []
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def start_worker(self, name: str, *caps: str) -> WorkerProcess:
-        args = ["--caps", ",".join(caps)]
-        if self.secret:
-            args += ["--secret", self.secret]
-        if "file-management" in caps:
-            (self.tmp / "ws").mkdir(exist_ok=True)
-            args += ["--workspace", str(self.tmp / "ws")]
-        worker = self.net.run_sync(
-            WorkerProcess.start(self.url, self.room, str(self.tmp / name), *args, name=name),
-            timeout=90,
-        )
-        self.workers.append(worker)
-        return worker
-
-    def stop_worker(self, worker: WorkerProcess) -> int:
-        return self.net.run_sync(worker.stop(), timeout=60)
-
-    def close(self) -> None:
-        for worker in self.workers:
-            code = self.stop_worker(worker)
-            if code != -9:
-                assert code == 0, "".join(worker.stderr_lines[-20:])
-                assert worker.problems() == [], worker.problems()
-        self.net.run_sync(self.server.close(), timeout=30)
-        self.net.stop()
-
-
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    running = Swarm(tmp_path_factory.mktemp("swarm"))
+    running = Swarm(tmp_path_factory.mktemp("swarm"), room=ROOM)
     try:
         running.start_worker("w0", "python-execution")
         running.start_worker("w1", "python-execution", "file-management")
@@ -155,8 +109,9 @@ def test_misuse_before_join_is_explained(
     assert "bad-arguments" in capsys.readouterr().out
 
 
-def test_join_status_peers_and_current(joined: InteractiveShell, swarm: Swarm,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_join_status_peers_and_current(
+    joined: InteractiveShell, swarm: Swarm, capsys: pytest.CaptureFixture[str]
+) -> None:
     coordinator = swarm_notebook.current()
     assert coordinator is joined.swarm_notebook_session.coordinator  # type: ignore[attr-defined]
     peers = ok(joined.run_cell("%swarm peers"))
@@ -173,8 +128,9 @@ def test_join_status_peers_and_current(joined: InteractiveShell, swarm: Swarm,
     assert isinstance(error, SwarmUsageError) and error.reason == "already-joined"
 
 
-def test_run_pushes_and_pulls_dataframes(joined: InteractiveShell,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_pushes_and_pulls_dataframes(
+    joined: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
     joined.user_ns["df"] = pd.DataFrame({"city": ["a", "b", "a"], "sales": [1.5, 2.0, 3.5]})
     joined.user_ns["weights"] = np.arange(3, dtype="float64")
     cell = (
@@ -195,15 +151,17 @@ def test_run_pushes_and_pulls_dataframes(joined: InteractiveShell,
     assert "rows 3\n" in captured.out
     assert "careful\n" in captured.err
     # The progress summary: which peer, how long, how many attempts.
-    assert re.search(r"✔ python-computation completed on w\d \(\w{16}…\) in [\d.]+ s \(1 attempt\)",
-                     captured.err)
+    assert re.search(
+        r"✔ python-computation completed on w\d \(\w{16}…\) in [\d.]+ s \(1 attempt\)", captured.err
+    )
     tasks = ok(joined.run_cell("%swarm tasks"))
     assert isinstance(tasks, pd.DataFrame) and (tasks["state"] == "completed").any()
     assert str(tasks["duration"].dtype) == "timedelta64[ns]"
 
 
-def test_remote_error_shows_the_remote_traceback(joined: InteractiveShell, swarm: Swarm,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_remote_error_shows_the_remote_traceback(
+    joined: InteractiveShell, swarm: Swarm, capsys: pytest.CaptureFixture[str]
+) -> None:
     cell = "%%swarm run\nprint('before')\ndef divide(x):\n    return x / 0\ndivide(1)\n"
     error = failed(joined.run_cell(cell))
     assert isinstance(error, RemoteTaskError)
@@ -221,8 +179,12 @@ def test_remote_error_shows_the_remote_traceback(joined: InteractiveShell, swarm
 
 def test_no_wait_returns_a_handle_and_lands_pulled_variables(joined: InteractiveShell) -> None:
     joined.user_ns["n"] = 5
-    handle = ok(joined.run_cell("%%swarm run --no-wait --push n --pull squares\n"
-                                "squares = [i * i for i in range(n)]\nlen(squares)\n"))
+    handle = ok(
+        joined.run_cell(
+            "%%swarm run --no-wait --push n --pull squares\n"
+            "squares = [i * i for i in range(n)]\nlen(squares)\n"
+        )
+    )
     assert isinstance(handle, TaskHandle)
     assert handle.result(timeout=60) == 5
     assert handle.done()
@@ -280,10 +242,19 @@ def test_requires_and_peer_pick_the_right_peer(joined: InteractiveShell, swarm: 
 def test_peer_gone_mid_task(joined: InteractiveShell, swarm: Swarm) -> None:
     doomed = swarm.start_worker("doomed", "python-execution")
     coordinator = swarm_notebook.current()
-    wait_until(lambda: doomed.peer_id in set(
-        coordinator.peers_frame().query("state == 'connected'")["peer_id"]), 30, "doomed joins")
-    handle = ok(joined.run_cell(f"%%swarm run --no-wait --peer {doomed.peer_id}\n"
-                                "import time\ntime.sleep(60)\n"))
+    wait_until(
+        lambda: (
+            doomed.peer_id
+            in set(coordinator.peers_frame().query("state == 'connected'")["peer_id"])
+        ),
+        30,
+        "doomed joins",
+    )
+    handle = ok(
+        joined.run_cell(
+            f"%%swarm run --no-wait --peer {doomed.peer_id}\nimport time\ntime.sleep(60)\n"
+        )
+    )
     wait_until(lambda: handle.progress().state == "working", 30, "task working on doomed")
     doomed.kill()
     with pytest.raises(SwarmNotebookError) as caught:

@@ -16,7 +16,7 @@ import pytest
 from nbclient import NotebookClient
 
 from tests.support.procs import child_processes
-from tests.test_magics import Swarm
+from tests.support.swarm import Swarm
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -23,7 +23,7 @@ from harness import (
 )
 from playwright.sync_api import Page, expect
 
-from tests.test_magics import Swarm
+from tests.support.swarm import Swarm
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(400)]
 
