@@ -221,7 +221,7 @@ def test_report_json_schema(tmp_path: Path) -> None:
 
 def test_select_suites_rejects_unknown_names() -> None:
     suites = default_suites()
-    assert [s.name for s in suites] == ["raw", "ipyparallel", "dask", "swarm", "delegate", "mesh6"]
+    assert [s.name for s in suites] == ["raw", "swarm", "ipyparallel", "delegate", "dask", "mesh6"]
     assert [s.name for s in select_suites(suites, ["dask", "raw"])] == ["raw", "dask"]
     with pytest.raises(UnknownSuiteError, match="nope"):
         select_suites(suites, ["raw", "nope"])

@@ -56,10 +56,10 @@ class UnknownSuiteError(ValueError):
 
 
 def default_suites() -> list[Suite]:
-    """Every suite of a full run, anchors first (later suites compare against them).
+    """Every suite of a full run.
 
-    The swarm's own suites (``swarm``, ``delegate``, ``df50_swarm``, ``mesh6``) belong
-    after ``raw`` and the baselines so that their anchors are already measured.
+    Each swarm suite runs right after the suite it is compared with, so both see the
+    machine in the same state.
     """
     # Imported here so that ``python -m swarm_notebook.bench.raw_peer`` does not find its
     # own module already imported through this package.
@@ -67,7 +67,10 @@ def default_suites() -> list[Suite]:
     from swarm_notebook.bench.raw_aiortc import raw_suite
     from swarm_notebook.bench.swarm_suites import swarm_suites
 
-    return [raw_suite(), ipyparallel_suite(), dask_suite(), *swarm_suites()]
+    swarm, delegate, mesh6 = swarm_suites()
+    # Each measurement runs next to its anchor (ratios are computed at the end, so order
+    # is free): raw then the swarm's messaging, ipyparallel then delegation.
+    return [raw_suite(), swarm, ipyparallel_suite(), delegate, dask_suite(), mesh6]
 
 
 def select_suites(suites: Sequence[Suite], only: Iterable[str] | None) -> list[Suite]:
