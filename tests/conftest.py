@@ -7,5 +7,19 @@ would otherwise offer the machine's other interfaces). Child processes inherit t
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+
+import pytest
 
 os.environ.setdefault("SWARM_NOTEBOOK_ICE_HOSTS", "127.0.0.1")
+
+from swarm_notebook.signaling import SignalingConfig, SignalingServer
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[SignalingServer]:
+    """A real signaling server on a free loopback port, closed after the test."""
+    srv = SignalingServer(SignalingConfig(port=0))
+    await srv.start()
+    yield srv
+    await srv.close()

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 import swarm_notebook
-from swarm_notebook.signaling import SignalingConfig, SignalingServer
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[SignalingServer]:
-    srv = SignalingServer(SignalingConfig(port=0))
-    await srv.start()
-    yield srv
-    await srv.close()
+from swarm_notebook.signaling import SignalingServer
 
 
 async def test_lone_peer_status_sharing_rules_and_fallback(

@@ -6,7 +6,6 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +16,12 @@ import pytest
 
 from swarm_notebook.api import Coordinator, join
 from swarm_notebook.coordinator.delegation import DelegationError
-from swarm_notebook.signaling import SignalingConfig, SignalingServer
-from tests.support.procs import WorkerProcess, child_processes
+from swarm_notebook.signaling import SignalingServer
+from tests.support.procs import WorkerProcess, child_processes, start_workers
 
 pytestmark = pytest.mark.timeout(300)
 
 PY_CAPS = ("--caps", "python-execution")
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[SignalingServer]:
-    srv = SignalingServer(SignalingConfig(port=0))
-    await srv.start()
-    yield srv
-    await srv.close()
 
 
 async def wait_until(predicate: Any, timeout: float, what: str) -> None:
@@ -60,16 +51,7 @@ async def stop_workers(workers: list[WorkerProcess]) -> None:
 async def test_blueprint_checklist_and_load_balance(
     server: SignalingServer, tmp_path: Path
 ) -> None:
-    workers = list(
-        await asyncio.gather(
-            *(
-                WorkerProcess.start(
-                    server.url, "r1", str(tmp_path / f"w{i}"), *PY_CAPS, name=f"w{i}"
-                )
-                for i in range(2)
-            )
-        )
-    )
+    workers = await start_workers(server.url, "r1", tmp_path, 2, *PY_CAPS)
     sockets_before = {conn.laddr for conn in psutil.Process().net_connections(kind="inet")}
     tasks_before = asyncio.all_tasks()
     c = await join("r1", signaling=server.url, profile=tmp_path / "me")
@@ -137,16 +119,7 @@ async def test_blueprint_checklist_and_load_balance(
 async def test_worker_killed_mid_task_completes_elsewhere_once(
     server: SignalingServer, tmp_path: Path
 ) -> None:
-    workers = list(
-        await asyncio.gather(
-            *(
-                WorkerProcess.start(
-                    server.url, "r2", str(tmp_path / f"w{i}"), *PY_CAPS, name=f"w{i}"
-                )
-                for i in range(2)
-            )
-        )
-    )
+    workers = await start_workers(server.url, "r2", tmp_path, 2, *PY_CAPS)
     by_id = {w.peer_id: w for w in workers}
     c = await join("r2", signaling=server.url, profile=tmp_path / "me")
     try:
@@ -263,22 +236,7 @@ async def test_bad_tasks_end_with_clear_errors_and_worker_keeps_serving(
 async def test_dataframe_round_trip_and_graceful_shutdown(
     server: SignalingServer, tmp_path: Path
 ) -> None:
-    workers = list(
-        await asyncio.gather(
-            *(
-                WorkerProcess.start(
-                    server.url,
-                    "r4",
-                    str(tmp_path / f"w{i}"),
-                    *PY_CAPS,
-                    "--grace",
-                    "1",
-                    name=f"w{i}",
-                )
-                for i in range(2)
-            )
-        )
-    )
+    workers = await start_workers(server.url, "r4", tmp_path, 2, *PY_CAPS, "--grace", "1")
     c = await join("r4", signaling=server.url, profile=tmp_path / "me")
     try:
         await capable_peers(c, 2)

@@ -12,14 +12,13 @@ import copy
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from swarm_notebook.coordinator.governance import verify_consensus
-from swarm_notebook.signaling import SignalingConfig, SignalingServer
+from swarm_notebook.signaling import SignalingServer
 from tests.support.procs import PeerProcess, child_processes
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,14 +29,6 @@ PANDAS_LESSON = {
     "outcome": "successful",
     "tags": ["merge"],
 }
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[SignalingServer]:
-    srv = SignalingServer(SignalingConfig(port=0))
-    await srv.start()
-    yield srv
-    await srv.close()
 
 
 async def start_peer(url: str, profile: Path, name: str, *extra: str) -> PeerProcess:

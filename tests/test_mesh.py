@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -16,14 +15,6 @@ from swarm_notebook.signaling import SignalingConfig, SignalingServer
 from tests.support.procs import PeerProcess, child_processes
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[SignalingServer]:
-    srv = SignalingServer(SignalingConfig(port=0))
-    await srv.start()
-    yield srv
-    await srv.close()
 
 
 async def start_peers(url: str, tmp: Path, n: int, *extra: str) -> list[PeerProcess]:

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -224,3 +225,13 @@ class WorkerProcess:
     def problems(self) -> list[str]:
         bad = ("Task was destroyed", "Traceback", "never awaited", "Unclosed")
         return [line for line in self.stderr_lines if any(b in line for b in bad)]
+
+
+async def start_workers(
+    signaling: str, room: str, home: Path, n: int, *args: str
+) -> list[WorkerProcess]:
+    """``n`` workers named w0..w{n-1}, each with its own profile folder under ``home``."""
+    return list(await asyncio.gather(*(
+        WorkerProcess.start(signaling, room, str(home / f"w{i}"), *args, name=f"w{i}")
+        for i in range(n)
+    )))  # fmt: skip
