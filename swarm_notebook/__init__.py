@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from swarm_notebook.api import Coordinator
+    from swarm_notebook.client import Coordinator
 
 __all__ = [
     "Coordinator",
@@ -25,15 +25,15 @@ __all__ = [
 
 
 async def join(room: str = "default", **kwargs: Any) -> Coordinator:
-    """Join a room; see ``swarm_notebook.api.join`` for the options."""
-    from swarm_notebook.api import join as _join
+    """Join a room; see ``swarm_notebook.client.join`` for the options."""
+    from swarm_notebook.client import join as _join
 
     return await _join(room, **kwargs)
 
 
 def verify_consensus(result: dict[str, Any]) -> bool:
     """Re-check a consensus result: every signature, membership and the tally."""
-    from swarm_notebook.coordinator.governance.consensus import verify_consensus as _verify
+    from swarm_notebook.governance.consensus import verify_consensus as _verify
 
     return _verify(result)
 
@@ -64,7 +64,7 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 def __getattr__(name: str) -> Any:
     if name == "Coordinator":
-        from swarm_notebook.api import Coordinator
+        from swarm_notebook.client import Coordinator
 
         return Coordinator
     raise AttributeError(name)

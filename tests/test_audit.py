@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from swarm_notebook.coordinator.audit import KNOWN_OPERATIONS, AuditError, AuditLog
+from swarm_notebook.errors import AuditError
+from swarm_notebook.ledger.audit import KNOWN_OPERATIONS, AuditLog
 
 
 def test_records_rows_and_counts(tmp_path: Path) -> None:

@@ -8,12 +8,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from swarm_notebook.coordinator.governance import (
+from swarm_notebook.errors import ConsensusError, ModificationRejected
+from swarm_notebook.governance import (
     Ballot,
-    ConsensusError,
     DefaultVotePolicy,
     Modification,
-    ModificationRejected,
     Proposal,
     StrictMajority,
     Tally,

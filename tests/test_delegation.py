@@ -14,8 +14,8 @@ import pandas as pd
 import psutil
 import pytest
 
-from swarm_notebook.api import Coordinator, join
-from swarm_notebook.coordinator.delegation import DelegationError
+from swarm_notebook.client import Coordinator, join
+from swarm_notebook.errors import DelegationError
 from swarm_notebook.signaling import SignalingServer
 from tests.support.procs import WorkerProcess, child_processes, start_workers
 

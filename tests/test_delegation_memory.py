@@ -9,11 +9,11 @@ import pytest
 
 from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
-from swarm_notebook.coordinator.delegation import DelegationError
 from swarm_notebook.coordinator.events import EventBus
-from swarm_notebook.coordinator.executors.capabilities import ExecutorConfig
+from swarm_notebook.errors import DelegationError
 from swarm_notebook.identity import Identity
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
+from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 
 
 @pytest.fixture

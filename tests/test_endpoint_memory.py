@@ -7,8 +7,9 @@ import asyncio
 import msgspec
 import pytest
 
+from swarm_notebook.errors import RemoteError, RequestTimeout
 from swarm_notebook.identity import Identity
-from swarm_notebook.transport.endpoint import Endpoint, RemoteError, RequestTimeout
+from swarm_notebook.transport.endpoint import Endpoint
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
 
 

@@ -21,23 +21,23 @@ import psutil
 import pytest
 from dulwich import porcelain
 
-from swarm_notebook.coordinator.executors import (
+from swarm_notebook.errors import UnknownTaskTypeError
+from swarm_notebook.protocol.values import decode_value, encode_value
+from swarm_notebook.workload.executors import (
     REQUIREMENTS,
     CodeGenerationExecutor,
     ExecutorConfig,
     FileAnalysisExecutor,
     GitOperationExecutor,
-    PythonSandboxPool,
     TaskContext,
     TaskRejected,
-    UnknownTaskType,
     build_executors,
     close_executors,
     detect_capabilities,
     execute_task,
     requirements_for_task_type,
 )
-from swarm_notebook.protocol.values import decode_value, encode_value
+from swarm_notebook.workload.sandbox.pool import PythonSandboxPool
 from tests.support.openai_standin import STANDIN_MODEL, OpenAIStandin, standin_reply
 
 CTX = TaskContext(task_id="t-1", delegator="peer-a")
@@ -125,7 +125,7 @@ async def test_remote_exception_traceback_shows_cell_lines(pool: PythonSandboxPo
     assert 'File "<remote-cell>", line 5, in ratio' in tb
     assert "return a / b" in tb
     assert 'File "<remote-cell>", line 7' in tb
-    assert "sandbox_main" not in tb  # the runner's frames are not the user's business
+    assert "sandbox/child.py" not in tb  # the runner's frames are not the user's business
     syntax = await pool.run({"code": "x = (1,\n"}, CTX)
     assert syntax["error_type"] == "syntax-error"
     assert "SyntaxError" in syntax["error"]
@@ -521,7 +521,7 @@ def test_requirements_for_task_types() -> None:
     assert requirements_for_task_type("code-generation") == ["local-llm"]
     assert requirements_for_task_type("file-analysis") == ["file-management"]
     assert requirements_for_task_type("git-operation") == ["git-vfs"]
-    with pytest.raises(UnknownTaskType, match="unknown task type 'teleport'"):
+    with pytest.raises(UnknownTaskTypeError, match="unknown task type 'teleport'"):
         requirements_for_task_type("teleport")
 
 

@@ -7,8 +7,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from swarm_notebook.notebook.frames import (
-    FrameInputError,
+from swarm_notebook.errors import FrameInputError
+from swarm_notebook.views.frames import (
     consensus_frame,
     peers_frame,
     reflections_frame,

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from swarm_notebook.errors import ProtocolError
 from swarm_notebook.protocol.envelope import (
     PROTOCOL_VERSION,
     Envelope,
-    ProtocolError,
     decode_envelope,
     encode_envelope,
 )

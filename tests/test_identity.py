@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from swarm_notebook.errors import IdentityError
 from swarm_notebook.identity import (
     Identity,
-    IdentityError,
     default_profile_dir,
     public_key_from_peer_id,
     verify_signature,

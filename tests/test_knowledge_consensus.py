@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from swarm_notebook.coordinator.governance import verify_consensus
+from swarm_notebook.governance import verify_consensus
 from swarm_notebook.signaling import SignalingServer
 from tests.support.procs import PeerProcess, child_processes
 
@@ -215,7 +215,11 @@ async def test_signed_consensus_between_processes(server: SignalingServer, tmp_p
         assert not verify_consensus(tampered)
 
         # eval in a core file: refused by the default policy of every voter.
-        risky = {"file_path": "swarm_notebook/swarm/node.py", "code": "eval(msg)", "reason": "x"}
+        risky = {
+            "file_path": "swarm_notebook/membership/node.py",
+            "code": "eval(msg)",
+            "reason": "x",
+        }
         refused = (await a.call("consensus", modification=risky))["result"]
         assert (refused["consensus"], refused["reason"]) == (False, "rejected")
         assert {v["reason"] for v in refused["votes"].values()} == {

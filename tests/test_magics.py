@@ -18,12 +18,8 @@ import pytest
 from IPython.core.interactiveshell import ExecutionResult, InteractiveShell
 
 import swarm_notebook
-from swarm_notebook.notebook.handle import (
-    RemoteTaskError,
-    SwarmNotebookError,
-    SwarmUsageError,
-    TaskHandle,
-)
+from swarm_notebook.errors import RemoteTaskError
+from swarm_notebook.notebook.handle import SwarmNotebookError, SwarmUsageError, TaskHandle
 from tests.support.procs import child_processes
 from tests.support.swarm import Swarm
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from swarm_notebook.coordinator.knowledge import (
+from swarm_notebook.errors import ReflectionRejected
+from swarm_notebook.identity import Identity
+from swarm_notebook.knowledge import (
     GateConfig,
     Reflection,
     ReflectionLimits,
-    ReflectionRejected,
     ReflectionStore,
     SharedReflectionGate,
     content_hash,
@@ -23,7 +24,6 @@ from swarm_notebook.coordinator.knowledge import (
     validate_reflection,
     verify_reflection,
 )
-from swarm_notebook.identity import Identity
 
 NOW = 1_700_000_000.0
 

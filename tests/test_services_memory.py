@@ -18,39 +18,37 @@ from typing import Any
 import msgspec
 import pytest
 
-from swarm_notebook.coordinator.audit import AuditLog
-from swarm_notebook.coordinator.config import ConsensusSettings, KnowledgeSettings
-from swarm_notebook.coordinator.consensus_service import (
-    CONSENSUS_BALLOT,
-    CONSENSUS_PROPOSAL,
-    ConsensusService,
-)
-from swarm_notebook.coordinator.governance import (
+from swarm_notebook.errors import (
     ConsensusError,
-    Modification,
     ModificationRejected,
+    ReflectionRejected,
+    RemoteError,
+)
+from swarm_notebook.governance import (
+    Modification,
     Proposal,
     cast_ballot,
     make_proposal,
     verify_consensus,
 )
-from swarm_notebook.coordinator.knowledge import (
-    Reflection,
-    ReflectionRejected,
-    ReflectionStore,
-    encode_reflection,
-    sign_reflection,
+from swarm_notebook.governance.service import (
+    CONSENSUS_BALLOT,
+    CONSENSUS_PROPOSAL,
+    ConsensusService,
+    ConsensusSettings,
 )
-from swarm_notebook.coordinator.knowledge_service import (
+from swarm_notebook.identity import Identity
+from swarm_notebook.knowledge import Reflection, ReflectionStore, encode_reflection, sign_reflection
+from swarm_notebook.knowledge.service import (
     KNOWLEDGE_REQUEST,
     REFLECTION_SHARE,
     KnowledgeService,
+    KnowledgeSettings,
     scan_artifacts,
 )
-from swarm_notebook.coordinator.records import CoordinationStats
-from swarm_notebook.identity import Identity
-from swarm_notebook.swarm.node import SwarmNode
-from swarm_notebook.transport.endpoint import RemoteError
+from swarm_notebook.ledger.audit import AuditLog
+from swarm_notebook.ledger.stats import CoordinationStats
+from swarm_notebook.membership.node import SwarmNode
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
 
 pytestmark = pytest.mark.timeout(60)

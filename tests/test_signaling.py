@@ -16,6 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from swarm_notebook.errors import (
+    SignalingError,
+    SignalingRefused,
+    SignalingTimeout,
+    SignalingUnavailable,
+)
 from swarm_notebook.identity import Identity
 from swarm_notebook.protocol.signaling import (
     Challenge,
@@ -31,12 +37,8 @@ from swarm_notebook.protocol.signaling import (
 from swarm_notebook.signaling import (
     SignalingClient,
     SignalingConfig,
-    SignalingError,
     SignalingLimits,
-    SignalingRefused,
     SignalingServer,
-    SignalingTimeout,
-    SignalingUnavailable,
 )
 from swarm_notebook.signaling.membership import RoomMembership
 from tests.support.threaded_server import ThreadedServer

@@ -15,8 +15,8 @@ import aiohttp
 import psutil
 import pytest
 
-from swarm_notebook.api import join
-from swarm_notebook.signaling.errors import SignalingRefused
+from swarm_notebook.client import join
+from swarm_notebook.errors import SignalingRefused
 from tests.support.procs import child_processes
 
 pytestmark = pytest.mark.timeout(240)

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from swarm_notebook.protocol.values import TAG, ValueCodecError, decode_value, encode_value
+from swarm_notebook.errors import ValueCodecError
+from swarm_notebook.protocol.values import TAG, decode_value, encode_value
 
 
 def wire_round_trip(obj: Any, **kwargs: Any) -> Any:

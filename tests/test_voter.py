@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from swarm_notebook.coordinator.config import ConsensusSettings, CoordinatorConfig
+from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
 from swarm_notebook.coordinator.events import EventBus
-from swarm_notebook.coordinator.governance.consensus import verify_consensus
+from swarm_notebook.governance.consensus import verify_consensus
+from swarm_notebook.governance.service import ConsensusSettings
 from swarm_notebook.identity import Identity
 from swarm_notebook.notebook.voter import NotebookVoter
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport

@@ -19,7 +19,6 @@ import comm
 import pytest
 from comm.base_comm import BaseComm
 
-from swarm_notebook.notebook.status import dashboard_status, success_rate
 from swarm_notebook.notebook.widget import (
     DashboardSource,
     DisplayLimits,
@@ -27,6 +26,7 @@ from swarm_notebook.notebook.widget import (
     display_snapshot,
     static_asset,
 )
+from swarm_notebook.views.status import dashboard_status, success_rate
 
 REPO = Path(__file__).resolve().parents[1]
 

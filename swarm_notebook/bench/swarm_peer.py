@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from swarm_notebook.api import Coordinator, join
+from swarm_notebook.client import Coordinator, join
 
 ECHO = "bench.echo"
 DIGEST = "bench.digest"

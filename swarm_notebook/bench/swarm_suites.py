@@ -221,7 +221,7 @@ async def _await_capable(c: Any, n: int) -> None:
 async def measure_delegation(
     ctx: SuiteContext, cfg: SwarmBenchConfig, with_dataframe: bool
 ) -> None:
-    from swarm_notebook.api import join
+    from swarm_notebook.client import join
 
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as home:
         async with _signaling() as server, _workers(server.url, "deleg", home, 2):

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from swarm_notebook.coordinator.config import DEFAULT_SIGNALING, CoordinatorConfig
-from swarm_notebook.coordinator.executors.capabilities import ExecutorConfig
-from swarm_notebook.coordinator.policy import TaskPolicy
+from swarm_notebook.workload.executors.capabilities import ExecutorConfig
+from swarm_notebook.workload.policy import TaskPolicy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +94,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from swarm_notebook.api import join
+    from swarm_notebook.client import join
 
     config = build_config(args)
     stop = asyncio.Event()

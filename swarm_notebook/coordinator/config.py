@@ -5,28 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from swarm_notebook.coordinator.delegation import DelegationSettings
-from swarm_notebook.coordinator.executors.capabilities import ExecutorConfig
-from swarm_notebook.coordinator.policy import TaskPolicy
+from swarm_notebook.governance.service import ConsensusSettings
+from swarm_notebook.knowledge.service import KnowledgeSettings
 from swarm_notebook.transport.mesh import MeshConfig
+from swarm_notebook.workload.delegator import DelegationSettings
+from swarm_notebook.workload.executors.capabilities import ExecutorConfig
+from swarm_notebook.workload.policy import TaskPolicy
 
 DEFAULT_SIGNALING = "ws://127.0.0.1:8765/ws"
-
-
-@dataclass
-class ConsensusSettings:
-    timeout_s: float = 30.0
-    quorum: str = "majority"  # "majority" | "unanimous" | "threshold:K"
-    # The blueprint answers ``consensus: True`` when the swarm is unavailable; set this to
-    # refuse instead (fail closed).
-    fail_closed: bool = False
-    core_files: tuple[str, ...] | None = None  # None: the blueprint's plus this package
-
-
-@dataclass
-class KnowledgeSettings:
-    peer_timeout_s: float = 3.0
-    limit: int = 10
 
 
 @dataclass

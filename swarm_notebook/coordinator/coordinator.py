@@ -1,7 +1,7 @@
 """The blueprint's WebRTCCoordinator: workload, knowledge and governance on one swarm node.
 
 ``SwarmCoordinator`` lives on the network loop. Notebook code talks to it through
-``swarm_notebook.api.Coordinator``, which bridges from the kernel's loop.
+``swarm_notebook.client.Coordinator``, which bridges from the kernel's loop.
 """
 
 from __future__ import annotations
@@ -13,31 +13,30 @@ from pathlib import Path
 from typing import Any
 
 from swarm_notebook import __version__
-from swarm_notebook.coordinator.audit import AuditLog
+from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook.coordinator.config import CoordinatorConfig
-from swarm_notebook.coordinator.consensus_service import ConsensusService
-from swarm_notebook.coordinator.delegation import (
-    DelegationError,
-    Delegator,
-    TaskServer,
-    requirements_for_task_type,
-)
 from swarm_notebook.coordinator.events import EventBus
-from swarm_notebook.coordinator.executors.base import Executor
-from swarm_notebook.coordinator.executors.capabilities import (
+from swarm_notebook.errors import DelegationError
+from swarm_notebook.governance.service import ConsensusService
+from swarm_notebook.identity import Identity
+from swarm_notebook.knowledge.service import KnowledgeService
+from swarm_notebook.knowledge.store import ReflectionStore
+from swarm_notebook.ledger.audit import AuditLog
+from swarm_notebook.ledger.stats import CoordinationStats
+from swarm_notebook.membership.node import SwarmNode
+from swarm_notebook.protocol.values import decode_value, encode_value
+from swarm_notebook.transport.base import Transport
+from swarm_notebook.workload.delegator import Delegator
+from swarm_notebook.workload.executors.base import Executor
+from swarm_notebook.workload.executors.capabilities import (
     PYTHON_EXECUTION,
     build_executors,
     close_executors,
     detect_capabilities,
 )
-from swarm_notebook.coordinator.knowledge.reflection_store import ReflectionStore
-from swarm_notebook.coordinator.knowledge_service import KnowledgeService
-from swarm_notebook.coordinator.records import CoordinationStats, TaskLog
-from swarm_notebook.identity import Identity
-from swarm_notebook.protocol.values import decode_value, encode_value
-from swarm_notebook.swarm.node import SwarmNode
-from swarm_notebook.transport.base import Transport
-from swarm_notebook.util.tasks import OwnedTasks
+from swarm_notebook.workload.messages import requirements_for_task_type
+from swarm_notebook.workload.records import TaskLog
+from swarm_notebook.workload.task_server import TaskServer
 
 log = logging.getLogger(__name__)
 AUDIT_FLUSH_INTERVAL_S = 0.25

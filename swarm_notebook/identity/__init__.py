@@ -1,8 +1,8 @@
 """Peer identity: an Ed25519 key pair per profile; the peer id is derived from the public key."""
 
+from swarm_notebook.errors import IdentityError
 from swarm_notebook.identity.keys import (
     Identity,
-    IdentityError,
     default_profile_dir,
     public_key_from_peer_id,
     verify_signature,

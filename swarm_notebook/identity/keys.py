@@ -17,13 +17,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from swarm_notebook.errors import IdentityError
+from swarm_notebook.reasons import Reason
+
 PROFILE_ENV = "SWARM_NOTEBOOK_PROFILE"
 KEY_FILE = "identity.pem"
 PEER_ID_LENGTH = 52
 
 
-class IdentityError(Exception):
-    """A key file or peer id that cannot be used."""
+
 
 
 def default_profile_dir(env: dict[str, str] | None = None) -> Path:
@@ -43,12 +45,12 @@ def _peer_id_for(public_key: Ed25519PublicKey) -> str:
 def public_key_from_peer_id(peer_id: str) -> Ed25519PublicKey:
     """Recover the public key behind a peer id; raises ``IdentityError`` if it is not one."""
     if not isinstance(peer_id, str) or len(peer_id) != PEER_ID_LENGTH:
-        raise IdentityError(f"not a peer id: {peer_id!r:.80}")
+        raise IdentityError(Reason.BAD_ID, f"not a peer id: {peer_id!r:.80}")
     try:
         raw = base64.b32decode(peer_id.upper() + "====")
         return Ed25519PublicKey.from_public_bytes(raw)
     except (ValueError, TypeError) as exc:
-        raise IdentityError(f"not a peer id: {peer_id!r:.80}") from exc
+        raise IdentityError(Reason.BAD_ID, f"not a peer id: {peer_id!r:.80}") from exc
 
 
 def verify_signature(peer_id: str, signature: bytes, data: bytes) -> bool:
@@ -109,7 +111,7 @@ class Identity:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise IdentityError(f"cannot read identity key {path}: {exc}") from exc
+            raise IdentityError(Reason.BAD_KEY, f"cannot read identity key {path}: {exc}") from exc
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:
@@ -118,7 +120,7 @@ class Identity:
                 "identity (your peer id will change)"
             ) from exc
         if not isinstance(key, Ed25519PrivateKey):
-            raise IdentityError(f"identity key {path} is not an Ed25519 key")
+            raise IdentityError(Reason.BAD_KEY, f"identity key {path} is not an Ed25519 key")
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             os.chmod(path, 0o600)

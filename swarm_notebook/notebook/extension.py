@@ -19,7 +19,7 @@ from swarm_notebook.notebook.handle import SwarmUsageError
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
-    from swarm_notebook.api import Coordinator
+    from swarm_notebook.client import Coordinator
 
 T = TypeVar("T")
 SESSION_ATTR = "swarm_notebook_session"
@@ -89,8 +89,8 @@ class SwarmSession:
             raise SwarmUsageError(
                 "already-joined", f"already joined room {self.room!r}; run `%swarm leave` first"
             )
-        from swarm_notebook.api import join
-        from swarm_notebook.signaling.errors import SignalingError
+        from swarm_notebook.client import join
+        from swarm_notebook.errors import SignalingError
 
         try:
             coordinator = run_blocking(

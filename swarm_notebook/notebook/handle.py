@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from swarm_notebook.api import Coordinator
+    from swarm_notebook.client import Coordinator
 
 RUNNING_STATES = ("starting", "submitted", "working")
 

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
+from swarm_notebook.errors import RemoteTaskError
 from swarm_notebook.notebook.handle import (
     RemoteRun,
-    RemoteTaskError,
     SwarmNotebookError,
     SwarmUsageError,
     TaskHandle,
@@ -46,7 +46,7 @@ from swarm_notebook.notebook.progress import (
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
-    from swarm_notebook.api import Coordinator
+    from swarm_notebook.client import Coordinator
     from swarm_notebook.notebook.extension import SwarmSession
 
 TASK_TYPE = "python-computation"
@@ -370,7 +370,7 @@ def describe_peers(peers: list[dict[str, Any]]) -> str:
 
 def delegation_error(exc: BaseException, peer: str | None) -> SwarmNotebookError:
     """A coordinator failure as a short notebook error (peer gone, no capable peer...)."""
-    from swarm_notebook.coordinator.delegation import DelegationError
+    from swarm_notebook.errors import DelegationError
 
     if isinstance(exc, DelegationError):
         if peer is not None and exc.reason == "attempts-exhausted":

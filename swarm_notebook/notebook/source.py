@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from swarm_notebook.api import Coordinator
+    from swarm_notebook.client import Coordinator
 
 
 class CoordinatorSource:

@@ -15,9 +15,9 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from swarm_notebook.coordinator.governance.consensus import Proposal
-from swarm_notebook.coordinator.governance.policy import DefaultVotePolicy, VotePolicy
-from swarm_notebook.coordinator.governance.risk import Modification
+from swarm_notebook.governance.consensus import Proposal
+from swarm_notebook.governance.risk import Modification
+from swarm_notebook.governance.votes import DefaultVotePolicy, VotePolicy
 
 MAX_SHOWN_CODE = 20_000
 FALLBACK_MARGIN_S = 1.0

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import anywidget
 import traitlets
 
-from swarm_notebook.notebook.status import dashboard_status
+from swarm_notebook.views.status import dashboard_status
 
 PACKAGE_STATIC_DIR = Path(__file__).resolve().parent / "static"
 REPO_JS_DIR = Path(__file__).resolve().parents[2] / "js"

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from swarm_notebook.errors import ProtocolError
+
 PROTOCOL_VERSION = 1
 MAX_TYPE_LENGTH = 64
 MAX_ID_LENGTH = 64
@@ -17,13 +19,7 @@ MAX_ID_LENGTH = 64
 T = TypeVar("T")
 
 
-class ProtocolError(ValueError):
-    """A frame or message that does not follow the protocol; ``reason`` is a short code."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from swarm_notebook.protocol.envelope import ProtocolError
+from swarm_notebook.errors import ProtocolError
 
 WHOLE = 0x00
 CHUNK = 0x01

@@ -51,6 +51,8 @@ import pyarrow as pa
 import pyarrow.ipc as pa_ipc
 from pandas.api.types import is_object_dtype
 
+from swarm_notebook.errors import ValueCodecError
+
 TAG = "__sn__"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_DEPTH = 64
@@ -60,17 +62,7 @@ _INT64_MIN = -(2**63)
 _UINT64_MAX = 2**64 - 1
 
 
-class ValueCodecError(ValueError):
-    """A value that cannot be encoded or decoded safely; ``reason`` is a short code.
 
-    Reasons: ``unsupported-type``, ``too-large``, ``too-deep``, ``malformed``,
-    ``pickle-refused``.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 def encode_value(

@@ -38,6 +38,12 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from swarm_notebook.errors import (
+    SignalingError,
+    SignalingRefused,
+    SignalingTimeout,
+    SignalingUnavailable,
+)
 from swarm_notebook.identity import Identity
 from swarm_notebook.protocol.signaling import (
     Challenge,
@@ -53,16 +59,15 @@ from swarm_notebook.protocol.signaling import (
     join_payload,
     secret_proof,
 )
-from swarm_notebook.signaling import reasons
-from swarm_notebook.signaling.errors import (
-    SignalingError,
-    SignalingRefused,
-    SignalingTimeout,
-    SignalingUnavailable,
-)
+from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling.membership import MembershipChanges, RoomMembership
 
 log = logging.getLogger(__name__)
+
+# Refusals a client must not retry: retrying cannot change the answer.
+FINAL_REFUSALS = frozenset(
+    {Reason.BAD_SIGNATURE, Reason.BAD_SECRET, Reason.BAD_ROOM, Reason.REPLACED}
+)
 
 Callback = Callable[..., Any]
 
@@ -230,7 +235,7 @@ class SignalingClient:
         size = len(frame.encode("utf-8"))
         if size > self._max_frame_bytes:
             raise SignalingError(
-                reasons.TOO_LARGE,
+                Reason.TOO_LARGE,
                 f"signal of {size} bytes exceeds the {self._max_frame_bytes} byte limit",
             )
         try:
@@ -383,7 +388,7 @@ class SignalingClient:
         """During the handshake an Error or Shutdown ends this attempt."""
         if isinstance(message, Error):
             self._errors_received[message.reason] += 1
-            if message.reason in reasons.FINAL_REFUSALS:
+            if message.reason in FINAL_REFUSALS:
                 raise SignalingRefused(message.reason, message.message)
             raise SignalingError(message.reason, message.message)
         if isinstance(message, Shutdown):
@@ -428,7 +433,7 @@ class SignalingClient:
                 await self._events.put(_PeerLeftEvent(message.peer_id))
             elif isinstance(message, Error):
                 self._errors_received[message.reason] += 1
-                if message.reason in reasons.FINAL_REFUSALS:
+                if message.reason in FINAL_REFUSALS:
                     raise SignalingRefused(message.reason, message.message)
                 log.warning("signaling server error %s: %s", message.reason, message.message)
                 await self._events.put(_ErrorEvent(message.reason, message.message, message.peer))
@@ -475,7 +480,7 @@ class SignalingClient:
             await self._call("on_signal", self._on_signal, event.from_peer, event.data)
         elif isinstance(event, _ErrorEvent):
             await self._call("on_error", self._on_error, event.reason, event.message)
-            if event.peer is not None and event.reason == reasons.UNKNOWN_PEER:
+            if event.peer is not None and event.reason == Reason.UNKNOWN_PEER:
                 await self._call("on_undeliverable", self._on_undeliverable, event.peer)
         else:
             await self._call("on_disconnected", self._on_disconnected, event.reason)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
-from swarm_notebook.signaling import reasons
+from swarm_notebook.reasons import Reason
 
 Member = TypeVar("Member")
 
@@ -33,10 +33,10 @@ class RoomRegistry(Generic[Member]):
         """The reason ``peer_id`` cannot join ``room`` now, or None if it can."""
         members = self._rooms.get(room)
         if members is None:
-            return reasons.TOO_MANY_ROOMS if len(self._rooms) >= self._max_rooms else None
+            return Reason.TOO_MANY_ROOMS if len(self._rooms) >= self._max_rooms else None
         if peer_id in members:  # a proven replacement does not grow the room
             return None
-        return reasons.ROOM_FULL if len(members) >= self._peers_per_room else None
+        return Reason.ROOM_FULL if len(members) >= self._peers_per_room else None
 
     def bind(self, room: str, peer_id: str, member: Member) -> Member | None:
         """Bind ``peer_id`` to ``member``; returns the member it replaced, if any."""

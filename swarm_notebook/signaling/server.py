@@ -44,7 +44,7 @@ from swarm_notebook.protocol.signaling import (
     join_payload,
     secret_proof,
 )
-from swarm_notebook.signaling import reasons
+from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling.config import SignalingConfig
 from swarm_notebook.signaling.connection import Connection
 from swarm_notebook.signaling.ratelimit import TokenBucket
@@ -196,7 +196,7 @@ class SignalingServer:
             elif len(self._connections) > limits.max_connections:
                 self._refuse(
                     conn,
-                    reasons.TOO_MANY_CONNECTIONS,
+                    Reason.TOO_MANY_CONNECTIONS,
                     f"the server holds its limit of {limits.max_connections} connections",
                     code=WSCloseCode.TRY_AGAIN_LATER,
                 )
@@ -238,12 +238,12 @@ class SignalingServer:
                 if not self._on_text(conn, msg.data):
                     return
                 if not await conn.wait_for_room(OWN_BACKLOG_TIMEOUT):
-                    self._rejections[reasons.SLOW_CONSUMER] += 1
+                    self._rejections[Reason.SLOW_CONSUMER] += 1
                     conn.abort()
                     return
             elif msg.type is WSMsgType.BINARY:
                 self._refuse(
-                    conn, reasons.MALFORMED, "binary frames are not accepted; send JSON text"
+                    conn, Reason.MALFORMED, "binary frames are not accepted; send JSON text"
                 )
                 return
             elif msg.type is WSMsgType.ERROR:
@@ -252,7 +252,7 @@ class SignalingServer:
                     isinstance(msg.data, WebSocketError)
                     and msg.data.code == WSCloseCode.MESSAGE_TOO_BIG
                 )
-                self._rejections[reasons.TOO_LARGE if too_big else reasons.MALFORMED] += 1
+                self._rejections[Reason.TOO_LARGE if too_big else Reason.MALFORMED] += 1
                 return
             else:  # CLOSE / CLOSING / CLOSED
                 return
@@ -260,7 +260,7 @@ class SignalingServer:
     def _refuse_join_timeout(self, conn: Connection) -> None:
         self._refuse(
             conn,
-            reasons.JOIN_TIMEOUT,
+            Reason.JOIN_TIMEOUT,
             f"no valid join within {self._limits.join_timeout:g} s",
         )
 
@@ -271,37 +271,37 @@ class SignalingServer:
         if len(data) > self._limits.max_frame_bytes:
             return self._refuse(
                 conn,
-                reasons.TOO_LARGE,
+                Reason.TOO_LARGE,
                 f"frame of {len(data)} bytes exceeds the {self._limits.max_frame_bytes} byte limit",
                 code=WSCloseCode.MESSAGE_TOO_BIG,
             )
         if not conn.rate.take():
-            self._rejections[reasons.RATE_LIMITED] += 1
+            self._rejections[Reason.RATE_LIMITED] += 1
             limit = f"{self._limits.messages_per_second:g} messages/s (burst {self._limits.burst})"
             if not conn.rate_strikes.take():
-                self._rejections[reasons.ABUSE] += 1
+                self._rejections[Reason.ABUSE] += 1
                 return self._refuse(
-                    conn, reasons.RATE_LIMITED, f"repeatedly over {limit}; closing", count=False
+                    conn, Reason.RATE_LIMITED, f"repeatedly over {limit}; closing", count=False
                 )
-            return self._reply(conn, reasons.RATE_LIMITED, f"over {limit}; frame dropped")
+            return self._reply(conn, Reason.RATE_LIMITED, f"over {limit}; frame dropped")
         try:
             message = decode_client_message(data)
         except msgspec.ValidationError as exc:
-            return self._strike(conn, reasons.WRONG_SCHEMA, str(exc)[:200])
+            return self._strike(conn, Reason.WRONG_SCHEMA, str(exc)[:200])
         except msgspec.DecodeError as exc:
-            return self._refuse(conn, reasons.MALFORMED, f"not JSON: {str(exc)[:160]}")
+            return self._refuse(conn, Reason.MALFORMED, f"not JSON: {str(exc)[:160]}")
         if isinstance(message, Join):
             return self._on_join(conn, message)
         return self._on_signal(conn, message)
 
     def _on_join(self, conn: Connection, join: Join) -> bool:
         if conn.joined:
-            return self._strike(conn, reasons.ALREADY_JOINED, "this socket has already joined")
+            return self._strike(conn, Reason.ALREADY_JOINED, "this socket has already joined")
         room, peer_id = join.room, join.peer_id
         if not room or len(room) > self._limits.max_room_length or not room.isprintable():
             return self._refuse(
                 conn,
-                reasons.BAD_ROOM,
+                Reason.BAD_ROOM,
                 f"room names are 1-{self._limits.max_room_length} printable characters",
             )
         try:
@@ -311,7 +311,7 @@ class SignalingServer:
         if not verify_signature(peer_id, signature, join_payload(conn.nonce, room, peer_id)):
             return self._refuse(
                 conn,
-                reasons.BAD_SIGNATURE,
+                Reason.BAD_SIGNATURE,
                 "the join signature does not prove the key behind this peer id",
             )
         secret = self.config.secret_for(room)
@@ -321,10 +321,10 @@ class SignalingServer:
             if not hmac.compare_digest(offered, expected):
                 what = "missing" if not join.secret_proof else "wrong"
                 return self._refuse(
-                    conn, reasons.BAD_SECRET, f"room {room!r:.40} needs a secret: proof is {what}"
+                    conn, Reason.BAD_SECRET, f"room {room!r:.40} needs a secret: proof is {what}"
                 )
         refusal = self._rooms.admission_refusal(room, peer_id)
-        if refusal == reasons.ROOM_FULL:
+        if refusal == Reason.ROOM_FULL:
             return self._refuse(
                 conn, refusal, f"room {room!r:.40} is full ({self._limits.peers_per_room} peers)"
             )
@@ -342,7 +342,7 @@ class SignalingServer:
             self._replacements += 1
             previous.close_with(
                 Error(
-                    reason=reasons.REPLACED,
+                    reason=Reason.REPLACED,
                     message="another connection proved this peer id's key and took it over",
                 ),
                 code=WSCloseCode.POLICY_VIOLATION,
@@ -356,17 +356,17 @@ class SignalingServer:
 
     def _on_signal(self, conn: Connection, signal: Signal) -> bool:
         if conn.room is None or conn.peer_id is None:
-            return self._strike(conn, reasons.NOT_JOINED, "send a join before signalling")
+            return self._strike(conn, Reason.NOT_JOINED, "send a join before signalling")
         if not signal.to:
-            return self._strike(conn, reasons.WRONG_SCHEMA, "a signal needs 'to'")
+            return self._strike(conn, Reason.WRONG_SCHEMA, "a signal needs 'to'")
         target = None
         if signal.to != conn.peer_id:
             target = self._rooms.lookup(conn.room, signal.to)
         if target is None:
-            self._rejections[reasons.UNKNOWN_PEER] += 1
+            self._rejections[Reason.UNKNOWN_PEER] += 1
             return self._reply(
                 conn,
-                reasons.UNKNOWN_PEER,
+                Reason.UNKNOWN_PEER,
                 f"no peer {signal.to[:16]!r} in room {conn.room!r:.40}",
                 peer=signal.to,
             )
@@ -374,9 +374,9 @@ class SignalingServer:
         if target.send(Signal(data=signal.data, from_=conn.peer_id)):
             self._messages_forwarded += 1
             return True
-        self._rejections[reasons.PEER_BUSY] += 1
+        self._rejections[Reason.PEER_BUSY] += 1
         return self._reply(
-            conn, reasons.PEER_BUSY, f"peer {signal.to[:16]!r} is not reading; signal not delivered"
+            conn, Reason.PEER_BUSY, f"peer {signal.to[:16]!r} is not reading; signal not delivered"
         )
 
     def _leave(self, conn: Connection) -> None:
@@ -392,7 +392,7 @@ class SignalingServer:
     def _deliver_control(self, conn: Connection, message: msgspec.Struct) -> None:
         # A member that misses a membership frame would be out of sync: drop it instead.
         if not conn.send(message) and not conn.closing:
-            self._rejections[reasons.SLOW_CONSUMER] += 1
+            self._rejections[Reason.SLOW_CONSUMER] += 1
             conn.abort()
 
     def _reply(self, conn: Connection, reason: str, message: str, peer: str | None = None) -> bool:
@@ -400,7 +400,7 @@ class SignalingServer:
         if conn.send(Error(reason=reason, message=message, peer=peer)):
             return True
         if not conn.closing:
-            self._rejections[reasons.SLOW_CONSUMER] += 1
+            self._rejections[Reason.SLOW_CONSUMER] += 1
             conn.abort()
         return False
 
@@ -409,7 +409,7 @@ class SignalingServer:
         self._rejections[reason] += 1
         if conn.protocol_strikes.take():
             return self._reply(conn, reason, message)
-        self._rejections[reasons.ABUSE] += 1
+        self._rejections[Reason.ABUSE] += 1
         return self._refuse(conn, reason, f"{message}; closing after repeated errors", count=False)
 
     def _refuse(

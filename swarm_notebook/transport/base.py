@@ -11,10 +11,6 @@ from enum import StrEnum
 from swarm_notebook.protocol.envelope import Envelope
 
 
-class PeerUnavailable(ConnectionError):
-    """The addressed peer has no authenticated link right now."""
-
-
 class LinkState(StrEnum):
     CONNECTING = "connecting"
     AUTHENTICATING = "authenticating"

@@ -20,9 +20,16 @@ from typing import Any
 
 import msgspec
 
-from swarm_notebook.protocol.envelope import PROTOCOL_VERSION, Envelope, ProtocolError, convert_body
-from swarm_notebook.transport.base import PeerUnavailable, Transport
-from swarm_notebook.util.tasks import OwnedTasks
+from swarm_notebook._util.tasks import OwnedTasks
+from swarm_notebook.errors import (
+    HandlerRefusal,
+    PeerUnavailable,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+)
+from swarm_notebook.protocol.envelope import PROTOCOL_VERSION, Envelope, convert_body
+from swarm_notebook.transport.base import Transport
 
 log = logging.getLogger(__name__)
 
@@ -31,31 +38,6 @@ ERROR = "rpc.error"
 CANCEL = "rpc.cancel"
 
 Handler = Callable[[str, Any], Awaitable[Any] | Any]
-
-
-class RemoteError(Exception):
-    """The peer answered a request with an error."""
-
-    def __init__(self, peer_id: str, reason: str, message: str) -> None:
-        super().__init__(f"peer {peer_id[:16]}: {reason}: {message}")
-        self.peer_id = peer_id
-        self.reason = reason
-        self.message = message
-
-
-class RequestTimeout(TimeoutError):
-    def __init__(self, peer_id: str, type_: str, timeout: float) -> None:
-        super().__init__(f"no reply from peer {peer_id[:16]} to {type_!r} within {timeout:g} s")
-        self.peer_id = peer_id
-
-
-class HandlerRefusal(Exception):
-    """Raise inside a handler to answer with a reason code instead of a generic error."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 @dataclass
@@ -151,7 +133,9 @@ class Endpoint:
                 reply_body, received = await asyncio.wait_for(future, timeout)
             except TimeoutError:
                 await self._cancel_remote(peer_id, msg_id)
-                raise RequestTimeout(peer_id, type_, timeout) from None
+                raise RequestTimeout(
+                    f"no reply from peer {peer_id[:16]} to {type_!r} within {timeout:g} s"
+                ) from None
             return Reply(reply_body, sent, received)
         except asyncio.CancelledError:
             await asyncio.shield(self._cancel_remote(peer_id, msg_id))

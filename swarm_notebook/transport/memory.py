@@ -12,17 +12,12 @@ import asyncio
 import random
 from collections.abc import Iterable
 
+from swarm_notebook.errors import PeerUnavailable, ProtocolError
 from swarm_notebook.identity import Identity
-from swarm_notebook.protocol.envelope import (
-    Envelope,
-    ProtocolError,
-    decode_envelope,
-    encode_envelope,
-)
+from swarm_notebook.protocol.envelope import Envelope, decode_envelope, encode_envelope
 from swarm_notebook.transport.base import (
     LinkState,
     PeerLinkInfo,
-    PeerUnavailable,
     RejectionCounter,
     Transport,
     TransportCallbacks,

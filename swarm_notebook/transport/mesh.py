@@ -36,11 +36,12 @@ from aiortc import (
 )
 from aiortc.sdp import candidate_from_sdp
 
+from swarm_notebook._util.tasks import OwnedTasks
+from swarm_notebook.errors import PeerUnavailable, ProtocolError
 from swarm_notebook.identity import Identity
 from swarm_notebook.protocol.envelope import (
     PROTOCOL_VERSION,
     Envelope,
-    ProtocolError,
     decode_envelope,
     encode_envelope,
 )
@@ -55,13 +56,11 @@ from swarm_notebook.transport import link_auth
 from swarm_notebook.transport.base import (
     LinkState,
     PeerLinkInfo,
-    PeerUnavailable,
     RejectionCounter,
     Transport,
     TransportCallbacks,
 )
 from swarm_notebook.transport.ice_hosts import host_addresses_from_env, restrict_host_candidates
-from swarm_notebook.util.tasks import OwnedTasks
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from swarm_notebook.api import Coordinator
+from swarm_notebook.client import Coordinator
 
 TERMINAL_EVENTS = ("task:completed", "task:failed", "task:canceled", "task:rejected")
 

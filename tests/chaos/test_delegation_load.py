@@ -21,8 +21,8 @@ from typing import Any
 import psutil
 import pytest
 
-from swarm_notebook.api import Coordinator, join
-from swarm_notebook.coordinator.delegation import DelegationError
+from swarm_notebook.client import Coordinator, join
+from swarm_notebook.errors import DelegationError
 from swarm_notebook.signaling import SignalingConfig, SignalingServer
 from tests.chaos.helpers import TerminalEvents, wait_until
 from tests.support.procs import WorkerProcess, child_processes

@@ -26,13 +26,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from swarm_notebook.errors import ProtocolError, RemoteError
 from swarm_notebook.identity import Identity
 from swarm_notebook.protocol.envelope import (
     MAX_ID_LENGTH,
     MAX_TYPE_LENGTH,
     PROTOCOL_VERSION,
     Envelope,
-    ProtocolError,
     decode_envelope,
     encode_envelope,
 )
@@ -58,7 +58,7 @@ from swarm_notebook.protocol.signaling import (
     join_payload,
 )
 from swarm_notebook.signaling import SignalingConfig, SignalingServer
-from swarm_notebook.transport.endpoint import Endpoint, RemoteError
+from swarm_notebook.transport.endpoint import Endpoint
 from swarm_notebook.transport.factory import mesh_transport
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
 from swarm_notebook.transport.mesh import MeshTransport

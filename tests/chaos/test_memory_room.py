@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 
-from swarm_notebook.coordinator.config import ConsensusSettings, CoordinatorConfig
+from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
 from swarm_notebook.coordinator.events import EventBus
-from swarm_notebook.coordinator.executors.capabilities import ExecutorConfig
+from swarm_notebook.governance.service import ConsensusSettings
 from swarm_notebook.identity import Identity
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
+from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 from tests.chaos.helpers import wait_until
 from tests.support.procs import child_processes
 

@@ -22,22 +22,25 @@ from typing import Any
 
 import msgspec
 
-from swarm_notebook.coordinator.audit import AuditLog
-from swarm_notebook.coordinator.config import ConsensusSettings, KnowledgeSettings
-from swarm_notebook.coordinator.consensus_service import CONSENSUS_BALLOT, ConsensusService
-from swarm_notebook.coordinator.governance import (
+from swarm_notebook._util.loop_thread import LoopThread
+from swarm_notebook.governance import (
     DefaultVotePolicy,
     Modification,
     Proposal,
     cast_ballot,
 )
-from swarm_notebook.coordinator.knowledge import Reflection, ReflectionStore, encode_reflection
-from swarm_notebook.coordinator.knowledge_service import REFLECTION_SHARE, KnowledgeService
-from swarm_notebook.coordinator.records import CoordinationStats
+from swarm_notebook.governance.service import (
+    CONSENSUS_BALLOT,
+    ConsensusService,
+    ConsensusSettings,
+)
 from swarm_notebook.identity import Identity
-from swarm_notebook.swarm.node import SwarmNode
+from swarm_notebook.knowledge import Reflection, ReflectionStore, encode_reflection
+from swarm_notebook.knowledge.service import REFLECTION_SHARE, KnowledgeService, KnowledgeSettings
+from swarm_notebook.ledger.audit import AuditLog
+from swarm_notebook.ledger.stats import CoordinationStats
+from swarm_notebook.membership.node import SwarmNode
 from swarm_notebook.transport.factory import mesh_transport
-from swarm_notebook.transport.loop_thread import LoopThread
 from swarm_notebook.transport.mesh import MeshConfig
 
 _print_lock = threading.Lock()

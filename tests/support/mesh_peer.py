@@ -17,10 +17,10 @@ import threading
 import time
 from typing import Any
 
+from swarm_notebook._util.loop_thread import LoopThread
 from swarm_notebook.identity import Identity
 from swarm_notebook.transport.endpoint import Endpoint
 from swarm_notebook.transport.factory import mesh_transport
-from swarm_notebook.transport.loop_thread import LoopThread
 from swarm_notebook.transport.mesh import MeshConfig, MeshTransport
 
 _print_lock = threading.Lock()

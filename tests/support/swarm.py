@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from swarm_notebook._util.loop_thread import LoopThread
 from swarm_notebook.signaling import SignalingConfig, SignalingServer
-from swarm_notebook.transport.loop_thread import LoopThread
 from tests.support.procs import WorkerProcess
 
 

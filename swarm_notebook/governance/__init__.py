@@ -1,0 +1,66 @@
+"""Governance: risk of a modification, signed proposals and ballots, tallies, vote policy."""
+
+from swarm_notebook.errors import ConsensusError, ModificationRejected
+from swarm_notebook.governance.consensus import (
+    Ballot,
+    Proposal,
+    Quorum,
+    StrictMajority,
+    Tally,
+    Threshold,
+    Unanimous,
+    cast_ballot,
+    make_proposal,
+    modification_matches,
+    parse_ballot,
+    parse_proposal,
+    parse_quorum,
+    proposal_hash,
+    unavailable_result,
+    verify_ballot,
+    verify_consensus,
+    verify_proposal,
+)
+from swarm_notebook.governance.risk import (
+    DEFAULT_CORE_FILES,
+    Modification,
+    assess_modification_risk,
+    modification_hash,
+    parse_modification,
+)
+from swarm_notebook.governance.votes import (
+    DefaultVotePolicy,
+    VotePolicy,
+    respond_to_proposal,
+)
+
+__all__ = [
+    "DEFAULT_CORE_FILES",
+    "Ballot",
+    "ConsensusError",
+    "DefaultVotePolicy",
+    "Modification",
+    "ModificationRejected",
+    "Proposal",
+    "Quorum",
+    "StrictMajority",
+    "Tally",
+    "Threshold",
+    "Unanimous",
+    "VotePolicy",
+    "assess_modification_risk",
+    "cast_ballot",
+    "make_proposal",
+    "modification_hash",
+    "modification_matches",
+    "parse_ballot",
+    "parse_modification",
+    "parse_proposal",
+    "parse_quorum",
+    "proposal_hash",
+    "respond_to_proposal",
+    "unavailable_result",
+    "verify_ballot",
+    "verify_consensus",
+    "verify_proposal",
+]

@@ -1,0 +1,84 @@
+"""Signed agent cards: who a peer is, what it can do, and its limits.
+
+A card is signed by its author so it stays trustworthy when relayed or stored. Load changes
+far more often than capabilities, so it travels separately (unsigned, over the already
+authenticated link) and never forces a re-signature.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+
+from swarm_notebook.errors import CardError
+from swarm_notebook.identity import Identity, verify_signature
+
+CARD_CONTEXT = b"swarm-notebook/agent-card/v1\x00"
+MAX_CAPABILITIES = 32
+MAX_CAPABILITY_LENGTH = 64
+
+
+class AgentCard(msgspec.Struct, frozen=True):
+    peer_id: str
+    name: str
+    version: str
+    capabilities: list[str]
+    concurrency: int
+    limits: dict[str, int]
+    seq: int
+    issued_at: float
+    signature: bytes = b""
+
+    def signed_payload(self) -> bytes:
+        unsigned = msgspec.structs.replace(self, signature=b"")
+        return CARD_CONTEXT + msgspec.msgpack.encode(unsigned)
+
+
+class LoadReport(msgspec.Struct, frozen=True):
+    """Current work on a peer: ``in_flight`` running, ``queued`` waiting."""
+
+    in_flight: int
+    queued: int
+    concurrency: int
+
+
+
+
+
+def make_card(
+    identity: Identity,
+    *,
+    name: str,
+    version: str,
+    capabilities: list[str],
+    concurrency: int,
+    limits: dict[str, int],
+    seq: int,
+) -> AgentCard:
+    card = AgentCard(
+        peer_id=identity.peer_id,
+        name=name,
+        version=version,
+        capabilities=sorted(set(capabilities)),
+        concurrency=concurrency,
+        limits=dict(limits),
+        seq=seq,
+        issued_at=time.time(),
+    )
+    return msgspec.structs.replace(card, signature=identity.sign(card.signed_payload()))
+
+
+def verify_card(card: AgentCard, sender: str) -> AgentCard:
+    """Check a card received from ``sender``; raises ``CardError`` with a reason."""
+    if card.peer_id != sender:
+        raise CardError("card-not-senders", f"card for {card.peer_id[:16]} sent by {sender[:16]}")
+    if len(card.capabilities) > MAX_CAPABILITIES or any(
+        not c or len(c) > MAX_CAPABILITY_LENGTH for c in card.capabilities
+    ):
+        raise CardError("bad-card", "too many or malformed capabilities")
+    if not 1 <= card.concurrency <= 1024:
+        raise CardError("bad-card", f"concurrency {card.concurrency}")
+    if not verify_signature(card.peer_id, card.signature, card.signed_payload()):
+        raise CardError("bad-signature", "agent card signature does not verify")
+    return card

@@ -1,0 +1,147 @@
+"""Every reason code: on the wire, in rejection counters and on errors (``SwarmError.reason``).
+
+A reason is a short, stable, lower-case word that a program can branch on and a person can
+read. ``Reason`` is a ``StrEnum``, so ``Reason.TOO_LARGE == "too-large"``: codes that arrive
+from other peers as plain strings compare equal to the members here.
+
+>>> from swarm_notebook.reasons import Reason
+>>> Reason("too-large") is Reason.TOO_LARGE
+True
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    # -- frames and messages (protocol, signaling, transport) --------------------------
+    MALFORMED = "malformed"  # not decodable at all (garbage, truncated, bad UTF-8)
+    WRONG_SCHEMA = "wrong-schema"  # decodable, but not a message we accept
+    TOO_LARGE = "too-large"
+    OVERSIZED = "oversized"  # a frame or message over its size limit
+    TOO_DEEP = "too-deep"
+    BAD_VERSION = "bad-version"
+    UNKNOWN_TYPE = "unknown-type"
+    UNSUPPORTED_TYPE = "unsupported-type"
+    PICKLE_REFUSED = "pickle-refused"
+    RATE_LIMITED = "rate-limited"
+    EMPTY_FRAME = "empty-frame"
+    TEXT_FRAME = "text-frame"
+    BAD_FRAME_KIND = "bad-frame-kind"
+    BAD_CHUNK_COUNT = "bad-chunk-count"
+    TRUNCATED_CHUNK = "truncated-chunk"
+    CHUNK_OUT_OF_ORDER = "chunk-out-of-order"
+    TOO_MANY_TRANSFERS = "too-many-transfers"
+    REASSEMBLY_FULL = "reassembly-full"
+    REASSEMBLY_TIMEOUT = "reassembly-timeout"
+    UNMATCHED_REPLY = "unmatched-reply"
+    BAD_REPLY = "bad-reply"
+    UNKNOWN_LINK_MESSAGE = "unknown-link-message"
+    HANDLER_ERROR = "handler-error"
+    # -- signaling ---------------------------------------------------------------------
+    NOT_JOINED = "not-joined"
+    ALREADY_JOINED = "already-joined"
+    UNKNOWN_PEER = "unknown-peer"
+    PEER_BUSY = "peer-busy"
+    BAD_SIGNATURE = "bad-signature"
+    BAD_SECRET = "bad-secret"
+    BAD_ROOM = "bad-room"
+    BAD_SIGNAL = "bad-signal"
+    ROOM_FULL = "room-full"
+    TOO_MANY_ROOMS = "too-many-rooms"
+    TOO_MANY_CONNECTIONS = "too-many-connections"
+    JOIN_TIMEOUT = "join-timeout"
+    REPLACED = "replaced"
+    SLOW_CONSUMER = "slow-consumer"
+    ABUSE = "abuse"
+    SIGNALING_UNREACHABLE = "signaling-unreachable"
+    # -- links -------------------------------------------------------------------------
+    AUTH_FAILED = "auth-failed"
+    BAD_HELLO = "bad-hello"
+    HELLO_MISMATCH = "hello-mismatch"
+    UNEXPECTED_OFFER = "unexpected-offer"
+    STALE_ANSWER = "stale-answer"
+    STALE_CANDIDATE = "stale-candidate"
+    TOO_MANY_CANDIDATES = "too-many-candidates"
+    PEER_UNAVAILABLE = "peer-unavailable"
+    PEER_GONE = "peer-gone"
+    PEER_LEFT = "peer-left"
+    AMBIGUOUS_PEER = "ambiguous-peer"
+    # -- identity and membership -------------------------------------------------------
+    BAD_ID = "bad-id"
+    BAD_KEY = "bad-key"
+    BAD_PEER = "bad-peer"
+    BAD_CARD = "bad-card"
+    CARD_NOT_SENDERS = "card-not-senders"
+    # -- workload ----------------------------------------------------------------------
+    NOT_INITIALIZED = "not-initialized"
+    NOT_JOINED_SWARM = "left-the-swarm"  # this coordinator left; join() again
+    BAD_ARGUMENTS = "bad-arguments"
+    BAD_INPUT = "bad-input"
+    UNKNOWN_TASK_TYPE = "unknown-task-type"
+    UNKNOWN_VARIABLE = "unknown-variable"
+    NO_CAPABLE_PEER = "no-capable-peer"
+    CAPABILITY_MISSING = "capability-missing"
+    ATTEMPTS_EXHAUSTED = "attempts-exhausted"
+    NOT_ALLOWED = "not-allowed"
+    BUSY = "busy"
+    WORKER_SHUTDOWN = "worker-shutdown"
+    TIMEOUT = "timeout"
+    CANCELED = "canceled"
+    MEMORY_LIMIT = "memory-limit"
+    REMOTE_EXCEPTION = "remote-exception"
+    SYNTAX_ERROR = "syntax-error"
+    MISSING_PACKAGE = "missing-package"
+    MISSING_OUTPUT = "missing-output"
+    RESULT_TOO_LARGE = "result-too-large"
+    WORKER_CRASHED = "worker-crashed"
+    SANDBOX_UNAVAILABLE = "sandbox-unavailable"
+    INTERNAL_ERROR = "internal-error"
+    PATH_OUTSIDE_WORKSPACE = "path-outside-workspace"
+    NOT_FOUND = "not-found"
+    WRITE_REFUSED = "write-refused"
+    GIT_ERROR = "git-error"
+    LLM_UNAVAILABLE = "llm-unavailable"
+    LLM_BAD_RESPONSE = "llm-bad-response"
+    POLICY_ERROR = "policy-error"
+    STORE_FULL = "store-full"
+    # -- knowledge ---------------------------------------------------------------------
+    AUTHOR_MISMATCH = "author-mismatch"
+    RESERVED_TAG = "reserved-tag"
+    NOT_SUCCESSFUL = "not-successful"
+    REPLAYED = "replayed"
+    STALE = "stale"
+    CONTENT_MISMATCH = "content-mismatch"
+    # -- governance --------------------------------------------------------------------
+    SWARM_NOT_AVAILABLE = "swarm-not-available"
+    BAD_QUORUM = "bad-quorum"
+    BAD_OPERATION = "bad-operation"
+    BAD_OUTCOME = "bad-outcome"
+    NON_MEMBER = "non-member"
+    NO_MEMBERS = "no-members"
+    NO_QUORUM = "no-quorum"
+    QUORUM_UNREACHABLE = "quorum-unreachable"
+    QUORUM_MISMATCH = "quorum-mismatch"
+    PROPOSER_MISMATCH = "proposer-mismatch"
+    WRONG_PROPOSAL = "wrong-proposal"
+    UNKNOWN_PROPOSAL = "unknown-proposal"
+    DUPLICATE_PROPOSAL = "duplicate-proposal"
+    TOO_MANY_PROPOSALS = "too-many-proposals"
+    TOO_MANY_MEMBERS = "too-many-members"
+    TOO_MANY_ITEMS = "too-many-items"
+    REJECTED = "rejected"
+    # -- views and the command line ----------------------------------------------------
+    BAD_TYPE = "bad-type"
+    NO_KERNEL = "no-kernel"
+    NOT_LOADED = "not-loaded"
+    STARTUP_FAILED = "startup-failed"
+
+
+def is_reason(code: object) -> bool:
+    """True if ``code`` is one of the documented reason codes.
+
+    >>> is_reason("busy"), is_reason("whatever")
+    (True, False)
+    """
+    return isinstance(code, str) and code in Reason._value2member_map_

@@ -1,0 +1,1 @@
+"""Sharing workload: delegation, the task server, task policy, executors and the sandbox."""

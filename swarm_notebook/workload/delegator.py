@@ -1,0 +1,301 @@
+"""The delegating side: send a task to the best peer, retry elsewhere, report it once.
+
+The least-loaded capable peer gets the task. A peer that dies, times out or refuses
+costs one attempt and the task moves on (bounded); a peer that is merely full makes the
+task wait in a FIFO for a slot. Every task ends exactly once, with a state and a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from swarm_notebook.errors import (
+    DelegationError,
+    NoCapablePeerError,
+    PeerUnavailable,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+)
+from swarm_notebook.ledger.stats import CoordinationStats
+from swarm_notebook.membership.agent_card import LoadReport
+from swarm_notebook.membership.node import SwarmNode
+from swarm_notebook.membership.routing import choose_peer
+from swarm_notebook.reasons import Reason
+from swarm_notebook.workload.messages import (
+    FINAL_REFUSALS,
+    TASK_EXECUTION,
+    TASK_STATUS,
+    TEMPORARY_REFUSALS,
+    TaskRequest,
+    TaskStatus,
+    requirements_for_task_type,
+)
+from swarm_notebook.workload.records import TaskLog, TaskRecord
+
+log = logging.getLogger(__name__)
+
+Notify = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class DelegationSettings:
+    max_attempts: int = 3
+    default_timeout_s: float = 60.0
+    reply_grace_s: float = 10.0
+    run_locally_when_alone: bool = False
+
+
+
+class Delegator:
+    """The delegating side of ``delegate_task``."""
+
+    def __init__(
+        self,
+        node: SwarmNode,
+        tasks: TaskLog,
+        stats: CoordinationStats,
+        notify: Notify,
+        settings: DelegationSettings,
+        local_runner: Callable[[str, str, Any, float], Any] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node = node
+        self.tasks = tasks
+        self.stats = stats
+        self.notify = notify
+        self.settings = settings
+        self._local_runner = local_runner
+        self._rng = rng or random.Random()
+        # Tasks waiting for a peer with room, first come first served. Each finished attempt
+        # wakes one; a new peer or card wakes all. No polling: with thousands of tasks
+        # gathered at once, waking everyone on every change costs waiters x completions.
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        node.endpoint.register_message_handler(TASK_STATUS, self._on_status, schema=TaskStatus)
+        node.add_listener(self._peer_changed)
+
+    def _peer_changed(self, _peer: str, what: str) -> None:
+        if what in ("up", "card"):
+            self._wake(len(self._waiters))
+
+    def _wake(self, count: int = 1) -> None:
+        while count > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
+
+    async def _wait_for_capacity(self, deadline: float) -> bool:
+        """Wait until a peer may have room; False once ``deadline`` passes."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, remaining)
+        except TimeoutError:
+            return False
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake()  # we were woken for a slot we will not use: pass it on
+            raise
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+        return True
+
+    def _on_status(self, peer_id: str, status: TaskStatus) -> None:
+        record = self.tasks.get(status.task_id)
+        if record is None or record.peer != peer_id or record.done:
+            return  # only the peer running the task may report on it
+        if status.state == "working" and record.state == "submitted":
+            record.state = "working"
+            record.started_at = time.time()
+            self.notify("task:working", record.as_dict())
+
+    async def delegate(
+        self, task_type: str, data: Any, *, timeout: float | None = None, peer: str | None = None
+    ) -> tuple[TaskRecord, dict[str, Any]]:
+        requirements = requirements_for_task_type(task_type)
+        timeout = self.settings.default_timeout_s if timeout is None else timeout
+        record = self.tasks.add(TaskRecord(id=uuid.uuid4().hex, type=task_type, role="delegated"))
+        self.stats.total_tasks += 1
+        self.stats.touch("task")
+        self.notify("task:submitted", record.as_dict())
+        try:
+            result = await self._attempts(record, requirements, data, timeout, peer)
+        except asyncio.CancelledError:
+            self._finish(record, "canceled", "canceled by the caller")
+            raise
+        except DelegationError as exc:
+            self._finish(record, "rejected" if exc.reason != "timeout" else "failed", str(exc))
+            raise
+        except Exception as exc:
+            # Whatever went wrong, the task still ends exactly once, and says why.
+            self._finish(record, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        success = bool(result.get("success"))
+        self._finish(
+            record, "completed" if success else "failed", None if success else result.get("error")
+        )
+        return record, result
+
+    async def _attempts(
+        self,
+        record: TaskRecord,
+        requirements: list[str],
+        data: Any,
+        timeout: float,
+        peer: str | None,
+    ) -> dict[str, Any]:
+        refusals: list[str] = []
+        attempts = 1 if peer is not None else self.settings.max_attempts
+        # Waiting for a free slot counts against the task's timeout, like a queue would.
+        deadline = time.monotonic() + timeout
+        backoff = 0.0
+        while record.attempts < attempts:
+            target = peer
+            if target is None:
+                candidate, capable = self._choose(requirements, record.tried_peers)
+                if candidate is None and capable:
+                    # Every capable peer is at its advertised capacity: wait, do not fail.
+                    if await self._wait_for_capacity(deadline):
+                        continue
+                    raise DelegationError(
+                        "timeout", f"no capable peer had room for the task within {timeout:g} s"
+                    )
+                if candidate is None:
+                    if self._local_runner is not None and self.settings.run_locally_when_alone:
+                        return await self._run_locally(record, data, timeout)
+                    raise self._no_peer_error(record.type, requirements, refusals)
+                target = candidate
+            record.peer = target
+            record.attempts += 1
+            record.state = "submitted"
+            view = self.node.peer(target)
+            if view is not None:
+                view.outstanding += 1
+            request = TaskRequest(task_id=record.id, type=record.type, data=data, timeout=timeout)
+            try:
+                reply = await self.node.endpoint.request_detailed(
+                    target,
+                    TASK_EXECUTION,
+                    msgspec.structs.asdict(request),  # bytes stay bytes (to_builtins base64s them)
+                    timeout=timeout + self.settings.reply_grace_s,
+                )
+            except RemoteError as exc:
+                if (
+                    exc.reason in TEMPORARY_REFUSALS
+                    and peer is None
+                    and time.monotonic() < deadline
+                ):
+                    # Full with other delegators' work, or we are too fast for it: back off
+                    # and try again; this is not the peer failing the task.
+                    record.attempts -= 1
+                    backoff = min(1.0, max(0.02, backoff * 2))
+                    pause = min(backoff * random.uniform(0.5, 1.0), deadline - time.monotonic())
+                    await asyncio.sleep(max(0.0, pause))
+                    continue
+                record.tried_peers.append(target)
+                refusals.append(f"{target[:16]}: {exc.reason}: {exc.message}")
+                if exc.reason in FINAL_REFUSALS or peer is not None:
+                    raise DelegationError(
+                        exc.reason, f"peer refused the task: {exc.message}"
+                    ) from exc
+                continue
+            except ProtocolError as exc:
+                # Our own request broke a protocol limit (e.g. too large): no peer can help.
+                raise DelegationError(
+                    "too-large" if exc.reason == "oversized" else exc.reason,
+                    f"the task could not be sent: {exc}",
+                ) from exc
+            except (PeerUnavailable, RequestTimeout) as exc:
+                record.tried_peers.append(target)
+                refusals.append(f"{target[:16]}: {exc}")
+                continue
+            finally:
+                if view is not None and view.outstanding > 0:
+                    view.outstanding -= 1
+                self._wake()
+            record.bytes_out += reply.bytes_out
+            record.bytes_in += reply.bytes_in
+            body = reply.body if isinstance(reply.body, dict) else {}
+            load = body.pop("load", None)
+            if isinstance(load, dict):
+                try:
+                    self.node.update_load(target, msgspec.convert(load, LoadReport))
+                except msgspec.ValidationError:
+                    pass
+            body.pop("task_id", None)
+            return body
+        raise DelegationError(
+            "attempts-exhausted",
+            f"{record.type} task failed on {record.attempts} peer(s): " + "; ".join(refusals),
+        )
+
+    def _choose(self, requirements: list[str], tried: list[str]) -> tuple[str | None, bool]:
+        """(peer with room, whether any capable untried peer exists at all)."""
+        candidates = [c for c in self.node.candidates() if c.peer_id not in tried]
+        capable = [c for c in candidates if set(requirements) <= c.capabilities]
+        chosen = choose_peer([c for c in capable if not c.full], requirements, rng=self._rng)
+        return (chosen.peer_id if chosen else None), bool(capable)
+
+    def _no_peer_error(
+        self, task_type: str, requirements: list[str], refusals: list[str]
+    ) -> DelegationError:
+        if refusals:
+            return DelegationError(
+                "attempts-exhausted",
+                f"no capable peer accepted the {task_type} task: " + "; ".join(refusals),
+            )
+        seen = [
+            f"{v.peer_id[:16]} ({', '.join(v.capabilities) or 'no capabilities'})"
+            for v in self.node.peers()
+            if v.state == "connected"
+        ]
+        detail = "; connected peers: " + ", ".join(seen) if seen else "; no peers are connected"
+        return NoCapablePeerError(
+            Reason.NO_CAPABLE_PEER,
+            f"no connected peer offers {', '.join(requirements)} (needed for {task_type}){detail}",
+        )
+
+    async def _run_locally(self, record: TaskRecord, data: Any, timeout: float) -> dict[str, Any]:
+        assert self._local_runner is not None
+        record.peer = self.node.local_id
+        record.attempts += 1
+        record.state = "working"
+        record.started_at = time.time()
+        result: dict[str, Any] = await self._local_runner(record.id, record.type, data, timeout)
+        return result
+
+    def _finish(self, record: TaskRecord, state: str, error: str | None) -> None:
+        if record.done:
+            return  # exactly once
+        record.state = state
+        record.error = error
+        record.finished_at = time.time()
+        if record.started_at is None:
+            record.started_at = record.finished_at if state == "completed" else None
+        if state == "completed":
+            self.stats.tasks_completed += 1
+        elif state == "canceled":
+            self.stats.tasks_canceled += 1
+        else:
+            self.stats.tasks_failed += 1
+        self.stats.touch("task")
+        self.notify(f"task:{state}", record.as_dict())

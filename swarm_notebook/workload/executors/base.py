@@ -1,0 +1,129 @@
+"""What every task executor shares: the task context, the result shape, and refusals.
+
+A delegating peer sends ``{type, data}``; the coordinator checks policy, then calls the
+executor registered for ``type``. The executor's dict result goes back to the delegator.
+
+Results are dicts with ``success: bool``; a failed result also has ``error`` (a short
+human message) and ``error_type`` (a reason code from :class:`ErrorType`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import msgspec
+
+from swarm_notebook.errors import TaskRefused as TaskRejected
+
+T = TypeVar("T")
+_log = logging.getLogger(__name__)
+
+
+class ErrorType:
+    """Reason codes that travel back to the delegator in ``error_type``."""
+
+    TIMEOUT = "timeout"
+    MEMORY_LIMIT = "memory-limit"
+    BAD_INPUT = "bad-input"
+    TOO_LARGE = "too-large"
+    BUSY = "busy"
+    PATH_OUTSIDE_WORKSPACE = "path-outside-workspace"
+    NOT_FOUND = "not-found"
+    UNKNOWN_TASK_TYPE = "unknown-task-type"
+    REMOTE_EXCEPTION = "remote-exception"
+    SYNTAX_ERROR = "syntax-error"
+    MISSING_PACKAGE = "missing-package"
+    MISSING_OUTPUT = "missing-output"
+    RESULT_TOO_LARGE = "result-too-large"
+    WORKER_CRASHED = "worker-crashed"
+    SANDBOX_UNAVAILABLE = "sandbox-unavailable"
+    WRITE_REFUSED = "write-refused"
+    GIT_ERROR = "git-error"
+    LLM_UNAVAILABLE = "llm-unavailable"
+    LLM_BAD_RESPONSE = "llm-bad-response"
+    INTERNAL_ERROR = "internal-error"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """Who asked for a task and how long it may take.
+
+    ``timeout_s`` is the delegator's overall budget (queueing included); ``None`` lets the
+    executor use its own default. ``allow_pickle`` is set only for peers the owner trusts.
+    """
+
+    task_id: str
+    delegator: str
+    timeout_s: float | None = None
+    allow_pickle: bool = False
+
+
+
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs one kind of delegated task locally."""
+
+    task_type: str
+
+    async def run(self, data: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        """Run the task; failures that happen while running come back as a result dict."""
+        ...
+
+    async def close(self) -> None:
+        """Release processes, sessions and files; safe to call twice."""
+        ...
+
+
+def failure(error_type: str, error: str, **extra: Any) -> dict[str, Any]:
+    """A failed result: ``{"success": False, "error": ..., "error_type": ...}``."""
+    return {"success": False, "error": error, "error_type": error_type, **extra}
+
+
+def parse_task_data(data: Any, schema: type[T]) -> T:
+    """Validate task data against a ``msgspec.Struct``; refuse with ``bad-input`` if wrong."""
+    if not isinstance(data, dict):
+        raise TaskRejected(
+            ErrorType.BAD_INPUT, f"task data must be a dict, not {type(data).__name__}"
+        )
+    try:
+        return msgspec.convert(data, schema)
+    except msgspec.ValidationError as exc:
+        raise TaskRejected(ErrorType.BAD_INPUT, str(exc)[:300]) from exc
+
+
+def clip_text(text: str, limit: int) -> str:
+    """Keep the head and tail of ``text`` within ``limit`` characters, saying what was cut."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit // 2 - 40, 0)
+    cut = len(text) - 2 * keep
+    return f"{text[:keep]}\n... [{cut} characters cut] ...\n{text[len(text) - keep :]}"
+
+
+async def execute_task(
+    executors: Mapping[str, Executor], task_type: str, data: Any, ctx: TaskContext
+) -> dict[str, Any]:
+    """The blueprint's ``executeTask``: run a task with the executor for its type.
+
+    Always returns a result dict: an unknown type, refused input, or a bug in an executor
+    becomes ``success: False`` with a reason code, never an exception for the caller.
+    """
+    executor = executors.get(task_type)
+    if executor is None:
+        known = ", ".join(sorted(executors)) or "none"
+        return failure(
+            ErrorType.UNKNOWN_TASK_TYPE,
+            f"this peer does not run {task_type!r:.80} tasks (it runs: {known})",
+        )
+    try:
+        return await executor.run(data, ctx)
+    except TaskRejected as exc:
+        return failure(exc.reason, exc.message, rejected=True)
+    except Exception as exc:
+        _log.exception("executor %s failed on task %s", task_type, ctx.task_id)
+        return failure(ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:300])

@@ -1,0 +1,69 @@
+"""What this peer remembers about tasks it delegated and served (bounded)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+TERMINAL_STATES = frozenset({"completed", "failed", "canceled", "rejected"})
+MAX_TASK_RECORDS = 10_000
+
+
+@dataclass
+class TaskRecord:
+    id: str
+    type: str
+    role: str  # "delegated" (we asked) or "served" (we ran it for a peer)
+    peer: str | None = None
+    state: str = "submitted"
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    attempts: int = 0
+    error: str | None = None
+    tried_peers: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def as_dict(self) -> dict[str, Any]:
+        # Shallow on purpose: dataclasses.asdict deep-copies and runs for every task event.
+        out = dict(self.__dict__)
+        out["tried_peers"] = list(self.tried_peers)
+        return out
+
+
+class TaskLog:
+    """The most recent task records; old finished ones fall off, counters do not."""
+
+    def __init__(self, limit: int = MAX_TASK_RECORDS) -> None:
+        self._records: dict[str, TaskRecord] = {}
+        self._order: deque[str] = deque()
+        self._limit = limit
+
+    def add(self, record: TaskRecord) -> TaskRecord:
+        self._records[record.id] = record
+        self._order.append(record.id)
+        while len(self._order) > self._limit:
+            old = self._order.popleft()
+            if not self._records[old].done:
+                self._order.append(old)  # never forget a task still running
+                if len(self._order) > 2 * self._limit:
+                    break
+                continue
+            del self._records[old]
+        return record
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        return self._records.get(task_id)
+
+    def all(self) -> list[TaskRecord]:
+        return [self._records[i] for i in self._order if i in self._records]
+
+    def in_flight(self) -> list[TaskRecord]:
+        return [r for r in self.all() if not r.done]

@@ -1,0 +1,1 @@
+"""Delegated Python in separate, pre-warmed processes (``pool``) running ``child``."""

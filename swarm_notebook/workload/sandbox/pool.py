@@ -1,0 +1,555 @@
+"""``python-computation``: run delegated Python in pre-warmed child processes, with limits.
+
+Code never runs in the process that serves the swarm. The pool keeps ``size`` children
+(:mod:`swarm_notebook.workload.sandbox.child`) started and warm; a task borrows one, sends
+code and encoded inputs over the child's private socket, and gets back stdout/stderr, the
+value of the last expression and the requested outputs (all encoded with
+:mod:`swarm_notebook.protocol.values`, decoded only inside the child). A child that passes
+the wall-clock timeout or the memory limit, or dies for any reason, is replaced.
+
+Each task gets a fresh namespace, but a child serves many tasks: modules a task changes
+stay changed for later tasks on that child. ``max_tasks_per_worker=1`` gives every task a
+fresh process (at the cost of a ~0.3 s respawn). Children run in a scratch folder owned by
+the pool (removed on ``close()``), see only an allow-listed environment (no API keys), and
+share the owner's user rights: this bounds resources, it is not a security boundary, which
+is why running other peers' code is an explicit owner opt-in.
+
+Example::
+
+    pool = PythonSandboxPool(size=2, memory_limit_mb=1024)
+    await pool.start()
+    result = await pool.run({"code": "x = 6 * 7\\nx", "outputs": ["x"]}, ctx)
+    decode_value(result["value"])  # 42
+    await pool.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import keyword
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psutil
+
+from swarm_notebook.errors import SandboxUnavailable
+from swarm_notebook.workload.executors.base import (
+    ErrorType,
+    TaskContext,
+    TaskRejected,
+    failure,
+    parse_task_data,
+)
+from swarm_notebook.workload.sandbox.child import FRAME_HEADER
+
+SANDBOX_MODULE = "swarm_notebook.workload.sandbox.child"
+MIN_MEMORY_LIMIT_MB = 384  # numpy + pandas + pyarrow alone take ~150-300 MB of data segment
+MAX_NAMES = 256
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# The child gets only these variables: remote code must not read the owner's API keys.
+_ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "VIRTUAL_ENV")
+# One BLAS thread per child: the pool size is the concurrency knob on a shared machine.
+_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class PythonTaskData(msgspec.Struct, forbid_unknown_fields=True):
+    code: str
+    inputs: dict[str, Any] = msgspec.field(default_factory=dict)
+    outputs: list[str] = msgspec.field(default_factory=list)
+    timeout: float | None = None
+    packages: list[str] = msgspec.field(default_factory=list)
+
+
+
+
+
+class _Worker:
+    """One child process and the parent's end of its socket."""
+
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        sock: socket.socket,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.pid = proc.pid
+        self.reader = reader
+        self.writer = writer
+        self.tasks_done = 0
+        self.busy = False
+        # The peer whose code this child has run: module state survives between tasks, so
+        # a child never runs code for a second peer (see ``_take_idle``).
+        self.owner: str | None = None
+        self.memory_killed = False
+        self.ps = psutil.Process(proc.pid)
+
+    @property
+    def alive(self) -> bool:
+        if self.proc.returncode is not None or self.reader.at_eof():
+            return False
+        # The loop may not have seen the EOF of a child that just died; the kernel has.
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    async def read_frame(self, max_bytes: int) -> bytes:
+        header = await self.reader.readexactly(FRAME_HEADER.size)
+        (size,) = FRAME_HEADER.unpack(header)
+        if size > max_bytes:
+            raise ConnectionError(f"child sent a {size}-byte frame, limit {max_bytes}")
+        return await self.reader.readexactly(size)
+
+    def send_frame(self, payload: bytes) -> None:
+        self.writer.write(FRAME_HEADER.pack(len(payload)))
+        self.writer.write(payload)
+
+    def kill(self) -> None:
+        """SIGKILL the child's whole process group: whatever the task forked dies too."""
+        if self.proc.returncode is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+
+    async def exchange(self, request: bytes, max_reply_bytes: int) -> bytes:
+        self.send_frame(request)
+        await self.writer.drain()
+        return await self.read_frame(max_reply_bytes)
+
+    def exit_description(self) -> str:
+        code = self.proc.returncode
+        if code is None:
+            return "closed its channel"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+
+class PythonSandboxPool:
+    """Executor for ``python-computation``: a bounded pool of warm sandbox processes."""
+
+    task_type = "python-computation"
+
+    def __init__(
+        self,
+        size: int = 2,
+        *,
+        memory_limit_mb: int = 1024,
+        default_timeout_s: float = 60.0,
+        max_timeout_s: float = 600.0,
+        max_output_bytes: int = 1_000_000,
+        max_result_bytes: int = 64 * 1024 * 1024,
+        max_request_bytes: int = 64 * 1024 * 1024,
+        max_code_chars: int = 1_000_000,
+        max_queue: int = 32,
+        max_tasks_per_worker: int | None = None,
+        startup_timeout_s: float = 60.0,
+        memory_poll_interval_s: float = 0.2,
+        python: str = sys.executable,
+    ) -> None:
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        if memory_limit_mb < MIN_MEMORY_LIMIT_MB:
+            raise ValueError(f"memory_limit_mb must be at least {MIN_MEMORY_LIMIT_MB}")
+        self.size = size
+        self.memory_limit_mb = memory_limit_mb
+        self.default_timeout_s = default_timeout_s
+        self.max_timeout_s = max_timeout_s
+        self.max_output_bytes = max_output_bytes
+        self.max_result_bytes = max_result_bytes
+        self.max_request_bytes = max_request_bytes
+        self.max_code_chars = max_code_chars
+        self.max_queue = max_queue
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self.startup_timeout_s = startup_timeout_s
+        self.memory_poll_interval_s = memory_poll_interval_s
+        self.python = python
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder()
+        self._idle: deque[_Worker] = deque()
+        self._idle_changed = asyncio.Event()
+        self._workers: set[_Worker] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._start_lock = asyncio.Lock()
+        self._started = False
+        self._closed = False
+        self._workdir: Path | None = None
+        self._waiting = 0
+        self._counters = {
+            "restarts": 0,
+            "tasks": 0,
+            "succeeded": 0,
+            "failed": 0,
+            "rejected": 0,
+            "timeouts": 0,
+            "memory_kills": 0,
+            "crashes": 0,
+            "spawn_failures": 0,
+            "recycled_for_isolation": 0,
+        }
+        self._last_spawn_error: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn and warm all children (idempotent); raises ``SandboxUnavailable``."""
+        async with self._start_lock:
+            if self._started:
+                return
+            if self._closed:
+                raise SandboxUnavailable("pool is closed")
+            self._workdir = Path(tempfile.mkdtemp(prefix="swarm-sandbox-"))
+            results = await asyncio.gather(
+                *(self._spawn() for _ in range(self.size)), return_exceptions=True
+            )
+            errors = [r for r in results if isinstance(r, BaseException)]
+            for r in results:
+                if isinstance(r, _Worker):
+                    self._adopt(r)
+            self._started = True
+            self._own(self._watch_memory())
+            if errors:
+                await self.close()
+                raise SandboxUnavailable(str(errors[0])) from errors[0]
+
+    async def close(self) -> None:
+        """Kill every child, reap it, and remove the pool's work folder."""
+        self._closed = True
+        for worker in list(self._workers):
+            worker.kill()
+        for task in list(self._background):
+            task.cancel()
+        for worker in list(self._workers):
+            await worker.proc.wait()
+            worker.writer.close()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        self._workers.clear()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def stats(self) -> dict[str, Any]:
+        """Busy/idle children, queued tasks and counters (restarts, timeouts, ...)."""
+        busy = sum(1 for w in self._workers if w.busy)
+        return {
+            "size": self.size,
+            "busy": busy,
+            "idle": len(self._idle),
+            "queued": self._waiting,
+            "pids": sorted(w.pid for w in self._workers if w.alive),
+            "last_spawn_error": self._last_spawn_error,
+            **self._counters,
+        }
+
+    # -- running a task --------------------------------------------------------------
+
+    async def run(self, data: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        """Run one ``python-computation`` task; see the module docstring for the shape."""
+        task = self._validate(data)
+        request = self._encoder.encode(
+            {
+                "code": task.code,
+                "inputs": task.inputs,
+                "outputs": task.outputs,
+                "packages": task.packages,
+                "allow_pickle": ctx.allow_pickle,
+                "max_output_bytes": self.max_output_bytes,
+                "max_result_bytes": self.max_result_bytes,
+            }
+        )
+        if len(request) > self.max_request_bytes:
+            self._counters["rejected"] += 1
+            raise TaskRejected(
+                ErrorType.TOO_LARGE,
+                f"task is {len(request)} bytes, this peer takes at most {self.max_request_bytes}",
+            )
+        if self._waiting >= self.max_queue:
+            self._counters["rejected"] += 1
+            raise TaskRejected(ErrorType.BUSY, f"{self._waiting} tasks already wait here")
+        try:
+            await self.start()
+        except SandboxUnavailable as exc:
+            self._counters["failed"] += 1
+            return failure(ErrorType.SANDBOX_UNAVAILABLE, f"cannot start Python sandbox: {exc}")
+        started = time.monotonic()
+        budget = ctx.timeout_s if ctx.timeout_s is not None else None
+        run_timeout = min(task.timeout or self.default_timeout_s, self.max_timeout_s)
+        self._counters["tasks"] += 1
+        worker = await self._acquire(budget, ctx.delegator)
+        if worker is None:
+            self._counters["failed"] += 1
+            self._counters["timeouts"] += 1
+            return failure(
+                ErrorType.TIMEOUT, f"no sandbox became free within the task budget {budget} s"
+            )
+        if budget is not None:
+            run_timeout = min(run_timeout, max(budget - (time.monotonic() - started), 0.001))
+        result = await self._run_on(worker, request, run_timeout)
+        result["elapsed_s"] = time.monotonic() - started
+        self._counters["succeeded" if result.get("success") else "failed"] += 1
+        return result
+
+    def _validate(self, data: dict[str, Any]) -> PythonTaskData:
+        try:
+            task = parse_task_data(data, PythonTaskData)
+            if len(task.code) > self.max_code_chars:
+                raise TaskRejected(
+                    ErrorType.TOO_LARGE,
+                    f"code has {len(task.code)} characters, limit {self.max_code_chars}",
+                )
+            for kind, names in (("input", list(task.inputs)), ("output", task.outputs)):
+                if len(names) > MAX_NAMES:
+                    raise TaskRejected(ErrorType.BAD_INPUT, f"more than {MAX_NAMES} {kind} names")
+                for name in names:
+                    if not name.isidentifier() or keyword.iskeyword(name):
+                        raise TaskRejected(
+                            ErrorType.BAD_INPUT,
+                            f"{kind} name {name!r:.60} is not a Python identifier",
+                        )
+            if len(task.packages) > MAX_NAMES:
+                raise TaskRejected(ErrorType.BAD_INPUT, f"more than {MAX_NAMES} packages")
+            for package in task.packages:
+                if not _MODULE_NAME.match(package):
+                    raise TaskRejected(
+                        ErrorType.BAD_INPUT, f"package {package!r:.60} is not a module name"
+                    )
+            if task.timeout is not None and not (math.isfinite(task.timeout) and task.timeout > 0):
+                raise TaskRejected(
+                    ErrorType.BAD_INPUT, "timeout must be a positive number of seconds"
+                )
+        except TaskRejected:
+            self._counters["rejected"] += 1
+            raise
+        return task
+
+    async def _acquire(self, budget: float | None, owner: str) -> _Worker | None:
+        self._waiting += 1
+        try:
+            deadline = None if budget is None else time.monotonic() + budget
+            while True:
+                worker = self._take_idle(owner)
+                if worker is not None:
+                    worker.busy = True
+                    worker.owner = owner
+                    return worker
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._idle_changed.clear()
+                try:
+                    await asyncio.wait_for(self._idle_changed.wait(), remaining)
+                except TimeoutError:
+                    return None
+        finally:
+            self._waiting -= 1
+
+    def _take_idle(self, owner: str) -> _Worker | None:
+        """An idle child that has only run ``owner``'s code, or none yet.
+
+        When only children owned by other peers are idle, one is recycled: its
+        replacement starts clean and arrives through ``_adopt``. One peer's code can thus
+        never leave state (a patched module, a global) for another peer's task.
+        """
+        for worker in list(self._idle):
+            if not worker.alive:
+                self._idle.remove(worker)  # its monitor is already replacing it
+        # Its own warm child first, then a clean one (left free for other peers otherwise).
+        for wanted in (owner, None):
+            for worker in self._idle:
+                if worker.owner == wanted:
+                    self._idle.remove(worker)
+                    return worker
+        if self._idle:
+            foreign = self._idle.popleft()
+            foreign.kill()
+            self._counters["recycled_for_isolation"] += 1
+        return None
+
+    def _release(self, worker: _Worker) -> None:
+        self._idle.append(worker)
+        self._idle_changed.set()
+
+    async def _run_on(self, worker: _Worker, request: bytes, timeout: float) -> dict[str, Any]:
+        try:
+            frame = await asyncio.wait_for(
+                worker.exchange(request, self.max_result_bytes * 2), timeout
+            )
+            result: dict[str, Any] = self._decoder.decode(frame)
+        except TimeoutError:
+            worker.kill()
+            self._counters["timeouts"] += 1
+            return failure(
+                ErrorType.TIMEOUT,
+                f"no result within {timeout:.3g} s; the sandbox process was killed and replaced",
+            )
+        except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError) as exc:
+            worker.kill()
+            await worker.proc.wait()
+            if worker.memory_killed:
+                return self._memory_failure()
+            self._counters["crashes"] += 1
+            return failure(
+                ErrorType.WORKER_CRASHED,
+                f"the sandbox process {worker.exit_description()} while running the task "
+                f"({type(exc).__name__}); it was replaced",
+            )
+        except BaseException:
+            worker.kill()  # cancelled mid-task: the child's state is unknown
+            raise
+        finally:
+            worker.busy = False
+        worker.tasks_done += 1
+        recycle = bool(result.pop("recycle", False))
+        if self.max_tasks_per_worker is not None:
+            recycle = recycle or worker.tasks_done >= self.max_tasks_per_worker
+        if result.get("error_type") == ErrorType.MEMORY_LIMIT:
+            self._counters["memory_kills"] += 1
+        if recycle or self._closed:
+            worker.kill()  # its monitor reaps it and starts a fresh one
+        else:
+            self._release(worker)
+        return result
+
+    def _memory_failure(self) -> dict[str, Any]:
+        self._counters["memory_kills"] += 1
+        return failure(
+            ErrorType.MEMORY_LIMIT,
+            f"the task passed this peer's memory limit of {self.memory_limit_mb} MB; the "
+            "sandbox process was killed and replaced",
+        )
+
+    # -- children --------------------------------------------------------------------
+
+    async def _spawn(self) -> _Worker:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.python,
+                "-m",
+                SANDBOX_MODULE,
+                "--fd",
+                str(child_sock.fileno()),
+                "--memory-limit-mb",
+                str(self.memory_limit_mb),
+                "--max-frame-bytes",
+                str(self.max_request_bytes),
+                pass_fds=(child_sock.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                cwd=str(self._workdir),
+                env=_child_env(),
+                start_new_session=True,  # a Ctrl-C meant for the kernel must not hit tasks
+            )
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
+        except BaseException:
+            parent_sock.close()
+            proc.kill()
+            await proc.wait()
+            raise
+        worker = _Worker(proc, parent_sock, reader, writer)
+        try:
+            frame = await asyncio.wait_for(worker.read_frame(64 * 1024), self.startup_timeout_s)
+            hello = self._decoder.decode(frame)
+            if not (isinstance(hello, dict) and hello.get("ready")):
+                error = hello.get("error") if isinstance(hello, dict) else None
+                raise SandboxUnavailable(str(error or "sandbox process did not start"))
+        except BaseException as exc:
+            worker.kill()
+            await proc.wait()
+            writer.close()
+            if isinstance(exc, (TimeoutError, asyncio.IncompleteReadError, ConnectionError)):
+                raise SandboxUnavailable(
+                    f"sandbox process {worker.exit_description()} before it was ready"
+                ) from exc
+            raise
+        return worker
+
+    def _adopt(self, worker: _Worker) -> None:
+        self._workers.add(worker)
+        self._release(worker)
+        self._own(self._monitor(worker))
+
+    async def _monitor(self, worker: _Worker) -> None:
+        """Reap a child when it exits and start its replacement."""
+        await worker.proc.wait()
+        worker.writer.close()
+        self._workers.discard(worker)
+        if self._closed:
+            return
+        backoff = 0.5
+        while not self._closed:
+            try:
+                replacement = await self._spawn()
+            except SandboxUnavailable as exc:
+                self._counters["spawn_failures"] += 1
+                self._last_spawn_error = str(exc)
+                await asyncio.sleep(backoff)  # bounded retry rate while the environment is broken
+                backoff = min(backoff * 2, 30.0)
+                continue
+            if self._closed:
+                replacement.kill()
+                await replacement.proc.wait()
+                replacement.writer.close()
+                return
+            self._counters["restarts"] += 1
+            self._adopt(replacement)
+            return
+
+    async def _watch_memory(self) -> None:
+        """Kill a busy child whose RSS passes the limit (what RLIMIT_DATA cannot see)."""
+        limit = (self.memory_limit_mb + 64) * 1024 * 1024
+        while True:
+            await asyncio.sleep(self.memory_poll_interval_s)
+            for worker in list(self._workers):
+                if not worker.busy:
+                    continue
+                try:
+                    rss = worker.ps.memory_info().rss
+                except psutil.Error:
+                    continue
+                if rss > limit:
+                    worker.memory_killed = True
+                    worker.kill()
+
+    def _own(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in _ENV_ALLOWLIST if k in os.environ}
+    env.update(_THREAD_ENV)
+    package_root = str(Path(__file__).resolve().parents[3])
+    existing = os.environ.get("PYTHONPATH")
+    env["PYTHONPATH"] = package_root if not existing else f"{package_root}{os.pathsep}{existing}"
+    env["HOME"] = tempfile.gettempdir()
+    return env

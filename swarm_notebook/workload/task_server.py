@@ -1,0 +1,250 @@
+"""The serving side: run tasks peers delegate to us, under the owner's policy, within bounds.
+
+Refusals carry a reason code (policy, capacity, shutdown). Load is reported as it
+changes, and on shutdown unfinished tasks are handed back so the delegator retries them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from swarm_notebook.errors import (
+    DelegationError,
+    HandlerRefusal,
+)
+from swarm_notebook.ledger.stats import CoordinationStats
+from swarm_notebook.membership.node import SwarmNode
+from swarm_notebook.workload.executors.base import Executor, TaskContext, TaskRejected
+from swarm_notebook.workload.messages import (
+    REQUIREMENTS,
+    TASK_EXECUTION,
+    TASK_STATUS,
+    TaskRequest,
+    TaskStatus,
+)
+from swarm_notebook.workload.policy import PolicyRefusal, TaskPolicy
+from swarm_notebook.workload.records import TaskLog, TaskRecord
+
+log = logging.getLogger(__name__)
+
+Notify = Callable[[str, dict[str, Any]], None]
+
+
+class TaskServer:
+    """Runs tasks peers delegate to us, under the owner's policy and within bounds."""
+
+    def __init__(
+        self,
+        node: SwarmNode,
+        executors: dict[str, Executor],
+        policy: TaskPolicy,
+        tasks: TaskLog,
+        stats: CoordinationStats,
+        notify: Notify,
+        *,
+        concurrency: int,
+        max_queue: int = 64,
+        audit: Callable[..., object] = lambda *a, **k: None,
+    ) -> None:
+        self.node = node
+        self.executors = executors
+        self.policy = policy
+        self.tasks = tasks
+        self.stats = stats
+        self.notify = notify
+        self.concurrency = concurrency
+        self.max_queue = max_queue
+        self.audit = audit
+        self._slots = asyncio.Semaphore(concurrency)
+        self._in_flight = 0
+        self._queued = 0
+        self._draining = False
+        self._running: set[asyncio.Future[dict[str, Any]]] = set()
+        self._status_tasks: set[asyncio.Future[Any]] = set()
+        self.refusals: dict[str, int] = {}
+        node.endpoint.register_message_handler(TASK_EXECUTION, self._on_task, schema=TaskRequest)
+
+    @property
+    def capabilities(self) -> set[str]:
+        return set(self.node.capabilities)
+
+    def _refuse(
+        self, peer_id: str, request: TaskRequest, reason: str, message: str
+    ) -> HandlerRefusal:
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        self.audit(
+            "delegation-received",
+            peer=peer_id,
+            outcome="refused",
+            detail={"task_id": request.task_id, "type": request.type, "reason": reason},
+        )
+        self.notify(
+            "task:rejected",
+            {"id": request.task_id, "type": request.type, "peer": peer_id, "reason": reason},
+        )
+        return HandlerRefusal(reason, message)
+
+    async def _on_task(self, peer_id: str, request: TaskRequest) -> dict[str, Any]:
+        if self._draining:
+            raise self._refuse(peer_id, request, "worker-shutdown", "this worker is shutting down")
+        if request.type not in REQUIREMENTS:
+            raise self._refuse(
+                peer_id, request, "unknown-task-type", f"unknown task type {request.type!r}"
+            )
+        executor = self.executors.get(request.type)
+        if executor is None or not set(REQUIREMENTS[request.type]) <= self.capabilities:
+            raise self._refuse(
+                peer_id,
+                request,
+                "capability-missing",
+                f"this peer does not offer {', '.join(REQUIREMENTS[request.type])}",
+            )
+        try:
+            size = len(msgspec.msgpack.encode(request.data))
+            self.policy.check(peer_id, request.type, size)
+        except PolicyRefusal as exc:
+            raise self._refuse(peer_id, request, exc.reason, exc.message) from exc
+        if self._in_flight + self._queued >= self.concurrency + self.max_queue:
+            raise self._refuse(peer_id, request, "busy", "queue full; try another peer")
+        return await self._serve(peer_id, request, executor)
+
+    async def _serve(
+        self, peer_id: str, request: TaskRequest, executor: Executor
+    ) -> dict[str, Any]:
+        record = self.tasks.add(
+            TaskRecord(id=request.task_id, type=request.type, role="served", peer=peer_id)
+        )
+        self._queued += 1
+        self._report()
+        has_slot = False
+        try:
+            async with self._slots:
+                has_slot = True
+                self._queued -= 1
+                self._in_flight += 1
+                self._report()
+                record.state = "working"
+                record.started_at = time.time()
+                self._tell_working(peer_id, request.task_id)
+                ctx = TaskContext(
+                    task_id=request.task_id,
+                    delegator=peer_id,
+                    timeout_s=request.timeout,
+                    allow_pickle=self.policy.allows_pickle(peer_id),
+                )
+                run = asyncio.ensure_future(self._run(executor, request, ctx))
+                self._running.add(run)
+                try:
+                    result = await run
+                finally:
+                    self._running.discard(run)
+                    self._in_flight -= 1
+        except asyncio.CancelledError:
+            self._end(record, "canceled", "canceled")
+            if self._draining:
+                # Handed back: the delegator retries it on another peer.
+                raise self._refuse(
+                    peer_id, request, "worker-shutdown", "worker shut down before the task finished"
+                ) from None
+            raise
+        finally:
+            if not has_slot:
+                self._queued -= 1
+            self._report()
+        success = bool(result.get("success"))
+        self._end(
+            record, "completed" if success else "failed", None if success else result.get("error")
+        )
+        self.stats.tasks_served += 1
+        self.audit(
+            "delegation-received",
+            peer=peer_id,
+            outcome="completed" if success else "failed",
+            detail={
+                "task_id": request.task_id,
+                "type": request.type,
+                "error_type": result.get("error_type"),
+            },
+        )
+        return {**result, "task_id": request.task_id, "load": msgspec.to_builtins(self.node.load)}
+
+    async def _run(
+        self, executor: Executor, request: TaskRequest, ctx: TaskContext
+    ) -> dict[str, Any]:
+        data = request.data if isinstance(request.data, dict) else {}
+        try:
+            return await executor.run(data, ctx)
+        except TaskRejected as exc:
+            return {"success": False, "error": exc.message, "error_type": exc.reason}
+
+    def _tell_working(self, peer_id: str, task_id: str) -> None:
+        body = msgspec.to_builtins(TaskStatus(task_id=task_id, state="working"))
+        send = self.node.endpoint.send(peer_id, TASK_STATUS, body)
+        task = asyncio.ensure_future(send)
+        self._status_tasks.add(task)
+        task.add_done_callback(self._status_sent)
+
+    def _status_sent(self, task: asyncio.Future[Any]) -> None:
+        self._status_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("task status not delivered: %s", task.exception())
+
+    def _end(self, record: TaskRecord, state: str, error: str | None) -> None:
+        if record.done:
+            return
+        record.state = state
+        record.error = error
+        record.finished_at = time.time()
+
+    def _report(self) -> None:
+        self.node.report_load(self._in_flight, self._queued)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def run_local(
+        self, task_id: str, task_type: str, data: Any, timeout: float
+    ) -> dict[str, Any]:
+        """Run one of our own tasks here (the opt-in fallback when no peer can)."""
+        executor = self.executors.get(task_type)
+        if executor is None:
+            raise DelegationError(
+                "no-capable-peer", f"no peer, not even this one, can run {task_type}"
+            )
+        ctx = TaskContext(
+            task_id=task_id, delegator=self.node.local_id, timeout_s=timeout, allow_pickle=True
+        )
+        request = TaskRequest(task_id=task_id, type=task_type, data=data, timeout=timeout)
+        return await self._run(executor, request, ctx)
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop taking tasks; let running ones finish for ``grace_s``, then hand the rest back.
+
+        Returns how many tasks were handed back.
+        """
+        self._draining = True
+        running = list(self._running)
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+            return len(pending)
+        return 0
+
+    async def close(self) -> None:
+        for task in [*self._running, *self._status_tasks]:
+            task.cancel()
+        for executor in set(self.executors.values()):
+            try:
+                await executor.close()
+            except Exception:
+                log.exception("closing executor %s", executor.task_type)
