@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("workload", "knowledge", "governance"),
     ("coordinator",),
     ("views",),
+    ("futures",),
     ("client",),
     ("notebook",),
     ("bench",),
