@@ -199,7 +199,14 @@ class SwarmCoordinator:
     # -- workload ----------------------------------------------------------------------
 
     async def delegate_task(
-        self, task_type: str, data: Any, *, timeout: float | None = None, peer: str | None = None
+        self,
+        task_type: str,
+        data: Any,
+        *,
+        timeout: float | None = None,
+        peer: str | None = None,
+        task_id: str | None = None,
+        max_attempts: int | None = None,
     ) -> dict[str, Any]:
         if not self.initialized:
             raise DelegationError(
@@ -209,7 +216,12 @@ class SwarmCoordinator:
         wire_data = self._encode_inputs(task_type, data)
         started = time.monotonic()
         record, result = await self.delegator.delegate(
-            task_type, wire_data, timeout=timeout, peer=peer
+            task_type,
+            wire_data,
+            timeout=timeout,
+            peer=peer,
+            task_id=task_id,
+            max_attempts=max_attempts,
         )
         self.audit.record_quietly(
             "delegation-sent",

@@ -129,16 +129,26 @@ class Delegator:
             self.notify("task:working", record.as_dict())
 
     async def delegate(
-        self, task_type: str, data: Any, *, timeout: float | None = None, peer: str | None = None
+        self,
+        task_type: str,
+        data: Any,
+        *,
+        timeout: float | None = None,
+        peer: str | None = None,
+        task_id: str | None = None,
+        max_attempts: int | None = None,
     ) -> tuple[TaskRecord, dict[str, Any]]:
+        """Run one task; ``task_id`` lets a caller know the id before the task starts."""
         requirements = requirements_for_task_type(task_type)
         timeout = self.settings.default_timeout_s if timeout is None else timeout
-        record = self.tasks.add(TaskRecord(id=uuid.uuid4().hex, type=task_type, role="delegated"))
+        record = self.tasks.add(
+            TaskRecord(id=task_id or uuid.uuid4().hex, type=task_type, role="delegated")
+        )
         self.stats.total_tasks += 1
         self.stats.touch("task")
         self.notify("task:submitted", record.as_dict())
         try:
-            result = await self._attempts(record, requirements, data, timeout, peer)
+            result = await self._attempts(record, requirements, data, timeout, peer, max_attempts)
         except asyncio.CancelledError:
             self._finish(record, "canceled", "canceled by the caller")
             raise
@@ -162,9 +172,10 @@ class Delegator:
         data: Any,
         timeout: float,
         peer: str | None,
+        max_attempts: int | None = None,
     ) -> dict[str, Any]:
         refusals: list[str] = []
-        attempts = 1 if peer is not None else self.settings.max_attempts
+        attempts = 1 if peer is not None else (max_attempts or self.settings.max_attempts)
         # Waiting for a free slot counts against the task's timeout, like a queue would.
         deadline = time.monotonic() + timeout
         backoff = 0.0
