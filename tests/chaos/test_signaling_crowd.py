@@ -33,6 +33,7 @@ from swarm_notebook.signaling import (
     SignalingLimits,
     SignalingServer,
 )
+from swarm_notebook.signaling.quotas import QuotaLimits
 from tests.chaos.helpers import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(180)]
@@ -93,8 +94,14 @@ async def send_garbage(
 
 
 async def test_200_clients_at_once_good_ones_all_join_garbage_is_refused_and_counted() -> None:
-    # One room holds everyone (the default room limit, 64, is for a team).
-    limits = SignalingLimits(peers_per_room=CLIENTS)
+    # One room holds everyone (the default room limit, 64, is for a team), and all of them
+    # come from 127.0.0.1, so the per-address quotas (for a team, too) are lifted as well.
+    lifted = QuotaLimits(
+        connections_per_address=CLIENTS,
+        pending_per_address=CLIENTS,
+        peers_per_room_per_address=CLIENTS,
+    )
+    limits = SignalingLimits(peers_per_room=CLIENTS, per_address=lifted)
     server = SignalingServer(SignalingConfig(port=0, limits=limits))
     await server.start()
     kinds = list(garbage_kinds().items())
