@@ -82,6 +82,8 @@ FINAL_REFUSALS = frozenset(
 Callback = Callable[..., Any]
 
 CA_FILE_ENV = "SWARM_NOTEBOOK_CA_FILE"
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH = frozenset({62, 64})
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024
 PROTOCOL_ERROR = "protocol"
@@ -357,25 +359,32 @@ class SignalingClient:
             await asyncio.sleep(self._backoff_delay(attempt))
 
     def _tls_error(self, exc: aiohttp.ClientSSLError) -> SignalingTLSError:
+        if not isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            return SignalingTLSError(
+                Reason.TLS_FAILED,
+                f"TLS handshake with {self.url} failed ({exc}); check that the server serves"
+                " wss:// on that port (swarm-notebook signal --certfile/--keyfile)",
+            )
+        detail = exc.certificate_error
+        why = str(getattr(detail, "verify_message", None) or detail).rstrip(".")
+        if getattr(detail, "verify_code", None) in _NAME_MISMATCH:
+            return SignalingTLSError(
+                Reason.UNTRUSTED_CERTIFICATE,
+                f"the TLS certificate of {self.url} is not issued for the host in that URL"
+                f" ({why}): connect by a name the certificate lists, or reissue it with this"
+                f" name as a subject alternative name ({CA_FILE_ENV} trusts a certificate,"
+                " it cannot change the names it is valid for)",
+            )
         trust = (
             f"the CA file {self._ca_file!r} does not vouch for it"
             if self._ca_file
             else "it is not signed by an authority this machine trusts"
         )
-        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-            detail = exc.certificate_error
-            why = getattr(detail, "verify_message", None) or str(detail)
-            return SignalingTLSError(
-                Reason.UNTRUSTED_CERTIFICATE,
-                f"cannot verify the TLS certificate of {self.url} ({why}): {trust}. If the"
-                f" server uses a self-signed certificate, trust it with"
-                f" {CA_FILE_ENV}=/path/to/cert.pem (or ca_file=..., --ca-file); if the host name"
-                " does not match, connect by a name the certificate lists",
-            )
         return SignalingTLSError(
-            Reason.TLS_FAILED,
-            f"TLS handshake with {self.url} failed ({exc}); check that the server serves"
-            " wss:// on that port (swarm-notebook signal --certfile/--keyfile)",
+            Reason.UNTRUSTED_CERTIFICATE,
+            f"cannot verify the TLS certificate of {self.url} ({why}): {trust}. If the server"
+            f" uses a self-signed certificate, trust it with {CA_FILE_ENV}=/path/to/cert.pem"
+            " (or ca_file=... / --ca-file)",
         )
 
     def _backoff_delay(self, attempt: int) -> float:
