@@ -11,6 +11,7 @@ relaying meanwhile.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -37,7 +38,7 @@ from swarm_notebook.signaling import (
     SignalingLimits,
     SignalingServer,
 )
-from swarm_notebook.signaling.quotas import QuotaLimits
+from swarm_notebook.signaling.quotas import AddressQuotas, QuotaLimits, address_key
 
 WAIT = 10.0
 HONEST = "127.0.0.1"  # SignalingClient's own source address on loopback
@@ -414,3 +415,127 @@ async def test_a_team_on_one_machine_fits_the_default_limits(
     await wait_until(lambda: all(c.members == others - {c.peer_id} for c in started))
     assert server.stats()["rejections"] == {}
     assert all(c.stats()["reconnects"] == 0 for c in started)
+
+
+async def test_cli_flags_set_the_quotas_of_a_server_in_its_own_process(
+    sources: Callable[[str], Source], clients: Any
+) -> None:
+    """``swarm-notebook signal`` with quota flags, guessed at from another process's view."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "swarm_notebook.cli.main",
+        "signal",
+        "--port",
+        "0",
+        "--secret",
+        "s3cret",
+        "--secret-failures",
+        "2",
+        "--lockout",
+        "30",
+        "--peers-per-room-per-address",
+        "2",
+        "--log-level",
+        "WARNING",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(30):
+            line = (await proc.stdout.readline()).decode()
+        url = line.rsplit(" ", 1)[1].strip()
+        attacker = sources(ATTACKER)
+        guesses = [reason_of((await attacker.join(url, "lab", secret=g))[1]) for g in "abc"]
+        assert guesses == ["bad-secret", "bad-secret", "locked-out"]
+        joined = [reason_of((await attacker.join(url, "lab", secret="s3cret"))[1])]
+        assert joined == ["locked-out"]
+        # From 127.0.0.1: two peers fit, the third is over this address's quota.
+        pair = await honest_pair(clients, url, secret="s3cret")
+        await pair.round_trip("beside-the-locked-address")
+        _, reply = await sources(HONEST).join(url, "lab", secret="s3cret")
+        assert reason_of(reply) == "too-many-peers-from-address"
+
+        stats_url = url.replace("ws://", "http://").replace("/ws", "/stats")
+        async with attacker.http.get(stats_url) as response:
+            stats = await response.json()
+        table = stats["per_address"]
+        assert table["limits"]["secret_failures"] == 2 and table["lockouts_total"] == 1
+        assert [row["address"] for row in table["locked_out"]] == [ATTACKER]
+        assert 25 < table["locked_out"][0]["remaining_s"] <= 30
+        assert stats["rejections"] == {
+            "bad-secret": 2,
+            "locked-out": 2,
+            "too-many-peers-from-address": 1,
+        }
+        top = {row["address"]: row["reasons"] for row in table["top_offenders"]}
+        assert top == {
+            ATTACKER: {"bad-secret": 2, "locked-out": 2},
+            HONEST: {"too-many-peers-from-address": 1},
+        }
+    finally:
+        proc.terminate()
+        async with asyncio.timeout(30):
+            await proc.wait()
+
+
+@pytest.mark.parametrize(
+    "flag", [["--lockout", "0"], ["--pending-per-address", "0"], ["--lockout-max", "1"]]
+)
+async def test_cli_refuses_a_quota_that_cannot_work(flag: list[str]) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "swarm_notebook.cli.main",
+        "signal",
+        "--port",
+        "0",
+        *flag,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        _, stderr = await proc.communicate()
+    assert proc.returncode == 2 and stderr.decode().startswith("swarm-notebook signal: ")
+
+
+def test_tables_stay_bounded_under_many_addresses() -> None:
+    """A flood from many addresses must not grow the server's per-address memory."""
+    now = [0.0]
+    quotas = AddressQuotas(
+        QuotaLimits(secret_failures=1, tracked_addresses=8), clock=lambda: now[0]
+    )
+    for i in range(1000):
+        address = f"10.0.{i // 256}.{i % 256}"
+        quotas.offenders.record(address, "bad-secret")
+        assert quotas.secrets.failed(address) == 2.0  # each locks itself out
+    assert len(quotas.offenders.top(100)) == 8
+    assert quotas.secrets.stats()["locked_out_now"] == 8
+    assert quotas.secrets.lockouts_total == 1000
+    # A repeat offender outranks one-off addresses and is kept.
+    for _ in range(5):
+        quotas.offenders.record("10.9.9.9", "malformed")
+    assert quotas.offenders.top(1)[0] == {
+        "address": "10.9.9.9",
+        "refusals": 5,
+        "reasons": {"malformed": 5},
+    }
+    # Addresses that are quiet longer than lockout_max are forgotten.
+    now[0] = 10_000.0
+    quotas.secrets.failed("10.1.1.1")
+    assert quotas.secrets.stats()["locked_out"] == [
+        {"address": "10.1.1.1", "remaining_s": 2.0, "lockouts": 1}
+    ]
+
+
+def test_ipv6_clients_share_the_quota_of_their_64() -> None:
+    quotas = AddressQuotas(QuotaLimits(connections_per_address=2))
+    first, second, third = (address_key(f"2001:db8:0:1::{i}") for i in (1, 2, 3))
+    assert first == second == third == "2001:db8:0:1::/64"
+    assert quotas.admit(first) is None and quotas.admit(second) is None
+    refusal = quotas.admit(third)
+    assert refusal is not None and refusal.reason == "too-many-connections-from-address"
+    assert quotas.admit(address_key("2001:db8:0:2::1")) is None
+    quotas.release(first, joined=False)
+    assert quotas.admit(third) is None
