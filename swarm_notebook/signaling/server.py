@@ -6,6 +6,11 @@ connected in the room, it takes the id over silently — the old socket gets
 ``PeerLeft`` nor ``PeerJoined`` (the peer never stopped being a member, so its peer
 links stay up).
 
+Per remote address (signaling/quotas.py) the server bounds open sockets, sockets that have
+not joined yet, rooms created and peers per room, and locks out an address that keeps
+guessing room secrets; each refusal is counted by reason and by address in ``/stats``.
+With ``SignalingConfig(certfile=..., keyfile=...)`` it serves ``wss://``.
+
 Example (in a notebook or test)::
 
     server = SignalingServer(SignalingConfig(port=0))
@@ -340,15 +345,8 @@ class SignalingServer:
         if secret is not None and not self._check_secret(conn, secret, join):
             return False
         creating = not self._rooms.has_room(room)
-        if self._rooms.lookup(room, peer_id) is None:  # a proven replacement takes no new slot
-            own = sum(
-                1 for m in self._rooms.others(room, peer_id).values() if m.address == conn.address
-            )
-            quota = self._quotas.room_refusal(conn.address, creating=creating, peers_in_room=own)
-            if quota is not None:
-                return self._refuse(
-                    conn, quota.reason, f"{quota.message}; not admitted to {room!r:.40}"
-                )
+        if not self._within_address_quota(conn, room, peer_id, creating=creating):
+            return False
         refusal = self._rooms.admission_refusal(room, peer_id)
         if refusal == Reason.ROOM_FULL:
             return self._refuse(
@@ -382,6 +380,20 @@ class SignalingServer:
                 self._deliver_control(other, PeerJoined(peer_id=peer_id))
         log.debug("peer %s joined room %r (%d others)", peer_id[:16], room, len(others))
         return True
+
+    def _within_address_quota(
+        self, conn: Connection, room: str, peer_id: str, *, creating: bool
+    ) -> bool:
+        """Refuse a join over its address's rooms or peers-per-room quota (False then)."""
+        if self._rooms.lookup(room, peer_id) is not None:
+            return True  # a proven replacement takes no new slot
+        own = sum(
+            1 for m in self._rooms.others(room, peer_id).values() if m.address == conn.address
+        )
+        quota = self._quotas.room_refusal(conn.address, creating=creating, peers_in_room=own)
+        if quota is None:
+            return True
+        return self._refuse(conn, quota.reason, f"{quota.message}; not admitted to {room!r:.40}")
 
     def _check_secret(self, conn: Connection, secret: str, join: Join) -> bool:
         """Verify the room-secret proof, with a growing lockout per address for guessers."""
