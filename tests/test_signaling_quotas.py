@@ -539,3 +539,19 @@ def test_ipv6_clients_share_the_quota_of_their_64() -> None:
     assert quotas.admit(address_key("2001:db8:0:2::1")) is None
     quotas.release(first, joined=False)
     assert quotas.admit(third) is None
+
+
+async def test_a_tcp_connection_that_never_sends_a_request_is_closed_at_the_join_deadline(
+    make_server: ServerFactory, clients: Any
+) -> None:
+    server = await make_server(join_timeout=0.5)
+    silent = [
+        await asyncio.open_connection("127.0.0.1", server.port, local_addr=(ATTACKER, 0))
+        for _ in range(20)
+    ]
+    client = await clients(server.url)  # served meanwhile
+    for reader, writer in silent:
+        async with asyncio.timeout(WAIT):
+            assert await reader.read() == b""  # closed by the server, without a word
+        writer.close()
+    assert client.connected

@@ -103,7 +103,14 @@ class SignalingServer:
         app.router.add_get("/healthz", self._handle_health)
         app.router.add_get("/stats", self._handle_stats)
         ssl_context = self.config.ssl_context()  # before listening: a bad cert fails fast
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=FLUSH_TIMEOUT)
+        # keepalive_timeout: a TCP connection that sends no request within the join timeout
+        # is closed too (aiohttp's default keeps a silent one for an hour).
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=FLUSH_TIMEOUT,
+            keepalive_timeout=self._limits.join_timeout,
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.config.host, self.config.port, ssl_context=ssl_context)
