@@ -256,11 +256,13 @@ async def join(
     llm_endpoint: str | None = None,
     ice_servers: list[dict[str, Any]] | None = None,
     config: CoordinatorConfig | None = None,
+    ca_file: str | Path | None = None,
 ) -> Coordinator:
     """Join ``room`` through the signaling server and initialise the coordinator.
 
     Running other peers' code is off unless ``allow_remote_code=True`` or
-    ``"python-execution"`` is listed in ``capabilities``.
+    ``"python-execution"`` is listed in ``capabilities``. A ``wss://`` server's certificate
+    is verified; ``ca_file`` (or ``$SWARM_NOTEBOOK_CA_FILE``) trusts a self-signed one.
 
     >>> c = await swarm_notebook.join("lab", signaling="ws://127.0.0.1:8765/ws")  # doctest: +SKIP
     """
@@ -276,6 +278,7 @@ async def join(
         llm_endpoint,
         ice_servers,
         config,
+        ca_file,
     )
     identity = Identity.load_or_create(profile_dir)
     events = EventBus()
@@ -284,7 +287,7 @@ async def join(
 
     async def build() -> SwarmCoordinator:
         transport = mesh_transport(
-            identity, cfg.signaling, room, secret=cfg.secret, config=cfg.mesh
+            identity, cfg.signaling, room, secret=cfg.secret, config=cfg.mesh, ca_file=cfg.ca_file
         )
         core = SwarmCoordinator(identity, transport, cfg, profile_dir, events)
         try:
@@ -314,10 +317,12 @@ def _resolve_config(
     llm_endpoint: str | None,
     ice_servers: list[dict[str, Any]] | None,
     config: CoordinatorConfig | None,
+    ca_file: str | Path | None = None,
 ) -> tuple[CoordinatorConfig, Path]:
     cfg = dataclasses.replace(config) if config is not None else CoordinatorConfig()
     cfg.room, cfg.signaling = room, signaling
     cfg.secret = secret if secret is not None else cfg.secret
+    cfg.ca_file = str(Path(ca_file).expanduser()) if ca_file is not None else cfg.ca_file
     if capabilities is not None:
         cfg.capabilities = list(capabilities)
     python_execution = allow_remote_code or PYTHON_EXECUTION in (capabilities or [])

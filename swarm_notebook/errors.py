@@ -15,6 +15,7 @@ or on ``.reason``, never on the message text.
     ├── SignalingError             the signaling server could not be used
     │   ├── SignalingRefused       refused for good (bad secret, bad key, replaced)
     │   ├── SignalingUnavailable   not connected right now (the client keeps trying)
+    │   ├── SignalingTLSError      wss:// certificate not trusted / TLS handshake failed
     │   └── SignalingTimeout       not (back) in the room in time (TimeoutError)
     ├── TransportError             a peer link could not carry a request
     │   ├── PeerUnavailable        no authenticated link to that peer (ConnectionError)
@@ -100,6 +101,13 @@ class SignalingRefused(SignalingError):
 
 class SignalingUnavailable(SignalingError):
     """Not connected to the signaling server right now (the client keeps reconnecting)."""
+
+
+class SignalingTLSError(SignalingError):
+    """TLS to a ``wss://`` server failed: an untrusted certificate or a failed handshake.
+
+    The message names the problem and the fix (e.g. trust a self-signed certificate
+    with ``SWARM_NOTEBOOK_CA_FILE``)."""
 
 
 class SignalingTimeout(SignalingError, TimeoutError):

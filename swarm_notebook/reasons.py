@@ -51,6 +51,14 @@ class Reason(StrEnum):
     ROOM_FULL = "room-full"
     TOO_MANY_ROOMS = "too-many-rooms"
     TOO_MANY_CONNECTIONS = "too-many-connections"
+    # per remote address (signaling/quotas.py)
+    TOO_MANY_CONNECTIONS_FROM_ADDRESS = "too-many-connections-from-address"
+    TOO_MANY_PENDING = "too-many-pending"  # sockets from one address that have not joined
+    TOO_MANY_ROOMS_FROM_ADDRESS = "too-many-rooms-from-address"
+    TOO_MANY_PEERS_FROM_ADDRESS = "too-many-peers-from-address"
+    LOCKED_OUT = "locked-out"  # too many wrong room secrets from one address
+    UNTRUSTED_CERTIFICATE = "untrusted-certificate"  # wss:// server certificate not verified
+    TLS_FAILED = "tls-failed"  # the TLS handshake failed for another reason
     JOIN_TIMEOUT = "join-timeout"
     REPLACED = "replaced"
     SLOW_CONSUMER = "slow-consumer"
