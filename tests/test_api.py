@@ -38,5 +38,8 @@ async def test_lone_peer_status_sharing_rules_and_fallback(
         assert c.assess_modification_risk({"file_path": "a/agent-cycle.js", "code": ""}) == "high"
     finally:
         await c.leave()
-    with pytest.raises(RuntimeError, match="left the swarm"):
+    with pytest.raises(swarm_notebook.NotJoinedError, match="left the swarm") as err:
         await c.delegate_task("python-computation", {"code": "1"})
+    assert err.value.reason == swarm_notebook.Reason.NOT_JOINED_SWARM
+    with pytest.raises(swarm_notebook.NotJoinedError):
+        c.submit_task("python-computation", {"code": "1"})

@@ -19,6 +19,7 @@ import comm
 import pytest
 from comm.base_comm import BaseComm
 
+from swarm_notebook.errors import SwarmError, UsageError
 from swarm_notebook.notebook.widget import (
     DashboardSource,
     DisplayLimits,
@@ -147,7 +148,7 @@ def front_end(monkeypatch: pytest.MonkeyPatch, signal: Signal) -> Iterator[list[
 
 async def test_source_matches_protocol(signal: Signal) -> None:
     assert isinstance(ScriptedSource(signal), DashboardSource)
-    with pytest.raises(TypeError, match="bad_source"):
+    with pytest.raises(UsageError, match="bad-source"):
         SwarmDashboard(object())  # type: ignore[arg-type]
 
 
@@ -364,7 +365,7 @@ def test_static_asset_lookup(tmp_path: Path) -> None:
     (wheel_static / "widget.js").write_text("export default {}")
     found = static_asset("widget.js", search_dirs=(wheel_static, REPO / "js"))
     assert found == wheel_static / "widget.js"
-    with pytest.raises(FileNotFoundError, match="missing_asset"):
+    with pytest.raises(SwarmError, match="missing-asset"):
         static_asset("widget.js", search_dirs=(tmp_path / "nowhere",))
 
 

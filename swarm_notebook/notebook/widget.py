@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 import anywidget
 import traitlets
 
+from swarm_notebook.errors import SwarmError, UsageError
+from swarm_notebook.reasons import Reason
 from swarm_notebook.views.status import dashboard_status
 
 PACKAGE_STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -38,9 +40,10 @@ def static_asset(
         if candidate.is_file():
             return candidate
     looked = ", ".join(str(directory / name) for directory in search_dirs)
-    raise FileNotFoundError(
-        f"missing_asset: the dashboard front end {name!r} was not found (looked in {looked}); "
-        "reinstall swarm_notebook or restore js/ in the source checkout"
+    raise SwarmError(
+        Reason.MISSING_ASSET,
+        f"the dashboard front end {name!r} was not found (looked in {looked}); "
+        "reinstall swarm_notebook or restore js/ in the source checkout",
     )
 
 
@@ -137,17 +140,18 @@ class SwarmDashboard(anywidget.AnyWidget):
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         if not isinstance(source, DashboardSource):
-            raise TypeError(
-                "bad_source: SwarmDashboard needs dashboard_snapshot(), on_change() and "
-                f"async reinitialize(); got {type(source).__name__}"
+            raise UsageError(
+                Reason.BAD_SOURCE,
+                "SwarmDashboard needs dashboard_snapshot(), on_change() and "
+                f"async reinitialize(); got {type(source).__name__}",
             )
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
-                raise RuntimeError(
-                    "no_event_loop: create SwarmDashboard in a notebook cell or a coroutine, "
-                    "or pass loop="
+                raise UsageError(
+                    Reason.NO_EVENT_LOOP,
+                    "create SwarmDashboard in a notebook cell or a coroutine, or pass loop=",
                 ) from None
         self._source = source
         self._loop = loop
