@@ -264,6 +264,20 @@ class Coordinator:
         """Store a reflection locally (signed by this peer) without sharing it."""
         return await self._call(self._core.knowledge.add_reflection(reflection))
 
+    async def wait_for_reflection(
+        self, *, shared_from: str | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """Wait until a reflection shared by another peer (``shared_from``, if given) is in
+        this peer's store; returns its row. Raises ``WaitTimeout`` if none arrives in time.
+
+        >>> await c.wait_for_reflection(shared_from=colleague.peer_id)  # doctest: +SKIP
+        """
+        row = await self._call(self._core.wait_for_reflection(timeout, shared_from))
+        if row is None:
+            who = f" from {shared_from[:16]}" if shared_from else ""
+            raise WaitTimeout(f"no shared reflection{who} arrived within {timeout:g} s")
+        return row
+
     async def query_knowledge(self, query: str, *, timeout: float | None = None) -> dict[str, Any]:
         """Ask this peer's store and every connected peer; answers are attributed."""
         return await self._call(self._core.knowledge.query_knowledge(query, timeout=timeout))

@@ -25,8 +25,10 @@ from swarm_notebook.errors import (
     RemoteTaskError,
     SwarmError,
     UsageError,
+    WaitTimeout,
 )
 from swarm_notebook.notebook.handle import TaskHandle
+from swarm_notebook.notebook.session import run_blocking
 from tests.support.procs import child_processes
 from tests.support.swarm import Swarm
 
@@ -281,3 +283,43 @@ def test_leave_then_current_fails(
         swarm_notebook.current()
     ok(joined.run_cell("%swarm leave"))
     assert "nothing to leave" in capsys.readouterr().out
+
+
+def test_use_makes_a_coordinator_joined_in_code_the_sessions(
+    shell: InteractiveShell, swarm: Swarm, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    if shell.swarm_notebook_session.coordinator is not None:  # type: ignore[attr-defined]
+        ok(shell.run_cell("%swarm leave"))
+    profile = tmp_path_factory.mktemp("coded")
+    c = run_blocking(swarm_notebook.join(ROOM, signaling=swarm.url, profile=profile))
+    try:
+        assert swarm_notebook.use(c) is c and swarm_notebook.current() is c
+        ready = run_blocking(
+            swarm_notebook.wait_for_peers(c, 2, capability="python-execution", timeout=30)
+        )
+        assert ready >= 2
+        peers = ok(shell.run_cell("%swarm peers"))  # the magics use it too
+        assert {w.peer_id for w in swarm.workers[:2]} <= set(peers["peer_id"])
+        assert c.peer_name(swarm.workers[0].peer_id) == swarm.workers[0].name
+        # A task started from synchronous code and watched from this thread.
+        task = c.submit_task("python-computation", {"code": "6 * 7"})
+        assert task.future.result(60)["value"] == 42
+        record = task.record()
+        assert record is not None and record["id"] == task.task_id
+        assert record["state"] == "completed"
+        with pytest.raises(WaitTimeout):
+            run_blocking(c.wait_for_peers(50, timeout=0.5))
+        other = run_blocking(
+            swarm_notebook.join(ROOM, signaling=swarm.url, profile=profile / "other")
+        )
+        try:
+            with pytest.raises(UsageError) as err:
+                swarm_notebook.use(other)
+            assert err.value.reason == "already-joined"
+        finally:
+            run_blocking(other.leave())
+    finally:
+        ok(shell.run_cell("%swarm leave"))
+    assert not c.is_initialized
+    with pytest.raises(NotJoinedError):
+        swarm_notebook.use(c)

@@ -7,8 +7,10 @@ here, as does a name that does not resolve.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import swarm_notebook
 from swarm_notebook import errors
@@ -70,3 +72,110 @@ def test_import_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == ""
+
+
+# -- no reach-through, no cycles ---------------------------------------------------------
+
+PACKAGE_DIR = Path(swarm_notebook.__file__).parent
+# What the notebook layer must not touch: the coordinator's insides.
+PRIVATE_COORDINATOR_PARTS = {"_core", "_runner", "_events", "core"}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE_DIR.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def module_level_imports(tree: ast.Module, name: str, is_package: bool) -> set[str]:
+    """Modules imported when ``name`` is imported: top level, not under TYPE_CHECKING."""
+    found: set[str] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.If):
+                test = ast.unparse(node.test)
+                if "TYPE_CHECKING" not in test:
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    package = name if is_package else name.rsplit(".", 1)[0]
+                    for _ in range(node.level - 1):
+                        package = package.rsplit(".", 1)[0]
+                    base = f"{package}.{base}" if base else package
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names)
+
+    visit(tree.body)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE_DIR.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        targets = module_level_imports(tree, name, path.name == "__init__.py")
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (cycle := dfs(nxt)) is not None:
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := dfs(node)) is not None:
+            return cycle
+    return None
+
+
+def test_no_import_cycles_between_modules() -> None:
+    graph = import_graph()
+    # Importing a package's submodule imports the package first: that edge is no cycle.
+    for name, targets in graph.items():
+        targets -= {t for t in targets if name.startswith(t + ".")}
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_client_imports_the_notebook_only_lazily_and_magics_never_the_extension() -> None:
+    graph = import_graph()
+    assert not {t for t in graph["swarm_notebook.client"] if ".notebook" in t}
+    for name in ("magics", "session", "handle", "progress", "source"):
+        imported = graph[f"swarm_notebook.notebook.{name}"]
+        assert "swarm_notebook.notebook.extension" not in imported, name
+    magics = ast.parse((PACKAGE_DIR / "notebook" / "magics.py").read_text())
+    every_import = {node.module for node in ast.walk(magics) if isinstance(node, ast.ImportFrom)}
+    assert "swarm_notebook.notebook.extension" not in every_import  # not even for typing
+
+
+def test_the_notebook_layer_uses_only_public_coordinator_methods() -> None:
+    reaching = []
+    for path in sorted((PACKAGE_DIR / "notebook").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in PRIVATE_COORDINATOR_PARTS:
+                reaching.append(f"{path.name}:{node.lineno} .{node.attr}")
+    assert reaching == [], f"the notebook layer reaches into the coordinator: {reaching}"

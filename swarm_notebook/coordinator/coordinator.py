@@ -379,6 +379,31 @@ class SwarmCoordinator:
         view = self.node.peer(peer_id)
         return view.card.name if view is not None and view.card is not None else None
 
+    async def wait_for_reflection(
+        self, timeout: float, shared_from: str | None = None
+    ) -> dict[str, Any] | None:
+        """Wait until the store holds a reflection another peer shared (``shared_from``
+        that peer, if given); returns its row, or None at ``timeout``."""
+        arrived = asyncio.Event()
+
+        def found() -> dict[str, Any] | None:
+            for row in self.knowledge.reflection_records():
+                if row["shared_from"] and shared_from in (None, row["shared_from"]):
+                    return row
+            return None
+
+        unsubscribe = self.events.on("swarm:reflection-integrated", lambda _p: arrived.set())
+        try:
+            async with asyncio.timeout(timeout):
+                while (row := found()) is None:
+                    arrived.clear()
+                    await arrived.wait()
+                return row
+        except TimeoutError:
+            return None
+        finally:
+            unsubscribe()
+
     async def settle(
         self, timeout: float, count: int | None = None, capability: str | None = None
     ) -> list[str]:
