@@ -179,10 +179,13 @@ async def test_results_come_back_refusals_and_misuse_raise(
         with pytest.raises(TaskInputError) as zero:
             await asker.delegate_task("file-analysis", {"path": "a.txt"}, timeout=0)
         assert zero.value.reason == Reason.BAD_ARGUMENTS
+        with pytest.raises(TaskInputError) as unsendable:
+            await asker.delegate_task("file-analysis", {"path": object()})
+        assert unsendable.value.reason == Reason.UNSUPPORTED_TYPE
         assert files.get_stats()["tasks_served"] + len(strict.task_server.refusals) == sent_before
 
         states = [r["state"] for r in asker.task_records()]
-        assert states == ["completed", "failed", "rejected", "rejected"]
+        assert states == ["completed", "failed", "rejected", "rejected", "rejected"]
         await asker.leave()
         with pytest.raises(NotJoinedError) as left:
             await asker.delegate_task("file-analysis", {"path": "a.txt"})

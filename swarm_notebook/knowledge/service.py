@@ -30,10 +30,12 @@ import msgspec
 from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook.errors import (
     HandlerRefusal,
+    NotJoinedError,
     PeerUnavailable,
     ReflectionRejected,
     RemoteError,
     RequestTimeout,
+    UsageError,
 )
 from swarm_notebook.knowledge import (
     GateConfig,
@@ -400,9 +402,12 @@ class KnowledgeService:
         >>> [(r["description"], r["from_peer"]) for r in found["reflections"]]  # doctest: +SKIP
         """
         if self._closed:
-            raise RuntimeError("the knowledge service is closed")
+            raise NotJoinedError("the knowledge service is closed", Reason.CLOSED)
         if not isinstance(query, str) or len(query) > MAX_QUERY_LENGTH:
-            raise ValueError(f"query must be a string of at most {MAX_QUERY_LENGTH} characters")
+            raise UsageError(
+                Reason.BAD_ARGUMENTS,
+                f"query must be a string of at most {MAX_QUERY_LENGTH} characters",
+            )
         limit = self.settings.limit if limit is None else limit
         limit = max(1, min(int(limit), MAX_ANSWER_ITEMS))
         timeout = self.settings.peer_timeout_s if timeout is None else timeout

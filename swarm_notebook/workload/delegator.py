@@ -245,6 +245,11 @@ class Delegator:
                     Reason.TOO_LARGE if exc.reason == Reason.OVERSIZED else exc.reason,
                     f"the task could not be sent: {exc.message}",
                 ) from exc
+            except (TypeError, msgspec.EncodeError) as exc:
+                # msgpack cannot carry a value in the data (an object, a set...): ours to fix.
+                raise TaskInputError(
+                    Reason.UNSUPPORTED_TYPE, f"the task data cannot be sent: {exc}"
+                ) from exc
             except (PeerUnavailable, RequestTimeout) as exc:
                 record.tried_peers.append(target)
                 refusals.append(f"{target[:16]}: {exc}")
