@@ -214,6 +214,15 @@ async def test_bad_tasks_end_with_clear_errors_and_worker_keeps_serving(
                 peer=worker.peer_id,
             )
         assert err.value.reason == "too-large"
+        # The sandbox refuses a malformed task before running it: a refusal (raised, not a
+        # result), the same on every peer, so it ends at once as one rejected task.
+        failed_before = c.get_stats()["tasks_failed"]
+        with pytest.raises(TaskRefused) as err:
+            await c.delegate_task("python-computation", {"code": "1", "outputs": ["not a name"]})
+        assert err.value.reason == "bad-input" and "identifier" in err.value.message
+        assert err.value.peer == worker.peer_id  # the strict worker refuses with not-allowed
+        assert c.get_stats()["tasks_failed"] == failed_before + 1
+        assert c.task_records()[-1]["state"] == "rejected"
 
         forever = await c.delegate_task(
             "python-computation", {"code": "while True:\n    pass"}, timeout=2, peer=worker.peer_id
