@@ -146,6 +146,11 @@ class Reason(StrEnum):
     BAD_SOURCE = "bad-source"
     NO_EVENT_LOOP = "no-event-loop"
     MISSING_ASSET = "missing-asset"
+    SNAPSHOT_FAILED = "snapshot-failed"
+    BAD_SNAPSHOT = "bad-snapshot"
+    INITIALIZE_TIMEOUT = "initialize-timeout"
+    INITIALIZE_FAILED = "initialize-failed"
+    UNKNOWN_ACTION = "unknown-action"
     STARTUP_FAILED = "startup-failed"
     UNKNOWN_EVENT = "unknown-event"
     # -- benchmarks --------------------------------------------------------------------

@@ -262,7 +262,7 @@ async def test_initialize_failure_is_shown_not_swallowed(
     await signal.until(lambda: [v for v, _, _ in channel.updates("busy")] == [True, False])
     await signal.until(lambda: bool(channel.updates("status")))
     status = channel.updates("status")[-1][0]
-    assert status["error"]["code"] == "initialize_failed"
+    assert status["error"]["code"] == "initialize-failed"
     assert "signaling server unreachable" in status["error"]["message"]
     assert status["message"] == status["error"]["message"]
     assert dashboard.counters["errors"] == 1
@@ -283,7 +283,7 @@ async def test_initialize_timeout_is_reported(
     channel = channel_of(dashboard)
     channel.from_front_end({"action": "initialize"})
     await signal.until(lambda: [v for v, _, _ in channel.updates("busy")] == [True, False])
-    assert dashboard.status["error"]["code"] == "initialize_timeout"
+    assert dashboard.status["error"]["code"] == "initialize-timeout"
     await dashboard.aclose()
 
 
@@ -295,7 +295,7 @@ async def test_unknown_message_is_counted_and_reported(
     channel = channel_of(dashboard)
     channel.from_front_end({"action": "format_disk"})
     await signal.until(lambda: dashboard.status.get("error") is not None)
-    assert dashboard.status["error"]["code"] == "unknown_action"
+    assert dashboard.status["error"]["code"] == "unknown-action"
     assert dashboard.counters["rejected_messages"] == 1
     assert source.reinitialize_calls == 0
     await dashboard.aclose()
@@ -317,7 +317,7 @@ async def test_snapshot_failure_keeps_last_state_and_reports(
     source.broken = True
     source.notify()
     await signal.until(lambda: dashboard.status.get("error") is not None)
-    assert dashboard.status["error"]["code"] == "snapshot_failed"
+    assert dashboard.status["error"]["code"] == "snapshot-failed"
     assert dashboard.snapshot["total_tasks"] == 5
     await dashboard.aclose()
 

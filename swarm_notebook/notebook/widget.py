@@ -216,11 +216,12 @@ class SwarmDashboard(anywidget.AnyWidget):
         try:
             raw = self._source.dashboard_snapshot()
         except Exception as exc:
-            self._record_error("snapshot_failed", f"{type(exc).__name__}: {exc}")
+            self._record_error(Reason.SNAPSHOT_FAILED, f"{type(exc).__name__}: {exc}")
             return None
         if not isinstance(raw, Mapping):
             self._record_error(
-                "bad_snapshot", f"dashboard_snapshot() returned {type(raw).__name__}, not a dict"
+                Reason.BAD_SNAPSHOT,
+                f"dashboard_snapshot() returned {type(raw).__name__}, not a dict",
             )
             return None
         return display_snapshot(raw, self._limits)
@@ -232,7 +233,7 @@ class SwarmDashboard(anywidget.AnyWidget):
             status["message"] = self._error["message"]
         return status
 
-    def _record_error(self, code: str, message: str) -> None:
+    def _record_error(self, code: Reason, message: str) -> None:
         self._error = {"code": code, "message": message}
         self._counters["errors"] += 1
 
@@ -262,10 +263,12 @@ class SwarmDashboard(anywidget.AnyWidget):
             return
         self._counters["rejected_messages"] += 1
         self._loop.call_soon_threadsafe(
-            self._report_error, "unknown_action", f"the panel sent an unknown message: {content!r}"
+            self._report_error,
+            Reason.UNKNOWN_ACTION,
+            f"the panel sent an unknown message: {content!r}",
         )
 
-    def _report_error(self, code: str, message: str) -> None:
+    def _report_error(self, code: Reason, message: str) -> None:
         self._record_error(code, message[: self._limits.text_chars])
         if not self._closed:
             self.refresh()
@@ -285,9 +288,11 @@ class SwarmDashboard(anywidget.AnyWidget):
                 await self._source.reinitialize()
         except TimeoutError:
             limit = self._initialize_timeout
-            self._record_error("initialize_timeout", f"reinitialize() took longer than {limit} s")
+            self._record_error(
+                Reason.INITIALIZE_TIMEOUT, f"reinitialize() took longer than {limit} s"
+            )
         except Exception as exc:
-            self._record_error("initialize_failed", f"{type(exc).__name__}: {exc}")
+            self._record_error(Reason.INITIALIZE_FAILED, f"{type(exc).__name__}: {exc}")
         else:
             self._error = None
         finally:
