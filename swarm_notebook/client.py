@@ -234,7 +234,11 @@ class Coordinator:
         return SubmittedTask(self, task_id, future)
 
     async def execute_task(self, task: dict[str, Any]) -> dict[str, Any]:
-        """Run a task on this peer, as an incoming request would be run."""
+        """Run a task on this peer, as an incoming request would be run.
+
+        Same failure rule as ``delegate_task``: the result dict if it ran, ``TaskRefused``
+        if the executor refused it, ``UnknownTaskTypeError`` for a type nobody knows.
+        """
         return await self._call(self._core.execute_task(task))
 
     # -- knowledge ---------------------------------------------------------------------
