@@ -18,6 +18,8 @@ import os
 import signal
 import sys
 
+from swarm_notebook.errors import UsageError
+from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling.config import DEFAULT_PORT, SignalingConfig, SignalingLimits
 from swarm_notebook.signaling.quotas import QuotaLimits
 from swarm_notebook.signaling.server import SignalingServer
@@ -104,12 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SignalingConfig:
-    """Build the server config; raises ``ValueError`` with a clear message on bad input."""
+    """Build the server config; raises ``UsageError`` with a clear message on bad input."""
     room_secrets: dict[str, str] = {}
     for item in args.room_secret:
         room, sep, secret = item.partition("=")
         if not sep or not room or not secret:
-            raise ValueError(f"--room-secret expects ROOM=SECRET, got {item!r}")
+            raise UsageError(
+                Reason.BAD_ARGUMENTS, f"--room-secret expects ROOM=SECRET, got {item!r}"
+            )
         room_secrets[room] = secret
     limits = SignalingLimits(
         max_frame_bytes=args.max_frame_bytes,
@@ -167,7 +171,10 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         config = config_from_args(args)
-    except ValueError as exc:
+    except UsageError as exc:
+        print(f"swarm-notebook signal: {exc.message}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # the server's own limits (SignalingConfig)
         print(f"swarm-notebook signal: {exc}", file=sys.stderr)
         return 2
     try:

@@ -321,7 +321,7 @@ class SignalingClient:
         if self._run_task.done():
             raise SignalingUnavailable(DISCONNECTED, "signaling client is closed")
         raise SignalingTimeout(
-            "timeout",
+            Reason.TIMEOUT,
             f"could not {what} room {self.room!r} at {self.url} within {timeout:g} s"
             f" (last error: {self.last_error or 'none'})",
         )
@@ -453,7 +453,7 @@ class SignalingClient:
             raise SignalingError(message.reason, message.message)
         if isinstance(message, Shutdown):
             self._counters["shutdowns_received"] += 1
-            raise SignalingError("shutdown", message.message)
+            raise SignalingError(Reason.SHUTDOWN, message.message)
 
     async def _receive(
         self, ws: aiohttp.ClientWebSocketResponse
