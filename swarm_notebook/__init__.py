@@ -10,6 +10,7 @@ The names, exactly (``tests/test_surface.py`` holds ``__all__`` to this list):
 
     join use current wait_for_peers verify_consensus
     Coordinator NotebookVoter
+    TaskFuture SwarmExecutor as_completed wait
     CoordinatorConfig ExecutorConfig TaskPolicy DelegationSettings ConsensusSettings
     KnowledgeSettings MeshConfig
     Reason __version__ load_ipython_extension unload_ipython_extension
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from swarm_notebook.client import Coordinator
     from swarm_notebook.coordinator.config import CoordinatorConfig
+    from swarm_notebook.futures import SwarmExecutor, TaskFuture, as_completed, wait
     from swarm_notebook.governance.service import ConsensusSettings
     from swarm_notebook.knowledge.service import KnowledgeSettings
     from swarm_notebook.notebook.voter import NotebookVoter
@@ -54,6 +56,10 @@ _LAZY = {
     "ConsensusSettings": "swarm_notebook.governance.service",
     "KnowledgeSettings": "swarm_notebook.knowledge.service",
     "MeshConfig": "swarm_notebook.transport.mesh",
+    "TaskFuture": "swarm_notebook.futures",
+    "SwarmExecutor": "swarm_notebook.futures",
+    "as_completed": "swarm_notebook.futures",
+    "wait": "swarm_notebook.futures",
 }
 
 __all__ = [
@@ -66,14 +72,18 @@ __all__ = [
     "MeshConfig",
     "NotebookVoter",
     "Reason",
+    "SwarmExecutor",
+    "TaskFuture",
     "TaskPolicy",
     "__version__",
+    "as_completed",
     "current",
     "join",
     "load_ipython_extension",
     "unload_ipython_extension",
     "use",
     "verify_consensus",
+    "wait",
     "wait_for_peers",
     *_errors.__all__,
 ]

@@ -17,7 +17,7 @@ import concurrent.futures
 import dataclasses
 import uuid
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +27,15 @@ from swarm_notebook.coordinator.config import DEFAULT_SIGNALING, CoordinatorConf
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
 from swarm_notebook.coordinator.events import EventBus
 from swarm_notebook.errors import NotJoinedError, WaitTimeout
+from swarm_notebook.futures import (
+    ItemFuture,
+    SubmitOptions,
+    SwarmExecutor,
+    TaskFuture,
+    map_items,
+)
+from swarm_notebook.futures import gather as gather_results
+from swarm_notebook.futures import submit as submit_function
 from swarm_notebook.identity import Identity, default_profile_dir
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.factory import mesh_transport
@@ -219,7 +228,13 @@ class Coordinator:
         )
 
     def submit_task(
-        self, task_type: str, data: Any, *, timeout: float | None = None, peer: str | None = None
+        self,
+        task_type: str,
+        data: Any,
+        *,
+        timeout: float | None = None,
+        peer: str | None = None,
+        max_attempts: int | None = None,
     ) -> SubmittedTask:
         """Start ``delegate_task`` on the network thread and return at once.
 
@@ -229,9 +244,79 @@ class Coordinator:
         self._require_joined()
         task_id = uuid.uuid4().hex
         future = self._runner.submit(
-            self._core.delegate_task(task_type, data, timeout=timeout, peer=peer, task_id=task_id)
+            self._core.delegate_task(
+                task_type,
+                data,
+                timeout=timeout,
+                peer=peer,
+                task_id=task_id,
+                max_attempts=max_attempts,
+            )
         )
         return SubmittedTask(self, task_id, future)
+
+    # -- futures (the API ipyparallel and Dask users know) -----------------------------
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        peer: str | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        **kwargs: Any,
+    ) -> TaskFuture:
+        """Run ``fn(*args, **kwargs)`` on a capable peer; returns a ``TaskFuture`` at once.
+
+        ``fn`` travels as source (never pickle) with the imports it uses; arguments and
+        the result travel through the safe codec (DataFrames as Arrow). ``await fut`` or
+        ``fut.result()`` gives the value, or raises ``RemoteTaskError`` with the remote
+        traceback. ``retries`` bounds how many other peers may take over when a peer dies,
+        times out or refuses; the function's own errors are never retried.
+
+        >>> fut = c.submit(total, df, column="v")   # doctest: +SKIP
+        >>> await fut                               # doctest: +SKIP
+        42.0
+        """
+        self._require_joined()
+        return submit_function(self, fn, args, kwargs, SubmitOptions(peer, timeout, retries))
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        peer: str | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> list[ItemFuture]:
+        """``fn`` over the items (zipped like ``map``): one future per item, in order.
+
+        Items travel ``chunksize`` to a task (one message per chunk, not per item);
+        cancelling an item's future cancels its chunk.
+
+        >>> c.gather(c.map(square, range(1000), chunksize=100))[:3]   # doctest: +SKIP
+        [0, 1, 4]
+        """
+        self._require_joined()
+        options = SubmitOptions(peer, timeout, retries)
+        return map_items(self, fn, iterables, options, chunksize)
+
+    def gather(self, futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
+        """The results of ``futures``, in order (blocks; raises the first error)."""
+        return gather_results(futures, timeout)
+
+    def executor(
+        self, *, peer: str | None = None, timeout: float | None = None, retries: int | None = None
+    ) -> SwarmExecutor:
+        """A ``concurrent.futures.Executor`` backed by this swarm.
+
+        >>> with c.executor() as pool:                 # doctest: +SKIP
+        ...     list(pool.map(square, range(10)))
+        """
+        self._require_joined()
+        return SwarmExecutor(self, SubmitOptions(peer, timeout, retries))
 
     async def execute_task(self, task: dict[str, Any]) -> dict[str, Any]:
         """Run a task on this peer, as an incoming request would be run.

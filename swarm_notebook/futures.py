@@ -21,32 +21,36 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from swarm_notebook.errors import RemoteTaskError, UsageError
-from swarm_notebook.protocol.values import encode_value
 from swarm_notebook.reasons import Reason
 from swarm_notebook.workload.source import ARGS_NAME, KWARGS_NAME, ShippedFunction, ship_function
 
 PYTHON_COMPUTATION = "python-computation"
 
 
+class StartedTask(Protocol):
+    """A task already on its way: its id and the future of its result dict."""
+
+    task_id: str
+    future: concurrent.futures.Future[dict[str, Any]]
+
+
 class TaskSubmitter(Protocol):
     """What futures need from a coordinator: start a task, and read its record."""
 
-    def start_task(
+    def submit_task(
         self,
         task_type: str,
-        data: dict[str, Any],
+        data: Any,
         *,
-        task_id: str,
-        timeout: float | None,
-        peer: str | None,
-        max_attempts: int | None,
-    ) -> concurrent.futures.Future[dict[str, Any]]: ...
+        timeout: float | None = None,
+        peer: str | None = None,
+        max_attempts: int | None = None,
+    ) -> StartedTask: ...
 
     def task_record(self, task_id: str) -> dict[str, Any] | None: ...
 
@@ -227,7 +231,8 @@ def submit(
 ) -> TaskFuture:
     """Ship ``fn`` with its arguments to a capable peer; returns at once."""
     shipped = ship_function(fn)
-    inputs = {ARGS_NAME: encode_value(list(args)), KWARGS_NAME: encode_value(dict(kwargs))}
+    # Plain values: the coordinator encodes python-computation inputs with the safe codec.
+    inputs = {ARGS_NAME: list(args), KWARGS_NAME: dict(kwargs)}
     return _start(submitter, shipped.name, {"code": shipped.cell(), "inputs": inputs}, options)
 
 
@@ -252,7 +257,7 @@ def map_items(
     code = _map_cell(shipped)
     for start in range(0, len(items), size):
         chunk = items[start : start + size]
-        data = {"code": code, "inputs": {ARGS_NAME: encode_value(chunk)}}
+        data = {"code": code, "inputs": {ARGS_NAME: chunk}}
         task = _start(submitter, shipped.name, data, options)
         futures += [ItemFuture(task, i) for i in range(len(chunk))]
     return futures
@@ -273,16 +278,15 @@ def _map_cell(shipped: ShippedFunction) -> str:
 def _start(
     submitter: TaskSubmitter, function: str, data: dict[str, Any], options: SubmitOptions
 ) -> TaskFuture:
-    future = TaskFuture(submitter, uuid.uuid4().hex, function)
-    inner = submitter.start_task(
+    task = submitter.submit_task(
         PYTHON_COMPUTATION,
         data,
-        task_id=future.task_id,
         timeout=options.timeout,
         peer=options.peer,
         max_attempts=options.max_attempts,
     )
-    future._attach(inner)
+    future = TaskFuture(submitter, task.task_id, function)
+    future._attach(task.future)
     return future
 
 
