@@ -367,6 +367,7 @@ class SwarmCoordinator:
             self.node.endpoint.rejections,
             self.node.card_rejections,
             self.decode_refusals,
+            self.knowledge.answer_rejections,
         )
         for source in sources:
             for reason, n in source.items():
