@@ -113,24 +113,23 @@ _seeds = [
 @st.composite
 def mutated(draw: st.DrawFn) -> bytes:
     data = bytearray(draw(st.sampled_from(_seeds)))
-    for _ in range(draw(st.integers(1, 6))):
-        op = draw(st.sampled_from(["flip", "int", "cut", "splice"]))
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["flip", "int", "int", "int", "cut", "splice"]))
         pos = draw(st.integers(0, len(data) - 1))
         if op == "flip":
             data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "int":  # overwrite a length-sized field with a large value
-            value = draw(st.sampled_from([2**31 - 1, 2**32 - 1, 2**62, -2, 10**9]))
+        elif op == "int":  # a large value over an aligned 8-byte field (lengths, prefixes)
+            value = draw(st.sampled_from([300 * MB, 2**40, 10**9, 2**31 - 1, -2]))
+            pos -= pos % 8
             data[pos : pos + 8] = value.to_bytes(8, "little", signed=True)
         elif op == "cut":
-            del data[pos:]
-            if not data:
-                data = bytearray(b"\x00")
+            del data[max(1, pos) :]
         else:
             data[pos:pos] = draw(st.binary(max_size=32))
     return bytes(data)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=mutated(), kind=st.sampled_from(["df", "series", "index", "ndarray", "npscalar"]))
 def test_fuzzed_streams_raise_only_value_codec_error_within_budget(data: bytes, kind: str) -> None:
     budget = DecodeBudget(4 * MB)
@@ -145,6 +144,39 @@ def test_fuzzed_streams_raise_only_value_codec_error_within_budget(data: bytes, 
         pa.set_memory_pool(previous)
     assert budget.used <= budget.max_bytes
     assert pool.max_memory() <= budget.max_bytes  # Arrow's peak, decompression included
+
+
+_compressed_seeds = [
+    arrow_stream(pa.table({"a": np.arange(2000.0), "s": [str(i) for i in range(2000)]}), c)
+    for c in ("zstd", "lz4")
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(_compressed_seeds),
+    word=st.integers(0, 10_000),
+    value=st.sampled_from([300 * MB, 2**40, 64 * MB, 2**31 - 1]),
+)
+def test_one_forged_length_never_allocates_past_the_budget(
+    seed: bytes, word: int, value: int
+) -> None:
+    """Overwrite one aligned 8-byte word (body lengths, buffer lengths, the compressed
+    buffers' uncompressed-size prefixes live there) with a large value."""
+    data = bytearray(seed)
+    pos = (word * 8) % (len(data) - 8)
+    data[pos : pos + 8] = value.to_bytes(8, "little")
+    budget = DecodeBudget(4 * MB)
+    previous = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(previous)
+    pa.set_memory_pool(pool)
+    try:
+        decode_value({TAG: "df", "data": bytes(data)}, budget=budget)
+    except ValueCodecError as exc:
+        assert exc.reason in {"malformed", "too-large"}
+    finally:
+        pa.set_memory_pool(previous)
+    assert pool.max_memory() <= budget.max_bytes
 
 
 @settings(max_examples=100, deadline=None)

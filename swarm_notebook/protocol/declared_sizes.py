@@ -159,7 +159,19 @@ def _messages(data: bytes) -> Iterator[pa.ipc.Message]:
 
 
 def arrow_stream_cost(data: bytes) -> int:
-    """Bytes decoding this Arrow IPC stream into pandas will hold, from headers only."""
+    """Bytes decoding this Arrow IPC stream into pandas will hold, from headers only.
+
+    Raises ``ValueCodecError`` (``malformed``) for anything that is not a sound stream.
+    """
+    try:
+        return _arrow_stream_cost(data)
+    except ValueCodecError:
+        raise
+    except (pa.ArrowException, OSError, struct.error, ValueError, IndexError) as exc:
+        raise ValueCodecError("malformed", f"bad Arrow stream: {exc}"[:300]) from exc
+
+
+def _arrow_stream_cost(data: bytes) -> int:
     schema: pa.Schema | None = None
     node_costs: list[int] = []
     total = 0
