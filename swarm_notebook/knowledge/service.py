@@ -474,7 +474,7 @@ class KnowledgeService:
                     merged.rejected.append(
                         {
                             "from_peer": peer,
-                            "reason": "path-outside-workspace",
+                            "reason": Reason.PATH_OUTSIDE_WORKSPACE,
                             "message": f"artifact path {artifact.path!r:.80} {problem}",
                         }
                     )

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.ipc as pa_ipc
 
 from swarm_notebook.errors import ValueCodecError
+from swarm_notebook.reasons import Reason
 
 # Decoding holds the Arrow buffers and the pandas copy made from them at once.
 BUFFER_COPIES = 2
@@ -73,7 +74,7 @@ class _Table:
         size = struct.calcsize(fmt)
         start = vector + 4
         if count * size > len(self.buf) - start:
-            raise ValueCodecError("malformed", "Arrow metadata vector runs past its buffer")
+            raise ValueCodecError(Reason.MALFORMED, "Arrow metadata vector runs past its buffer")
         return [struct.unpack_from(fmt, self.buf, start + i * size) for i in range(count)]
 
 
@@ -95,7 +96,7 @@ def _batch_of(metadata: pa.Buffer) -> tuple[int, _Batch | None]:
     elif header_type != _HEADER_RECORD_BATCH:
         return header_type, None
     if header is None:
-        raise ValueCodecError("malformed", "Arrow batch message without a header")
+        raise ValueCodecError(Reason.MALFORMED, "Arrow batch message without a header")
     return header_type, _Batch(
         rows=header.scalar(0, "<q", 0),
         nodes=header.structs(1, "<qq"),
@@ -111,17 +112,17 @@ def _buffer_bytes(batch: _Batch, body: pa.Buffer | None) -> int:
     total = 0
     for offset, length in batch.buffers:
         if offset < 0 or length < 0 or offset + length > body_len:
-            raise ValueCodecError("malformed", "Arrow buffer lies outside its message body")
+            raise ValueCodecError(Reason.MALFORMED, "Arrow buffer lies outside its message body")
         if not batch.compressed or length == 0:
             total += length
             continue
         if length < 8:
-            raise ValueCodecError("malformed", "compressed Arrow buffer without its length")
+            raise ValueCodecError(Reason.MALFORMED, "compressed Arrow buffer without its length")
         declared = struct.unpack_from("<q", view, offset)[0]
         if declared == _UNCOMPRESSED:
             total += length - 8
         elif declared < 0:
-            raise ValueCodecError("malformed", f"Arrow buffer declares {declared} bytes")
+            raise ValueCodecError(Reason.MALFORMED, f"Arrow buffer declares {declared} bytes")
         else:
             total += declared
     return total
@@ -168,7 +169,7 @@ def arrow_stream_cost(data: bytes) -> int:
     except ValueCodecError:
         raise
     except (pa.ArrowException, OSError, struct.error, ValueError, IndexError) as exc:
-        raise ValueCodecError("malformed", f"bad Arrow stream: {exc}"[:300]) from exc
+        raise ValueCodecError(Reason.MALFORMED, f"bad Arrow stream: {exc}"[:300]) from exc
 
 
 def _arrow_stream_cost(data: bytes) -> int:
@@ -179,23 +180,23 @@ def _arrow_stream_cost(data: bytes) -> int:
         header_type, batch = _batch_of(message.metadata)
         if header_type == _HEADER_SCHEMA:
             if schema is not None:
-                raise ValueCodecError("malformed", "Arrow stream with two schemas")
+                raise ValueCodecError(Reason.MALFORMED, "Arrow stream with two schemas")
             schema = pa_ipc.read_schema(message)
             node_costs = _node_costs(schema)
             continue
         if batch is None:
-            raise ValueCodecError("malformed", f"Arrow message of header type {header_type}")
+            raise ValueCodecError(Reason.MALFORMED, f"Arrow message of header type {header_type}")
         if batch.rows < 0 or any(n < 0 for node in batch.nodes for n in node):
-            raise ValueCodecError("malformed", "Arrow batch with a negative length")
+            raise ValueCodecError(Reason.MALFORMED, "Arrow batch with a negative length")
         total += BATCH_OVERHEAD + BUFFER_COPIES * _buffer_bytes(batch, message.body)
         if header_type == _HEADER_RECORD_BATCH:
             if len(batch.nodes) != len(node_costs):
-                raise ValueCodecError("malformed", "Arrow batch does not match its schema")
+                raise ValueCodecError(Reason.MALFORMED, "Arrow batch does not match its schema")
             total += sum(node[0] * cost for node, cost in zip(batch.nodes, node_costs, strict=True))
         else:  # dictionary values: their type is not tracked here, so assume objects
             total += sum(node[0] * OBJECT_ELEMENT_COST for node in batch.nodes)
     if schema is None:
-        raise ValueCodecError("malformed", "Arrow stream without a schema")
+        raise ValueCodecError(Reason.MALFORMED, "Arrow stream without a schema")
     return total
 
 
@@ -208,7 +209,7 @@ def _npy_header(stream: io.BytesIO) -> tuple[tuple[int, ...], bool, np.dtype]:
     }
     reader = readers.get(version)
     if reader is None:
-        raise ValueCodecError("malformed", f"npy format version {version} is not accepted")
+        raise ValueCodecError(Reason.MALFORMED, f"npy format version {version} is not accepted")
     return reader(stream)
 
 
@@ -218,18 +219,20 @@ def load_npy(data: bytes, charge: Callable[[int], None]) -> np.ndarray:
     try:
         shape, fortran_order, dtype = _npy_header(stream)
     except (ValueError, SyntaxError, TypeError, OverflowError, EOFError) as exc:
-        raise ValueCodecError("malformed", f"bad npy header: {exc}"[:300]) from exc
+        raise ValueCodecError(Reason.MALFORMED, f"bad npy header: {exc}"[:300]) from exc
     if dtype.hasobject:
-        raise ValueCodecError("malformed", "npy data of dtype object is refused (needs pickle)")
+        raise ValueCodecError(
+            Reason.MALFORMED, "npy data of dtype object is refused (needs pickle)"
+        )
     if any(not isinstance(n, int) or n < 0 for n in shape):
-        raise ValueCodecError("malformed", f"npy shape {shape!r:.80} is not valid")
+        raise ValueCodecError(Reason.MALFORMED, f"npy shape {shape!r:.80} is not valid")
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     charge(max(nbytes, count))  # zero-size items still cost a slot each in numpy's loops
     offset = stream.tell()
     if len(data) - offset != nbytes:
         raise ValueCodecError(
-            "malformed", f"npy header declares {nbytes} bytes, {len(data) - offset} present"
+            Reason.MALFORMED, f"npy header declares {nbytes} bytes, {len(data) - offset} present"
         )
     if dtype.itemsize == 0:
         return np.empty(shape, dtype=dtype, order="F" if fortran_order else "C")

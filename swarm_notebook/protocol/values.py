@@ -95,7 +95,7 @@ class DecodeBudget:
     def charge(self, n: int) -> None:
         if self.used + n > self.max_bytes:
             raise ValueCodecError(
-                "too-large",
+                Reason.TOO_LARGE,
                 f"decoding would hold {self.used + n} bytes, over the limit of "
                 f"{self.max_bytes} bytes for one message",
             )

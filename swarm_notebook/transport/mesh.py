@@ -60,7 +60,7 @@ from swarm_notebook.protocol.framing import (
     chunk_transfer_id,
     frame_message,
 )
-from swarm_notebook.reasons import is_reason
+from swarm_notebook.reasons import Reason, is_reason
 from swarm_notebook.transport import link_auth
 from swarm_notebook.transport.base import (
     LinkState,
@@ -268,7 +268,7 @@ class MeshTransport(Transport):
         payload = encode_envelope(envelope)
         if len(payload) > self.config.max_message_bytes:
             raise ProtocolError(
-                "oversized", f"{len(payload)} bytes > limit {self.config.max_message_bytes}"
+                Reason.OVERSIZED, f"{len(payload)} bytes > limit {self.config.max_message_bytes}"
             )
         await self._send_payload(link, payload, envelope)
         self.counters["messages_out"] += 1
@@ -653,7 +653,7 @@ class MeshTransport(Transport):
         """The peer refused something we sent: stop sending it and tell whoever waits."""
         self.counters["rejects_from_peers"] += 1
         raw_reason = body.get("reason")
-        reason = str(raw_reason) if is_reason(raw_reason) else "refused"
+        reason = str(raw_reason) if is_reason(raw_reason) else Reason.REFUSED
         detail = str(body.get("detail") or "")[:MAX_REFUSAL_DETAIL]
         transfer = body.get("transfer")
         message_id = body.get("id")
@@ -674,10 +674,10 @@ class MeshTransport(Transport):
         link = next((x for x in self._links.values() if x.reassembler is reassembler), None)
         if link is None:
             return
-        self._count_rejection(link, "reassembly-full", f"transfer {transfer} evicted")
+        self._count_rejection(link, Reason.REASSEMBLY_FULL, f"transfer {transfer} evicted")
         if link.state is LinkState.CONNECTED:
             self._tell_refused(
-                link, "reassembly-full", "unfinished transfers on all links", transfer
+                link, Reason.REASSEMBLY_FULL, "unfinished transfers on all links", transfer
             )
 
     def _count_rejection(self, link: _Link, reason: str, what: object) -> None:
@@ -702,13 +702,15 @@ class MeshTransport(Transport):
             link.last_seen = now
             self.counters["frames_in"] += 1
             if isinstance(data, str):
-                raise ProtocolError("text-frame", "binary frames only")
+                raise ProtocolError(Reason.TEXT_FRAME, "binary frames only")
             self.counters["bytes_in"] += len(data)
             transfer = chunk_transfer_id(data)
             if data[:1] == bytes((CHUNK,)) and link.state is not LinkState.CONNECTED:
                 # Proofs of identity are small whole frames: nothing is reassembled for a
                 # peer that has not proved who it is.
-                raise ProtocolError("unauthenticated", "chunked message before proof of identity")
+                raise ProtocolError(
+                    Reason.UNAUTHENTICATED, "chunked message before proof of identity"
+                )
             payload = link.reassembler.feed(data, now)
             if payload is None:
                 return
@@ -718,7 +720,7 @@ class MeshTransport(Transport):
                 return
             if link.state is not LinkState.CONNECTED:
                 raise ProtocolError(
-                    "unauthenticated", "application message before proof of identity"
+                    Reason.UNAUTHENTICATED, "application message before proof of identity"
                 )
             self.counters["messages_in"] += 1
             self.callbacks.on_message(link.peer_id, env, len(payload))
@@ -766,11 +768,11 @@ class MeshTransport(Transport):
                         link.ping_seq += 1
                         self._send_control(link, "link.ping", {"seq": link.ping_seq, "t": now})
                 for transfer in link.reassembler.expire(now):
-                    self._count_rejection(link, "reassembly-timeout", f"transfer {transfer}")
+                    self._count_rejection(link, Reason.REASSEMBLY_TIMEOUT, f"transfer {transfer}")
                     if link.state is LinkState.CONNECTED:
                         self._tell_refused(
                             link,
-                            "reassembly-timeout",
+                            Reason.REASSEMBLY_TIMEOUT,
                             f"no chunk for {self.config.reassembly.timeout_s:g} s",
                             transfer,
                         )
