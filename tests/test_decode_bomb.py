@@ -67,6 +67,7 @@ async def test_eight_compressed_outputs_are_refused_before_they_expand(
                 await c.delegate_task("python-computation", {"code": "1"}, peer=ready["peer_id"])
             assert err.value.reason == "too-large"
         grown = me.memory_info().rss - before
+        print(f"bomb: {ready['wire_bytes']} bytes on the wire, RSS grew {grown / MB:.1f} MB")
         # Unbounded, this was +1.7 GB; declared sizes are refused before anything expands.
         assert grown < 64 * MB, f"RSS grew by {grown / MB:.0f} MB"
         assert c.get_stats()["rejections"].get("too-large", 0) >= 3

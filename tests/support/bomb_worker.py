@@ -58,7 +58,7 @@ async def main() -> int:
         emit(event="bombed", peer=peer_id, wire_bytes=len(stream) * len(outputs))
         return {"success": True, "value": None, "outputs": outputs, "task_id": request.task_id}
 
-    endpoint = c.core.node.endpoint  # test support: a hostile peer may reach anywhere
+    endpoint = c._core.node.endpoint  # test support: a hostile peer may reach anywhere
 
     async def replace() -> None:  # on the coordinator's loop, where handlers run
         endpoint.register_message_handler(TASK_EXECUTION, bomb, schema=TaskRequest)
