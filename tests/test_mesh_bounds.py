@@ -43,20 +43,39 @@ async def test_chunks_on_an_unauthenticated_link_are_refused_and_held_nowhere(
     honest = await start_peers(server.url, tmp_path, 2)
     h, c = honest
     holder = (await start_peers(server.url, tmp_path / "x", 1, "--hold-auth"))[0]
+    h_log = await PeerProcess.start(
+        "mesh_peer.py",
+        "--signaling",
+        server.url,
+        "--profile",
+        str(tmp_path / "hl"),
+        name="logged",
+        env={"MESH_PEER_LOG": "INFO"},
+    )
+    h_log.peer_id = (await h_log.wait_for(lambda e: e.get("event") == "ready", 30))["peer_id"]  # type: ignore[attr-defined]
+    honest.append(h_log)
     try:
-        await wait_connected(h, 1)
-        await holder.call("raw", peer=h.peer_id, frames=first_chunks(30, 1000), before_auth=True)
-        stats = await stats_until(
-            h,
-            lambda s: s["stats"]["rejections"].get("unauthenticated", 0) >= 30,
-            "chunks before authentication refused",
-        )
-        assert stats["stats"]["reassembly_pending_bytes"] == 0
+        await wait_connected(h, 2)
+        for target in (h, h_log):
+            await holder.call(
+                "raw", peer=target.peer_id, frames=first_chunks(30, 1000), before_auth=True
+            )
+            stats = await stats_until(
+                target,
+                lambda s: s["stats"]["rejections"].get("unauthenticated", 0) >= 30,
+                "chunks before authentication refused",
+            )
+            assert stats["stats"]["reassembly_pending_bytes"] == 0
         assert holder.peer_id not in (await h.call("peers"))["connected"]
         # The honest peer is served all along.
         assert (await c.call("request", peer=h.peer_id, size=300_000))["identical"]
     finally:
         await stop_all([*honest, holder])
+    # Thirty refusals, one log line for that peer and reason (stderr is complete now).
+    logged = [
+        line for line in h_log.stderr_lines if "rejected" in line and "unauthenticated" in line
+    ]
+    assert len(logged) == 1, logged
 
 
 async def test_refused_request_and_refused_reply_fail_at_once_with_the_reason(

@@ -157,6 +157,8 @@ async def main() -> int:
     parser.add_argument("--reassembly-total-kb", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # MESH_PEER_LOG=INFO shows the transport's own log (refusals), for tests that read it.
+    logging.getLogger("swarm_notebook").setLevel(os.environ.get("MESH_PEER_LOG", "WARNING"))
     runner = LoopThread()
     runner.start()
     transport, endpoint = runner.run_sync(build(args), timeout=30)
