@@ -38,6 +38,8 @@ class Reason(StrEnum):
     UNMATCHED_REPLY = "unmatched-reply"
     BAD_REPLY = "bad-reply"
     UNKNOWN_LINK_MESSAGE = "unknown-link-message"
+    UNAUTHENTICATED = "unauthenticated"  # an application or chunked message before link proof
+    REFUSED = "refused"  # a peer refused our message with a reason we do not know
     HANDLER_ERROR = "handler-error"
     # -- signaling ---------------------------------------------------------------------
     NOT_JOINED = "not-joined"

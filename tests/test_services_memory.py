@@ -495,7 +495,7 @@ async def test_eval_in_a_core_file_is_refused_by_the_default_policy(
 ) -> None:
     a, b, c = await swarm(3)
     mod = {
-        "file_path": "swarm_notebook/coordinator/coordinator.py",
+        "file_path": "src/pkg/__init__.py",
         "code": "result = eval(user_input)",
         "reason": "a very convincing rationale",
     }
@@ -503,7 +503,7 @@ async def test_eval_in_a_core_file_is_refused_by_the_default_policy(
     result = await a.consensus.request_modification_consensus(mod)
     assert (result["consensus"], result["reason"]) == (False, "rejected")
     assert {v["reason"] for v in result["votes"].values()} == {
-        "refused: the code calls eval()/exec()"
+        "refused: the code calls eval()/exec() or the like (line 1: refers to eval)"
     }
     assert verify_consensus(result)
     assert result["proposal"]["risk"] == "high"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from swarm_notebook.knowledge.store import ReflectionStore
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
-from swarm_notebook.protocol.values import decode_value, encode_value
+from swarm_notebook.protocol.values import DecodeBudget, decode_value, encode_value
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.base import Transport
 from swarm_notebook.workload.delegator import Delegator
@@ -59,6 +60,9 @@ class SwarmCoordinator:
         self.profile_dir = profile_dir
         self.events = events
         self.node = SwarmNode(identity, transport, name=config.name, version=__version__)
+        # Results refused while decoding, by reason; logged once per (peer, reason).
+        self.decode_refusals: Counter[str] = Counter()
+        self._decode_logged: set[tuple[str | None, str]] = set()
         self.stats = CoordinationStats()
         self.tasks = TaskLog()
         self.audit = AuditLog(profile_dir / "audit.sqlite3")
@@ -270,11 +274,24 @@ class SwarmCoordinator:
         if task_type != "python-computation":
             return result
         allow = peer is not None and self.config.policy.allows_pickle(peer)
-        if "value" in result:
-            result["value"] = decode_value(result["value"], allow_pickle=allow)
-        outputs = result.get("outputs")
-        if isinstance(outputs, dict):
-            result["outputs"] = {k: decode_value(v, allow_pickle=allow) for k, v in outputs.items()}
+        # One budget for the whole result: each output having its own let eight small
+        # compressed outputs expand to gigabytes together.
+        budget = DecodeBudget()
+        try:
+            if "value" in result:
+                result["value"] = decode_value(result["value"], allow_pickle=allow, budget=budget)
+            outputs = result.get("outputs")
+            if isinstance(outputs, dict):
+                result["outputs"] = {
+                    k: decode_value(v, allow_pickle=allow, budget=budget)
+                    for k, v in outputs.items()
+                }
+        except ValueCodecError as exc:
+            self.decode_refusals[str(exc.reason)] += 1
+            if (peer, str(exc.reason)) not in self._decode_logged:
+                self._decode_logged.add((peer, str(exc.reason)))
+                log.warning("result from %s refused: %s", (peer or "?")[:16], exc)
+            raise
         return result
 
     async def _run_locally(
@@ -349,6 +366,8 @@ class SwarmCoordinator:
             self.node.transport.rejections.by_reason,
             self.node.endpoint.rejections,
             self.node.card_rejections,
+            self.decode_refusals,
+            self.knowledge.answer_rejections,
         )
         for source in sources:
             for reason, n in source.items():

@@ -78,7 +78,10 @@ class ConsensusSettings:
     # The blueprint answers ``consensus: True`` when the swarm is unavailable; set this to
     # refuse instead (fail closed).
     fail_closed: bool = False
-    core_files: tuple[str, ...] | None = None  # None: the blueprint's plus this package
+    # Glob patterns of the room's core paths, whose change is high risk (``risk.is_core_file``
+    # says how they match). None: ``risk.DEFAULT_CORE_FILES``, a data team's dependency
+    # files, CI configuration and package entry points.
+    core_files: tuple[str, ...] | None = None
 
 
 class ProposalMessage(msgspec.Struct, forbid_unknown_fields=True):
@@ -189,7 +192,7 @@ class ConsensusService:
         """``"high"``, ``"medium"`` or ``"low"`` (core files, deletes and eval/exec are high).
 
         >>> coordinator.assess_modification_risk(
-        ...     {"file_path": "src/tool-runner.js", "code": "x = 1"})      # doctest: +SKIP
+        ...     {"file_path": "pyproject.toml", "code": "x = 1"})          # doctest: +SKIP
         'high'
         """
         return assess_modification_risk(modification, self.core_files)
