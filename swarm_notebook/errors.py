@@ -33,6 +33,7 @@ or on ``.reason``, never on the message text.
     ├── WaitTimeout                peers or a task did not arrive in time (TimeoutError)
     ├── SandboxUnavailable         the sandbox could not start
     ├── CardError                  an agent card that is not acceptable (ValueError)
+    ├── RosterError                a room roster that cannot be used (ValueError)
     ├── ReflectionRejected         a reflection that is refused (ValueError)
     ├── ConsensusError             a proposal, ballot or quorum that cannot be used (ValueError)
     │   └── ModificationRejected   a modification dict that cannot be assessed
@@ -281,6 +282,10 @@ class SandboxUnavailable(SwarmError, RuntimeError):
 
 class CardError(SwarmError, ValueError):
     """An agent card that is not acceptable."""
+
+
+class RosterError(SwarmError, ValueError):
+    """A room roster that cannot be used (bad shape, bad signature, not the trusted owner's)."""
 
 
 class ReflectionRejected(SwarmError, ValueError):

@@ -31,6 +31,7 @@ from swarm_notebook.governance import (
     make_proposal,
     verify_consensus,
 )
+from swarm_notebook.governance.electorate import Electorate
 from swarm_notebook.governance.service import (
     CONSENSUS_BALLOT,
     CONSENSUS_PROPOSAL,
@@ -49,6 +50,7 @@ from swarm_notebook.knowledge.service import (
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
+from swarm_notebook.membership.roster import make_roster
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
 
 pytestmark = pytest.mark.timeout(60)
@@ -490,10 +492,19 @@ async def test_peers_approve_and_the_result_verifies_but_not_when_tampered(
         assert cast["peer"] == a.id and cast["outcome"] == "approve"
 
 
+def put_on_roster(peers: list[Peer], room: str = "lab") -> None:
+    """A roster owned by the first peer with every peer on it (high risk needs one)."""
+    owner = peers[0].node.identity
+    roster = make_roster(owner, room, {p.id: f"peer-{i}" for i, p in enumerate(peers)})
+    for p in peers:
+        p.consensus.electorate = Electorate(p.node.identity, room, roster=roster)
+
+
 async def test_eval_in_a_core_file_is_refused_by_the_default_policy(
     swarm: Callable[..., Any],
 ) -> None:
     a, b, c = await swarm(3)
+    put_on_roster([a, b, c])
     mod = {
         "file_path": "swarm_notebook/coordinator/coordinator.py",
         "code": "result = eval(user_input)",
@@ -505,7 +516,7 @@ async def test_eval_in_a_core_file_is_refused_by_the_default_policy(
     assert {v["reason"] for v in result["votes"].values()} == {
         "refused: the code calls eval()/exec()"
     }
-    assert verify_consensus(result)
+    assert verify_consensus(result, detail=True)["electorate"] == "roster"
     assert result["proposal"]["risk"] == "high"
     for voter in (b, c):
         assert voter.audited("ballot-cast")[0]["outcome"] == "reject"

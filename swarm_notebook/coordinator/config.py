@@ -24,6 +24,9 @@ class CoordinatorConfig:
     # None: $SWARM_NOTEBOOK_CA_FILE, then the system's authorities.
     ca_file: str | None = None
     profile: Path | None = None
+    # The room owner whose signed roster decides who votes (None: the owner of the roster
+    # file in the profile, if any; with neither the room is open).
+    roster_owner: str | None = None
     name: str = "swarm-notebook"
     concurrency: int = 2
     max_queue: int = 64

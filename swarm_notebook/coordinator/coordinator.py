@@ -17,6 +17,7 @@ from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.events import EventBus
 from swarm_notebook.errors import NotJoinedError, TaskInputError, ValueCodecError
+from swarm_notebook.governance.electorate import Electorate
 from swarm_notebook.governance.service import ConsensusService
 from swarm_notebook.identity import Identity
 from swarm_notebook.knowledge.service import KnowledgeService
@@ -102,6 +103,9 @@ class SwarmCoordinator:
             notify=self._notify,
             settings=config.consensus,
             is_initialized=lambda: self.initialized,
+            electorate=Electorate(
+                identity, config.room, profile_dir=profile_dir, trusted_owner=config.roster_owner
+            ),
         )
         self._background = OwnedTasks("coordinator")
         self.node.add_listener(self._peer_changed)
@@ -339,6 +343,9 @@ class SwarmCoordinator:
                 "concurrency": self.config.concurrency,
             },
             "rejections": self.rejections(),
+            "electorate": self.consensus.electorate.describe(),
+            # > 0: another process proved this peer's key at the signaling server.
+            "identity_conflicts": int(getattr(self.node.transport, "identity_conflicts", 0)),
         }
 
     def rejections(self) -> dict[str, int]:
@@ -349,6 +356,8 @@ class SwarmCoordinator:
             self.node.transport.rejections.by_reason,
             self.node.endpoint.rejections,
             self.node.card_rejections,
+            self.consensus.rejections,
+            self.consensus.electorate.rejections,
         )
         for source in sources:
             for reason, n in source.items():

@@ -231,10 +231,16 @@ class MeshTransport(Transport):
     def signaling_connected(self) -> bool:
         return bool(self._signaling.connected)
 
+    @property
+    def identity_conflicts(self) -> int:
+        """Times another holder of our key took our place at the signaling server."""
+        return int(getattr(self._signaling, "identity_conflicts", 0))
+
     def stats(self) -> dict[str, object]:
         return {
             "rejections": dict(self.rejections.by_reason),
             "signaling_connected": self.signaling_connected,
+            "identity_conflicts": self.identity_conflicts,
             **self.counters,
         }
 
@@ -327,6 +333,10 @@ class MeshTransport(Transport):
 
     def _on_signal(self, from_peer: str, data: dict[str, Any]) -> None:
         if self._closed:
+            return
+        if link_auth.link_id_problem(from_peer) is not None:
+            # Only a lenient or hostile signaling server forwards these; never dial them.
+            self.rejections.count("bad-id")
             return
         lock = self._peer_locks.setdefault(from_peer, asyncio.Lock())
         self._tasks.spawn(self._handle_signal(lock, from_peer, data), name="mesh-signal")
@@ -594,6 +604,9 @@ class MeshTransport(Transport):
         elif env.type == "link.auth":
             signature = body.get("signature")
             data = self._transcript(link)
+            if link_auth.link_id_problem(link.peer_id) is not None:
+                self._reject_link(link, "bad-id")
+                return
             if (
                 link.state is not LinkState.AUTHENTICATING
                 or data is None
