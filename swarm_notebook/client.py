@@ -377,6 +377,18 @@ class Coordinator:
         """Ask the peers to vote on a risky change; see ``verify_consensus`` to re-check."""
         return await self._call(self._core.consensus.request_modification_consensus(modification))
 
+    def roster(self) -> dict[str, Any]:
+        """The room's electorate: ``{"electorate": "roster"|"open", "owner", "members"...}``."""
+        return self._read(self._core.consensus.electorate.describe)
+
+    async def roster_add(self, peer_id: str, name: str = "") -> dict[str, Any]:
+        """Put ``peer_id`` on the roster (this peer owns it, or makes it); shared at once."""
+        return await self._call(self._core.change_roster("add", peer_id, name))
+
+    async def roster_remove(self, peer_id: str) -> dict[str, Any]:
+        """Take ``peer_id`` off the roster this peer owns; shared at once."""
+        return await self._call(self._core.change_roster("remove", peer_id))
+
     def assess_modification_risk(self, modification: dict[str, Any]) -> str:
         return self._core.consensus.assess_modification_risk(modification)
 

@@ -16,15 +16,16 @@ from swarm_notebook import __version__
 from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.events import EventBus
-from swarm_notebook.errors import NotJoinedError, TaskInputError, ValueCodecError
+from swarm_notebook.errors import NotJoinedError, RosterError, TaskInputError, ValueCodecError
 from swarm_notebook.governance.electorate import Electorate
 from swarm_notebook.governance.service import ConsensusService
-from swarm_notebook.identity import Identity
+from swarm_notebook.identity import Identity, require_canonical
 from swarm_notebook.knowledge.service import KnowledgeService
 from swarm_notebook.knowledge.store import ReflectionStore
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
+from swarm_notebook.membership.roster import with_member, without_member
 from swarm_notebook.protocol.values import decode_value, encode_value
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.base import Transport
@@ -347,6 +348,30 @@ class SwarmCoordinator:
             # > 0: another process proved this peer's key at the signaling server.
             "identity_conflicts": int(getattr(self.node.transport, "identity_conflicts", 0)),
         }
+
+    # -- roster ------------------------------------------------------------------------
+
+    async def change_roster(self, action: str, peer_id: str, name: str = "") -> dict[str, Any]:
+        """``add`` / ``remove`` ``peer_id`` on the room's roster (this peer must own it, or
+        no roster may exist yet: the first ``add`` makes one owned by this peer, with it on
+        it), save it in the profile and send it to the connected peers at once."""
+        electorate = self.consensus.electorate
+        current = electorate.roster
+        require_canonical(peer_id)
+        if action == "add":
+            if current is None and peer_id != self.local_id:
+                current = with_member(self.identity, None, self.config.room, self.local_id, "me")
+            updated = with_member(self.identity, current, self.config.room, peer_id, name)
+        elif action == "remove":
+            if current is None:
+                raise RosterError(Reason.NOT_FOUND, "this room has no roster")
+            updated = without_member(self.identity, current, peer_id)
+        else:
+            raise RosterError(Reason.BAD_ARGUMENTS, f"unknown roster action {action!r}")
+        electorate.install(updated)
+        await self.consensus.share_roster()
+        self._notify("stats:changed", {"cause": "roster"})
+        return electorate.describe()
 
     def rejections(self) -> dict[str, int]:
         counts: dict[str, int] = {}
