@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 from swarm_notebook.client import join
+from swarm_notebook.errors import CardError, ReflectionRejected
 from swarm_notebook.governance import (
     Proposal,
     Tally,
@@ -26,6 +27,10 @@ from swarm_notebook.governance import (
 )
 from swarm_notebook.governance.electorate import Electorate
 from swarm_notebook.identity import Identity, is_canonical_peer_id, verify_signature
+from swarm_notebook.knowledge import encode_reflection, sign_reflection
+from swarm_notebook.knowledge.gate import SharedReflectionGate
+from swarm_notebook.knowledge.reflections import signing_payload
+from swarm_notebook.membership.agent_card import make_card, verify_card
 from swarm_notebook.membership.roster import make_roster, save_roster
 from swarm_notebook.signaling import SignalingServer
 from swarm_notebook.transport import link_auth
@@ -96,6 +101,28 @@ def test_link_auth_refuses_a_non_canonical_id_even_with_a_valid_signature() -> N
     assert link_auth.link_id_problem(upper) == "bad-id"
     assert not link_auth.verify_transcript(upper, signature, data)
     assert link_auth.verify_transcript(me.peer_id, signature, data)
+
+
+def test_cards_and_reflections_under_another_spelling_are_refused_bad_id() -> None:
+    me = Identity.generate()
+    # A lower-case spelling that differs only in the ignored low bits: the hardest one.
+    alias = Identity(private_key=me.private_key, peer_id=other_spellings(me.peer_id)[0])
+    card = make_card(
+        alias, name="w", version="1", capabilities=["x"], concurrency=1, limits={}, seq=1
+    )
+    with pytest.raises(CardError) as refused:
+        verify_card(card, alias.peer_id)
+    assert refused.value.reason == "bad-id"
+    gate = SharedReflectionGate()
+    lesson = {"category": "pandas", "description": "merge validates", "outcome": "successful"}
+    honest = sign_reflection(me, **lesson)
+    # Signed by the real key under the alias: it verified before the fix.
+    unsigned = msgspec.structs.replace(honest, author=alias.peer_id, signature="")
+    forged = msgspec.structs.replace(unsigned, signature=me.sign(signing_payload(unsigned)).hex())
+    with pytest.raises(ReflectionRejected) as rejected:
+        gate.check(alias.peer_id, encode_reflection(forged), now=time.time())
+    assert rejected.value.reason == "bad-id" and gate.rejections == {"bad-id": 1}
+    assert gate.check(me.peer_id, encode_reflection(honest), now=time.time()).author == me.peer_id
 
 
 async def test_the_server_admits_one_of_17_spellings_of_a_real_key(
