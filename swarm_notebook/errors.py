@@ -16,7 +16,7 @@ or on ``.reason``, never on the message text.
     ├── ProtocolError              a frame or message that breaks the protocol (ValueError)
     │   └── ValueCodecError        a value that cannot be encoded or decoded safely
     ├── SignalingError             the signaling server could not be used
-    │   ├── SignalingRefused       refused for good (bad secret, bad key, replaced)
+    │   ├── SignalingRefused       refused for good (bad secret, bad signature, bad id)
     │   ├── SignalingUnavailable   not connected right now (the client keeps trying)
     │   ├── SignalingTLSError      wss:// certificate not trusted / TLS handshake failed
     │   └── SignalingTimeout       not (back) in the room in time (TimeoutError)
@@ -132,7 +132,10 @@ class SignalingError(SwarmError):
 
 
 class SignalingRefused(SignalingError):
-    """The server refused us for good (bad secret, bad key, replaced): retrying won't help."""
+    """The server refused us for good (bad secret, bad signature, bad id): retrying won't help.
+
+    Not ``replaced``: that one is retried (another holder of our key must not keep our place).
+    """
 
 
 class SignalingUnavailable(SignalingError):

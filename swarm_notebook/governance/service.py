@@ -508,6 +508,8 @@ class ConsensusService:
             pass  # it will get it when its link comes back
 
     def _on_roster(self, peer_id: str, body: RosterMessage) -> None:
+        if not self._ballot_rate.take(peer_id, time.monotonic()):
+            raise self._refuse("rate-limited", "too many rosters")  # each costs a verify
         problem = self.electorate.offer(body.roster, peer_id)
         if problem is not None:
             raise self._refuse(problem, f"roster refused: {problem}")
