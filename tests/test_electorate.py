@@ -35,7 +35,7 @@ from swarm_notebook.membership.roster import make_roster, save_roster
 from swarm_notebook.signaling import SignalingServer
 from swarm_notebook.transport import link_auth
 from tests.support.procs import PeerProcess, WorkerProcess, child_processes
-from tests.support.spellings import other_spellings
+from tests.support.spellings import lenient_verify, other_spellings
 from tests.test_knowledge_consensus import (
     audit_outcomes,
     pid,
@@ -145,6 +145,35 @@ async def test_the_server_admits_one_of_17_spellings_of_a_real_key(
         assert stats["peers"] == 2  # the honest peer and the attacker's one real id
         # The honest peer was never disturbed and still answers.
         assert (await honest.call("peers"))["connected"] == []
+    finally:
+        await stop_all([honest, attacker])
+    assert child_processes() == []
+
+
+async def test_peers_refuse_non_canonical_ids_that_a_lenient_server_lets_in(
+    server: SignalingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stand-in for an old or hostile signaling server: it skips the canonical-id check.
+    monkeypatch.setattr("swarm_notebook.signaling.server.is_canonical_peer_id", lambda _: True)
+    monkeypatch.setattr("swarm_notebook.signaling.server.verify_signature", lenient_verify)
+    honest = await start_peer(server.url, tmp_path / "honest", "honest", "--room", "lab")
+    attacker = await PeerProcess.start(
+        "impostor.py",
+        *("--signaling", server.url, "--room", "lab", "--profile", str(tmp_path / "evil")),
+        *("--mode", "spellings"),
+        name="impostor",
+    )
+    try:
+        joins = await attacker.wait_for(lambda e: e.get("event") == "joins", 30)
+        assert len(joins["admitted"]) == 18  # the lenient server let every spelling in
+        deadline = time.monotonic() + 20
+        while True:
+            stats = (await honest.call("transport-stats"))["stats"]
+            if stats["rejections"].get("bad-id", 0) >= 17 or time.monotonic() > deadline:
+                break
+        # The peer refused to dial any of the 17 other spellings, however announced.
+        assert stats["rejections"]["bad-id"] == 17
+        assert stats["dials"] <= 1  # at most the one canonical id
     finally:
         await stop_all([honest, attacker])
     assert child_processes() == []

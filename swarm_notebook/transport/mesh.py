@@ -311,6 +311,9 @@ class MeshTransport(Transport):
     # -- signaling events --------------------------------------------------------------
 
     def _on_peer_joined(self, peer_id: str) -> None:
+        if link_auth.link_id_problem(peer_id) is not None:
+            self.rejections.count("bad-id")  # a lenient or hostile server announced it
+            return
         if peer_id != self.local_id:
             self._redial.pop(peer_id, None)
             self._maintain_peer(peer_id)
@@ -378,8 +381,8 @@ class MeshTransport(Transport):
 
     def _maintain_peer(self, peer_id: str) -> None:
         """Make progress towards a link with ``peer_id`` if none is alive or forming."""
-        if self._closed or peer_id == self.local_id:
-            return
+        if self._closed or peer_id == self.local_id or link_auth.link_id_problem(peer_id):
+            return  # never dial an id that is not a key's one spelling
         link = self._links.get(peer_id)
         now = self._clock()
         if link is not None and link.state is not LinkState.GONE:

@@ -188,6 +188,8 @@ class Peer:
                 "roster": self.consensus.electorate.describe(),
                 "rejections": dict(self.consensus.rejections),
             }
+        if name == "transport-stats":
+            return {"stats": self.node.transport.stats()}
         if name == "held-proposal":
             assert self.held is not None and self.held.proposal is not None
             return {"proposal": msgspec.to_builtins(self.held.proposal)}

@@ -25,3 +25,16 @@ def other_spellings(peer_id: str) -> list[str]:
     out += [peer_id.upper(), peer_id[:26].upper() + peer_id[26:]]
     assert all(decodes_to_same_key(s, peer_id) for s in out)
     return out
+
+
+def lenient_verify(peer_id: str, signature: bytes, data: bytes) -> bool:
+    """The original signature check: any spelling that decodes to the key passes."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        raw = base64.b32decode(peer_id.upper() + "====")
+        Ed25519PublicKey.from_public_bytes(raw).verify(signature, data)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
