@@ -115,6 +115,22 @@ async def test_up_runs_a_local_swarm_and_stops_cleanly_on_sigint(tmp_path: Path)
         assert outsider["consensus"] is False and outsider["electorate"] == "open"
         assert set(outsider["member_errors"].values()) == {"roster-mismatch"}
         await coordinator.leave()
+        # A kernel of `up` trusts the owner named in the session: it gets the roster from
+        # the workers and its proposals go to the roster (it is not on it itself).
+        coordinator = await join(
+            room, signaling=url, secret=session["SWARM_NOTEBOOK_SECRET"],
+            profile=tmp_path / "kernel", roster_owner=session["SWARM_NOTEBOOK_ROSTER_OWNER"],
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while coordinator.roster()["electorate"] != "roster":
+            assert time.monotonic() < deadline, coordinator.roster()
+            await asyncio.sleep(0.05)  # re-check; the roster's arrival is the condition
+        voted = await coordinator.request_modification_consensus(
+            {"file_path": "notes.md", "code": "# hi", "reason": "x"}
+        )
+        assert (voted["consensus"], voted["electorate"]) == (True, "roster")
+        assert set(voted["votes"]) <= set(roster.ids)
+        await coordinator.leave()
         coordinator = None
 
         children = psutil.Process(proc.pid).children(recursive=True)

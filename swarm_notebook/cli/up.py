@@ -394,7 +394,12 @@ async def start_all(
     server = await start_signaling("127.0.0.1", args.port, secret)
     stack.push_async_callback(server.close)
     say(f"signaling  {server.url}  (room {args.room!r}, secret made for this session)")
+    roster = make_session_roster(state, args.room, args.workers)
+    say(f"roster     {len(roster.members)} voters (the notebook and its workers), notebook owns it")
     session = {
+        # Every kernel (each example notebook has its own key) trusts that owner and gets
+        # the roster from the workers, so its proposals go to the roster.
+        "SWARM_NOTEBOOK_ROSTER_OWNER": roster.owner,
         "SWARM_NOTEBOOK_SIGNALING": server.url,
         "SWARM_NOTEBOOK_ROOM": args.room,
         "SWARM_NOTEBOOK_SECRET": secret,
@@ -405,8 +410,6 @@ async def start_all(
     write_session_env(session_file, session)
     stack.callback(session_file.unlink, missing_ok=True)
 
-    roster = make_session_roster(state, args.room, args.workers)
-    say(f"roster     {len(roster.members)} voters (the notebook and its workers), notebook owns it")
     workers: list[Child] = []
 
     async def stop_workers() -> None:

@@ -67,9 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="worker")
     parser.add_argument(
         "--roster-owner",
-        default=None,
-        help="peer id of the room owner whose signed roster decides who votes "
-        "(default: the owner of the roster file in the profile, if any)",
+        default=os.environ.get("SWARM_NOTEBOOK_ROSTER_OWNER"),
+        help="peer id of the room owner whose signed roster decides who votes (default "
+        "$SWARM_NOTEBOOK_ROSTER_OWNER, else the owner of the roster file in the profile)",
     )
     parser.add_argument(
         "--exit-with-parent",

@@ -13,6 +13,9 @@ from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 from swarm_notebook.workload.policy import TaskPolicy
 
 DEFAULT_SIGNALING = "ws://127.0.0.1:8765/ws"
+# The room owner whose roster to trust when none is given (``swarm-notebook up`` sets it
+# for its kernels, so every notebook votes under the roster it made).
+ROSTER_OWNER_ENV = "SWARM_NOTEBOOK_ROSTER_OWNER"
 
 
 @dataclass
