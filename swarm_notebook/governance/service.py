@@ -512,7 +512,8 @@ class ConsensusService:
             raise self._refuse("rate-limited", "too many rosters")  # each costs a verify
         problem = self.electorate.offer(body.roster, peer_id)
         if problem is not None:
-            raise self._refuse(problem, f"roster refused: {problem}")
+            self.stats.messages_rejected += 1  # counted by reason in electorate.rejections
+            raise HandlerRefusal(problem, f"roster refused: {problem}")
         self._emit("stats:changed", {"cause": "roster"})
 
     async def share_roster(self) -> int:
