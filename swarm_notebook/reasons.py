@@ -83,7 +83,6 @@ class Reason(StrEnum):
     BAD_PEER = "bad-peer"
     BAD_CARD = "bad-card"
     CARD_NOT_SENDERS = "card-not-senders"
-    IDENTITY_CONFLICT = "identity-conflict"  # another process holds this peer's key
     UNTRUSTED_OWNER = "untrusted-owner"  # a roster not signed by the owner we trust
     STALE_ROSTER = "stale-roster"  # a roster no newer than the one we hold
     # -- workload ----------------------------------------------------------------------
@@ -134,6 +133,7 @@ class Reason(StrEnum):
     NON_MEMBER = "non-member"
     NO_ROSTER = "no-roster"  # a high-risk proposal in a room without a roster
     ROSTER_MISMATCH = "roster-mismatch"  # the proposal's electorate is not our roster
+    TAMPERED = "tampered"  # a consensus result whose parts do not add up
     NO_MEMBERS = "no-members"
     NO_QUORUM = "no-quorum"
     QUORUM_UNREACHABLE = "quorum-unreachable"

@@ -237,6 +237,7 @@ async def test_spellings_and_throwaway_keys_cannot_outvote_roster_members(
         forged.update(consensus=True, reason="approved", approve_count=2, reject_count=0)
         forged["missing"] = list(prop.members)
         assert not verify_consensus(forged)
+        assert verify_consensus(forged, detail=True)["problem"] == "tampered"
         # Offline forgery 2: the attacker's own roster of throwaway keys, self-consistent,
         # does not pass for the real owner's room.
         evil = Identity.generate()

@@ -678,7 +678,7 @@ def _verify_consensus(
     ok = _verify_tally(result, proposal)
     if ok and electorate == OPEN and proposal.risk == "high" and result["consensus"] is True:
         return Reason.NO_ROSTER, electorate, None  # throwaway keys never approve high risk
-    return (None if ok else "tampered"), electorate, owner
+    return (None if ok else Reason.TAMPERED), electorate, owner
 
 
 def _verify_tally(result: Mapping[str, Any], proposal: Proposal) -> bool:
