@@ -8,6 +8,7 @@ The signaling server runs on loopback in this process; peers, workers and the at
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import time
 from pathlib import Path
@@ -15,6 +16,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from swarm_notebook.client import join
 from swarm_notebook.errors import CardError, ReflectionRejected
@@ -83,6 +87,19 @@ def test_a_key_has_exactly_one_valid_spelling() -> None:
     assert verify_signature(me.peer_id, signature, b"data")
     assert [s for s in spellings if is_canonical_peer_id(s)] == []
     assert [s for s in spellings if verify_signature(s, signature, b"data")] == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(min_size=32, max_size=32), junk=st.text(max_size=80))
+def test_exactly_one_string_per_key_is_an_id(raw: bytes, junk: str) -> None:
+    canonical = base64.b32encode(raw).decode().rstrip("=").lower()
+    try:
+        Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError:
+        return  # not a curve point: no id at all
+    assert is_canonical_peer_id(canonical)
+    assert not any(is_canonical_peer_id(s) for s in other_spellings(canonical))
+    assert is_canonical_peer_id(junk) == (junk == canonical)  # never raises on junk
 
 
 def test_link_auth_refuses_a_non_canonical_id_even_with_a_valid_signature() -> None:
