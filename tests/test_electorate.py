@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarm_notebook.client import join
-from swarm_notebook.errors import CardError, ReflectionRejected
+from swarm_notebook.errors import CardError, ReflectionRejected, RosterError
 from swarm_notebook.governance import (
     Proposal,
     Tally,
@@ -371,6 +371,10 @@ def test_rosters_only_come_from_the_trusted_owner(tmp_path: Path) -> None:
     assert held.offer(msgspec.to_builtins(newer), member.peer_id) is None  # relayed is fine
     assert held.offer(msgspec.to_builtins(first), owner.peer_id) == "stale-roster"
     assert not held.is_member(member.peer_id)
+    # A profile roster from another owner than the one named is a loud error, not "open".
+    with pytest.raises(RosterError) as wrong:
+        Electorate(member, "lab", profile_dir=tmp_path, trusted_owner=evil.peer_id)
+    assert wrong.value.reason == "untrusted-owner" and "remove it" in wrong.value.message
     # An open peer (no owner trusted) never adopts a roster from the swarm.
     open_peer = Electorate(evil, "lab")
     assert open_peer.offer(msgspec.to_builtins(first), owner.peer_id) == "untrusted-owner"

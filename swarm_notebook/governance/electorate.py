@@ -21,6 +21,7 @@ from swarm_notebook.membership.roster import (
     Roster,
     load_roster,
     roster_hash,
+    roster_path,
     roster_problem,
     roster_to_dict,
     save_roster,
@@ -52,6 +53,13 @@ class Electorate:
             roster = load_roster(profile_dir, room)
         if roster is not None:
             problem = roster_problem(roster, trusted_owner)
+            if problem == Reason.UNTRUSTED_OWNER:
+                where = roster_path(profile_dir, room) if profile_dir else "the given roster"
+                raise RosterError(
+                    problem,
+                    f"{where} is owned by {roster.owner[:16]}, not by the trusted owner "
+                    f"{str(trusted_owner)[:16]}: remove it, or trust its owner instead",
+                )
             if problem is not None:
                 raise RosterError(problem, f"the roster for {room!r:.40} does not verify")
             if roster.room != room:
