@@ -197,22 +197,24 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 def _proposal_payload(p: Proposal) -> bytes:
-    return PROPOSAL_CONTEXT + _encoder.encode(
-        [
-            p.id,
-            p.content_hash,
-            p.target,
-            p.rationale,
-            p.risk,
-            p.operation,
-            p.proposer,
-            list(p.members),
-            p.quorum,
-            float(p.created_at),
-            float(p.deadline),
-            p.roster,
-        ]
-    )
+    fields: list[Any] = [
+        p.id,
+        p.content_hash,
+        p.target,
+        p.rationale,
+        p.risk,
+        p.operation,
+        p.proposer,
+        list(p.members),
+        p.quorum,
+        float(p.created_at),
+        float(p.deadline),
+    ]
+    if p.roster:
+        # Only when bound: open-room proposals sign exactly what they always signed, so
+        # results published before rosters existed still verify.
+        fields.append(p.roster)
+    return PROPOSAL_CONTEXT + _encoder.encode(fields)
 
 
 def _ballot_payload(b: Ballot) -> bytes:
