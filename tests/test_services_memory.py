@@ -650,6 +650,19 @@ async def test_voters_check_proposals_before_any_policy_runs(swarm: Callable[...
     ]
     assert b.consensus.rejections["proposer-mismatch"] == 1
 
+    # A proposer that asks anyway: an open-room high-risk proposal gets no ballot (no-roster),
+    # and once b holds a roster, a proposal that does not bind it gets roster-mismatch.
+    risky = {"file_path": "x.py", "code": "eval(y)", "operation": "MODIFY", "reason": "why not"}
+    open_risky = make_proposal(a.node.identity, risky, [b.id, c.id], now=time.time())
+    with pytest.raises(RemoteError) as err:
+        await ask(a, open_risky, risky)
+    assert err.value.reason == "no-roster"
+    put_on_roster([a, b, c])
+    with pytest.raises(RemoteError) as err:
+        await ask(a, make_proposal(a.node.identity, mod, [b.id, c.id], now=time.time()))
+    assert err.value.reason == "roster-mismatch"
+    assert b.consensus.rejections["no-roster"] == b.consensus.rejections["roster-mismatch"] == 1
+
 
 async def test_closing_ends_an_open_proposal_and_refuses_new_ones(
     swarm: Callable[..., Any],
