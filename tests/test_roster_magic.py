@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
+from swarm_notebook.errors import SwarmError
 from swarm_notebook.identity import Identity
 from swarm_notebook.membership.roster import load_roster
-from swarm_notebook.notebook.extension import run_blocking
-from swarm_notebook.notebook.handle import SwarmNotebookError
+from swarm_notebook.notebook.session import run_blocking
 from tests.support.procs import WorkerProcess, child_processes
 from tests.support.swarm import Swarm
 
@@ -64,7 +64,7 @@ def test_swarm_roster_makes_shares_and_enforces_the_roster(
 
         shell.run_line_magic("swarm", "roster")
         assert "open room" in capsys.readouterr().out
-        with pytest.raises(SwarmNotebookError) as bad:
+        with pytest.raises(SwarmError) as bad:
             shell.run_line_magic("swarm", f"roster add {worker.peer_id.upper()}")
         assert bad.value.reason == "bad-id"
 

@@ -381,8 +381,7 @@ class SwarmCoordinator:
             self.node.transport.rejections.by_reason,
             self.node.endpoint.rejections,
             self.node.card_rejections,
-            self.consensus.rejections,
-            self.consensus.electorate.rejections,
+            self.consensus.request_refusals,
         )
         for source in sources:
             for reason, n in source.items():

@@ -180,6 +180,9 @@ class ConsensusService:
         self._proposal_rate = TokenBuckets(proposal_rate_per_s, proposal_burst, 1024)
         self._ballot_rate = TokenBuckets(ballot_rate_per_s, ballot_burst, 1024)
         self.rejections: Counter[str] = Counter()
+        # Refused on our side while proposing (no peer asked us anything): a bad member id,
+        # a high-risk change in an open room. Handler refusals are counted by the endpoint.
+        self.request_refusals: Counter[str] = Counter()
         self._tasks = OwnedTasks("consensus-service")
         self._closed = False
         node.endpoint.register_message_handler(
@@ -244,13 +247,13 @@ class ConsensusService:
         good, bad = split_members(connected)
         ignored_members = [{"peer_id": peer[:64], "reason": Reason.BAD_ID.value} for peer in bad]
         if bad:
-            self.rejections[Reason.BAD_ID] += len(bad)
+            self.request_refusals[Reason.BAD_ID] += len(bad)
         local_id = f"local-{secrets.token_hex(8)}"
         if not self._is_initialized() or (roster is None and not connected):
             result = unavailable_result(self.settings.fail_closed)
             return self._finish(local_id, mod, risk, created_at, result)
         if roster is None and risk == "high":
-            self.rejections[Reason.NO_ROSTER] += 1
+            self.request_refusals[Reason.NO_ROSTER] += 1
             result = unavailable_result(fail_closed=True)
             result["reason"] = Reason.NO_ROSTER.value
             result["electorate"] = "open"

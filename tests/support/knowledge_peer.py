@@ -186,7 +186,7 @@ class Peer:
         if name == "roster":
             return {
                 "roster": self.consensus.electorate.describe(),
-                "rejections": dict(self.consensus.rejections),
+                "rejections": dict(self.consensus.request_refusals),
             }
         if name == "transport-stats":
             return {"stats": self.node.transport.stats()}
