@@ -17,14 +17,16 @@ from swarm_notebook import __version__
 from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.events import EventBus
-from swarm_notebook.errors import NotJoinedError, TaskInputError, ValueCodecError
+from swarm_notebook.errors import NotJoinedError, RosterError, TaskInputError, ValueCodecError
+from swarm_notebook.governance.electorate import Electorate
 from swarm_notebook.governance.service import ConsensusService
-from swarm_notebook.identity import Identity
+from swarm_notebook.identity import Identity, require_canonical
 from swarm_notebook.knowledge.service import KnowledgeService
 from swarm_notebook.knowledge.store import ReflectionStore
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
+from swarm_notebook.membership.roster import with_member, without_member
 from swarm_notebook.protocol.values import DecodeBudget, decode_value, encode_value
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.base import Transport
@@ -106,6 +108,9 @@ class SwarmCoordinator:
             notify=self._notify,
             settings=config.consensus,
             is_initialized=lambda: self.initialized,
+            electorate=Electorate(
+                identity, config.room, profile_dir=profile_dir, trusted_owner=config.roster_owner
+            ),
         )
         self._background = OwnedTasks("coordinator")
         self.node.add_listener(self._peer_changed)
@@ -356,7 +361,34 @@ class SwarmCoordinator:
                 "concurrency": self.config.concurrency,
             },
             "rejections": self.rejections(),
+            "electorate": self.consensus.electorate.describe(),
+            # > 0: another process proved this peer's key at the signaling server.
+            "identity_conflicts": int(getattr(self.node.transport, "identity_conflicts", 0)),
         }
+
+    # -- roster ------------------------------------------------------------------------
+
+    async def change_roster(self, action: str, peer_id: str, name: str = "") -> dict[str, Any]:
+        """``add`` / ``remove`` ``peer_id`` on the room's roster (this peer must own it, or
+        no roster may exist yet: the first ``add`` makes one owned by this peer, with it on
+        it), save it in the profile and send it to the connected peers at once."""
+        electorate = self.consensus.electorate
+        current = electorate.roster
+        require_canonical(peer_id)
+        if action == "add":
+            if current is None and peer_id != self.local_id:
+                current = with_member(self.identity, None, self.config.room, self.local_id, "me")
+            updated = with_member(self.identity, current, self.config.room, peer_id, name)
+        elif action == "remove":
+            if current is None:
+                raise RosterError(Reason.NOT_FOUND, "this room has no roster")
+            updated = without_member(self.identity, current, peer_id)
+        else:
+            raise RosterError(Reason.BAD_ARGUMENTS, f"unknown roster action {action!r}")
+        electorate.install(updated)
+        await self.consensus.share_roster()
+        self._notify("stats:changed", {"cause": "roster"})
+        return electorate.describe()
 
     def rejections(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -368,6 +400,7 @@ class SwarmCoordinator:
             self.node.card_rejections,
             self.decode_refusals,
             self.knowledge.answer_rejections,
+            self.consensus.request_refusals,
         )
         for source in sources:
             for reason, n in source.items():

@@ -251,11 +251,17 @@ class MeshTransport(Transport):
     def signaling_connected(self) -> bool:
         return bool(self._signaling.connected)
 
+    @property
+    def identity_conflicts(self) -> int:
+        """Times another holder of our key took our place at the signaling server."""
+        return int(getattr(self._signaling, "identity_conflicts", 0))
+
     def stats(self) -> dict[str, object]:
         return {
             "rejections": dict(self.rejections.by_reason),
             "signaling_connected": self.signaling_connected,
             "reassembly_pending_bytes": self._reassembly_pool.pending_bytes,
+            "identity_conflicts": self.identity_conflicts,
             **self.counters,
         }
 
@@ -337,6 +343,9 @@ class MeshTransport(Transport):
     # -- signaling events --------------------------------------------------------------
 
     def _on_peer_joined(self, peer_id: str) -> None:
+        if link_auth.link_id_problem(peer_id) is not None:
+            self.rejections.count("bad-id")  # a lenient or hostile server announced it
+            return
         if peer_id != self.local_id:
             self._redial.pop(peer_id, None)
             self._maintain_peer(peer_id)
@@ -359,6 +368,10 @@ class MeshTransport(Transport):
 
     def _on_signal(self, from_peer: str, data: dict[str, Any]) -> None:
         if self._closed:
+            return
+        if link_auth.link_id_problem(from_peer) is not None:
+            # Only a lenient or hostile signaling server forwards these; never dial them.
+            self.rejections.count("bad-id")
             return
         lock = self._peer_locks.setdefault(from_peer, asyncio.Lock())
         self._tasks.spawn(self._handle_signal(lock, from_peer, data), name="mesh-signal")
@@ -400,8 +413,8 @@ class MeshTransport(Transport):
 
     def _maintain_peer(self, peer_id: str) -> None:
         """Make progress towards a link with ``peer_id`` if none is alive or forming."""
-        if self._closed or peer_id == self.local_id:
-            return
+        if self._closed or peer_id == self.local_id or link_auth.link_id_problem(peer_id):
+            return  # never dial an id that is not a key's one spelling
         link = self._links.get(peer_id)
         now = self._clock()
         if link is not None and link.state is not LinkState.GONE:
@@ -626,6 +639,9 @@ class MeshTransport(Transport):
         elif env.type == "link.auth":
             signature = body.get("signature")
             data = self._transcript(link)
+            if link_auth.link_id_problem(link.peer_id) is not None:
+                self._reject_link(link, "bad-id")
+                return
             if (
                 link.state is not LinkState.AUTHENTICATING
                 or data is None
