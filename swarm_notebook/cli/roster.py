@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from swarm_notebook.errors import SwarmError
+from swarm_notebook.errors import SwarmError, UsageError
 from swarm_notebook.identity import Identity, default_profile_dir, require_canonical
 from swarm_notebook.membership.roster import (
     Roster,
@@ -27,6 +27,7 @@ from swarm_notebook.membership.roster import (
     with_member,
     without_member,
 )
+from swarm_notebook.reasons import Reason
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             updated = with_member(owner, current, args.room, peer_id, args.name)
         else:
             if current is None:
-                raise SwarmError("not-found", f"room {args.room!r} has no roster in {profile}")
+                raise UsageError(Reason.NOT_FOUND, f"room {args.room!r} has no roster in {profile}")
             updated = without_member(owner, current, peer_id)
         path = save_roster(profile, updated)
     except (SwarmError, OSError, ValueError) as exc:
