@@ -26,6 +26,7 @@ from swarm_notebook.coordinator.coordinator import SwarmCoordinator
 from swarm_notebook.coordinator.events import EventBus
 from swarm_notebook.identity import Identity, default_profile_dir
 from swarm_notebook.transport.factory import mesh_transport
+from swarm_notebook.transport.ice_config import resolve as resolve_ice
 from swarm_notebook.workload.executors.capabilities import PYTHON_EXECUTION
 
 if TYPE_CHECKING:
@@ -255,12 +256,19 @@ async def join(
     git_repo: str | Path | None = None,
     llm_endpoint: str | None = None,
     ice_servers: list[dict[str, Any]] | None = None,
+    ice_policy: str | None = None,
     config: CoordinatorConfig | None = None,
 ) -> Coordinator:
     """Join ``room`` through the signaling server and initialise the coordinator.
 
     Running other peers' code is off unless ``allow_remote_code=True`` or
     ``"python-execution"`` is listed in ``capabilities``.
+
+    ICE: ``ice_servers=[{"urls": "turn:host:3478", "username": ..., "credential": ...}]``
+    and ``ice_policy="relay"`` win over ``$SWARM_NOTEBOOK_ICE_SERVERS`` /
+    ``$SWARM_NOTEBOOK_ICE_POLICY``, which win over ``<profile>/ice.json``, which wins over
+    the servers the signaling server issues. A setting that cannot be used raises
+    ``IceConfigError`` here.
 
     >>> c = await swarm_notebook.join("lab", signaling="ws://127.0.0.1:8765/ws")  # doctest: +SKIP
     """
@@ -275,6 +283,7 @@ async def join(
         git_repo,
         llm_endpoint,
         ice_servers,
+        ice_policy,
         config,
     )
     identity = Identity.load_or_create(profile_dir)
@@ -313,6 +322,7 @@ def _resolve_config(
     git_repo: str | Path | None,
     llm_endpoint: str | None,
     ice_servers: list[dict[str, Any]] | None,
+    ice_policy: str | None,
     config: CoordinatorConfig | None,
 ) -> tuple[CoordinatorConfig, Path]:
     cfg = dataclasses.replace(config) if config is not None else CoordinatorConfig()
@@ -328,7 +338,15 @@ def _resolve_config(
         git_repo=Path(git_repo).expanduser() if git_repo else cfg.executors.git_repo,
         llm_endpoint=llm_endpoint or cfg.executors.llm_endpoint,
     )
-    if ice_servers is not None:
-        cfg.mesh = dataclasses.replace(cfg.mesh, ice_servers=list(ice_servers))
     profile_dir = Path(profile).expanduser() if profile else (cfg.profile or default_profile_dir())
+    ice = resolve_ice(
+        ice_servers if ice_servers is not None else cfg.mesh.ice_servers,
+        ice_policy if ice_policy is not None else cfg.mesh.ice_policy,
+        profile_dir=profile_dir,
+    )
+    cfg.mesh = dataclasses.replace(
+        cfg.mesh,
+        ice_servers=ice.as_dicts() if ice.configured else None,
+        ice_policy=ice.policy,
+    )
     return cfg, profile_dir

@@ -8,7 +8,8 @@ or on ``.reason``, never on the message text.
 
     SwarmError
     ├── UsageError                 local misuse: bad arguments, unknown variable, ...
-    │   └── NotJoinedError         the coordinator is not (or no longer) in a swarm
+    │   ├── NotJoinedError         the coordinator is not (or no longer) in a swarm
+    │   └── IceConfigError         ICE servers / policy that cannot be used
     ├── IdentityError              a key file or peer id that cannot be used
     ├── ProtocolError              a frame or message that breaks the protocol (ValueError)
     │   └── ValueCodecError        a value that cannot be encoded or decoded safely
@@ -68,6 +69,10 @@ class UsageError(SwarmError):
 
 class NotJoinedError(UsageError):
     """The coordinator is not in a swarm (never joined, or it left: ``join()`` again)."""
+
+
+class IceConfigError(UsageError, ValueError):
+    """An ICE server list or policy that cannot be used (bad URL, TURN without credentials)."""
 
 
 class IdentityError(SwarmError):

@@ -111,6 +111,10 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
     join.add_argument(
         "--settle", type=float, default=10.0, help="seconds to wait for the room's peers to connect"
     )
+    join.add_argument("--ice-server", action="append", default=[], metavar="URL")
+    join.add_argument("--ice-username", default=None)
+    join.add_argument("--ice-credential", default=None)
+    join.add_argument("--ice-policy", choices=("all", "relay"), default=None)
     for name, text in (
         ("status", "state and counters"),
         ("peers", "peers as a DataFrame"),
@@ -171,11 +175,18 @@ class SwarmMagics(Magics):
 
     def _join(self, args: argparse.Namespace) -> None:
         from swarm_notebook.coordinator.config import DEFAULT_SIGNALING
+        from swarm_notebook.transport.ice_config import servers_from_urls
 
         signaling = args.signaling or DEFAULT_SIGNALING
+        ice_servers = (
+            servers_from_urls(args.ice_server, args.ice_username, args.ice_credential)
+            if args.ice_server
+            else None
+        )
         coordinator, missing = self.session.join(
             args.room, signaling=signaling, secret=args.secret, capabilities=args.caps,
             profile=args.profile, settle_s=args.settle,
+            ice_servers=ice_servers, ice_policy=args.ice_policy,
         )  # fmt: skip
         stats = coordinator.get_stats()
         print(
