@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from swarm_notebook.protocol.signaling import MAX_ROOM_LENGTH
+from swarm_notebook.signaling.turn_credentials import TurnConfig
 
 DEFAULT_PORT = 8765
 
@@ -77,6 +78,8 @@ class SignalingConfig:
     limits: SignalingLimits = field(default_factory=SignalingLimits)
     # How long close() waits for clients to receive Shutdown before dropping them.
     shutdown_timeout: float = 3.0
+    # ICE servers (and TURN credentials) handed to every admitted peer; None: none.
+    turn: TurnConfig | None = None
 
     def secret_for(self, room: str) -> str | None:
         return self.room_secrets.get(room, self.secret)

@@ -34,10 +34,12 @@ from swarm_notebook.identity import verify_signature
 from swarm_notebook.protocol.signaling import (
     Challenge,
     Error,
+    IceServers,
     Join,
     Joined,
     PeerJoined,
     PeerLeft,
+    RefreshIce,
     Shutdown,
     Signal,
     decode_client_message,
@@ -49,6 +51,7 @@ from swarm_notebook.signaling.config import SignalingConfig
 from swarm_notebook.signaling.connection import Connection
 from swarm_notebook.signaling.ratelimit import TokenBucket
 from swarm_notebook.signaling.rooms import RoomRegistry
+from swarm_notebook.signaling.turn_credentials import TurnIssuer
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,8 @@ class SignalingServer:
         self._replacements = 0
         self._messages_received = 0
         self._messages_forwarded = 0
+        turn = self.config.turn
+        self._turn = TurnIssuer(turn) if turn is not None and turn.enabled else None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -148,6 +153,7 @@ class SignalingServer:
             "messages_received": self._messages_received,
             "messages_forwarded": self._messages_forwarded,
             "rejections": dict(self._rejections),
+            "ice_issued": self._turn.issued if self._turn is not None else 0,
         }
 
     # -- HTTP --------------------------------------------------------------------------
@@ -292,6 +298,8 @@ class SignalingServer:
             return self._refuse(conn, Reason.MALFORMED, f"not JSON: {str(exc)[:160]}")
         if isinstance(message, Join):
             return self._on_join(conn, message)
+        if isinstance(message, RefreshIce):
+            return self._on_refresh_ice(conn)
         return self._on_signal(conn, message)
 
     def _on_join(self, conn: Connection, join: Join) -> bool:
@@ -337,7 +345,18 @@ class SignalingServer:
         previous = self._rooms.bind(room, peer_id, conn)
         conn.room, conn.peer_id = room, peer_id
         self._joins_total += 1
-        conn.send(Joined(room=room, peer_id=peer_id, peers=sorted(others)))
+        ice_servers, ice_expires = (
+            self._turn.issue(peer_id) if self._turn is not None else (None, None)
+        )
+        conn.send(
+            Joined(
+                room=room,
+                peer_id=peer_id,
+                peers=sorted(others),
+                ice_servers=ice_servers,
+                ice_expires=ice_expires,
+            )
+        )
         if previous is not None:
             self._replacements += 1
             previous.close_with(
@@ -378,6 +397,13 @@ class SignalingServer:
         return self._reply(
             conn, Reason.PEER_BUSY, f"peer {signal.to[:16]!r} is not reading; signal not delivered"
         )
+
+    def _on_refresh_ice(self, conn: Connection) -> bool:
+        if conn.peer_id is None:
+            return self._strike(conn, Reason.NOT_JOINED, "send a join before asking for ICE")
+        servers, expires = self._turn.issue(conn.peer_id) if self._turn is not None else ([], None)
+        self._deliver_control(conn, IceServers(ice_servers=servers, ice_expires=expires))
+        return not conn.closing
 
     def _leave(self, conn: Connection) -> None:
         if conn.room is None or conn.peer_id is None:
