@@ -164,6 +164,7 @@ class SignalingClient:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         event_queue_size: int = 1024,
         rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
         self.room = room
@@ -178,7 +179,7 @@ class SignalingClient:
         self._on_ice_servers = on_ice_servers
         self.ice_servers: list[dict[str, Any]] = []
         self.ice_expires: float | None = None
-        self._wall_clock = time.time
+        self._wall_clock = wall_clock  # TURN expiries are Unix times
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._join_timeout = join_timeout
