@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from swarm_notebook.notebook.widget import SwarmDashboard
+    from swarm_notebook.views.doctor import Check
 
 T = TypeVar("T")
 
@@ -113,6 +114,26 @@ class Coordinator:
         ``task:submitted|working|completed|failed|canceled|rejected``, ``stats:changed``.
         """
         return self._events.on(event, callback)
+
+    async def doctor(self) -> list[Check]:
+        """Signaling, the ICE servers in use, the NAT type and every link, with advice.
+
+        >>> print(render(await c.doctor()))  # doctest: +SKIP
+        """
+        from swarm_notebook.transport.ice_config import IceSettings, parse_policy
+        from swarm_notebook.views.doctor import diagnose_swarm
+
+        core = self._core
+        transport = core.node.transport
+        servers = getattr(transport, "ice_servers", ())
+        policy = parse_policy(core.config.mesh.ice_policy or "all")
+
+        async def run() -> list[Check]:
+            return await diagnose_swarm(
+                core.config.signaling, IceSettings(policy=policy), servers, core.get_stats()
+            )
+
+        return await self._call(run())
 
     # -- workload ----------------------------------------------------------------------
 

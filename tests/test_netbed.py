@@ -23,7 +23,7 @@ import pytest
 
 from swarm_notebook.signaling.turn_credentials import turn_password
 from tests.support import netbed
-from tests.support.netbed import INET_IP, TURN_PORT, NetBed
+from tests.support.netbed import INET_IP, INET_IP2, TURN_PORT, NetBed
 from tests.support.procs import REPO, PeerProcess
 
 pytestmark = [
@@ -33,6 +33,7 @@ pytestmark = [
 
 TURN_SECRET = "netbed-static-auth-secret"
 STUN = f"stun:{INET_IP}:{TURN_PORT}"
+STUN2 = f"stun:{INET_IP2}:{TURN_PORT}"
 TURN = f"turn:{INET_IP}:{TURN_PORT}"
 PLAIN_PORT, ISSUING_PORT = 8765, 8766
 LINK_TIMEOUT = 30.0
@@ -360,3 +361,56 @@ async def test_5_mb_delegation_completes_over_a_lossy_uplink(
     finally:
         net.remove_loss(net.router_a, 0.02)
     assert reply["success"] and reply["value"] == 5 * 2**20, reply
+
+
+async def doctor(net: NetBed, ns: str, *args: str, port: int = PLAIN_PORT) -> tuple[int, str]:
+    argv = [
+        sys.executable, "-m", "swarm_notebook.cli.main", "doctor",
+        "--signaling", signaling_url(port), *args,
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *net.command(ns, argv), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=child_env(),
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert b"Traceback" not in err, err.decode()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_doctor_says_turn_credentials_refused_and_sees_a_cone_nat(
+    bed: tuple[NetBed, Path], tmp_path: Path
+) -> None:
+    net, _ = bed
+    code, out = await doctor(
+        net, net.host_a, "--profile", str(tmp_path),
+        "--ice-server", STUN, "--ice-server", STUN2, "--ice-server", TURN,
+        "--ice-username", f"{int(time.time()) + 600}:someone", "--ice-credential", "wrong",
+    )  # fmt: skip
+    assert code == 1, out
+    assert f"FAIL {TURN}" in out and "TURN credentials refused" in out, out
+    assert f"ok   {STUN}: mapped address 198.18.1.2:" in out, out
+    assert "cone NAT" in out, out
+
+
+async def test_doctor_advises_turn_behind_a_symmetric_nat(
+    bed: tuple[NetBed, Path], tmp_path: Path
+) -> None:
+    net, _ = bed
+    code, out = await doctor(
+        net, net.host_b, "--profile", str(tmp_path), "--ice-server", STUN, "--ice-server", STUN2
+    )
+    assert code == 1, out
+    assert "symmetric NAT: add a TURN server" in out, out
+
+
+async def test_doctor_checks_the_servers_signaling_issues(
+    bed: tuple[NetBed, Path], tmp_path: Path
+) -> None:
+    net, _ = bed
+    code, out = await doctor(net, net.host_b, "--profile", str(tmp_path), port=ISSUING_PORT)
+    assert f"issued: {STUN}, {TURN}" in out, out
+    assert f"ok   {TURN}: relay allocated at {INET_IP}:" in out, out
+    # One issued STUN server is enough for a guess: coturn's OTHER-ADDRESS gives the second.
+    assert "symmetric NAT" in out and "links will relay through TURN" in out, out
+    assert code == 0, out

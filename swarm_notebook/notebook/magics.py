@@ -55,7 +55,7 @@ ENV_SIGNALING = "SWARM_NOTEBOOK_SIGNALING"
 ENV_ROOM = "SWARM_NOTEBOOK_ROOM"
 ENV_SECRET = "SWARM_NOTEBOOK_SECRET"
 DEFAULT_ROOM = "local"
-SUBCOMMANDS = ("join", "status", "peers", "tasks", "dashboard", "leave")
+SUBCOMMANDS = ("join", "status", "peers", "tasks", "dashboard", "doctor", "leave")
 
 
 class _HelpShown(Exception):
@@ -120,6 +120,7 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
         ("peers", "peers as a DataFrame"),
         ("tasks", "tasks as a DataFrame"),
         ("dashboard", "the live panel"),
+        ("doctor", "check signaling, STUN/TURN, the NAT and every link"),
         ("leave", "leave the swarm"),
     ):
         sub.add_parser(name, help=text)
@@ -227,6 +228,13 @@ class SwarmMagics(Magics):
                 "no-kernel", "the dashboard needs a Jupyter kernel (JupyterLab, Notebook, VS Code)"
             ) from None
         return coordinator.dashboard()
+
+    def _doctor(self, args: argparse.Namespace) -> None:
+        from swarm_notebook.notebook.extension import run_blocking
+        from swarm_notebook.views.doctor import render
+
+        checks = run_blocking(self.session.require().doctor(), timeout=60)
+        print(render(checks))
 
     def _leave(self, args: argparse.Namespace) -> None:
         room = self.session.room

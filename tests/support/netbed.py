@@ -31,6 +31,7 @@ from pathlib import Path
 
 PREFIX = "snbed"
 INET_IP = "198.18.0.1"
+INET_IP2 = "198.18.0.2"  # coturn's second address: a second STUN answer for NAT guesses
 HOST_A_IP = "10.1.0.2"
 HOST_B_IP = "10.2.0.2"
 HOST_C_IP = "10.3.0.2"
@@ -110,6 +111,7 @@ class NetBed:
             # IPv4 only: link-local IPv6 addresses would be offered as host candidates.
             self.exec(name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
         self.exec(self.inet, "ip", "addr", "add", f"{INET_IP}/32", "dev", "lo")
+        self.exec(self.inet, "ip", "addr", "add", f"{INET_IP2}/32", "dev", "lo")
         self.exec(self.inet, "ip", "link", "add", "blackhole0", "type", "ifb")
         self.exec(self.inet, "ip", "link", "set", "blackhole0", "up")
         self.exec(self.inet, "ip", "route", "add", "default", "dev", "blackhole0")
@@ -197,6 +199,7 @@ def coturn_config(directory: Path, secret: str, *, listen: str = INET_IP) -> Pat
         textwrap.dedent(
             f"""\
             listening-ip={listen}
+            listening-ip={INET_IP2}
             relay-ip={listen}
             listening-port={TURN_PORT}
             min-port=49152
