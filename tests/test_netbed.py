@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from swarm_notebook.protocol.framing import Reassembler, ReassemblyLimits, frame_message
 from swarm_notebook.signaling.turn_credentials import turn_password
 from tests.support import netbed
 from tests.support.netbed import INET_IP, INET_IP2, TURN_PORT, NetBed
@@ -328,23 +329,46 @@ async def test_uplink_cut_is_noticed_within_5_s_and_link_recovers_within_3_s(
         net, net.host_c, room(request), tmp_path / "j", ice_servers=[{"urls": STUN}]
     )
     await pair.link()
-    mark = len(pair.joiner.events)
-    cut = time.time()
-    net.cut_uplink(net.router_a)
-    try:
-        down = await pair.joiner.wait_for(lambda e: e.get("event") == "peer_down", 10, mark)
-        assert down["t"] - cut < 5.0, f"noticed after {down['t'] - cut:.1f} s"
-        await asyncio.sleep(max(0.0, cut + 10.0 - time.time()))  # the 10 s outage itself
-    finally:
-        net.restore_uplink(net.router_a)
-    restored = time.time()
-    up = await pair.joiner.wait_for(lambda e: e.get("event") == "peer_up", 20, mark)
-    assert up["t"] - restored < 3.0, f"back {up['t'] - restored:.1f} s after restore"
-    reply = await pair.joiner.call("delegate", mb=0)
-    assert reply["success"]
+    # Cut one side, then the other: one of the two cut sides is the offerer (the smaller
+    # id), whose re-dials during the outage can gather only host candidates.
+    for router in (net.router_a, net.router_c):
+        mark = len(pair.joiner.events)
+        cut = time.time()
+        net.cut_uplink(router)
+        try:
+            down = await pair.joiner.wait_for(lambda e: e.get("event") == "peer_down", 10, mark)
+            assert down["t"] - cut < 5.0, f"noticed after {down['t'] - cut:.1f} s"
+            await asyncio.sleep(max(0.0, cut + 10.0 - time.time()))  # the 10 s outage itself
+        finally:
+            net.restore_uplink(router)
+        restored = time.time()
+        up = await pair.joiner.wait_for(lambda e: e.get("event") == "peer_up", 20, mark)
+        noticed, back = down["t"] - cut, up["t"] - restored
+        assert back < 3.0, f"back {back:.1f} s after restoring {router}"
+        print(f"outage at {router}: noticed after {noticed:.1f} s, back {back:.1f} s after restore")
+        reply = await pair.joiner.call("delegate", mb=0)
+        assert reply["success"]
 
 
-async def test_5_mb_delegation_completes_over_a_lossy_uplink(
+def _reassembly_times_out_from_first_chunk() -> bool:
+    """True while a transfer that keeps progressing still expires ``timeout_s`` after its
+    first chunk (issue 11, Deliver 4; fixed on another branch): over a lossy, delayed
+    link a 5 MB input then never arrives, so the test below cannot pass yet."""
+    limits = ReassemblyLimits(timeout_s=1.0)
+    reassembler = Reassembler(limits)
+    frames = list(frame_message(b"x" * 300, 1, 100))
+    reassembler.feed(frames[0], 0.0)
+    reassembler.feed(frames[1], 0.9)
+    return reassembler.expire(1.5) == 1
+
+
+@pytest.mark.xfail(
+    _reassembly_times_out_from_first_chunk(),
+    reason="needs the reassembly timeout to count from the last progress (issue 11 item 4)",
+    run=False,
+    strict=True,
+)
+async def test_5_mb_delegation_completes_over_100_ms_delay_and_2_percent_loss(
     bed: tuple[NetBed, Path], pair: Pair, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     net, _ = bed
@@ -355,12 +379,17 @@ async def test_5_mb_delegation_completes_over_a_lossy_uplink(
         net, net.host_c, room(request), tmp_path / "j", ice_servers=[{"urls": STUN}]
     )
     await pair.link()
+    helper = net.add_delay(net.router_a, 100.0)
     net.add_loss(net.router_a, 0.02)
     try:
+        small = await pair.joiner.call("delegate", mb=0)
+        assert small["seconds"] > 0.1, small  # the delay is really on the path
         reply = await pair.joiner.call("delegate", timeout=150, mb=5, task_timeout=120)
     finally:
         net.remove_loss(net.router_a, 0.02)
+        net.remove_delay(net.router_a, helper)
     assert reply["success"] and reply["value"] == 5 * 2**20, reply
+    print(f"5 MB over 100 ms + 2 % loss: {reply['seconds']:.1f} s")
 
 
 async def doctor(net: NetBed, ns: str, *args: str, port: int = PLAIN_PORT) -> tuple[int, str]:

@@ -24,6 +24,7 @@ import contextlib
 import os
 import secrets
 import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ HOST_A_IP = "10.1.0.2"
 HOST_B_IP = "10.2.0.2"
 HOST_C_IP = "10.3.0.2"
 TURN_PORT = 3478
+NFQ_DELAY = str(Path(__file__).with_name("nfq_delay.py"))
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -157,6 +159,39 @@ class NetBed:
 
     def restore_uplink(self, router: str) -> None:
         self.exec(router, "iptables", "-D", "FORWARD", "-j", "DROP")
+
+    def add_delay(self, router: str, delay_ms: float) -> subprocess.Popen[str]:
+        """Delay what the router sends up its uplink by ``delay_ms`` (NFQUEUE helper).
+
+        Returns the helper process; :meth:`remove_delay` stops it (and :meth:`close`
+        kills it with everything else in the namespace).
+        """
+        helper = subprocess.Popen(
+            self.command(router, [sys.executable, NFQ_DELAY, "--delay-ms", f"{delay_ms}"]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert helper.stdout is not None
+        if helper.stdout.readline().strip() != "ready":
+            helper.kill()
+            helper.wait()
+            raise RuntimeError("the NFQUEUE delay helper did not start")
+        self.exec(router, "iptables", "-A", "FORWARD", *self._delay_rule())
+        return helper
+
+    def remove_delay(self, router: str, helper: subprocess.Popen[str]) -> None:
+        self.exec(router, "iptables", "-D", "FORWARD", *self._delay_rule(), check=False)
+        helper.terminate()
+        try:
+            helper.wait(5)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+            helper.wait()
+
+    @staticmethod
+    def _delay_rule() -> list[str]:
+        # --queue-bypass: should the helper die, packets flow undelayed instead of stopping.
+        return ["-o", "wan", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"]
 
     def add_loss(self, router: str, probability: float) -> None:
         self.exec(router, "iptables", "-I", "FORWARD", "1", *self._loss(probability))
