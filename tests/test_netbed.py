@@ -11,205 +11,46 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from swarm_notebook.protocol.framing import Reassembler, ReassemblyLimits, frame_message
-from swarm_notebook.signaling.turn_credentials import turn_password
 from tests.support import netbed
-from tests.support.netbed import INET_IP, INET_IP2, TURN_PORT, NetBed
-from tests.support.procs import REPO, PeerProcess
+from tests.support.netbed import INET_IP, NetBed
+from tests.support.netbed_peers import (
+    DEAD_STUN,
+    ISSUING_PORT,
+    PLAIN_PORT,
+    STUN,
+    STUN2,
+    TURN,
+    TURN_TCP,
+    NsWorker,
+    Pair,
+    child_env,
+    rest_credentials,
+    running_bed,
+    signaling_url,
+    start_joiner,
+    turn_entry,
+)
 
 pytestmark = [
     pytest.mark.network,
     pytest.mark.skipif(netbed.available() is not None, reason=str(netbed.available())),
 ]
 
-TURN_SECRET = "netbed-static-auth-secret"
-STUN = f"stun:{INET_IP}:{TURN_PORT}"
-STUN2 = f"stun:{INET_IP2}:{TURN_PORT}"
-TURN = f"turn:{INET_IP}:{TURN_PORT}"
-PLAIN_PORT, ISSUING_PORT = 8765, 8766
-LINK_TIMEOUT = 30.0
-
-
-def child_env() -> dict[str, str]:
-    # The hosts have real (namespace) interfaces: no loopback restriction, no inherited ICE.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("SWARM_NOTEBOOK_ICE") and k != "SWARM_NOTEBOOK_SECRET"
-    }
-    return {**env, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"}
-
-
-def rest_credentials(name: str, ttl: int = 3600, secret: str = TURN_SECRET) -> tuple[str, str]:
-    username = f"{int(time.time()) + ttl}:{name}"
-    return username, turn_password(secret, username)
-
-
-def turn_entry(name: str, secret: str = TURN_SECRET) -> dict[str, Any]:
-    username, credential = rest_credentials(name, secret=secret)
-    return {"urls": TURN, "username": username, "credential": credential}
-
-
-class Background:
-    """A long-running process inside a namespace, killed (by pid) at teardown."""
-
-    def __init__(self, argv: list[str], log: Path, ready: str | None = None) -> None:
-        self.log = log
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=log.open("wb"), env=child_env(), text=True
-        )
-        if ready is not None:
-            assert self.proc.stdout is not None
-            line = self.proc.stdout.readline()
-            assert ready in line, f"{argv[4:7]} did not start: {line!r}\n{log.read_text()[-2000:]}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NetBed, Path]]:
-    """The namespaces, coturn and two signaling servers (one issuing TURN credentials)."""
     work = tmp_path_factory.mktemp("netbed")
-    started: list[Background] = []
-    with netbed.netbed() as net:
-        try:
-            conf = netbed.coturn_config(work, TURN_SECRET)
-            started.append(
-                Background(net.command(net.inet, ["turnserver", "-c", str(conf)]), work / "t.log")
-            )
-            signal = [sys.executable, "-m", "swarm_notebook.cli.main", "signal", "--host", INET_IP]
-            started.append(
-                Background(
-                    net.command(net.inet, [*signal, "--port", str(PLAIN_PORT)]),
-                    work / "signal-plain.log",
-                    ready="listening",
-                )
-            )
-            issuing = [
-                *signal, "--port", str(ISSUING_PORT), "--ice-server", STUN,
-                "--turn-url", TURN, "--turn-secret", TURN_SECRET, "--turn-ttl", "600",
-            ]  # fmt: skip
-            started.append(
-                Background(
-                    net.command(net.inet, issuing), work / "signal-issuing.log", ready="listening"
-                )
-            )
-            yield net, work
-        finally:
-            for proc in reversed(started):
-                proc.stop()
+    with running_bed(work) as net:
+        yield net, work
     assert not [n for n in netbed.leftovers() if net.run_id in n], "namespaces left behind"
-
-
-def signaling_url(port: int = PLAIN_PORT) -> str:
-    return f"ws://{INET_IP}:{port}/ws"
-
-
-class NsWorker:
-    """``swarm-notebook worker`` run with ``ip netns exec`` in a host namespace."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.peer_id = ""
-        self.stderr = b""
-
-    @classmethod
-    async def start(
-        cls, net: NetBed, ns: str, room: str, profile: Path, *args: str, **kw: Any
-    ) -> NsWorker:
-        env = {**child_env(), **kw.pop("env", {})}
-        port = kw.pop("port", PLAIN_PORT)
-        argv = [
-            sys.executable, "-m", "swarm_notebook.cli.main", "worker",
-            "--signaling", signaling_url(port), "--room", room, "--profile", str(profile),
-            "--caps", "python-execution", "--max-input-mb", "16", *args,
-        ]  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(
-            *net.command(ns, argv), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env,
-        )  # fmt: skip
-        worker = cls(proc)
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        if not line.startswith("READY"):
-            await worker.stop()
-            raise AssertionError(f"worker did not start: {line!r} {worker.stderr[-3000:]!r}")
-        worker.peer_id = dict(p.split("=", 1) for p in line.split()[1:])["peer_id"]
-        return worker
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 20)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        assert self.proc.stderr is not None
-        self.stderr = await self.proc.stderr.read()
-
-
-async def start_joiner(
-    net: NetBed, ns: str, room: str, profile: Path, port: int = PLAIN_PORT, **join_kwargs: Any
-) -> PeerProcess:
-    argv = [
-        sys.executable, os.path.join(REPO, "tests", "support", "netbed_join.py"),
-        "--signaling", signaling_url(port), "--room", room, "--profile", str(profile),
-        "--join-kwargs", json.dumps(join_kwargs),
-    ]  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        *net.command(ns, argv), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=child_env(), limit=16 * 2**20,
-    )  # fmt: skip
-    peer = PeerProcess(proc, f"joiner@{ns}")
-    await peer.wait_for(lambda e: e.get("event") in ("ready", "join_failed"), 60)
-    return peer
-
-
-class Pair:
-    """A worker and a joiner in one room; both stopped at the end of the test."""
-
-    def __init__(self) -> None:
-        self.worker: NsWorker | None = None
-        self.joiner: PeerProcess | None = None
-
-    async def link(self, timeout: float = LINK_TIMEOUT) -> dict[str, Any]:
-        """Wait for the worker's link on the joiner's side; returns its ``peers`` row."""
-        assert self.worker is not None and self.joiner is not None
-        await self.joiner.wait_for(
-            lambda e: e.get("event") == "peer_up" and e.get("peer") == self.worker.peer_id,  # type: ignore[union-attr]
-            timeout,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            reply = await self.joiner.call("peers")
-            row = next(p for p in reply["peers"] if p["id"] == self.worker.peer_id)
-            if row.get("route") or time.monotonic() > deadline:
-                return row
-            await asyncio.sleep(0.2)  # the nominated pair is read by polling get_stats()
-
-    async def close(self) -> None:
-        if self.joiner is not None:
-            await self.joiner.stop()
-        if self.worker is not None:
-            await self.worker.stop()
 
 
 @pytest.fixture
@@ -240,6 +81,10 @@ async def test_cone_nats_with_stun_link_via_server_reflexive_candidates(
     assert row["ice_server"] == STUN
     reply = await pair.joiner.call("delegate", mb=0)
     assert reply["success"] and reply["value"] == 2
+    # The same per-link facts in the notebook's doctor (``%swarm doctor``).
+    report = (await pair.joiner.call("doctor", timeout=60))["report"]
+    assert f"ok   link {pair.worker.peer_id[:16]}: srflx (host -> srflx) via {STUN}" in report
+    assert f"ok   {STUN}: mapped address 198.18.3.2:" in report, report
 
 
 async def test_symmetric_nat_needs_turn_and_links_via_relay(
@@ -268,9 +113,10 @@ async def test_relay_only_policy_uses_relay_candidates_on_both_ends(
 ) -> None:
     net, _ = bed
     username, credential = rest_credentials("worker")
+    # The worker reaches coturn over TCP (networks that block UDP), the joiner over UDP.
     pair.worker = await NsWorker.start(
         net, net.host_a, room(request), tmp_path / "w",
-        "--ice-server", TURN, "--ice-username", username, "--ice-credential", credential,
+        "--ice-server", TURN_TCP, "--ice-username", username, "--ice-credential", credential,
         "--ice-policy", "relay",
     )  # fmt: skip
     pair.joiner = await start_joiner(
@@ -281,6 +127,26 @@ async def test_relay_only_policy_uses_relay_candidates_on_both_ends(
     # Both cone NATs would allow srflx: relay on both ends is the policy's doing.
     assert (row["local_candidate"], row["remote_candidate"]) == ("relay", "relay"), row
     assert row["ice_server"] == TURN
+    reply = await pair.joiner.call("delegate", mb=0)
+    assert reply["success"]
+
+
+async def test_an_unreachable_first_stun_server_is_rotated_past(
+    bed: tuple[NetBed, Path], pair: Pair, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    net, _ = bed
+    # aiortc alone would use only the first (dead) URL forever and never get srflx.
+    servers = [{"urls": [DEAD_STUN, STUN]}]
+    pair.worker = await NsWorker.start(
+        net, net.host_a, room(request), tmp_path / "w", "--ice-server", DEAD_STUN,
+        "--ice-server", STUN,
+    )  # fmt: skip
+    pair.joiner = await start_joiner(
+        net, net.host_c, room(request), tmp_path / "j", ice_servers=servers
+    )
+    row = await pair.link(timeout=45)
+    assert row["route"] == "srflx", row
+    assert row["ice_server"] == STUN, row
 
 
 async def test_cli_worker_configured_only_by_environment_links(

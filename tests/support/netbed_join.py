@@ -1,7 +1,7 @@
 """A notebook-like peer for the network test bed: ``join()`` driven by JSON lines.
 
 Run inside a host namespace (``ip netns exec``); driven by ``procs.PeerProcess``. Commands:
-``peers`` (``get_stats()["peers"]``), ``delegate`` (``mb`` of input to ``len()``, or a
+``peers`` (``get_stats()["peers"]``), ``doctor`` (``Coordinator.doctor()``), ``delegate`` (``mb`` of input to ``len()``, or a
 plain ``1 + 1`` when ``mb`` is 0), ``quit``. Events: ``ready``, ``peer_up``, ``peer_down``.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 
 import swarm_notebook
 from swarm_notebook.errors import SwarmError
+from swarm_notebook.views.doctor import render
 
 _lock = threading.Lock()
 
@@ -57,6 +58,8 @@ async def main() -> int:
             try:
                 if cmd == "peers":
                     emit(reply_to=call, peers=c.get_stats()["peers"])
+                elif cmd == "doctor":
+                    emit(reply_to=call, report=render(await c.doctor()))
                 elif cmd == "delegate":
                     size = int(request.get("mb", 0) * 2**20)
                     task = (
