@@ -1,8 +1,9 @@
 """A notebook-like peer for the network test bed: ``join()`` driven by JSON lines.
 
 Run inside a host namespace (``ip netns exec``); driven by ``procs.PeerProcess``. Commands:
-``peers`` (``get_stats()["peers"]``), ``doctor`` (``Coordinator.doctor()``), ``delegate`` (``mb`` of input to ``len()``, or a
-plain ``1 + 1`` when ``mb`` is 0), ``quit``. Events: ``ready``, ``peer_up``, ``peer_down``.
+``peers`` (``get_stats()["peers"]``), ``doctor`` (``Coordinator.doctor()``), ``delegate``
+(``mb`` of input to ``len()``, or a plain ``1 + 1`` when ``mb`` is 0), ``quit``. Events:
+``ready``, ``peer_up``, ``peer_down``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ async def main() -> int:
     parser.add_argument("--profile", required=True)
     parser.add_argument("--join-kwargs", default="{}", help="JSON: ice_servers, ice_policy")
     args = parser.parse_args()
+    join_started = time.time()
     try:
         c = await swarm_notebook.join(
             args.room,
@@ -47,7 +49,7 @@ async def main() -> int:
         return 1
     c.on("swarm:peer-joined", lambda p: emit(event="peer_up", peer=p["peer_id"], t=time.time()))
     c.on("swarm:peer-left", lambda p: emit(event="peer_down", peer=p["peer_id"], t=time.time()))
-    emit(event="ready", peer_id=c.peer_id)
+    emit(event="ready", peer_id=c.peer_id, t=time.time(), join_started=join_started)
     loop = asyncio.get_running_loop()
     try:
         while line := await loop.run_in_executor(None, sys.stdin.readline):
