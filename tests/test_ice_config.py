@@ -189,3 +189,24 @@ def test_route_kind_is_the_most_indirect_end() -> None:
     assert Route("host", "srflx", "a", "b").kind == "srflx"
     assert Route("prflx", "host", "a", "b").kind == "srflx"
     assert Route("host", "host", "a", "b").kind == "host"
+
+
+def test_up_hands_its_ice_flags_to_every_started_peer_as_environment() -> None:
+    import argparse
+
+    from swarm_notebook.cli import up
+
+    parser = argparse.ArgumentParser()
+    up.add_arguments(parser)
+    args = parser.parse_args(
+        ["--ice-server", "turn:t.example:3478", "--ice-username", "u", "--ice-credential", "c",
+         "--ice-policy", "relay"]
+    )  # fmt: skip
+    env = up.ice_environment(args)
+    assert json.loads(env[ICE_SERVERS_ENV]) == [
+        {"urls": "turn:t.example:3478", "username": "u", "credential": "c"}
+    ]
+    assert env[ICE_POLICY_ENV] == "relay"
+    assert up.ice_environment(parser.parse_args([])) == {}
+    with pytest.raises(IceConfigError):
+        up.ice_environment(parser.parse_args(["--ice-server", "turn:t.example"]))
