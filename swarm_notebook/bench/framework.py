@@ -31,6 +31,8 @@ from typing import Any, Literal, Protocol, cast
 import numpy as np
 import psutil
 
+from swarm_notebook.errors import LeftoverProcessesError, MetricError
+
 Bound = Literal["<=", ">="]
 Verdict = Literal["meets", "misses"]
 
@@ -73,6 +75,9 @@ COMPARISONS: Mapping[str, Comparison] = MappingProxyType(
         "df50_swarm_s": Comparison("df50_raw_s"),
         "dask_rtt_ms": Comparison("ipyparallel_rtt_ms"),
         "dask_tasks_per_s": Comparison("ipyparallel_tasks_per_s"),
+        "submit_rtt_ms": Comparison("ipyparallel_rtt_ms", "<=", 0.5),
+        "map_items_per_s": Comparison("ipyparallel_map_items_per_s", ">=", 2.0),
+        "dask_map_items_per_s": Comparison("ipyparallel_map_items_per_s"),
     }
 )
 
@@ -89,17 +94,17 @@ REQUIRED_METRICS: tuple[str, ...] = (
     "ipyparallel_tasks_per_s",
     "dask_rtt_ms",
     "dask_tasks_per_s",
+    "ipyparallel_map_items_per_s",
+    "dask_map_items_per_s",
     "swarm_rtt_ms",
     "swarm_bulk_MBps",
     "delegate_rtt_ms",
     "delegate_tasks_per_s",
+    "submit_rtt_ms",
+    "map_items_per_s",
     "df50_swarm_s",
     "mesh6_s",
 )
-
-
-class MetricError(ValueError):
-    """A metric was recorded with unusable samples (empty, non-finite, duplicate name)."""
 
 
 @dataclass(frozen=True)
@@ -324,10 +329,6 @@ def machine_facts() -> dict[str, Any]:
         "ipyparallel": _version("ipyparallel"),
         "dask": _version("dask"),
     }
-
-
-class LeftoverProcessesError(RuntimeError):
-    """A suite left child processes running after it returned."""
 
 
 @contextmanager
