@@ -215,7 +215,11 @@ class Coordinator:
 
         async def run() -> list[Check]:
             return await diagnose_swarm(
-                core.config.signaling, IceSettings(policy=policy), servers, core.get_stats()
+                core.config.signaling,
+                IceSettings(policy=policy),
+                servers,
+                core.get_stats(),
+                ca_file=core.config.ca_file,
             )
 
         return await self._call(run())

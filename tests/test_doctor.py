@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,13 +19,16 @@ from swarm_notebook.signaling import SignalingServer
 from swarm_notebook.views.doctor import check_signaling, link_checks, render
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
+def self_signed(directory: Path, for_loopback: bool = False) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not-this-host.example")])
     now = datetime.datetime.now(datetime.UTC)
+    builder = x509.CertificateBuilder()
+    if for_loopback:
+        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        builder = builder.add_extension(san, critical=False)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
+        builder.subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -44,10 +48,12 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-@pytest.fixture
-async def tls_site(tmp_path: Path) -> AsyncIterator[int]:
-    """A WebSocket endpoint behind a self-signed certificate for another host name."""
-    cert, key = self_signed(tmp_path)
+@pytest.fixture(params=[False, True], ids=["other-host", "loopback"])
+async def tls_site(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[int, bool]]:
+    """A WebSocket endpoint behind a self-signed certificate (for 127.0.0.1 or not)."""
+    cert, key = self_signed(tmp_path, for_loopback=request.param)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
 
@@ -65,7 +71,7 @@ async def tls_site(tmp_path: Path) -> AsyncIterator[int]:
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
     await site.start()
     try:
-        yield int(runner.addresses[0][1])
+        yield int(runner.addresses[0][1]), request.param
     finally:
         await runner.cleanup()
 
@@ -81,10 +87,19 @@ async def test_nothing_listening_is_unreachable_with_advice() -> None:
     assert check.advice is not None and "swarm-notebook signal" in check.advice
 
 
-async def test_an_invalid_tls_certificate_is_named(tls_site: int) -> None:
-    check = await check_signaling(f"wss://127.0.0.1:{tls_site}/ws", timeout=5)
+async def test_an_invalid_tls_certificate_is_named(
+    tls_site: tuple[int, bool], tmp_path: Path
+) -> None:
+    port, for_loopback = tls_site
+    url = f"wss://127.0.0.1:{port}/ws"
+    check = await check_signaling(url, timeout=5)
     assert not check.ok and "TLS certificate not valid" in check.detail, check
-    assert check.advice is not None and "certificate" in check.advice
+    assert check.advice is not None and "--ca-file" in check.advice
+    trusted = await check_signaling(url, timeout=5, ca_file=str(tmp_path / "cert.pem"))
+    if for_loopback:  # trusted and issued for this host: valid
+        assert trusted.ok and "TLS certificate valid" in trusted.detail, trusted
+    else:  # trusted, but for another host name: still not valid
+        assert not trusted.ok and "TLS certificate not valid" in trusted.detail, trusted
 
 
 async def test_a_web_server_that_is_no_signaling_server_is_told_apart(tmp_path: Path) -> None:

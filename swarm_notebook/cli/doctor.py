@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("SWARM_NOTEBOOK_SECRET"),
         help="room secret, to see the ICE servers the signaling server issues",
     )
+    parser.add_argument(
+        "--ca-file", default=None, help="PEM to trust for wss:// (default $SWARM_NOTEBOOK_CA_FILE)"
+    )
     parser.add_argument("--profile", type=Path, default=None, help="profile with ice.json")
     add_ice_arguments(parser)
 
@@ -36,7 +39,7 @@ async def _diagnose(args: argparse.Namespace) -> list[Check]:
     settings = resolve(
         mesh.ice_servers, mesh.ice_policy, profile_dir=args.profile or default_profile_dir()
     )
-    return await diagnose(args.signaling, args.secret, settings)
+    return await diagnose(args.signaling, args.secret, settings, ca_file=args.ca_file)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ and, inside a live swarm, each link's selected candidate pair, round-trip time a
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import ssl
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,7 @@ import aiohttp
 
 from swarm_notebook.errors import SignalingError
 from swarm_notebook.identity import Identity
-from swarm_notebook.signaling.client import SignalingClient
+from swarm_notebook.signaling.client import CA_FILE_ENV, SignalingClient, tls_context
 from swarm_notebook.transport.ice_config import IceServer, IceSettings, parse_servers
 from swarm_notebook.transport.ice_probe import (
     ProbeResult,
@@ -38,18 +39,26 @@ class Check:
     advice: str | None = None
 
 
-async def check_signaling(url: str, timeout: float = 5.0) -> Check:
-    """The server accepts a WebSocket and sends its challenge (TLS verified for wss)."""
+async def check_signaling(url: str, timeout: float = 5.0, ca_file: str | None = None) -> Check:
+    """The server accepts a WebSocket and sends its challenge (TLS verified for wss).
+
+    ``ca_file`` (default ``$SWARM_NOTEBOOK_CA_FILE``) trusts a self-signed certificate.
+    """
+    try:
+        context = tls_context(url, ca_file or os.environ.get(CA_FILE_ENV) or None)
+    except SignalingError as exc:
+        return Check("signaling", False, exc.message, "give a readable PEM file")
     try:
         async with (
             aiohttp.ClientSession() as http,
             asyncio.timeout(timeout),
-            http.ws_connect(url) as ws,
+            http.ws_connect(url, ssl=context if context is not None else True) as ws,
         ):
             message = await ws.receive()
     except aiohttp.ClientConnectorCertificateError as exc:
         return Check("signaling", False, f"{url}: TLS certificate not valid: {exc}",
-                     "fix the server's certificate (it must match the host name)")  # fmt: skip
+                     "fix the server's certificate (it must match the host name), or trust a"
+                     f" self-signed one with --ca-file / ${CA_FILE_ENV}")  # fmt: skip
     except (ssl.SSLError, aiohttp.ClientSSLError) as exc:
         return Check("signaling", False, f"{url}: TLS failed: {exc}", "check the wss:// setup")
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -66,12 +75,13 @@ async def check_signaling(url: str, timeout: float = 5.0) -> Check:
 
 
 async def issued_servers(
-    url: str, secret: str | None, timeout: float = 10.0
+    url: str, secret: str | None, timeout: float = 10.0, ca_file: str | None = None
 ) -> tuple[list[dict[str, Any]], Check]:
     """Join a throwaway room to see which ICE servers the signaling server issues."""
     client = SignalingClient(
-        url, f"doctor-{secrets.token_hex(4)}", Identity.generate(), secret, join_timeout=timeout
-    )
+        url, f"doctor-{secrets.token_hex(4)}", Identity.generate(), secret,
+        join_timeout=timeout, ca_file=ca_file,
+    )  # fmt: skip
     try:
         await client.start(timeout)
     except SignalingError as exc:
@@ -175,25 +185,31 @@ def render(checks: Sequence[Check]) -> str:
     return "\n".join(lines)
 
 
-async def diagnose(url: str, secret: str | None, settings: IceSettings) -> list[Check]:
+async def diagnose(
+    url: str, secret: str | None, settings: IceSettings, ca_file: str | None = None
+) -> list[Check]:
     """Every check that needs no swarm: signaling, issued servers, ICE servers, NAT."""
-    checks = [await check_signaling(url)]
+    checks = [await check_signaling(url, ca_file=ca_file)]
     issued: list[dict[str, Any]] = []
     if checks[0].ok:
-        issued, issued_check = await issued_servers(url, secret)
+        issued, issued_check = await issued_servers(url, secret, ca_file=ca_file)
         checks.append(issued_check)
     checks.extend(await check_ice(settings, issued))
     return checks
 
 
 async def diagnose_swarm(
-    url: str, settings: IceSettings, servers_in_use: Sequence[IceServer], stats: Mapping[str, Any]
+    url: str,
+    settings: IceSettings,
+    servers_in_use: Sequence[IceServer],
+    stats: Mapping[str, Any],
+    ca_file: str | None = None,
 ) -> list[Check]:
     """The checks for a joined peer: the servers its mesh uses now, and each link."""
     in_use = IceSettings(
         tuple(servers_in_use), settings.policy, "this swarm", settings.policy_source
     )
-    checks = [await check_signaling(url)]
+    checks = [await check_signaling(url, ca_file=ca_file)]
     checks.extend(await check_ice(in_use, []))
     checks.extend(link_checks(stats))
     return checks
