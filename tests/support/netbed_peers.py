@@ -147,7 +147,11 @@ class Pair:
         self.joiner: PeerProcess | None = None
 
     async def link(self, timeout: float = LINK_TIMEOUT) -> dict[str, Any]:
-        """Wait for the worker's link on the joiner's side; returns its ``peers`` row."""
+        """Wait for the worker's link on the joiner's side; returns its ``peers`` row.
+
+        Also waits for the worker's capabilities (its card follows the link), so a
+        delegation right after finds it capable.
+        """
         assert self.worker is not None and self.joiner is not None
         await self.joiner.wait_for(
             lambda e: e.get("event") == "peer_up" and e.get("peer") == self.worker.peer_id,  # type: ignore[union-attr]
@@ -157,9 +161,9 @@ class Pair:
         while True:
             reply = await self.joiner.call("peers")
             row = next(p for p in reply["peers"] if p["id"] == self.worker.peer_id)
-            if row.get("route") or time.monotonic() > deadline:
+            if (row.get("route") and row.get("capabilities")) or time.monotonic() > deadline:
                 return row
-            await asyncio.sleep(0.2)  # the nominated pair is read by polling get_stats()
+            await asyncio.sleep(0.2)  # route and card are read by polling get_stats()
 
     async def close(self) -> None:
         if self.joiner is not None:
