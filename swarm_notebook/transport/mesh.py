@@ -68,6 +68,7 @@ from swarm_notebook.transport.ice_path import ServerChoice, gathered_types, sele
 log = logging.getLogger(__name__)
 
 MAX_PENDING_CANDIDATES = 64
+LIVENESS_CHECK_S = 0.25
 
 
 class SignalingPort(Protocol):
@@ -758,18 +759,27 @@ class MeshTransport(Transport):
     # -- liveness ------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        # Silence is checked more often than pings go out: a dead link is then noticed
+        # within peer_timeout_s plus a quarter second, not up to a whole interval later.
+        interval = self.config.heartbeat_interval_s
+        check_every = min(interval, LIVENESS_CHECK_S)
+        next_ping = self._clock() + interval
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval_s)
+            await asyncio.sleep(check_every)
             now = self._clock()
+            ping = now >= next_ping
+            if ping:
+                next_ping = now + interval
             for link in list(self._links.values()):
                 if link.state is LinkState.CONNECTED or link.state is LinkState.AUTHENTICATING:
                     if now - link.last_seen > self.config.peer_timeout_s:
                         self._fail_link(link, "heartbeat timeout")
                         continue
-                    if link.state is LinkState.CONNECTED:
+                    if ping and link.state is LinkState.CONNECTED:
                         link.ping_seq += 1
                         self._send_control(link, "link.ping", {"seq": link.ping_seq, "t": now})
-                link.reassembler.expire(now)
+                if ping:
+                    link.reassembler.expire(now)
 
     async def _maintenance_loop(self) -> None:
         while True:
