@@ -44,12 +44,14 @@ from swarm_notebook.futures import submit as submit_function
 from swarm_notebook.identity import Identity, default_profile_dir
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.factory import mesh_transport
+from swarm_notebook.transport.ice_config import resolve as resolve_ice
 from swarm_notebook.workload.executors.capabilities import PYTHON_EXECUTION
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from swarm_notebook.notebook.widget import SwarmDashboard
+    from swarm_notebook.views.doctor import Check
 
 T = TypeVar("T")
 
@@ -202,6 +204,30 @@ class Coordinator:
         ``task:submitted|working|completed|failed|canceled|rejected``, ``stats:changed``.
         """
         return self._events.on(event, callback)
+
+    async def doctor(self) -> list[Check]:
+        """Signaling, the ICE servers in use, the NAT type and every link, with advice.
+
+        >>> print(render(await c.doctor()))  # doctest: +SKIP
+        """
+        from swarm_notebook.transport.ice_config import IceSettings, parse_policy
+        from swarm_notebook.views.doctor import diagnose_swarm
+
+        core = self._core
+        transport = core.node.transport
+        servers = getattr(transport, "ice_servers", ())
+        policy = parse_policy(core.config.mesh.ice_policy or "all")
+
+        async def run() -> list[Check]:
+            return await diagnose_swarm(
+                core.config.signaling,
+                IceSettings(policy=policy),
+                servers,
+                core.get_stats(),
+                ca_file=core.config.ca_file,
+            )
+
+        return await self._call(run())
 
     # -- workload ----------------------------------------------------------------------
 
@@ -484,6 +510,7 @@ async def join(
     git_repo: str | Path | None = None,
     llm_endpoint: str | None = None,
     ice_servers: list[dict[str, Any]] | None = None,
+    ice_policy: str | None = None,
     config: CoordinatorConfig | None = None,
     ca_file: str | Path | None = None,
     roster_owner: str | None = None,
@@ -496,6 +523,12 @@ async def join(
     ``roster_owner`` (default ``$SWARM_NOTEBOOK_ROSTER_OWNER``) is the room owner whose
     signed roster decides who votes; without it, the owner of the roster file in the
     profile, if any.
+
+    ICE: ``ice_servers=[{"urls": "turn:host:3478", "username": ..., "credential": ...}]``
+    and ``ice_policy="relay"`` win over ``$SWARM_NOTEBOOK_ICE_SERVERS`` /
+    ``$SWARM_NOTEBOOK_ICE_POLICY``, which win over ``<profile>/ice.json``, which wins over
+    the servers the signaling server issues. A setting that cannot be used raises
+    ``IceConfigError`` here.
 
     >>> c = await swarm_notebook.join("lab", signaling="ws://127.0.0.1:8765/ws")  # doctest: +SKIP
     """
@@ -510,6 +543,7 @@ async def join(
         git_repo,
         llm_endpoint,
         ice_servers,
+        ice_policy,
         config,
         ca_file,
     )
@@ -550,6 +584,7 @@ def _resolve_config(
     git_repo: str | Path | None,
     llm_endpoint: str | None,
     ice_servers: list[dict[str, Any]] | None,
+    ice_policy: str | None,
     config: CoordinatorConfig | None,
     ca_file: str | Path | None = None,
 ) -> tuple[CoordinatorConfig, Path]:
@@ -567,7 +602,15 @@ def _resolve_config(
         git_repo=Path(git_repo).expanduser() if git_repo else cfg.executors.git_repo,
         llm_endpoint=llm_endpoint or cfg.executors.llm_endpoint,
     )
-    if ice_servers is not None:
-        cfg.mesh = dataclasses.replace(cfg.mesh, ice_servers=list(ice_servers))
     profile_dir = Path(profile).expanduser() if profile else (cfg.profile or default_profile_dir())
+    ice = resolve_ice(
+        ice_servers if ice_servers is not None else cfg.mesh.ice_servers,
+        ice_policy if ice_policy is not None else cfg.mesh.ice_policy,
+        profile_dir=profile_dir,
+    )
+    cfg.mesh = dataclasses.replace(
+        cfg.mesh,
+        ice_servers=ice.as_dicts() if ice.configured else None,
+        ice_policy=ice.policy,
+    )
     return cfg, profile_dir

@@ -11,7 +11,8 @@ or on ``.reason``, never on the message text.
     │   ├── NotJoinedError         the coordinator is not (or no longer) in a swarm
     │   ├── UnknownTaskTypeError   no task type of that name exists (ValueError)
     │   ├── TaskInputError         task data that cannot be sent as it is (ValueError)
-    │   └── UnknownSuiteError      ``bench --only`` named a suite that does not exist
+    │   ├── UnknownSuiteError      ``bench --only`` named a suite that does not exist
+    │   └── IceConfigError         ICE servers / policy that cannot be used
     ├── IdentityError              a key file or peer id that cannot be used
     ├── ProtocolError              a frame or message that breaks the protocol (ValueError)
     │   └── ValueCodecError        a value that cannot be encoded or decoded safely
@@ -105,6 +106,10 @@ class UnknownSuiteError(UsageError, ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(Reason.UNKNOWN_SUITE, message)
+
+
+class IceConfigError(UsageError, ValueError):
+    """An ICE server list or policy that cannot be used (bad URL, TURN without credentials)."""
 
 
 class IdentityError(SwarmError):

@@ -79,6 +79,10 @@ class Reason(StrEnum):
     PEER_GONE = "peer-gone"
     PEER_LEFT = "peer-left"
     AMBIGUOUS_PEER = "ambiguous-peer"
+    # -- ICE (STUN / TURN) -------------------------------------------------------------
+    BAD_ICE_CONFIG = "bad-ice-config"
+    TURN_REFUSED = "turn-refused"  # the TURN server rejected our credentials
+    ICE_UNREACHABLE = "ice-unreachable"  # a STUN / TURN server did not answer
     # -- identity and membership -------------------------------------------------------
     BAD_ID = "bad-id"
     BAD_KEY = "bad-key"

@@ -32,6 +32,10 @@ PEER_DTYPES = {
     "in_flight": "int64",
     "concurrency": "int64",
     "rtt_ms": "float64",
+    "route": "string",
+    "ice_server": "string",
+    "bytes_in": "int64",
+    "bytes_out": "int64",
 }
 
 TASK_DTYPES = {
@@ -104,12 +108,18 @@ def test_peers_frame_dtypes_and_values() -> None:
                 "in_flight": 1,
                 "concurrency": 2,
                 "rtt_ms": 0.43,
+                "route": "relay",
+                "ice_server": "turn:203.0.113.9:3478",
+                "bytes_in": 2048,
+                "bytes_out": 512,
             },
             {"id": "B" * 52, "capabilities": [], "state": "connecting", "rtt_ms": None},
         ]
     }
     frame = peers_frame(snapshot)
     assert dtypes(frame) == PEER_DTYPES
+    assert frame.loc[0, "route"] == "relay" and pd.isna(frame.loc[1, "route"])
+    assert frame.loc[0, "bytes_in"] == 2048 and frame.loc[1, "bytes_out"] == 0
     assert frame.loc[0, "capabilities"] == "python-execution, local-llm"
     assert list(frame["state"].cat.categories) == ["connecting", "connected", "gone"]
     assert frame.loc[0, "name"] == "alice-laptop"

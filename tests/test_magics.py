@@ -20,6 +20,7 @@ from IPython.core.interactiveshell import ExecutionResult, InteractiveShell
 import swarm_notebook
 from swarm_notebook.errors import (
     DelegationError,
+    IceConfigError,
     NoCapablePeerError,
     NotJoinedError,
     RemoteTaskError,
@@ -95,7 +96,13 @@ def failed(result: ExecutionResult) -> BaseException:
 def test_misuse_before_join_is_explained(
     shell: InteractiveShell, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for line in ("%swarm peers", "%swarm status", "%swarm tasks", "%swarm dashboard"):
+    for line in (
+        "%swarm peers",
+        "%swarm status",
+        "%swarm tasks",
+        "%swarm dashboard",
+        "%swarm doctor",
+    ):
         error = failed(shell.run_cell(line))
         assert isinstance(error, NotJoinedError) and error.reason == "not-joined", line
     error = failed(shell.run_cell("%%swarm run\n1 + 1"))
@@ -109,6 +116,12 @@ def test_misuse_before_join_is_explained(
     error = failed(shell.run_cell("%swarm join --bogus"))
     assert isinstance(error, UsageError) and error.reason == "bad-arguments"
     assert "unrecognized arguments: --bogus" in error.message and "usage: %swarm" in error.message
+    # An unusable ICE setting stops the join at once (nothing listens on port 9).
+    error = failed(
+        shell.run_cell("%swarm join --signaling ws://127.0.0.1:9/ws --ice-server turn:t.example")
+    )
+    assert isinstance(error, IceConfigError) and error.reason == "bad-ice-config"
+    assert "needs 'username' and 'credential'" in error.message
     error = failed(shell.run_cell("%swarm frobnicate"))
     assert isinstance(error, UsageError) and "invalid choice" in error.message
     assert "bad-arguments" in capsys.readouterr().out
@@ -131,6 +144,19 @@ def test_join_status_peers_and_current(
 
     error = failed(joined.run_cell(f"%swarm join {ROOM} --signaling {swarm.url}"))
     assert isinstance(error, UsageError) and error.reason == "already-joined"
+
+
+def test_doctor_checks_signaling_and_every_link(
+    joined: InteractiveShell, swarm: Swarm, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    ok(joined.run_cell("%swarm doctor"))
+    out = capsys.readouterr().out
+    assert f"ok   signaling: {swarm.url} answers" in out, out
+    for worker in swarm.workers[:2]:
+        # Everything here is on loopback: host candidates on both ends, no ICE server.
+        assert f"ok   link {worker.peer_id[:16]}: host (host -> host) via no server" in out, out
+    assert "FAIL ice servers: none configured or issued" in out
 
 
 def test_run_pushes_and_pulls_dataframes(

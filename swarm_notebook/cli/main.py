@@ -1,4 +1,4 @@
-"""``swarm-notebook`` command line: signal, worker, up, bench, roster, identity.
+"""``swarm-notebook`` command line: signal, worker, up, bench, doctor, roster, identity.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; they are imported only when chosen, so ``signal`` never pays for
@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "bench": ("swarm_notebook.cli.bench", "benchmarks against raw aiortc, ipyparallel, Dask"),
     "roster": ("swarm_notebook.cli.roster", "who may vote in a room (add|remove|show|import)"),
     "identity": ("swarm_notebook.cli.identity", "this profile's key (show|rotate)"),
+    "doctor": ("swarm_notebook.cli.doctor", "check signaling, STUN/TURN servers and the NAT"),
 }
 
 

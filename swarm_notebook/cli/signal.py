@@ -23,8 +23,10 @@ from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling.config import DEFAULT_PORT, SignalingConfig, SignalingLimits
 from swarm_notebook.signaling.quotas import QuotaLimits
 from swarm_notebook.signaling.server import SignalingServer
+from swarm_notebook.signaling.turn_credentials import TurnConfig
 
 SECRET_ENV = "SWARM_NOTEBOOK_SIGNAL_SECRET"
+TURN_SECRET_ENV = "SWARM_NOTEBOOK_TURN_SECRET"
 _DEFAULT_LIMITS = SignalingLimits()
 _DEFAULT_QUOTAS = QuotaLimits()
 
@@ -43,6 +45,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="ROOM=SECRET",
         help="a secret for one room (repeatable; overrides --secret for that room)",
+    )
+    ice = parser.add_argument_group("ICE servers handed to every admitted peer")
+    ice.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="stun:HOST[:PORT]",
+        help="a STUN server peers should use (repeatable)",
+    )
+    ice.add_argument(
+        "--turn-url",
+        action="append",
+        default=[],
+        metavar="turn:HOST[:PORT]",
+        help="a TURN server sharing --turn-secret (repeatable; turn:...?transport=tcp, turns:)",
+    )
+    ice.add_argument(
+        "--turn-secret",
+        default=os.environ.get(TURN_SECRET_ENV),
+        help=f"coturn's static-auth-secret (default: ${TURN_SECRET_ENV})",
+    )
+    ice.add_argument(
+        "--turn-ttl", type=float, default=3600.0, help="seconds issued TURN credentials live"
     )
     tls = parser.add_argument_group("TLS (serve wss://)")
     tls.add_argument("--certfile", default=None, help="PEM certificate chain")
@@ -134,12 +159,19 @@ def config_from_args(args: argparse.Namespace) -> SignalingConfig:
             lockout_max=args.lockout_max,
         ),
     )
+    turn = TurnConfig(
+        urls=tuple(args.turn_url),
+        secret=args.turn_secret or None,
+        ttl_s=args.turn_ttl,
+        stun_urls=tuple(args.ice_server),
+    )
     return SignalingConfig(
         host=args.host,
         port=args.port,
         secret=args.secret or None,
         room_secrets=room_secrets,
         limits=limits,
+        turn=turn if turn.enabled else None,
         certfile=args.certfile,
         keyfile=args.keyfile,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -28,11 +29,13 @@ from typing import Any
 import aiohttp
 import psutil
 
-from swarm_notebook.errors import RosterError, StartupError
+from swarm_notebook.cli.ice_args import add_ice_arguments, mesh_with_ice
+from swarm_notebook.errors import IceConfigError, RosterError, StartupError
 from swarm_notebook.identity import Identity
 from swarm_notebook.membership.roster import Roster, load_roster, make_roster, save_roster
 from swarm_notebook.signaling.config import DEFAULT_PORT, SignalingConfig
 from swarm_notebook.signaling.server import SignalingServer
+from swarm_notebook.transport.ice_config import ICE_POLICY_ENV, ICE_SERVERS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lab-port", type=int, default=DEFAULT_LAB_PORT)
     parser.add_argument("--no-lab", action="store_true", help="do not start JupyterLab")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    add_ice_arguments(parser)
     parser.add_argument("--log-level", default="WARNING")
+
+
+def ice_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The ICE flags as the variables every started peer reads (validated here, at start)."""
+    mesh = mesh_with_ice(args)
+    env: dict[str, str] = {}
+    if mesh.ice_servers is not None:
+        env[ICE_SERVERS_ENV] = json.dumps(mesh.ice_servers)
+    if mesh.ice_policy is not None:
+        env[ICE_POLICY_ENV] = mesh.ice_policy
+    return env
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.workers < 0:
         print("swarm-notebook up: --workers must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        args.ice_env = ice_environment(args)
+    except IceConfigError as exc:
+        print(f"swarm-notebook up: {exc.message}", file=sys.stderr)
         return 2
     workdir = Path(args.dir).expanduser().resolve()
     try:
@@ -404,6 +424,7 @@ async def start_all(
         "SWARM_NOTEBOOK_ROOM": args.room,
         "SWARM_NOTEBOOK_SECRET": secret,
         "SWARM_NOTEBOOK_ICE_HOSTS": "127.0.0.1",  # everything here is on this machine
+        **getattr(args, "ice_env", {}),
     }
     env = {**os.environ, **session, "PYTHONUNBUFFERED": "1"}
     session_file = state / "session.env"

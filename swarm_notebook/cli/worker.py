@@ -14,8 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
+from swarm_notebook.cli.ice_args import add_ice_arguments, mesh_with_ice
 from swarm_notebook.coordinator.config import DEFAULT_SIGNALING, CoordinatorConfig
-from swarm_notebook.errors import SignalingError
+from swarm_notebook.errors import IceConfigError, SignalingError
 from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 from swarm_notebook.workload.policy import TaskPolicy
 
@@ -77,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop gracefully when the process that started this one dies "
         "(used by `swarm-notebook up`, so a killed launcher leaves no workers)",
     )
+    add_ice_arguments(parser)
     parser.add_argument("--log-level", default="WARNING")
 
 
@@ -105,20 +107,33 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         policy=TaskPolicy(allowed_peers=allowed, max_input_bytes=int(args.max_input_mb * 2**20)),
         drain_grace_s=args.grace,
         roster_owner=args.roster_owner,
+        mesh=mesh_with_ice(args),
     )
 
 
 async def serve(args: argparse.Namespace) -> int:
     from swarm_notebook.client import join
 
-    config = build_config(args)
+    try:
+        config = build_config(args)
+    except IceConfigError as exc:
+        print(f"swarm-notebook worker: {exc.message}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    coordinator = await join(
-        args.room, signaling=args.signaling, secret=args.secret, profile=args.profile, config=config
-    )
+    try:
+        coordinator = await join(
+            args.room,
+            signaling=args.signaling,
+            secret=args.secret,
+            profile=args.profile,
+            config=config,
+        )
+    except IceConfigError as exc:
+        print(f"swarm-notebook worker: {exc.message}", file=sys.stderr)
+        return 2
     stats = coordinator.get_stats()
     print(
         f"READY peer_id={coordinator.peer_id} room={args.room} "

@@ -335,6 +335,12 @@ class SwarmCoordinator:
                     "concurrency": view.concurrency,
                     "rtt_ms": link.rtt_ms if link else None,
                     "connected_since": view.connected_since,
+                    "route": link.route if link else None,
+                    "local_candidate": link.local_candidate if link else None,
+                    "remote_candidate": link.remote_candidate if link else None,
+                    "ice_server": link.ice_server if link else None,
+                    "bytes_in": link.bytes_in if link else 0,
+                    "bytes_out": link.bytes_out if link else 0,
                 }
             )
         s = self.stats

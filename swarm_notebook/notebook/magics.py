@@ -56,7 +56,7 @@ ENV_SIGNALING = "SWARM_NOTEBOOK_SIGNALING"
 ENV_ROOM = "SWARM_NOTEBOOK_ROOM"
 ENV_SECRET = "SWARM_NOTEBOOK_SECRET"
 DEFAULT_ROOM = "local"
-SUBCOMMANDS = ("join", "status", "peers", "tasks", "dashboard", "leave", "roster")
+SUBCOMMANDS = ("join", "status", "peers", "tasks", "dashboard", "doctor", "leave", "roster")
 
 
 class _HelpShown(Exception):
@@ -112,11 +112,16 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
     join.add_argument(
         "--settle", type=float, default=10.0, help="seconds to wait for the room's peers to connect"
     )
+    join.add_argument("--ice-server", action="append", default=[], metavar="URL")
+    join.add_argument("--ice-username", default=None)
+    join.add_argument("--ice-credential", default=None)
+    join.add_argument("--ice-policy", choices=("all", "relay"), default=None)
     for name, text in (
         ("status", "state and counters"),
         ("peers", "peers as a DataFrame"),
         ("tasks", "tasks as a DataFrame"),
         ("dashboard", "the live panel"),
+        ("doctor", "check signaling, STUN/TURN, the NAT and every link"),
         ("leave", "leave the swarm"),
     ):
         sub.add_parser(name, help=text)
@@ -177,11 +182,18 @@ class SwarmMagics(Magics):
 
     def _join(self, args: argparse.Namespace) -> None:
         from swarm_notebook.coordinator.config import DEFAULT_SIGNALING
+        from swarm_notebook.transport.ice_config import servers_from_urls
 
         signaling = args.signaling or DEFAULT_SIGNALING
+        ice_servers = (
+            servers_from_urls(args.ice_server, args.ice_username, args.ice_credential)
+            if args.ice_server
+            else None
+        )
         coordinator, missing = self.session.join(
             args.room, signaling=signaling, secret=args.secret, capabilities=args.caps,
             profile=args.profile, settle_s=args.settle,
+            ice_servers=ice_servers, ice_policy=args.ice_policy,
         )  # fmt: skip
         stats = coordinator.get_stats()
         print(
@@ -223,6 +235,13 @@ class SwarmMagics(Magics):
                 "the dashboard needs a Jupyter kernel (JupyterLab, Notebook, VS Code)",
             ) from None
         return coordinator.dashboard()
+
+    def _doctor(self, args: argparse.Namespace) -> None:
+        from swarm_notebook.notebook.session import run_blocking
+        from swarm_notebook.views.doctor import render
+
+        checks = run_blocking(self.session.require().doctor(), timeout=60)
+        print(render(checks))
 
     def _leave(self, args: argparse.Namespace) -> None:
         room = self.session.room

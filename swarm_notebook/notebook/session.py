@@ -82,6 +82,8 @@ class SwarmSession:
         capabilities: list[str] | None,
         profile: Path | None,
         settle_s: float,
+        ice_servers: list[dict[str, Any]] | None = None,
+        ice_policy: str | None = None,
     ) -> tuple[Coordinator, list[str]]:
         """Join ``room``; wait up to ``settle_s`` for the room's peers to connect.
 
@@ -102,6 +104,8 @@ class SwarmSession:
                     secret=secret,
                     capabilities=capabilities,
                     profile=profile,
+                    ice_servers=ice_servers,
+                    ice_policy=ice_policy,
                 )
             )
         except SignalingError as exc:

@@ -4,7 +4,9 @@ Flow::
 
     server -> client  Challenge(nonce)                      on connect
     client -> server  Join(room, peer_id, signature, secret_proof)
-    server -> client  Joined(room, peer_id, peers)          or Error + close
+    server -> client  Joined(room, peer_id, peers, ice_servers?, ice_expires?)  or Error + close
+    client -> server  RefreshIce()                          new TURN credentials, please
+    server -> client  IceServers(ice_servers, ice_expires)  the answer (also sent unasked)
     server -> client  PeerJoined(peer_id) / PeerLeft(peer_id)
     client -> server  Signal(to, data)                      offer / answer / candidate
     server -> client  Signal(from_, data)                   ``from`` stamped from the socket
@@ -39,10 +41,23 @@ class Join(msgspec.Struct, tag="join", tag_field="type"):
     secret_proof: str | None = None  # hex HMAC, only when the room has a secret
 
 
-class Joined(msgspec.Struct, tag="joined", tag_field="type"):
+class Joined(msgspec.Struct, tag="joined", tag_field="type", omit_defaults=True):
     room: str
     peer_id: str
     peers: list[str]
+    # ICE servers the server issues (TURN credentials valid until ``ice_expires``, Unix
+    # seconds); absent when the server hands none out.
+    ice_servers: list[dict[str, Any]] | None = None
+    ice_expires: float | None = None
+
+
+class RefreshIce(msgspec.Struct, tag="refresh-ice", tag_field="type"):
+    """Asks for fresh TURN credentials before the issued ones expire."""
+
+
+class IceServers(msgspec.Struct, tag="ice-servers", tag_field="type"):
+    ice_servers: list[dict[str, Any]]
+    ice_expires: float | None = None
 
 
 class PeerJoined(msgspec.Struct, tag="peer-joined", tag_field="type"):
@@ -71,8 +86,10 @@ class Shutdown(msgspec.Struct, tag="shutdown", tag_field="type"):
     message: str = "server shutting down"
 
 
-ClientMessage = Join | Signal
-ServerMessage = Challenge | Joined | PeerJoined | PeerLeft | Signal | Error | Shutdown
+ClientMessage = Join | Signal | RefreshIce
+ServerMessage = (
+    Challenge | Joined | PeerJoined | PeerLeft | Signal | Error | Shutdown | IceServers
+)
 
 _client_decoder = msgspec.json.Decoder(ClientMessage)
 _server_decoder = msgspec.json.Decoder(ServerMessage)
@@ -83,7 +100,7 @@ def encode(message: msgspec.Struct) -> str:
     return _encoder.encode(message).decode("utf-8")
 
 
-def decode_client_message(data: str | bytes) -> Join | Signal:
+def decode_client_message(data: str | bytes) -> Join | Signal | RefreshIce:
     """Raises ``msgspec.DecodeError`` / ``msgspec.ValidationError`` on a bad frame."""
     try:
         return _client_decoder.decode(data)
@@ -93,7 +110,7 @@ def decode_client_message(data: str | bytes) -> Join | Signal:
 
 def decode_server_message(
     data: str | bytes,
-) -> Challenge | Joined | PeerJoined | PeerLeft | Signal | Error | Shutdown:
+) -> Challenge | Joined | PeerJoined | PeerLeft | Signal | Error | Shutdown | IceServers:
     """Raises ``msgspec.DecodeError`` / ``msgspec.ValidationError`` on a bad frame."""
     try:
         return _server_decoder.decode(data)

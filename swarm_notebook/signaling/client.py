@@ -39,6 +39,7 @@ import logging
 import os
 import random
 import ssl
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,10 +59,12 @@ from swarm_notebook.identity import Identity
 from swarm_notebook.protocol.signaling import (
     Challenge,
     Error,
+    IceServers,
     Join,
     Joined,
     PeerJoined,
     PeerLeft,
+    RefreshIce,
     Shutdown,
     Signal,
     decode_server_message,
@@ -71,6 +74,7 @@ from swarm_notebook.protocol.signaling import (
 )
 from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling.membership import MembershipChanges, RoomMembership
+from swarm_notebook.signaling.turn_credentials import RENEW_AT_FRACTION
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,11 @@ class _SignalEvent:
 
 
 @dataclass(frozen=True)
+class _IceServersEvent:
+    servers: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
 class _ErrorEvent:
     reason: str
     message: str
@@ -133,6 +142,7 @@ _Event = (
     | _PeerJoinedEvent
     | _PeerLeftEvent
     | _SignalEvent
+    | _IceServersEvent
     | _ErrorEvent
     | _DisconnectedEvent
 )
@@ -146,6 +156,8 @@ class SignalingClient:
     did not end the connection, e.g. ``unknown-peer``), ``on_undeliverable(peer_id)`` (a
     signal could not reach that peer: it is not in the room) and ``on_disconnected(reason)``
     (``"shutdown"``, ``"closed"``, ``"lost"`` or a refusal reason).
+    ``on_ice_servers(servers)`` gets the ICE servers the server issues (at join and at each
+    renewal, which the client asks for before the TURN credentials expire).
     """
 
     def __init__(
@@ -161,6 +173,7 @@ class SignalingClient:
         on_error: Callback | None = None,
         on_disconnected: Callback | None = None,
         on_undeliverable: Callback | None = None,
+        on_ice_servers: Callback | None = None,
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
         departure_grace: float = 5.0,
@@ -169,6 +182,7 @@ class SignalingClient:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         event_queue_size: int = 1024,
         rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
         ca_file: str | None = None,
     ) -> None:
         self.url = url
@@ -182,6 +196,10 @@ class SignalingClient:
         self._on_error = on_error
         self._on_disconnected = on_disconnected
         self._on_undeliverable = on_undeliverable
+        self._on_ice_servers = on_ice_servers
+        self.ice_servers: list[dict[str, Any]] = []
+        self.ice_expires: float | None = None
+        self._wall_clock = wall_clock  # TURN expiries are Unix times
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._join_timeout = join_timeout
@@ -311,6 +329,8 @@ class SignalingClient:
             "bad_frames": self._counters["bad_frames"],
             "callback_errors": self._counters["callback_errors"],
             "errors_received": dict(self._errors_received),
+            "ice_issued": self._counters["ice_issued"],
+            "ice_renewals_asked": self._counters["ice_renewals_asked"],
         }
 
     # -- connection --------------------------------------------------------------------
@@ -432,12 +452,15 @@ class SignalingClient:
             self._ws = ws
             self._counters["joins"] += 1
             await self._events.put(_JoinedEvent(self._session, tuple(peers)))
+            renewer = asyncio.create_task(self._renew_ice(ws), name="signaling-ice-renewal")
             try:
                 reason = await self._read_until_closed(ws)
             except (aiohttp.ClientError, OSError) as exc:
                 reason = "lost"
                 self.last_error = f"{type(exc).__name__}: {exc}"
             finally:
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
                 self._ws = None
                 self._live_session = None
                 self._connected = False
@@ -465,7 +488,33 @@ class SignalingClient:
         self._raise_for_refusal(reply)
         if not isinstance(reply, Joined) or reply.peer_id != peer_id or reply.room != self.room:
             raise SignalingError(PROTOCOL_ERROR, f"expected joined, got {reply!r:.80}")
+        if reply.ice_servers is not None:
+            await self._issued(reply.ice_servers, reply.ice_expires)
         return [p for p in reply.peers if p != peer_id]
+
+    async def _issued(self, servers: list[dict[str, Any]], expires: float | None) -> None:
+        self.ice_servers, self.ice_expires = list(servers), expires
+        self._counters["ice_issued"] += 1
+        await self._events.put(_IceServersEvent(tuple(servers)))
+
+    async def _renew_ice(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Ask for fresh TURN credentials once most of the issued ones' life is gone."""
+        while True:
+            expires = self.ice_expires
+            if expires is None:
+                return
+            issued_for = max(1.0, expires - self._wall_clock())
+            await asyncio.sleep(issued_for * RENEW_AT_FRACTION)
+            if self.ice_expires != expires:
+                continue  # renewed meanwhile (e.g. the server pushed new ones)
+            try:
+                async with self._send_lock:
+                    await ws.send_str(encode(RefreshIce()))
+            except (ConnectionError, RuntimeError):
+                return
+            self._counters["ice_renewals_asked"] += 1
+            # Ask again only after an answer moved the expiry, or the next period.
+            await asyncio.sleep(max(1.0, issued_for * (1 - RENEW_AT_FRACTION) / 2))
 
     def _raise_for_refusal(self, message: msgspec.Struct) -> None:
         """During the handshake an Error or Shutdown ends this attempt."""
@@ -480,7 +529,7 @@ class SignalingClient:
 
     async def _receive(
         self, ws: aiohttp.ClientWebSocketResponse
-    ) -> Challenge | Joined | PeerJoined | PeerLeft | Signal | Error | Shutdown:
+    ) -> Challenge | Joined | PeerJoined | PeerLeft | Signal | Error | Shutdown | IceServers:
         msg = await ws.receive()
         if msg.type is aiohttp.WSMsgType.TEXT:
             try:
@@ -514,6 +563,8 @@ class SignalingClient:
                 await self._events.put(_PeerJoinedEvent(message.peer_id))
             elif isinstance(message, PeerLeft):
                 await self._events.put(_PeerLeftEvent(message.peer_id))
+            elif isinstance(message, IceServers):
+                await self._issued(message.ice_servers, message.ice_expires)
             elif isinstance(message, Error):
                 self._errors_received[message.reason] += 1
                 if message.reason == Reason.REPLACED:
@@ -574,6 +625,8 @@ class SignalingClient:
             await self._announce(self._membership.peer_left(event.peer_id, now))
         elif isinstance(event, _SignalEvent):
             await self._call("on_signal", self._on_signal, event.from_peer, event.data)
+        elif isinstance(event, _IceServersEvent):
+            await self._call("on_ice_servers", self._on_ice_servers, list(event.servers))
         elif isinstance(event, _ErrorEvent):
             await self._call("on_error", self._on_error, event.reason, event.message)
             if event.peer is not None and event.reason == Reason.UNKNOWN_PEER:

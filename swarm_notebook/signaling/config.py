@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from swarm_notebook.protocol.signaling import MAX_ROOM_LENGTH
 from swarm_notebook.signaling.quotas import QuotaLimits
+from swarm_notebook.signaling.turn_credentials import TurnConfig
 
 DEFAULT_PORT = 8765
 
@@ -84,6 +85,8 @@ class SignalingConfig:
     limits: SignalingLimits = field(default_factory=SignalingLimits)
     # How long close() waits for clients to receive Shutdown before dropping them.
     shutdown_timeout: float = 3.0
+    # ICE servers (and TURN credentials) handed to every admitted peer; None: none.
+    turn: TurnConfig | None = None
     certfile: str | None = None
     keyfile: str | None = None
 

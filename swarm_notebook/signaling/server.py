@@ -40,10 +40,12 @@ from swarm_notebook.identity import is_canonical_peer_id, verify_signature
 from swarm_notebook.protocol.signaling import (
     Challenge,
     Error,
+    IceServers,
     Join,
     Joined,
     PeerJoined,
     PeerLeft,
+    RefreshIce,
     Shutdown,
     Signal,
     decode_client_message,
@@ -56,6 +58,7 @@ from swarm_notebook.signaling.connection import Connection
 from swarm_notebook.signaling.quotas import AddressQuotas, address_key
 from swarm_notebook.signaling.ratelimit import TokenBucket
 from swarm_notebook.signaling.rooms import RoomRegistry
+from swarm_notebook.signaling.turn_credentials import TurnIssuer
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,8 @@ class SignalingServer:
         self._replacements = 0
         self._messages_received = 0
         self._messages_forwarded = 0
+        turn = self.config.turn
+        self._turn = TurnIssuer(turn) if turn is not None and turn.enabled else None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -172,6 +177,7 @@ class SignalingServer:
             "messages_received": self._messages_received,
             "messages_forwarded": self._messages_forwarded,
             "rejections": dict(self._rejections),
+            "ice_issued": self._turn.issued if self._turn is not None else 0,
             "per_address": self._quotas.stats(),
         }
 
@@ -326,6 +332,8 @@ class SignalingServer:
             return self._refuse(conn, Reason.MALFORMED, f"not JSON: {str(exc)[:160]}")
         if isinstance(message, Join):
             return self._on_join(conn, message)
+        if isinstance(message, RefreshIce):
+            return self._on_refresh_ice(conn)
         return self._on_signal(conn, message)
 
     def _on_join(self, conn: Connection, join: Join) -> bool:
@@ -376,7 +384,18 @@ class SignalingServer:
         if creating:
             self._quotas.room_created(room, conn.address)
         self._joins_total += 1
-        conn.send(Joined(room=room, peer_id=peer_id, peers=sorted(others)))
+        ice_servers, ice_expires = (
+            self._turn.issue(peer_id) if self._turn is not None else (None, None)
+        )
+        conn.send(
+            Joined(
+                room=room,
+                peer_id=peer_id,
+                peers=sorted(others),
+                ice_servers=ice_servers,
+                ice_expires=ice_expires,
+            )
+        )
         if previous is not None:
             self._replacements += 1
             previous.close_with(
@@ -456,6 +475,13 @@ class SignalingServer:
         return self._reply(
             conn, Reason.PEER_BUSY, f"peer {signal.to[:16]!r} is not reading; signal not delivered"
         )
+
+    def _on_refresh_ice(self, conn: Connection) -> bool:
+        if conn.peer_id is None:
+            return self._strike(conn, Reason.NOT_JOINED, "send a join before asking for ICE")
+        servers, expires = self._turn.issue(conn.peer_id) if self._turn is not None else ([], None)
+        self._deliver_control(conn, IceServers(ice_servers=servers, ice_expires=expires))
+        return not conn.closing
 
     def _leave(self, conn: Connection) -> None:
         if conn.room is None or conn.peer_id is None:

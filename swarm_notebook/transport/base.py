@@ -26,6 +26,14 @@ class PeerLinkInfo:
     connected_since: float | None = None
     last_seen: float | None = None
     dials: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    # The selected ICE candidate pair: types on each end ("host", "srflx", "relay"), the
+    # link's route (the most indirect of the two) and the STUN/TURN server it went through.
+    local_candidate: str | None = None
+    remote_candidate: str | None = None
+    route: str | None = None
+    ice_server: str | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,12 @@ def mesh_transport(
     >>> transport = mesh_transport(Identity.generate(), "ws://127.0.0.1:8765/ws", "lab")
     """
 
+    transport: MeshTransport | None = None
+
+    def issued(servers: list[dict[str, Any]]) -> None:
+        if transport is not None:
+            transport.set_issued_ice_servers(servers)
+
     def make_client(on_signal: Any, on_peer_joined: Any, on_peer_left: Any) -> SignalingClient:
         return SignalingClient(
             signaling_url,
@@ -35,7 +41,9 @@ def mesh_transport(
             on_signal=on_signal,
             on_peer_joined=on_peer_joined,
             on_peer_left=on_peer_left,
+            on_ice_servers=issued,
             ca_file=ca_file,
         )
 
-    return MeshTransport(identity, make_client, config)
+    transport = MeshTransport(identity, make_client, config)
+    return transport

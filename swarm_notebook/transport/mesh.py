@@ -36,13 +36,14 @@ from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
     RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCSessionDescription,
 )
 from aiortc.sdp import candidate_from_sdp
 
 from swarm_notebook._util.tasks import OwnedTasks
-from swarm_notebook.errors import PeerUnavailable, ProtocolError
+from swarm_notebook.errors import IceConfigError, PeerUnavailable, ProtocolError
 from swarm_notebook.identity import Identity
 from swarm_notebook.protocol.envelope import (
     PROTOCOL_VERSION,
@@ -71,13 +72,16 @@ from swarm_notebook.transport.base import (
     Transport,
     TransportCallbacks,
 )
+from swarm_notebook.transport.ice_config import IceServer, parse_servers
 from swarm_notebook.transport.ice_hosts import host_addresses_from_env, restrict_host_candidates
+from swarm_notebook.transport.ice_path import ServerChoice, gathered_types, selected_route
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_CANDIDATES = 64
 MAX_REMEMBERED_SENDS = 512  # chunked messages per link a refusal can still be matched to
 MAX_REFUSAL_DETAIL = 300
+LIVENESS_CHECK_S = 0.25
 
 
 class SignalingPort(Protocol):
@@ -102,10 +106,16 @@ SignalingFactory = Callable[
 
 @dataclass
 class MeshConfig:
-    ice_servers: list[dict[str, Any]] = field(default_factory=list)
+    # None: this peer set no servers, so it uses what the signaling server issues (if any).
+    # Validated entries, see ``transport.ice_config``.
+    ice_servers: list[dict[str, Any]] | None = None
+    ice_policy: str | None = None  # "relay": relay candidates only; None or "all": any
     heartbeat_interval_s: float = 1.0
     peer_timeout_s: float = 3.5
     connect_timeout_s: float = 15.0
+    # A dial that could reach none of its ICE servers (e.g. during an outage) gets only
+    # host candidates: give it this long, then dial again, instead of holding the link.
+    host_only_connect_timeout_s: float = 3.0
     frame_size: int = DEFAULT_FRAME_SIZE
     max_message_bytes: int = 128 * 1024 * 1024
     reassembly: ReassemblyLimits = field(default_factory=ReassemblyLimits)
@@ -118,13 +128,20 @@ class MeshConfig:
     # share one machine on loopback. Defaults to $SWARM_NOTEBOOK_ICE_HOSTS.
     host_addresses: list[str] | None = field(default_factory=host_addresses_from_env)
 
-    def rtc_configuration(self) -> RTCConfiguration:
-        # An explicit list: with None, aiortc contacts a public STUN server.
-        servers = [
-            RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
-            for s in self.ice_servers
-        ]
-        return RTCConfiguration(iceServers=servers)
+    def rtc_configuration(self, servers: list[IceServer] | None = None) -> RTCConfiguration:
+        # Always an explicit list: with None, aiortc contacts a public STUN server.
+        chosen = servers if servers is not None else list(parse_servers(self.ice_servers or []))
+        return RTCConfiguration(
+            iceServers=[
+                RTCIceServer(urls=s.url, username=s.username, credential=s.credential)
+                for s in chosen
+            ],
+            iceTransportPolicy=(
+                RTCIceTransportPolicy.RELAY
+                if self.ice_policy == "relay"
+                else RTCIceTransportPolicy.ALL
+            ),
+        )
 
 
 @dataclass
@@ -150,6 +167,10 @@ class _Link:
     sent: OrderedDict[int, tuple[str, str, str | None]] = field(default_factory=OrderedDict)
     sending: set[int] = field(default_factory=set)  # transfers still leaving
     aborted: set[int] = field(default_factory=set)  # ... of which the receiver refused
+    bytes_in: int = 0
+    bytes_out: int = 0
+    ice_servers: tuple[IceServer, ...] = ()
+    host_only: bool = False
 
 
 @dataclass
@@ -189,6 +210,9 @@ class MeshTransport(Transport):
         self._reassembly_pool.on_evict = self._reassembly_evicted
         self._logged = OncePerKey()
         self._closed = False
+        configured = self.config.ice_servers
+        self._servers = ServerChoice(parse_servers(configured) if configured is not None else ())
+        self._servers_configured = configured is not None
         self.counters: dict[str, int] = {
             "frames_in": 0,
             "frames_out": 0,
@@ -199,6 +223,8 @@ class MeshTransport(Transport):
             "dials": 0,
             "links_lost": 0,
             "rejects_from_peers": 0,
+            "ice_servers_issued": 0,
+            "host_only_dials": 0,
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -243,9 +269,50 @@ class MeshTransport(Transport):
                     connected_since=link.connected_since if link else None,
                     last_seen=link.last_seen if link else None,
                     dials=self._redial.get(peer, _Redial()).attempts,
+                    bytes_in=link.bytes_in if link else 0,
+                    bytes_out=link.bytes_out if link else 0,
+                    **(self._route(link) if link is not None else {}),
                 )
             )
         return infos
+
+    def _route(self, link: _Link) -> dict[str, Any]:
+        if link.state is not LinkState.CONNECTED:
+            return {}
+        route = selected_route(link.pc)
+        if route is None:
+            return {}
+        # Our relay came from our TURN server; a NAT-mapped route from our STUN server
+        # (aioice reports a server-reflexive pair by its host base, so local says "host").
+        wanted = "turn" if route.local_type == "relay" else "stun" if route.kind != "host" else ""
+        used = [s.url for s in link.ice_servers if ("turn" if s.is_turn else "stun") == wanted]
+        return {
+            "local_candidate": route.local_type,
+            "remote_candidate": route.remote_type,
+            "route": route.kind,
+            "ice_server": used[0] if used else None,
+        }
+
+    @property
+    def ice_servers(self) -> tuple[IceServer, ...]:
+        """The servers new links use: this peer's own, else those signaling issued."""
+        return self._servers.servers
+
+    def set_issued_ice_servers(self, servers: list[dict[str, Any]]) -> None:
+        """ICE servers from the signaling server; links made from now on use them.
+
+        Ignored when this peer configured its own (peer-side settings win).
+        """
+        if self._servers_configured:
+            return
+        try:
+            parsed = parse_servers(servers, "issued by the signaling server")
+        except IceConfigError as exc:
+            self.rejections.count("bad-ice-config")
+            log.warning("ignored ICE servers from the signaling server: %s", exc)
+            return
+        self.counters["ice_servers_issued"] += 1
+        self._servers.replace(parsed)
 
     @property
     def signaling_connected(self) -> bool:
@@ -297,6 +364,7 @@ class MeshTransport(Transport):
         channel.send(bytes((WHOLE,)) + payload)
         self.counters["frames_out"] += 1
         self.counters["bytes_out"] += len(payload) + 1
+        link.bytes_out += len(payload) + 1
         self.counters["messages_out"] += 1
         return len(payload)
 
@@ -324,6 +392,7 @@ class MeshTransport(Transport):
                 channel.send(frame)
                 self.counters["frames_out"] += 1
                 self.counters["bytes_out"] += len(frame)
+                link.bytes_out += len(frame)
         finally:
             link.sending.discard(transfer_id)
             link.aborted.discard(transfer_id)
@@ -418,10 +487,8 @@ class MeshTransport(Transport):
         link = self._links.get(peer_id)
         now = self._clock()
         if link is not None and link.state is not LinkState.GONE:
-            if (
-                link.state is not LinkState.CONNECTED
-                and now - link.created > self.config.connect_timeout_s
-            ):
+            overdue = now - link.created > self._connect_timeout(link)
+            if link.state is not LinkState.CONNECTED and overdue:
                 self._fail_link(link, "connect timeout")
             return
         redial = self._redial.setdefault(peer_id, _Redial())
@@ -456,7 +523,8 @@ class MeshTransport(Transport):
             log.debug("redial request to %s not sent: %s", peer_id[:16], exc)
 
     def _new_link(self, peer_id: str, offerer: bool, session: str) -> _Link:
-        pc = RTCPeerConnection(self.config.rtc_configuration())
+        servers = self._servers.for_new_link()
+        pc = RTCPeerConnection(self.config.rtc_configuration(servers))
         link = _Link(
             peer_id=peer_id,
             offerer=offerer,
@@ -464,6 +532,7 @@ class MeshTransport(Transport):
             pc=pc,
             reassembler=Reassembler(self.config.reassembly, self._reassembly_pool),
             created=self._clock(),
+            ice_servers=tuple(servers),
         )
         link.writable.set()
 
@@ -487,6 +556,7 @@ class MeshTransport(Transport):
             link = self._new_link(peer_id, offerer=True, session=uuid.uuid4().hex)
             self._attach_channel(link, link.pc.createDataChannel("swarm", ordered=True))
             await link.pc.setLocalDescription(await link.pc.createOffer())
+            self._gathered(link)
             try:
                 await self._signaling.send_signal(
                     peer_id,
@@ -516,9 +586,31 @@ class MeshTransport(Transport):
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         await self._flush_candidates(link)
         await pc.setLocalDescription(await pc.createAnswer())
+        self._gathered(link)
         await self._signaling.send_signal(
             peer_id, {"kind": "answer", "session": session, "sdp": pc.localDescription.sdp}
         )
+
+    def _connect_timeout(self, link: _Link) -> float:
+        if link.host_only:
+            return min(self.config.connect_timeout_s, self.config.host_only_connect_timeout_s)
+        return self.config.connect_timeout_s
+
+    def _gathered(self, link: _Link) -> None:
+        """After gathering: note a dial that reached none of its ICE servers.
+
+        Such a dial can still link over host candidates (a shared LAN), so it is not
+        failed at once, but it gets a short connect timeout and the next dial comes
+        soon: the servers (or the network) may be back by then.
+        """
+        if not link.ice_servers:
+            return
+        types = gathered_types(link.pc)
+        self._servers.failed(link.ice_servers, types)
+        if types <= {"host"}:
+            link.host_only = True
+            self.counters["host_only_dials"] += 1
+            log.info("dial to %s reached no ICE server (only host candidates)", link.peer_id[:16])
 
     async def _accept_answer(self, peer_id: str, session: str, sdp: str) -> None:
         link = self._links.get(peer_id)
@@ -720,6 +812,7 @@ class MeshTransport(Transport):
             if isinstance(data, str):
                 raise ProtocolError(Reason.TEXT_FRAME, "binary frames only")
             self.counters["bytes_in"] += len(data)
+            link.bytes_in += len(data)
             transfer = chunk_transfer_id(data)
             if data[:1] == bytes((CHUNK,)) and link.state is not LinkState.CONNECTED:
                 # Proofs of identity are small whole frames: nothing is reassembled for a
@@ -772,26 +865,37 @@ class MeshTransport(Transport):
     # -- liveness ------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        # Silence is checked more often than pings go out: a dead link is then noticed
+        # within peer_timeout_s plus a quarter second, not up to a whole interval later.
+        interval = self.config.heartbeat_interval_s
+        check_every = min(interval, LIVENESS_CHECK_S)
+        next_ping = self._clock() + interval
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval_s)
+            await asyncio.sleep(check_every)
             now = self._clock()
+            ping = now >= next_ping
+            if ping:
+                next_ping = now + interval
             for link in list(self._links.values()):
                 if link.state is LinkState.CONNECTED or link.state is LinkState.AUTHENTICATING:
                     if now - link.last_seen > self.config.peer_timeout_s:
                         self._fail_link(link, "heartbeat timeout")
                         continue
-                    if link.state is LinkState.CONNECTED:
+                    if ping and link.state is LinkState.CONNECTED:
                         link.ping_seq += 1
                         self._send_control(link, "link.ping", {"seq": link.ping_seq, "t": now})
-                for transfer in link.reassembler.expire(now):
-                    self._count_rejection(link, Reason.REASSEMBLY_TIMEOUT, f"transfer {transfer}")
-                    if link.state is LinkState.CONNECTED:
-                        self._tell_refused(
-                            link,
-                            Reason.REASSEMBLY_TIMEOUT,
-                            f"no chunk for {self.config.reassembly.timeout_s:g} s",
-                            transfer,
+                if ping:
+                    for transfer in link.reassembler.expire(now):
+                        self._count_rejection(
+                            link, Reason.REASSEMBLY_TIMEOUT, f"transfer {transfer}"
                         )
+                        if link.state is LinkState.CONNECTED:
+                            self._tell_refused(
+                                link,
+                                Reason.REASSEMBLY_TIMEOUT,
+                                f"no chunk for {self.config.reassembly.timeout_s:g} s",
+                                transfer,
+                            )
 
     async def _maintenance_loop(self) -> None:
         while True:
@@ -800,7 +904,7 @@ class MeshTransport(Transport):
                 self._maintain_peer(peer)
             for peer, link in list(self._links.items()):
                 if link.state is not LinkState.CONNECTED and peer not in self._signaling.members:
-                    if self._clock() - link.created > self.config.connect_timeout_s:
+                    if self._clock() - link.created > self._connect_timeout(link):
                         self._fail_link(link, "connect timeout")
 
     def _fail_link(self, link: _Link, reason: str, redial: bool = True) -> None:
@@ -819,7 +923,12 @@ class MeshTransport(Transport):
         if not self._closed:
             self._tasks.spawn(self._close_pc(link), name="mesh-close-pc")
             if redial and link.peer_id in self._signaling.members:
-                self._redial.setdefault(link.peer_id, _Redial())
+                state = self._redial.setdefault(link.peer_id, _Redial())
+                if link.host_only or was_connected:
+                    # Not a sign the peer is unreachable: the network is (or was) down.
+                    # Keep the next dials close together so the link is back soon after.
+                    state.attempts = 0
+                    state.next_at = min(state.next_at, self._clock() + self.config.redial_initial_s)
 
     async def _close_pc(self, link: _Link) -> None:
         try:

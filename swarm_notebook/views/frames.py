@@ -126,6 +126,10 @@ def peers_frame(snapshot: Mapping[str, Any]) -> pd.DataFrame:
             "in_flight": pd.Series(_column(peers, "in_flight", "peer", _count), dtype="int64"),
             "concurrency": pd.Series(_column(peers, "concurrency", "peer", _count), dtype="int64"),
             "rtt_ms": pd.Series(_column(peers, "rtt_ms", "peer", _number), dtype="float64"),
+            "route": _text(peer.get("route") for peer in peers),
+            "ice_server": _text(peer.get("ice_server") for peer in peers),
+            "bytes_in": pd.Series(_column(peers, "bytes_in", "peer", _count), dtype="int64"),
+            "bytes_out": pd.Series(_column(peers, "bytes_out", "peer", _count), dtype="int64"),
         }
     )
 
