@@ -27,6 +27,7 @@ class ErrorType:
 
     TIMEOUT = "timeout"
     MEMORY_LIMIT = "memory-limit"
+    PROCESS_LIMIT = "process-limit"
     BAD_INPUT = "bad-input"
     TOO_LARGE = "too-large"
     BUSY = "busy"

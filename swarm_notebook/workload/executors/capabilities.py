@@ -50,6 +50,7 @@ __all__ = [
     "requirements_for_task_type",
 ]
 
+
 @dataclass(frozen=True, slots=True)
 class ExecutorConfig:
     """What the owner enabled on this peer. Nothing runs for peers unless listed here."""
