@@ -32,6 +32,7 @@ PEER_DTYPES = {
     "in_flight": "int64",
     "concurrency": "int64",
     "rtt_ms": "float64",
+    "isolation": "string",
 }
 
 TASK_DTYPES = {

@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 from swarm_notebook.coordinator.config import DEFAULT_SIGNALING, CoordinatorConfig
+from swarm_notebook.errors import SandboxUnavailable
 from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 from swarm_notebook.workload.policy import TaskPolicy
+from swarm_notebook.workload.sandbox.bwrap import ISOLATION_NONE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm-model", default=None)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--memory-limit-mb", type=int, default=1024)
+    parser.add_argument(
+        "--unsafe-no-isolation",
+        action="store_true",
+        help="run other peers' Python without the bubblewrap sandbox, with your user rights "
+        "(they can read your files and keys); only where bwrap cannot run and every peer "
+        "is trusted. The agent card and dashboard show it (docs/sandbox.md)",
+    )
     parser.add_argument(
         "--max-input-mb", type=float, default=64.0, help="largest task input accepted from a peer"
     )
@@ -77,6 +86,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         llm_model=args.llm_model,
         sandbox_size=args.concurrency,
         sandbox_memory_limit_mb=args.memory_limit_mb,
+        unsafe_no_isolation=args.unsafe_no_isolation,
     )
     allowed = frozenset(p.strip() for p in args.allow_from.split(",")) if args.allow_from else None
     return CoordinatorConfig(
@@ -101,13 +111,28 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    coordinator = await join(
-        args.room, signaling=args.signaling, secret=args.secret, profile=args.profile, config=config
-    )
+    try:
+        coordinator = await join(
+            args.room,
+            signaling=args.signaling,
+            secret=args.secret,
+            profile=args.profile,
+            config=config,
+        )
+    except SandboxUnavailable as exc:
+        print(f"swarm-notebook worker: {exc.message}", file=sys.stderr, flush=True)
+        return 2
     stats = coordinator.get_stats()
+    if stats.get("isolation") == ISOLATION_NONE:
+        print(
+            "WARNING: --unsafe-no-isolation: other peers' code runs with your user rights",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"READY peer_id={coordinator.peer_id} room={args.room} "
-        f"capabilities={','.join(stats['capabilities']) or '-'}",
+        f"capabilities={','.join(stats['capabilities']) or '-'} "
+        f"isolation={stats.get('isolation') or '-'}",
         flush=True,
     )
     watchdog = (

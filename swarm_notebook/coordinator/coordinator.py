@@ -159,7 +159,7 @@ class SwarmCoordinator:
             "max_input_bytes": self.config.policy.max_input_bytes,
             "max_queue": self.config.max_queue,
         }
-        self.node.advertise(capabilities, self.config.concurrency, limits)
+        self.node.advertise(capabilities, self.config.concurrency, limits, self.isolation or "")
         self.initialized = True
         self.init_count += 1
         self.stats.touch("init")
@@ -275,6 +275,13 @@ class SwarmCoordinator:
 
     # -- views -------------------------------------------------------------------------
 
+    @property
+    def isolation(self) -> str | None:
+        """How this peer runs other peers' Python ("bubblewrap", "none"), None if it does not."""
+        pool = self.executors.get("python-computation")
+        isolation = getattr(pool, "isolation", None)
+        return isolation if isinstance(isolation, str) else None
+
     def get_stats(self) -> dict[str, Any]:
         peers = []
         for view in self.node.peers():
@@ -293,6 +300,7 @@ class SwarmCoordinator:
                     "concurrency": view.concurrency,
                     "rtt_ms": link.rtt_ms if link else None,
                     "connected_since": view.connected_since,
+                    "isolation": (view.card.isolation or None) if view.card else None,
                 }
             )
         s = self.stats
@@ -303,6 +311,7 @@ class SwarmCoordinator:
             "connected_peers": len(self.node.connected_peers()),
             "total_peers": len(self.node.peers()),
             "capabilities": self.node.capabilities,
+            "isolation": self.isolation,
             "peers": peers,
             "total_tasks": s.total_tasks,
             "tasks_completed": s.tasks_completed,

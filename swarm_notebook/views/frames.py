@@ -126,6 +126,8 @@ def peers_frame(snapshot: Mapping[str, Any]) -> pd.DataFrame:
             "in_flight": pd.Series(_column(peers, "in_flight", "peer", _count), dtype="int64"),
             "concurrency": pd.Series(_column(peers, "concurrency", "peer", _count), dtype="int64"),
             "rtt_ms": pd.Series(_column(peers, "rtt_ms", "peer", _number), dtype="float64"),
+            # How the peer isolates other peers' code: bubblewrap, none (unsafe) or empty.
+            "isolation": _text(peer.get("isolation") for peer in peers),
         }
     )
 
