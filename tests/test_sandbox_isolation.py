@@ -277,8 +277,9 @@ async def test_shm_and_tmp_are_capped_and_do_not_outlive_the_task(
     result = await pool.run({"code": code}, CTX_A)
     assert result["success"], result
     assert decode_value(result["value"]) == ("ENOSPC", "ENOSPC")
-    assert not Path("/dev/shm/hog").exists()
-    after = await pool.run({"code": "import os\n(os.listdir('/dev/shm'), os.listdir('/tmp'))"}, CTX_A)
+    assert not await asyncio.to_thread(os.path.exists, "/dev/shm/hog")
+    listing = "import os\n(os.listdir('/dev/shm'), os.listdir('/tmp'))"
+    after = await pool.run({"code": listing}, CTX_A)
     assert decode_value(after["value"]) == ([], [])
 
 

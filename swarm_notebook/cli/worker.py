@@ -16,7 +16,7 @@ from pathlib import Path
 
 from swarm_notebook.coordinator.config import DEFAULT_SIGNALING, CoordinatorConfig
 from swarm_notebook.errors import SandboxUnavailable
-from swarm_notebook.workload.executors.capabilities import ExecutorConfig
+from swarm_notebook.workload.executors.capabilities import ExecutorConfig, check_isolation
 from swarm_notebook.workload.policy import TaskPolicy
 from swarm_notebook.workload.sandbox.bwrap import ISOLATION_NONE
 
@@ -112,6 +112,8 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        # Before connecting: a worker that cannot isolate must not join and then fail.
+        await check_isolation(config.executors)
         coordinator = await join(
             args.room,
             signaling=args.signaling,
