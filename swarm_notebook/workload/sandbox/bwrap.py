@@ -154,7 +154,8 @@ def bubblewrap_problem() -> str | None:
     if bwrap is None:
         return f"bubblewrap (`bwrap`) is not installed: {_FIX_HINT}"
     probe = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session"]
-    probe += [*system_binds(), "--", "/usr/bin/true"]
+    # --size (bubblewrap 0.6+) is what the real sandbox needs for its tmpfs caps.
+    probe += [*system_binds(), "--size", "1048576", "--tmpfs", "/tmp", "--", "/usr/bin/true"]
     try:
         done = subprocess.run(probe, capture_output=True, timeout=20, check=False, env={})
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -134,7 +134,15 @@ class _Worker:
             return None
         try:
             return sum(1 for e in os.scandir(f"/proc/{self.pid}/root/proc") if e.name.isdigit())
+        except FileNotFoundError:
+            return None
         except OSError:
+            pass
+        # Where the kernel refuses that view (ptrace rules), count the slow way: every
+        # process of the namespace descends from its pid 1.
+        try:
+            return 1 + len(psutil.Process(self.init_pid).children(recursive=True))
+        except psutil.Error:
             return None
 
     @property
