@@ -13,9 +13,11 @@ requests are served even while a cell blocks the kernel with synchronous work.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import uuid
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,7 +26,18 @@ from swarm_notebook._util.loop_thread import LoopThread
 from swarm_notebook.coordinator.config import DEFAULT_SIGNALING, CoordinatorConfig
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
 from swarm_notebook.coordinator.events import EventBus
+from swarm_notebook.errors import NotJoinedError, WaitTimeout
+from swarm_notebook.futures import (
+    ItemFuture,
+    SubmitOptions,
+    SwarmExecutor,
+    TaskFuture,
+    map_items,
+)
+from swarm_notebook.futures import gather as gather_results
+from swarm_notebook.futures import submit as submit_function
 from swarm_notebook.identity import Identity, default_profile_dir
+from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.factory import mesh_transport
 from swarm_notebook.workload.executors.capabilities import PYTHON_EXECUTION
 
@@ -36,8 +49,42 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+class SubmittedTask:
+    """A task delegated on the network thread, watchable from any thread.
+
+    What ``Coordinator.submit_task`` returns: ``future`` resolves to the same result dict
+    ``delegate_task`` returns (or raises what it raises); ``record()`` is the task's state
+    right now. A notebook cell that blocks the kernel's loop can still wait on it.
+
+    >>> task = c.submit_task("python-computation", {"code": "1 + 1"})  # doctest: +SKIP
+    >>> task.record()["state"], task.future.result(30)["value"]         # doctest: +SKIP
+    ('working', 2)
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        task_id: str,
+        future: concurrent.futures.Future[dict[str, Any]],
+    ) -> None:
+        self.coordinator = coordinator
+        self.task_id = task_id
+        self.future = future
+
+    def record(self) -> dict[str, Any] | None:
+        """The task's record (state, peer, attempts...), or None before it is registered."""
+        return self.coordinator.task_record(self.task_id)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def cancel(self) -> bool:
+        """Stop the task; the coordinator records it as canceled. False if it had ended."""
+        return self.future.cancel()
+
+
 class Coordinator:
-    """One peer's handle on the swarm (the blueprint's WebRTCCoordinator API)."""
+    """One peer's handle on the swarm: delegate work, share knowledge, vote on changes."""
 
     def __init__(self, runner: LoopThread, core: SwarmCoordinator, events: EventBus) -> None:
         self._runner = runner
@@ -47,10 +94,16 @@ class Coordinator:
 
     # -- plumbing ----------------------------------------------------------------------
 
-    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+    def _require_joined(self, coro: Coroutine[Any, Any, Any] | None = None) -> None:
         if self._closed:
-            coro.close()
-            raise RuntimeError("this coordinator has left the swarm; join() again")
+            if coro is not None:
+                coro.close()
+            raise NotJoinedError(
+                "this coordinator has left the swarm; join() again", Reason.NOT_JOINED_SWARM
+            )
+
+    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        self._require_joined(coro)
         return await self._runner.call(coro)
 
     def _read(self, fn: Callable[[], T]) -> T:
@@ -64,13 +117,19 @@ class Coordinator:
         return self._runner.run_sync(read(), timeout=10)
 
     @property
-    def core(self) -> SwarmCoordinator:
-        """The coordinator on the network loop (for advanced use and tests)."""
-        return self._core
-
-    @property
     def peer_id(self) -> str:
         return self._core.local_id
+
+    @property
+    def room(self) -> str:
+        """The room this coordinator joined."""
+        return self._core.config.room
+
+    def peer_name(self, peer_id: str | None) -> str | None:
+        """The name a peer gave itself on its signed agent card (display only)."""
+        if not peer_id:
+            return None
+        return self._read(lambda: self._core.peer_name(peer_id))
 
     @property
     def is_initialized(self) -> bool:
@@ -104,6 +163,32 @@ class Coordinator:
     ) -> None:
         await self.leave()
 
+    async def settle(self, timeout: float = 10.0) -> list[str]:
+        """Wait until every member of the room is connected and told us its capabilities.
+
+        Returns the members still missing after ``timeout`` seconds (empty: all there).
+        """
+        return await self._call(self._core.settle(timeout))
+
+    async def wait_for_peers(
+        self, count: int, *, capability: str | None = None, timeout: float = 30.0
+    ) -> int:
+        """Wait until ``count`` peers (offering ``capability``, if given) are connected.
+
+        Returns the number of connected peers; raises ``WaitTimeout`` if too few came.
+
+        >>> await c.wait_for_peers(2, capability="python-execution")  # doctest: +SKIP
+        2
+        """
+        missing = await self._call(self._core.settle(timeout, count, capability))
+        connected = int(self.get_stats()["connected_peers"])
+        if missing:
+            what = f" offering {capability}" if capability else ""
+            raise WaitTimeout(
+                f"{count - len(missing)} of {count} peers{what} connected after {timeout:g} s"
+            )
+        return connected
+
     def on(self, event: str, callback: Callable[[Any], Any]) -> Callable[[], None]:
         """Call ``callback(payload)`` on this loop when ``event`` happens; returns an unsubscribe.
 
@@ -120,6 +205,20 @@ class Coordinator:
     ) -> dict[str, Any]:
         """Run a task on the least-loaded capable peer; retries elsewhere if that peer fails.
 
+        One rule for failures:
+
+        * **returns** the result dict for anything a peer ran and reported: ``success``
+          True with the value, or False with the user's own error (``error``,
+          ``error_type``, ``traceback``), always with ``peer``, ``task_id``, ``attempts``;
+        * **raises** a ``DelegationError`` when no peer could run it:
+          ``NoCapablePeerError`` (nobody offers what it needs), ``TaskRefused`` (refused
+          before running, by a reason every peer would give or by the one ``peer`` named),
+          ``AttemptsExhausted`` (every peer tried refused, left or did not answer),
+          ``DelegationTimeout`` (no capable peer had room in ``timeout``);
+        * **raises** a ``UsageError`` for misuse caught here before any peer is asked:
+          ``UnknownTaskTypeError``, ``TaskInputError`` (inputs that cannot be sent),
+          ``NotJoinedError``.
+
         >>> r = await c.delegate_task("python-computation", {"code": "1 + 1"})  # doctest: +SKIP
         >>> r["success"], r["value"]                                           # doctest: +SKIP
         (True, 2)
@@ -128,8 +227,103 @@ class Coordinator:
             self._core.delegate_task(task_type, data, timeout=timeout, peer=peer)
         )
 
+    def submit_task(
+        self,
+        task_type: str,
+        data: Any,
+        *,
+        timeout: float | None = None,
+        peer: str | None = None,
+        max_attempts: int | None = None,
+    ) -> SubmittedTask:
+        """Start ``delegate_task`` on the network thread and return at once.
+
+        Usable from synchronous code (a blocking cell, a magic, another thread); the
+        future follows ``delegate_task``'s failure rule.
+        """
+        self._require_joined()
+        task_id = uuid.uuid4().hex
+        future = self._runner.submit(
+            self._core.delegate_task(
+                task_type,
+                data,
+                timeout=timeout,
+                peer=peer,
+                task_id=task_id,
+                max_attempts=max_attempts,
+            )
+        )
+        return SubmittedTask(self, task_id, future)
+
+    # -- futures (the API ipyparallel and Dask users know) -----------------------------
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        peer: str | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        **kwargs: Any,
+    ) -> TaskFuture:
+        """Run ``fn(*args, **kwargs)`` on a capable peer; returns a ``TaskFuture`` at once.
+
+        ``fn`` travels as source (never pickle) with the imports it uses; arguments and
+        the result travel through the safe codec (DataFrames as Arrow). ``await fut`` or
+        ``fut.result()`` gives the value, or raises ``RemoteTaskError`` with the remote
+        traceback. ``retries`` bounds how many other peers may take over when a peer dies,
+        times out or refuses; the function's own errors are never retried.
+
+        >>> fut = c.submit(total, df, column="v")   # doctest: +SKIP
+        >>> await fut                               # doctest: +SKIP
+        42.0
+        """
+        self._require_joined()
+        return submit_function(self, fn, args, kwargs, SubmitOptions(peer, timeout, retries))
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        peer: str | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> list[ItemFuture]:
+        """``fn`` over the items (zipped like ``map``): one future per item, in order.
+
+        Items travel ``chunksize`` to a task (one message per chunk, not per item);
+        cancelling an item's future cancels its chunk.
+
+        >>> c.gather(c.map(square, range(1000), chunksize=100))[:3]   # doctest: +SKIP
+        [0, 1, 4]
+        """
+        self._require_joined()
+        options = SubmitOptions(peer, timeout, retries)
+        return map_items(self, fn, iterables, options, chunksize)
+
+    def gather(self, futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
+        """The results of ``futures``, in order (blocks; raises the first error)."""
+        return gather_results(futures, timeout)
+
+    def executor(
+        self, *, peer: str | None = None, timeout: float | None = None, retries: int | None = None
+    ) -> SwarmExecutor:
+        """A ``concurrent.futures.Executor`` backed by this swarm.
+
+        >>> with c.executor() as pool:                 # doctest: +SKIP
+        ...     list(pool.map(square, range(10)))
+        """
+        self._require_joined()
+        return SwarmExecutor(self, SubmitOptions(peer, timeout, retries))
+
     async def execute_task(self, task: dict[str, Any]) -> dict[str, Any]:
-        """Run a task on this peer, as an incoming request would be run."""
+        """Run a task on this peer, as an incoming request would be run.
+
+        Same failure rule as ``delegate_task``: the result dict if it ran, ``TaskRefused``
+        if the executor refused it, ``UnknownTaskTypeError`` for a type nobody knows.
+        """
         return await self._call(self._core.execute_task(task))
 
     # -- knowledge ---------------------------------------------------------------------
@@ -159,6 +353,20 @@ class Coordinator:
         """Store a reflection locally (signed by this peer) without sharing it."""
         return await self._call(self._core.knowledge.add_reflection(reflection))
 
+    async def wait_for_reflection(
+        self, *, shared_from: str | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """Wait until a reflection shared by another peer (``shared_from``, if given) is in
+        this peer's store; returns its row. Raises ``WaitTimeout`` if none arrives in time.
+
+        >>> await c.wait_for_reflection(shared_from=colleague.peer_id)  # doctest: +SKIP
+        """
+        row = await self._call(self._core.wait_for_reflection(timeout, shared_from))
+        if row is None:
+            who = f" from {shared_from[:16]}" if shared_from else ""
+            raise WaitTimeout(f"no shared reflection{who} arrived within {timeout:g} s")
+        return row
+
     async def query_knowledge(self, query: str, *, timeout: float | None = None) -> dict[str, Any]:
         """Ask this peer's store and every connected peer; answers are attributed."""
         return await self._call(self._core.knowledge.query_knowledge(query, timeout=timeout))
@@ -182,7 +390,7 @@ class Coordinator:
         return self._read(self._core.get_stats)
 
     def get_status(self) -> dict[str, Any]:
-        """The blueprint's ``getStatus()``: state, primary/secondary metric, last activity."""
+        """The dashboard's headline: state, primary/secondary metric, last activity."""
         from swarm_notebook.views.status import dashboard_status
 
         return dict(dashboard_status(self.get_stats()))
@@ -192,6 +400,10 @@ class Coordinator:
 
     def task_records(self) -> list[dict[str, Any]]:
         return self._read(self._core.task_records)
+
+    def task_record(self, task_id: str) -> dict[str, Any] | None:
+        """One task's record (``state``, ``peer``, ``attempts``...), None if unknown."""
+        return self._read(lambda: self._core.task_record(task_id))
 
     def audit_rows(self, operation: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return self._read(lambda: self._core.audit.rows(operation, limit=limit))
@@ -256,11 +468,13 @@ async def join(
     llm_endpoint: str | None = None,
     ice_servers: list[dict[str, Any]] | None = None,
     config: CoordinatorConfig | None = None,
+    ca_file: str | Path | None = None,
 ) -> Coordinator:
     """Join ``room`` through the signaling server and initialise the coordinator.
 
     Running other peers' code is off unless ``allow_remote_code=True`` or
-    ``"python-execution"`` is listed in ``capabilities``.
+    ``"python-execution"`` is listed in ``capabilities``. A ``wss://`` server's certificate
+    is verified; ``ca_file`` (or ``$SWARM_NOTEBOOK_CA_FILE``) trusts a self-signed one.
 
     >>> c = await swarm_notebook.join("lab", signaling="ws://127.0.0.1:8765/ws")  # doctest: +SKIP
     """
@@ -276,6 +490,7 @@ async def join(
         llm_endpoint,
         ice_servers,
         config,
+        ca_file,
     )
     identity = Identity.load_or_create(profile_dir)
     events = EventBus()
@@ -284,7 +499,7 @@ async def join(
 
     async def build() -> SwarmCoordinator:
         transport = mesh_transport(
-            identity, cfg.signaling, room, secret=cfg.secret, config=cfg.mesh
+            identity, cfg.signaling, room, secret=cfg.secret, config=cfg.mesh, ca_file=cfg.ca_file
         )
         core = SwarmCoordinator(identity, transport, cfg, profile_dir, events)
         try:
@@ -314,10 +529,12 @@ def _resolve_config(
     llm_endpoint: str | None,
     ice_servers: list[dict[str, Any]] | None,
     config: CoordinatorConfig | None,
+    ca_file: str | Path | None = None,
 ) -> tuple[CoordinatorConfig, Path]:
     cfg = dataclasses.replace(config) if config is not None else CoordinatorConfig()
     cfg.room, cfg.signaling = room, signaling
     cfg.secret = secret if secret is not None else cfg.secret
+    cfg.ca_file = str(Path(ca_file).expanduser()) if ca_file is not None else cfg.ca_file
     if capabilities is not None:
         cfg.capabilities = list(capabilities)
     python_execution = allow_remote_code or PYTHON_EXECUTION in (capabilities or [])

@@ -8,30 +8,45 @@ or on ``.reason``, never on the message text.
 
     SwarmError
     ├── UsageError                 local misuse: bad arguments, unknown variable, ...
-    │   └── NotJoinedError         the coordinator is not (or no longer) in a swarm
+    │   ├── NotJoinedError         the coordinator is not (or no longer) in a swarm
+    │   ├── UnknownTaskTypeError   no task type of that name exists (ValueError)
+    │   ├── TaskInputError         task data that cannot be sent as it is (ValueError)
+    │   └── UnknownSuiteError      ``bench --only`` named a suite that does not exist
     ├── IdentityError              a key file or peer id that cannot be used
     ├── ProtocolError              a frame or message that breaks the protocol (ValueError)
     │   └── ValueCodecError        a value that cannot be encoded or decoded safely
     ├── SignalingError             the signaling server could not be used
     │   ├── SignalingRefused       refused for good (bad secret, bad key, replaced)
     │   ├── SignalingUnavailable   not connected right now (the client keeps trying)
+    │   ├── SignalingTLSError      wss:// certificate not trusted / TLS handshake failed
     │   └── SignalingTimeout       not (back) in the room in time (TimeoutError)
     ├── TransportError             a peer link could not carry a request
     │   ├── PeerUnavailable        no authenticated link to that peer (ConnectionError)
     │   ├── RequestTimeout         no reply in time (TimeoutError)
     │   └── RemoteError            the peer answered with a refusal and a reason
-    ├── DelegationError            a task could not be run by any peer
+    ├── DelegationError            no peer could run the task
     │   ├── NoCapablePeerError     no connected peer offers what the task needs
-    │   ├── UnknownTaskTypeError   no peer knows that task type (ValueError)
-    │   └── RemoteTaskError        the task ran and failed; carries the remote traceback
-    ├── TaskRefused                a task refused before it ran (executor or policy)
+    │   ├── TaskRefused            refused before it ran (policy, limits, bad input, busy)
+    │   ├── AttemptsExhausted      every peer tried refused it, went away or did not answer
+    │   └── DelegationTimeout      no capable peer had room in time (TimeoutError)
+    ├── RemoteTaskError            a cell ran on a peer and raised; carries the remote traceback
+    ├── WaitTimeout                peers or a task did not arrive in time (TimeoutError)
     ├── SandboxUnavailable         the sandbox could not start
     ├── CardError                  an agent card that is not acceptable (ValueError)
     ├── ReflectionRejected         a reflection that is refused (ValueError)
     ├── ConsensusError             a proposal, ballot or quorum that cannot be used (ValueError)
     │   └── ModificationRejected   a modification dict that cannot be assessed
     ├── AuditError                 an audit record that cannot be written (ValueError)
-    └── FrameInputError            a record that does not fit a DataFrame view (ValueError)
+    ├── FrameInputError            a record that does not fit a DataFrame view (ValueError)
+    ├── StartupError               ``swarm-notebook up`` could not start something (RuntimeError)
+    └── BenchError                 a benchmark could not be measured (RuntimeError)
+        ├── MetricError            a metric with no, non-finite or duplicate samples
+        └── LeftoverProcessesError a benchmark left processes behind
+
+``delegate_task`` follows one rule: it *returns* the result dict for anything a peer ran
+and reported (``success`` True, or False with the user's own error), raises a
+``DelegationError`` when no peer could run the task, and a ``UsageError`` for misuse that
+is caught here before any peer is asked.
 
 ``HandlerRefusal`` is raised by a message handler to answer a peer with a reason; it is a
 ``SwarmError`` too, but only ever seen by code that serves peers.
@@ -69,6 +84,27 @@ class UsageError(SwarmError):
 class NotJoinedError(UsageError):
     """The coordinator is not in a swarm (never joined, or it left: ``join()`` again)."""
 
+    def __init__(self, message: str, reason: Reason | str = Reason.NOT_JOINED) -> None:
+        super().__init__(reason, message)
+
+
+class UnknownTaskTypeError(UsageError, ValueError):
+    """A task type no peer knows how to run (a typo, usually)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.UNKNOWN_TASK_TYPE, message)
+
+
+class TaskInputError(UsageError, ValueError):
+    """Task data that cannot be sent as it is (wrong shape, not encodable, over the limit)."""
+
+
+class UnknownSuiteError(UsageError, ValueError):
+    """``swarm-notebook bench --only`` named a suite that does not exist."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.UNKNOWN_SUITE, message)
+
 
 class IdentityError(SwarmError):
     """A key file or peer id that cannot be used."""
@@ -100,6 +136,13 @@ class SignalingRefused(SignalingError):
 
 class SignalingUnavailable(SignalingError):
     """Not connected to the signaling server right now (the client keeps reconnecting)."""
+
+
+class SignalingTLSError(SignalingError):
+    """TLS to a ``wss://`` server failed: an untrusted certificate or a failed handshake.
+
+    The message names the problem and the fix (e.g. trust a self-signed certificate
+    with ``SWARM_NOTEBOOK_CA_FILE``)."""
 
 
 class SignalingTimeout(SignalingError, TimeoutError):
@@ -140,27 +183,55 @@ class HandlerRefusal(SwarmError):
 
 
 class DelegationError(SwarmError):
-    """A task could not be run: no peer could take it, or every attempt failed."""
+    """No peer could run the task: nobody capable, every attempt refused or lost, no time."""
 
 
 class NoCapablePeerError(DelegationError):
     """No connected peer offers the capabilities the task needs."""
 
 
-class UnknownTaskTypeError(DelegationError, ValueError):
-    """A task type no peer knows how to run."""
+class TaskRefused(DelegationError):
+    """A task refused before anything ran (bad input, oversize, policy, queue full).
+
+    Executors and the owner's policy raise it on the serving side; the delegating side
+    raises it when a refusal ends the task (one that every peer would give, or the one
+    peer the task was pinned to). ``peer`` is the peer that refused, if known.
+    """
+
+    def __init__(self, reason: Reason | str, message: str, peer: str | None = None) -> None:
+        super().__init__(reason, message)
+        self.peer = peer
+
+
+class AttemptsExhausted(DelegationError):
+    """Every peer the task was sent to refused it, went away or did not answer.
+
+    ``failures`` says, per attempt, which peer and why.
+    """
+
+    def __init__(self, message: str, failures: list[str] | None = None) -> None:
+        super().__init__(Reason.ATTEMPTS_EXHAUSTED, message)
+        self.failures = list(failures or [])
+
+
+class DelegationTimeout(DelegationError, TimeoutError):
+    """No capable peer had room for the task before its timeout."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(Reason.UNKNOWN_TASK_TYPE, message)
+        super().__init__(Reason.TIMEOUT, message)
 
 
-class RemoteTaskError(DelegationError):
-    """A task ran on a peer and failed; the traceback shown is the remote one.
+class RemoteTaskError(SwarmError):
+    """A cell ran on a peer and failed; the traceback shown is the remote one.
+
+    ``%%swarm run`` and ``TaskHandle`` raise it; ``delegate_task`` returns the failed
+    result dict instead (the task did run).
 
     >>> err = RemoteTaskError("ABCDEFGH" * 6, "t1", "ZeroDivisionError: division by zero",
-    ...                       "Traceback...\\nZeroDivisionError: division by zero\\n")
+    ...                       "Traceback...\\nZeroDivisionError: division by zero\\n",
+    ...                       peer_name="worker-1")
     >>> err._render_traceback_()[0]
-    'Remote traceback (peer ABCDEFGHABCDEFGH…, task t1):'
+    'Remote traceback (peer worker-1 (ABCDEFGHABCDEFGH…), task t1):'
     """
 
     def __init__(
@@ -194,8 +265,11 @@ class RemoteTaskError(DelegationError):
         return lines
 
 
-class TaskRefused(SwarmError):
-    """A task refused before anything ran (bad input, oversize, policy, queue full)."""
+class WaitTimeout(SwarmError, TimeoutError):
+    """What we waited for (peers to connect, a task to finish) did not happen in time."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.TIMEOUT, message)
 
 
 class SandboxUnavailable(SwarmError, RuntimeError):
@@ -238,6 +312,31 @@ class FrameInputError(SwarmError, ValueError):
         return str(self.reason)
 
 
+class StartupError(SwarmError, RuntimeError):
+    """``swarm-notebook up`` could not start one of its parts (server, worker, JupyterLab)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.STARTUP_FAILED, message)
+
+
+class BenchError(SwarmError, RuntimeError):
+    """A benchmark could not be measured (a peer failed, a result was wrong)."""
+
+
+class MetricError(BenchError, ValueError):
+    """A metric with no samples, a non-finite sample, or recorded twice."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.BAD_METRIC, message)
+
+
+class LeftoverProcessesError(BenchError):
+    """A benchmark block left child processes behind."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.LEFTOVER_PROCESSES, message)
+
+
 def short_id(peer: str | None, width: int = 16) -> str:
     """A peer id cut for display.
 
@@ -250,13 +349,18 @@ def short_id(peer: str | None, width: int = 16) -> str:
 
 
 __all__ = [
+    "AttemptsExhausted",
     "AuditError",
+    "BenchError",
     "CardError",
     "ConsensusError",
     "DelegationError",
+    "DelegationTimeout",
     "FrameInputError",
     "HandlerRefusal",
     "IdentityError",
+    "LeftoverProcessesError",
+    "MetricError",
     "ModificationRejected",
     "NoCapablePeerError",
     "NotJoinedError",
@@ -271,10 +375,14 @@ __all__ = [
     "SignalingRefused",
     "SignalingTimeout",
     "SignalingUnavailable",
+    "StartupError",
     "SwarmError",
+    "TaskInputError",
     "TaskRefused",
     "TransportError",
+    "UnknownSuiteError",
     "UnknownTaskTypeError",
     "UsageError",
     "ValueCodecError",
+    "WaitTimeout",
 ]

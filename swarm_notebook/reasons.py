@@ -51,11 +51,20 @@ class Reason(StrEnum):
     ROOM_FULL = "room-full"
     TOO_MANY_ROOMS = "too-many-rooms"
     TOO_MANY_CONNECTIONS = "too-many-connections"
+    # per remote address (signaling/quotas.py)
+    TOO_MANY_CONNECTIONS_FROM_ADDRESS = "too-many-connections-from-address"
+    TOO_MANY_PENDING = "too-many-pending"  # sockets from one address that have not joined
+    TOO_MANY_ROOMS_FROM_ADDRESS = "too-many-rooms-from-address"
+    TOO_MANY_PEERS_FROM_ADDRESS = "too-many-peers-from-address"
+    LOCKED_OUT = "locked-out"  # too many wrong room secrets from one address
+    UNTRUSTED_CERTIFICATE = "untrusted-certificate"  # wss:// server certificate not verified
+    TLS_FAILED = "tls-failed"  # the TLS handshake failed for another reason
     JOIN_TIMEOUT = "join-timeout"
     REPLACED = "replaced"
     SLOW_CONSUMER = "slow-consumer"
     ABUSE = "abuse"
     SIGNALING_UNREACHABLE = "signaling-unreachable"
+    SHUTDOWN = "shutdown"  # the client is shutting down
     # -- links -------------------------------------------------------------------------
     AUTH_FAILED = "auth-failed"
     BAD_HELLO = "bad-hello"
@@ -107,6 +116,7 @@ class Reason(StrEnum):
     LLM_BAD_RESPONSE = "llm-bad-response"
     POLICY_ERROR = "policy-error"
     STORE_FULL = "store-full"
+    CLOSED = "closed"  # the service was closed (the coordinator left)
     # -- knowledge ---------------------------------------------------------------------
     AUTHOR_MISMATCH = "author-mismatch"
     RESERVED_TAG = "reserved-tag"
@@ -132,11 +142,31 @@ class Reason(StrEnum):
     TOO_MANY_MEMBERS = "too-many-members"
     TOO_MANY_ITEMS = "too-many-items"
     REJECTED = "rejected"
+    LATE = "late"  # a ballot after the proposal's deadline
     # -- views and the command line ----------------------------------------------------
     BAD_TYPE = "bad-type"
+    BAD_RECORD = "bad-record"
+    BAD_NUMBER = "bad-number"
+    MISSING_FIELD = "missing-field"
+    DUPLICATE_ID = "duplicate-id"
+    UNKNOWN_CATEGORY = "unknown-category"
     NO_KERNEL = "no-kernel"
     NOT_LOADED = "not-loaded"
+    BAD_SOURCE = "bad-source"
+    NO_EVENT_LOOP = "no-event-loop"
+    MISSING_ASSET = "missing-asset"
+    SNAPSHOT_FAILED = "snapshot-failed"
+    BAD_SNAPSHOT = "bad-snapshot"
+    INITIALIZE_TIMEOUT = "initialize-timeout"
+    INITIALIZE_FAILED = "initialize-failed"
+    UNKNOWN_ACTION = "unknown-action"
     STARTUP_FAILED = "startup-failed"
+    UNKNOWN_EVENT = "unknown-event"
+    # -- benchmarks --------------------------------------------------------------------
+    UNKNOWN_SUITE = "unknown-suite"
+    BAD_METRIC = "bad-metric"
+    LEFTOVER_PROCESSES = "leftover-processes"
+    BENCH_FAILED = "bench-failed"
 
 
 def is_reason(code: object) -> bool:

@@ -16,6 +16,16 @@ async def test_lone_peer_status_sharing_rules_and_fallback(
 ) -> None:
     c = await swarm_notebook.join("solo", signaling=server.url, profile=tmp_path / "me")
     try:
+        assert c.room == "solo" and await c.settle(1) == []  # nobody else in the room
+        with pytest.raises(swarm_notebook.WaitTimeout) as waited:
+            await swarm_notebook.wait_for_peers(c, 1, timeout=0.3)
+        assert isinstance(waited.value, TimeoutError) and "0 of 1 peers" in waited.value.message
+        with pytest.raises(swarm_notebook.WaitTimeout):
+            await c.wait_for_reflection(timeout=0.3)
+        # No IPython session here: use() says what is missing.
+        with pytest.raises(swarm_notebook.UsageError) as unused:
+            swarm_notebook.use(c)
+        assert unused.value.reason == swarm_notebook.Reason.NOT_LOADED
         status = c.get_status()
         assert status["state"] == "idle" and status["primary_metric"] == "0 peers"
         assert status["message"] == "No peers"
@@ -38,5 +48,8 @@ async def test_lone_peer_status_sharing_rules_and_fallback(
         assert c.assess_modification_risk({"file_path": "a/agent-cycle.js", "code": ""}) == "high"
     finally:
         await c.leave()
-    with pytest.raises(RuntimeError, match="left the swarm"):
+    with pytest.raises(swarm_notebook.NotJoinedError, match="left the swarm") as err:
         await c.delegate_task("python-computation", {"code": "1"})
+    assert err.value.reason == swarm_notebook.Reason.NOT_JOINED_SWARM
+    with pytest.raises(swarm_notebook.NotJoinedError):
+        c.submit_task("python-computation", {"code": "1"})

@@ -15,7 +15,12 @@ import psutil
 import pytest
 
 from swarm_notebook.client import Coordinator, join
-from swarm_notebook.errors import DelegationError
+from swarm_notebook.errors import (
+    NoCapablePeerError,
+    TaskRefused,
+    UnknownTaskTypeError,
+    UsageError,
+)
 from swarm_notebook.signaling import SignalingServer
 from tests.support.procs import WorkerProcess, child_processes, start_workers
 
@@ -65,10 +70,10 @@ async def test_blueprint_checklist_and_load_balance(
         assert "python-execution" not in stats["capabilities"]
 
         # Initialising twice registers handlers once: one reply, one completion event.
-        handlers_before = c.core.node.endpoint.handler_types()
+        handlers_before = c._core.node.endpoint.handler_types()
         await c.init()
         await c.init()
-        assert c.core.node.endpoint.handler_types() == handlers_before
+        assert c._core.node.endpoint.handler_types() == handlers_before
         completions: list[dict[str, Any]] = []
         c.on("task:completed", completions.append)
         result = await c.delegate_task("python-computation", {"code": "print('hi')\n6 * 7"})
@@ -187,25 +192,37 @@ async def test_bad_tasks_end_with_clear_errors_and_worker_keeps_serving(
             bad = await c.delegate_task("file-analysis", {"path": path})
             assert not bad["success"] and bad["error_type"] == "path-outside-workspace", bad
 
-        with pytest.raises(DelegationError) as err:
+        with pytest.raises(UnknownTaskTypeError) as unknown:
             await c.delegate_task("quantum-computation", {})
-        assert err.value.reason == "unknown-task-type" and "python-computation" in str(err.value)
+        assert isinstance(unknown.value, UsageError)
+        assert unknown.value.reason == "unknown-task-type" and "python-computation" in str(
+            unknown.value
+        )
 
         # The strict worker refuses us; the task lands on the other worker.
         for _ in range(4):
             r = await c.delegate_task("python-computation", {"code": "1"})
             assert r["peer"] == worker.peer_id
-        with pytest.raises(DelegationError) as err:
+        with pytest.raises(TaskRefused) as err:
             await c.delegate_task("python-computation", {"code": "1"}, peer=strict.peer_id)
-        assert err.value.reason == "not-allowed"
+        assert err.value.reason == "not-allowed" and err.value.peer == strict.peer_id
 
-        with pytest.raises(DelegationError) as err:
+        with pytest.raises(TaskRefused) as err:
             await c.delegate_task(
                 "python-computation",
                 {"code": "len(x)", "inputs": {"x": "y" * 2_000_000}},
                 peer=worker.peer_id,
             )
         assert err.value.reason == "too-large"
+        # The sandbox refuses a malformed task before running it: a refusal (raised, not a
+        # result), the same on every peer, so it ends at once as one rejected task.
+        failed_before = c.get_stats()["tasks_failed"]
+        with pytest.raises(TaskRefused) as err:
+            await c.delegate_task("python-computation", {"code": "1", "outputs": ["not a name"]})
+        assert err.value.reason == "bad-input" and "identifier" in err.value.message
+        assert err.value.peer == worker.peer_id  # the strict worker refuses with not-allowed
+        assert c.get_stats()["tasks_failed"] == failed_before + 1
+        assert c.task_records()[-1]["state"] == "rejected"
 
         forever = await c.delegate_task(
             "python-computation", {"code": "while True:\n    pass"}, timeout=2, peer=worker.peer_id
@@ -308,7 +325,7 @@ async def test_cancel_reaches_the_worker_and_missing_capability_is_explained(
         assert quick["value"] == "free" and time.monotonic() - began < 10
         assert c.get_stats()["tasks_canceled"] == 1
 
-        with pytest.raises(DelegationError) as err:
+        with pytest.raises(NoCapablePeerError) as err:
             await c.delegate_task("git-operation", {"op": "log"})
         assert err.value.reason == "no-capable-peer"
         message = str(err.value)

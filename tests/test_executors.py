@@ -30,7 +30,7 @@ from swarm_notebook.workload.executors import (
     FileAnalysisExecutor,
     GitOperationExecutor,
     TaskContext,
-    TaskRejected,
+    TaskRefused,
     build_executors,
     close_executors,
     detect_capabilities,
@@ -211,10 +211,10 @@ async def test_missing_package_and_bad_input_are_clear(pool: PythonSandboxPool) 
     assert result["error_type"] == "missing-package"
     assert "no_such_pkg_for_swarm" in result["error"] and "never install" in result["error"]
     assert "numpy" not in result["error"].split(":")[1]
-    with pytest.raises(TaskRejected) as info:
+    with pytest.raises(TaskRefused) as info:
         await pool.run({"code": "1", "unexpected": True}, CTX)
     assert info.value.reason == "bad-input"
-    with pytest.raises(TaskRejected):
+    with pytest.raises(TaskRefused):
         await pool.run({"code": "1", "outputs": ["not valid"]}, CTX)
     missing = await pool.run({"code": "x = 1", "outputs": ["y"]}, CTX)
     assert missing["error_type"] == "missing-output" and "y" in missing["error"]
@@ -247,7 +247,7 @@ async def test_pool_runs_size_tasks_at_once_and_bounds_the_queue() -> None:
         await eventually(lambda: sandbox.stats()["busy"] == 2)  # both run at once
         queued = asyncio.create_task(sandbox.run({"code": "'third'"}, CTX))
         await eventually(lambda: sandbox.stats()["queued"] == 1)
-        with pytest.raises(TaskRejected) as info:
+        with pytest.raises(TaskRefused) as info:
             await sandbox.run({"code": "'fourth'"}, CTX)
         assert info.value.reason == "busy"
         for pid in sandbox_pids(sandbox):
@@ -391,7 +391,7 @@ async def test_git_log_status_diff_show(repo: Path) -> None:
 
     unknown = await git.run({"op": "show", "commit": "0" * 40}, CTX)
     assert unknown["error_type"] == "not-found"
-    with pytest.raises(TaskRejected):
+    with pytest.raises(TaskRefused):
         await git.run({"op": "log", "ref": "--all"}, CTX)
 
 
@@ -405,7 +405,7 @@ async def test_git_write_ops_are_refused(repo: Path) -> None:
         assert "commit" in result["error"]
     after = {p.name: p.read_bytes() for p in (repo / ".git" / "refs" / "heads").iterdir()}
     assert after == snapshot
-    with pytest.raises(TaskRejected):
+    with pytest.raises(TaskRefused):
         await GitOperationExecutor(repo).run({"op": "frobnicate"}, CTX)
 
 
@@ -442,7 +442,7 @@ async def test_code_generation_against_the_standin(llm: OpenAIStandin) -> None:
             {"prompt": "[standin:hang]"}, TaskContext("t-2", "peer-a", timeout_s=0.5)
         )
         assert hung["error_type"] == "timeout"
-        with pytest.raises(TaskRejected):
+        with pytest.raises(TaskRefused):
             await executor.run({"prompt": "x", "temperature": 9}, CTX)
     finally:
         await executor.close()

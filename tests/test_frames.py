@@ -281,20 +281,20 @@ def test_empty_tasks_frame_keeps_index_name() -> None:
 @pytest.mark.parametrize(
     ("build", "code"),
     [
-        (lambda: tasks_frame([task("t1", "exploded")]), "unknown_category"),
-        (lambda: tasks_frame([task("t1", "working"), task("t1", "completed")]), "duplicate_id"),
-        (lambda: tasks_frame([task("t1", "working", submitted_at="yesterday")]), "bad_number"),
-        (lambda: tasks_frame([task("t1", "working", attempts=1.5)]), "bad_number"),
-        (lambda: tasks_frame([{"type": "x", "state": "working"}]), "missing_field"),
-        (lambda: tasks_frame(["not a dict"]), "bad_record"),  # type: ignore[list-item]
-        (lambda: peers_frame({"peers": [{"id": "p", "state": "asleep"}]}), "unknown_category"),
-        (lambda: peers_frame({"peers": [{"state": "connected"}]}), "missing_field"),
-        (lambda: consensus_frame([{"proposal_id": "c", "risk": "extreme"}]), "unknown_category"),
+        (lambda: tasks_frame([task("t1", "exploded")]), "unknown-category"),
+        (lambda: tasks_frame([task("t1", "working"), task("t1", "completed")]), "duplicate-id"),
+        (lambda: tasks_frame([task("t1", "working", submitted_at="yesterday")]), "bad-number"),
+        (lambda: tasks_frame([task("t1", "working", attempts=1.5)]), "bad-number"),
+        (lambda: tasks_frame([{"type": "x", "state": "working"}]), "missing-field"),
+        (lambda: tasks_frame(["not a dict"]), "bad-record"),  # type: ignore[list-item]
+        (lambda: peers_frame({"peers": [{"id": "p", "state": "asleep"}]}), "unknown-category"),
+        (lambda: peers_frame({"peers": [{"state": "connected"}]}), "missing-field"),
+        (lambda: consensus_frame([{"proposal_id": "c", "risk": "extreme"}]), "unknown-category"),
         (
             lambda: consensus_frame([{"proposal_id": "c", "risk": "low", "consensus": "yes"}]),
-            "bad_outcome",
+            "bad-outcome",
         ),
-        (lambda: reflections_frame([{"description": "no id"}]), "missing_field"),
+        (lambda: reflections_frame([{"description": "no id"}]), "missing-field"),
     ],
 )
 def test_bad_input_is_a_clear_error(build: Any, code: str) -> None:

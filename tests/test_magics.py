@@ -18,8 +18,17 @@ import pytest
 from IPython.core.interactiveshell import ExecutionResult, InteractiveShell
 
 import swarm_notebook
-from swarm_notebook.errors import RemoteTaskError
-from swarm_notebook.notebook.handle import SwarmNotebookError, SwarmUsageError, TaskHandle
+from swarm_notebook.errors import (
+    DelegationError,
+    NoCapablePeerError,
+    NotJoinedError,
+    RemoteTaskError,
+    SwarmError,
+    UsageError,
+    WaitTimeout,
+)
+from swarm_notebook.notebook.handle import TaskHandle
+from swarm_notebook.notebook.session import run_blocking
 from tests.support.procs import child_processes
 from tests.support.swarm import Swarm
 
@@ -88,20 +97,20 @@ def test_misuse_before_join_is_explained(
 ) -> None:
     for line in ("%swarm peers", "%swarm status", "%swarm tasks", "%swarm dashboard"):
         error = failed(shell.run_cell(line))
-        assert isinstance(error, SwarmUsageError) and error.reason == "not-joined", line
+        assert isinstance(error, NotJoinedError) and error.reason == "not-joined", line
     error = failed(shell.run_cell("%%swarm run\n1 + 1"))
-    assert isinstance(error, SwarmUsageError) and error.reason == "not-joined"
+    assert isinstance(error, NotJoinedError) and error.reason == "not-joined"
     out = capsys.readouterr().out
     # Shown as one short line with the fix, not as a local traceback.
     assert "%swarm join ROOM" in out and "Traceback" not in out and "magics.py" not in out
-    with pytest.raises(SwarmUsageError, match="not-joined"):
+    with pytest.raises(NotJoinedError, match="not-joined"):
         swarm_notebook.current()
 
     error = failed(shell.run_cell("%swarm join --bogus"))
-    assert isinstance(error, SwarmUsageError) and error.reason == "bad-arguments"
+    assert isinstance(error, UsageError) and error.reason == "bad-arguments"
     assert "unrecognized arguments: --bogus" in error.message and "usage: %swarm" in error.message
     error = failed(shell.run_cell("%swarm frobnicate"))
-    assert isinstance(error, SwarmUsageError) and "invalid choice" in error.message
+    assert isinstance(error, UsageError) and "invalid choice" in error.message
     assert "bad-arguments" in capsys.readouterr().out
 
 
@@ -121,7 +130,7 @@ def test_join_status_peers_and_current(
     assert re.search(r"active · 2 peers · \d+ tasks · room 'magics'", capsys.readouterr().out)
 
     error = failed(joined.run_cell(f"%swarm join {ROOM} --signaling {swarm.url}"))
-    assert isinstance(error, SwarmUsageError) and error.reason == "already-joined"
+    assert isinstance(error, UsageError) and error.reason == "already-joined"
 
 
 def test_run_pushes_and_pulls_dataframes(
@@ -170,7 +179,11 @@ def test_remote_error_shows_the_remote_traceback(
     assert "ZeroDivisionError: division by zero" in out.out
     # No local frames: the user sees the remote cell only.
     assert "magics.py" not in out.out and "interactiveshell.py" not in out.out
-    assert f"failed on peer {error.peer[:16]}" in out.out
+    # The peer by the name on its card and its id.
+    name = next(w.name for w in swarm.workers if w.peer_id == error.peer)
+    assert error.peer_name == name
+    assert f"Remote traceback (peer {name} ({error.peer[:16]}…), task {error.task_id})" in out.out
+    assert f"failed on peer {name} ({error.peer[:16]}…)" in out.out
 
 
 def test_no_wait_returns_a_handle_and_lands_pulled_variables(joined: InteractiveShell) -> None:
@@ -196,7 +209,7 @@ def test_no_wait_returns_a_handle_and_lands_pulled_variables(joined: Interactive
     slow = ok(joined.run_cell("%%swarm run --no-wait\nimport time\ntime.sleep(30)\n"))
     assert not slow.done()
     assert slow.cancel()
-    with pytest.raises(SwarmNotebookError, match="canceled"):
+    with pytest.raises(SwarmError, match="canceled"):
         slow.result(timeout=30)
     failing = ok(joined.run_cell("%%swarm run --no-wait\nraise ValueError('nope')\n"))
     with pytest.raises(RemoteTaskError, match="ValueError: nope"):
@@ -205,24 +218,24 @@ def test_no_wait_returns_a_handle_and_lands_pulled_variables(joined: Interactive
 
 def test_misuse_after_join_is_explained(joined: InteractiveShell, swarm: Swarm) -> None:
     error = failed(joined.run_cell("%%swarm run --frobnicate\n1"))
-    assert isinstance(error, SwarmUsageError) and "unrecognized arguments" in error.message
+    assert isinstance(error, UsageError) and "unrecognized arguments" in error.message
     error = failed(joined.run_cell("%%swarm run --push nowhere_defined\n1"))
-    assert isinstance(error, SwarmUsageError) and error.reason == "unknown-variable"
+    assert isinstance(error, UsageError) and error.reason == "unknown-variable"
     assert "nowhere_defined" in error.message
     error = failed(joined.run_cell("%%swarm run --pull 'not a name'\n1"))
-    assert isinstance(error, SwarmUsageError) and "not a Python variable name" in error.message
+    assert isinstance(error, UsageError) and "not a Python variable name" in error.message
     error = failed(joined.run_cell("%swarm run"))
-    assert isinstance(error, SwarmUsageError) and "%%swarm run" in error.message
+    assert isinstance(error, UsageError) and "%%swarm run" in error.message
 
     # No capable peer: the message lists the peers and what they offer.
     error = failed(joined.run_cell("%%swarm run --requires local-llm\n1"))
-    assert isinstance(error, SwarmUsageError) and error.reason == "no-capable-peer"
+    assert isinstance(error, NoCapablePeerError) and error.reason == "no-capable-peer"
     assert "local-llm" in error.message and "connected peers:" in error.message
     assert swarm.workers[0].peer_id[:16] in error.message
     assert "file-management" in error.message
 
     error = failed(joined.run_cell("%%swarm run --peer NOSUCHPEER\n1"))
-    assert isinstance(error, SwarmUsageError) and error.reason == "peer-gone"
+    assert isinstance(error, UsageError) and error.reason == "peer-gone"
     assert "not in this room" in error.message
 
 
@@ -253,11 +266,11 @@ def test_peer_gone_mid_task(joined: InteractiveShell, swarm: Swarm) -> None:
     )
     wait_until(lambda: handle.progress().state == "working", 30, "task working on doomed")
     doomed.kill()
-    with pytest.raises(SwarmNotebookError) as caught:
+    with pytest.raises(DelegationError) as caught:
         handle.result(timeout=60)
     assert caught.value.reason == "peer-gone" and doomed.peer_id[:16] in caught.value.message
     error = failed(joined.run_cell(f"%%swarm run --peer {doomed.peer_id}\n1"))
-    assert isinstance(error, SwarmUsageError) and error.reason == "peer-gone"
+    assert isinstance(error, UsageError) and error.reason == "peer-gone"
     assert "is gone" in error.message
 
 
@@ -266,7 +279,47 @@ def test_leave_then_current_fails(
 ) -> None:
     ok(joined.run_cell("%swarm leave"))
     assert "left room 'magics'" in capsys.readouterr().out
-    with pytest.raises(SwarmUsageError, match="not-joined"):
+    with pytest.raises(NotJoinedError, match="not-joined"):
         swarm_notebook.current()
     ok(joined.run_cell("%swarm leave"))
     assert "nothing to leave" in capsys.readouterr().out
+
+
+def test_use_makes_a_coordinator_joined_in_code_the_sessions(
+    shell: InteractiveShell, swarm: Swarm, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    if shell.swarm_notebook_session.coordinator is not None:  # type: ignore[attr-defined]
+        ok(shell.run_cell("%swarm leave"))
+    profile = tmp_path_factory.mktemp("coded")
+    c = run_blocking(swarm_notebook.join(ROOM, signaling=swarm.url, profile=profile))
+    try:
+        assert swarm_notebook.use(c) is c and swarm_notebook.current() is c
+        ready = run_blocking(
+            swarm_notebook.wait_for_peers(c, 2, capability="python-execution", timeout=30)
+        )
+        assert ready >= 2
+        peers = ok(shell.run_cell("%swarm peers"))  # the magics use it too
+        assert {w.peer_id for w in swarm.workers[:2]} <= set(peers["peer_id"])
+        assert c.peer_name(swarm.workers[0].peer_id) == swarm.workers[0].name
+        # A task started from synchronous code and watched from this thread.
+        task = c.submit_task("python-computation", {"code": "6 * 7"})
+        assert task.future.result(60)["value"] == 42
+        record = task.record()
+        assert record is not None and record["id"] == task.task_id
+        assert record["state"] == "completed"
+        with pytest.raises(WaitTimeout):
+            run_blocking(c.wait_for_peers(50, timeout=0.5))
+        other = run_blocking(
+            swarm_notebook.join(ROOM, signaling=swarm.url, profile=profile / "other")
+        )
+        try:
+            with pytest.raises(UsageError) as err:
+                swarm_notebook.use(other)
+            assert err.value.reason == "already-joined"
+        finally:
+            run_blocking(other.leave())
+    finally:
+        ok(shell.run_cell("%swarm leave"))
+    assert not c.is_initialized
+    with pytest.raises(NotJoinedError):
+        swarm_notebook.use(c)

@@ -19,6 +19,7 @@ import comm
 import pytest
 from comm.base_comm import BaseComm
 
+from swarm_notebook.errors import SwarmError, UsageError
 from swarm_notebook.notebook.widget import (
     DashboardSource,
     DisplayLimits,
@@ -147,7 +148,7 @@ def front_end(monkeypatch: pytest.MonkeyPatch, signal: Signal) -> Iterator[list[
 
 async def test_source_matches_protocol(signal: Signal) -> None:
     assert isinstance(ScriptedSource(signal), DashboardSource)
-    with pytest.raises(TypeError, match="bad_source"):
+    with pytest.raises(UsageError, match="bad-source"):
         SwarmDashboard(object())  # type: ignore[arg-type]
 
 
@@ -261,7 +262,7 @@ async def test_initialize_failure_is_shown_not_swallowed(
     await signal.until(lambda: [v for v, _, _ in channel.updates("busy")] == [True, False])
     await signal.until(lambda: bool(channel.updates("status")))
     status = channel.updates("status")[-1][0]
-    assert status["error"]["code"] == "initialize_failed"
+    assert status["error"]["code"] == "initialize-failed"
     assert "signaling server unreachable" in status["error"]["message"]
     assert status["message"] == status["error"]["message"]
     assert dashboard.counters["errors"] == 1
@@ -282,7 +283,7 @@ async def test_initialize_timeout_is_reported(
     channel = channel_of(dashboard)
     channel.from_front_end({"action": "initialize"})
     await signal.until(lambda: [v for v, _, _ in channel.updates("busy")] == [True, False])
-    assert dashboard.status["error"]["code"] == "initialize_timeout"
+    assert dashboard.status["error"]["code"] == "initialize-timeout"
     await dashboard.aclose()
 
 
@@ -294,7 +295,7 @@ async def test_unknown_message_is_counted_and_reported(
     channel = channel_of(dashboard)
     channel.from_front_end({"action": "format_disk"})
     await signal.until(lambda: dashboard.status.get("error") is not None)
-    assert dashboard.status["error"]["code"] == "unknown_action"
+    assert dashboard.status["error"]["code"] == "unknown-action"
     assert dashboard.counters["rejected_messages"] == 1
     assert source.reinitialize_calls == 0
     await dashboard.aclose()
@@ -316,7 +317,7 @@ async def test_snapshot_failure_keeps_last_state_and_reports(
     source.broken = True
     source.notify()
     await signal.until(lambda: dashboard.status.get("error") is not None)
-    assert dashboard.status["error"]["code"] == "snapshot_failed"
+    assert dashboard.status["error"]["code"] == "snapshot-failed"
     assert dashboard.snapshot["total_tasks"] == 5
     await dashboard.aclose()
 
@@ -364,7 +365,7 @@ def test_static_asset_lookup(tmp_path: Path) -> None:
     (wheel_static / "widget.js").write_text("export default {}")
     found = static_asset("widget.js", search_dirs=(wheel_static, REPO / "js"))
     assert found == wheel_static / "widget.js"
-    with pytest.raises(FileNotFoundError, match="missing_asset"):
+    with pytest.raises(SwarmError, match="missing-asset"):
         static_asset("widget.js", search_dirs=(tmp_path / "nowhere",))
 
 

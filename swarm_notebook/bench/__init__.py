@@ -30,6 +30,7 @@ from swarm_notebook.bench.framework import (
     render_table,
     run_suites,
 )
+from swarm_notebook.errors import UnknownSuiteError
 
 __all__ = [
     "COMPARISONS",
@@ -49,10 +50,6 @@ __all__ = [
     "run_suites",
     "select_suites",
 ]
-
-
-class UnknownSuiteError(ValueError):
-    """``--only`` named a suite that does not exist."""
 
 
 def default_suites() -> list[Suite]:

@@ -31,6 +31,8 @@ from typing import Any, Literal, Protocol, cast
 import numpy as np
 import psutil
 
+from swarm_notebook.errors import LeftoverProcessesError, MetricError
+
 Bound = Literal["<=", ">="]
 Verdict = Literal["meets", "misses"]
 
@@ -96,10 +98,6 @@ REQUIRED_METRICS: tuple[str, ...] = (
     "df50_swarm_s",
     "mesh6_s",
 )
-
-
-class MetricError(ValueError):
-    """A metric was recorded with unusable samples (empty, non-finite, duplicate name)."""
 
 
 @dataclass(frozen=True)
@@ -324,10 +322,6 @@ def machine_facts() -> dict[str, Any]:
         "ipyparallel": _version("ipyparallel"),
         "dask": _version("dask"),
     }
-
-
-class LeftoverProcessesError(RuntimeError):
-    """A suite left child processes running after it returned."""
 
 
 @contextmanager

@@ -20,15 +20,13 @@ from typing import Any
 
 from swarm_notebook.bench.framework import ProgressTask, Suite, SuiteContext
 from swarm_notebook.bench.raw_peer import MAX_LINE_BYTES, RawConfig
+from swarm_notebook.errors import BenchError
+from swarm_notebook.reasons import Reason
 
-__all__ = ["RawConfig", "RawPeerError", "measure_raw", "raw_suite"]
+__all__ = ["RawConfig", "measure_raw", "raw_suite"]
 
 STDERR_TAIL_LINES = 20
 EXIT_GRACE_S = 10.0
-
-
-class RawPeerError(RuntimeError):
-    """A raw peer child failed, answered nonsense, or went silent."""
 
 
 class _Child:
@@ -60,9 +58,12 @@ class _Child:
         async for line in self.process.stderr:
             self.stderr_tail.append(line.decode(errors="replace").rstrip()[:300])
 
-    def failure(self, reason: str) -> RawPeerError:
+    def failure(self, reason: str) -> BenchError:
         tail = " | ".join(self.stderr_tail)
-        return RawPeerError(f"{self.role} peer: {reason}" + (f" (stderr: {tail})" if tail else ""))
+        return BenchError(
+            Reason.BENCH_FAILED,
+            f"{self.role} peer: {reason}" + (f" (stderr: {tail})" if tail else ""),
+        )
 
     async def read(self, timeout: float) -> dict[str, Any]:
         assert self.process.stdout is not None

@@ -27,6 +27,8 @@ from typing import Any
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
+from swarm_notebook.errors import BenchError
+from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.ice_hosts import host_addresses_from_env, restrict_host_candidates
 
 MAX_LINE_BYTES = 1 << 20
@@ -107,10 +109,6 @@ class RawConfig:
         return cls(**json.loads(text))
 
 
-class PeerProtocolError(RuntimeError):
-    """The other peer or the parent sent something this peer cannot use."""
-
-
 def emit(message: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
@@ -133,10 +131,10 @@ async def stdin_lines() -> AsyncIterator[asyncio.StreamReader]:
 async def read_message(reader: asyncio.StreamReader, timeout: float) -> dict[str, Any]:
     line = await asyncio.wait_for(reader.readline(), timeout)
     if not line:
-        raise PeerProtocolError("parent closed stdin")
+        raise BenchError(Reason.BENCH_FAILED, "parent closed stdin")
     message = json.loads(line)
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise PeerProtocolError(f"malformed control line: {line[:80]!r}")
+        raise BenchError(Reason.BENCH_FAILED, f"malformed control line: {line[:80]!r}")
     return message
 
 
@@ -220,7 +218,7 @@ async def answer_offers(reader: asyncio.StreamReader) -> None:
                 if closing is not None:
                     await closing.close()
             else:
-                raise PeerProtocolError(f"unknown control type {kind[:20]!r}")
+                raise BenchError(Reason.BENCH_FAILED, f"unknown control type {kind[:20]!r}")
     finally:
         for pc in connections.values():
             await pc.close()
@@ -289,7 +287,9 @@ class Offerer:
             emit({"type": "offer", "conn": conn, "sdp": pc.localDescription.sdp})
             answer = await read_message(self._reader, timeout)
             if answer["type"] != "answer" or answer.get("conn") != conn:
-                raise PeerProtocolError(f"expected answer for {conn}, got {answer['type']!r}")
+                raise BenchError(
+                    Reason.BENCH_FAILED, f"expected answer for {conn}, got {answer['type']!r}"
+                )
             await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in opened)), timeout)
             elapsed_ms = (time.perf_counter() - started) * 1000.0
@@ -309,7 +309,7 @@ class Offerer:
         echoed = await asyncio.wait_for(reply, self._config.step_timeout_s)
         elapsed = (time.perf_counter() - started) * 1000.0
         if echoed != payload:
-            raise PeerProtocolError("echo returned different bytes")
+            raise BenchError(Reason.BENCH_FAILED, "echo returned different bytes")
         return elapsed
 
     async def push_and_ack_s(self, link: Link, chunks: Iterator[bytes], total: int) -> float:
@@ -326,7 +326,7 @@ class Offerer:
         reply = await asyncio.wait_for(ack, self._config.step_timeout_s)
         elapsed = time.perf_counter() - started
         if reply != f"ack:{total}":
-            raise PeerProtocolError(f"receiver answered {reply!r:.80}")
+            raise BenchError(Reason.BENCH_FAILED, f"receiver answered {reply!r:.80}")
         return elapsed
 
 
@@ -387,7 +387,7 @@ async def measure(offerer: Offerer, config: RawConfig) -> None:
         if i + 1 < config.connect_samples:
             await offerer.close(link)
     if link is None:
-        raise PeerProtocolError("connect_samples must be >= 1")
+        raise BenchError(Reason.BENCH_FAILED, "connect_samples must be >= 1")
     metric("raw_connect_ms", connect_ms, "ms")
     try:
         payload = b"p" * config.rtt_payload_bytes

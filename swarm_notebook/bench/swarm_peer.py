@@ -29,10 +29,10 @@ def emit(**message: Any) -> None:
 
 async def wait_peers(c: Coordinator, n: int, timeout: float) -> float:
     started = time.perf_counter()
-    while len(c.core.node.connected_peers()) < n:
+    while len(c._core.node.connected_peers()) < n:
         if time.perf_counter() - started > timeout:
             raise TimeoutError(
-                f"{len(c.core.node.connected_peers())} of {n} peers after {timeout} s"
+                f"{len(c._core.node.connected_peers())} of {n} peers after {timeout} s"
             )
         await asyncio.sleep(0.005)
     return time.perf_counter() - started
@@ -41,7 +41,7 @@ async def wait_peers(c: Coordinator, n: int, timeout: float) -> float:
 async def rtt(c: Coordinator, peer: str, n: int) -> dict[str, list[float]]:
     """Round trips timed on the network loop (the stack itself) and from the main thread
     through the bridge a notebook uses (the stack plus one thread hop each way)."""
-    endpoint = c.core.node.endpoint
+    endpoint = c._core.node.endpoint
     payload = b"x" * 32
 
     async def on_loop() -> list[float]:
@@ -64,7 +64,7 @@ async def rtt(c: Coordinator, peer: str, n: int) -> dict[str, list[float]]:
 
 
 async def bulk(c: Coordinator, peer: str, size: int, rounds: int) -> list[float]:
-    endpoint = c.core.node.endpoint
+    endpoint = c._core.node.endpoint
     payload = bytes(size)
     expected = hashlib.sha256(payload).hexdigest()
     samples = []
@@ -94,7 +94,7 @@ async def main() -> int:
                 coordinator = await join(
                     cmd["room"], signaling=cmd["signaling"], profile=cmd["profile"]
                 )
-                endpoint = coordinator.core.node.endpoint
+                endpoint = coordinator._core.node.endpoint
                 endpoint.register_message_handler(ECHO, lambda peer, body: body)
                 endpoint.register_message_handler(
                     DIGEST, lambda peer, body: hashlib.sha256(body).hexdigest()

@@ -18,13 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from swarm_notebook.bench.framework import Suite, SuiteContext
+from swarm_notebook.errors import BenchError
+from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling import SignalingConfig, SignalingServer
 
 STEP_TIMEOUT_S = 180.0
-
-
-class SwarmBenchError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -81,10 +79,12 @@ class _Peer:
         assert self.process.stdout is not None
         line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
         if not line:
-            raise SwarmBenchError("bench peer exited: " + "".join(self.stderr[-20:]))
+            raise BenchError(
+                Reason.BENCH_FAILED, "bench peer exited: " + "".join(self.stderr[-20:])
+            )
         message: dict[str, Any] = json.loads(line)
         if "error" in message:
-            raise SwarmBenchError(f"bench peer: {message['error']}")
+            raise BenchError(Reason.BENCH_FAILED, f"bench peer: {message['error']}")
         return message
 
     async def call(self, cmd: str, timeout: float = STEP_TIMEOUT_S, **args: Any) -> dict[str, Any]:
@@ -186,7 +186,7 @@ async def _workers(
             assert proc.stdout is not None
             line = await asyncio.wait_for(proc.stdout.readline(), 60)
             if not line.startswith(b"READY"):
-                raise SwarmBenchError(f"worker did not start: {line!r}")
+                raise BenchError(Reason.BENCH_FAILED, f"worker did not start: {line!r}")
         yield procs
     finally:
         for proc in procs:
@@ -214,7 +214,7 @@ async def _await_capable(c: Any, n: int) -> None:
         ):
             return
         if time.monotonic() > deadline:
-            raise SwarmBenchError(f"workers did not become available: {peers}")
+            raise BenchError(Reason.BENCH_FAILED, f"workers did not become available: {peers}")
         await asyncio.sleep(0.05)
 
 
@@ -238,7 +238,7 @@ async def measure_delegation(
                         result = await c.delegate_task("python-computation", task)
                         samples.append((time.perf_counter() - start) * 1000)
                         if result["value"] != 2:
-                            raise SwarmBenchError(f"wrong result {result}")
+                            raise BenchError(Reason.BENCH_FAILED, f"wrong result {result}")
                         bar.advance()
                 ctx.record("delegate_rtt_ms", samples, "ms")
                 rates = []
@@ -253,7 +253,9 @@ async def measure_delegation(
                         )
                         rates.append(cfg.pipelined_tasks / (time.perf_counter() - start))
                         if any(r["value"] != 2 for r in results):
-                            raise SwarmBenchError("a pipelined task returned a wrong result")
+                            raise BenchError(
+                                Reason.BENCH_FAILED, "a pipelined task returned a wrong result"
+                            )
                         bar.advance()
                 ctx.record("delegate_tasks_per_s", rates, "tasks/s")
                 if with_dataframe:
@@ -277,7 +279,9 @@ async def _measure_dataframe(ctx: SuiteContext, cfg: SwarmBenchConfig, c: Any) -
             )
             samples.append(time.perf_counter() - start)
             if not result["success"] or len(result["value"]) != len(df):
-                raise SwarmBenchError(f"50 MB DataFrame did not come back: {result.get('error')}")
+                raise BenchError(
+                    Reason.BENCH_FAILED, f"50 MB DataFrame did not come back: {result.get('error')}"
+                )
             bar.advance()
     ctx.record("df50_swarm_s", samples, "s")
 

@@ -2,6 +2,11 @@
 
 The first line on stdout is ``signaling server listening on ws://HOST:PORT/ws`` (flushed),
 so a parent process started with ``--port 0`` can read the URL.
+
+With ``--certfile cert.pem --keyfile key.pem`` it serves ``wss://`` (use this whenever the
+server is reachable beyond this machine: over plain ``ws://`` a recorded join proof lets an
+eavesdropper guess the room secret offline). Clients trust a self-signed certificate with
+``SWARM_NOTEBOOK_CA_FILE=cert.pem``.
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ import os
 import signal
 import sys
 
+from swarm_notebook.errors import UsageError
+from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling.config import DEFAULT_PORT, SignalingConfig, SignalingLimits
+from swarm_notebook.signaling.quotas import QuotaLimits
 from swarm_notebook.signaling.server import SignalingServer
 
 SECRET_ENV = "SWARM_NOTEBOOK_SIGNAL_SECRET"
 _DEFAULT_LIMITS = SignalingLimits()
+_DEFAULT_QUOTAS = QuotaLimits()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ROOM=SECRET",
         help="a secret for one room (repeatable; overrides --secret for that room)",
     )
+    tls = parser.add_argument_group("TLS (serve wss://)")
+    tls.add_argument("--certfile", default=None, help="PEM certificate chain")
+    tls.add_argument("--keyfile", default=None, help="PEM private key (default: in --certfile)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-frame-bytes", type=int, default=_DEFAULT_LIMITS.max_frame_bytes)
     limits.add_argument(
@@ -48,17 +60,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-rooms", type=int, default=_DEFAULT_LIMITS.max_rooms)
     limits.add_argument("--max-room-length", type=int, default=_DEFAULT_LIMITS.max_room_length)
     limits.add_argument("--max-connections", type=int, default=_DEFAULT_LIMITS.max_connections)
-    limits.add_argument("--join-timeout", type=float, default=_DEFAULT_LIMITS.join_timeout)
+    limits.add_argument(
+        "--join-timeout",
+        type=float,
+        default=_DEFAULT_LIMITS.join_timeout,
+        help="seconds a socket may take to join before it is closed",
+    )
+    quotas = parser.add_argument_group("limits per remote address (IPv6: per /64)")
+    quotas.add_argument(
+        "--connections-per-address", type=int, default=_DEFAULT_QUOTAS.connections_per_address
+    )
+    quotas.add_argument(
+        "--pending-per-address",
+        type=int,
+        default=_DEFAULT_QUOTAS.pending_per_address,
+        help="sockets that have not joined yet",
+    )
+    quotas.add_argument(
+        "--rooms-per-address",
+        type=int,
+        default=_DEFAULT_QUOTAS.rooms_per_address,
+        help="open rooms one address created",
+    )
+    quotas.add_argument(
+        "--peers-per-room-per-address",
+        type=int,
+        default=_DEFAULT_QUOTAS.peers_per_room_per_address,
+    )
+    quotas.add_argument(
+        "--secret-failures",
+        type=int,
+        default=_DEFAULT_QUOTAS.secret_failures,
+        help="wrong room secrets in a row before the address is locked out",
+    )
+    quotas.add_argument(
+        "--lockout",
+        type=float,
+        default=_DEFAULT_QUOTAS.lockout_base,
+        help="first lockout in seconds; each further one doubles",
+    )
+    quotas.add_argument(
+        "--lockout-max", type=float, default=_DEFAULT_QUOTAS.lockout_max, help="longest lockout"
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (stderr)")
 
 
 def config_from_args(args: argparse.Namespace) -> SignalingConfig:
-    """Build the server config; raises ``ValueError`` with a clear message on bad input."""
+    """Build the server config; raises ``UsageError`` with a clear message on bad input."""
     room_secrets: dict[str, str] = {}
     for item in args.room_secret:
         room, sep, secret = item.partition("=")
         if not sep or not room or not secret:
-            raise ValueError(f"--room-secret expects ROOM=SECRET, got {item!r}")
+            raise UsageError(
+                Reason.BAD_ARGUMENTS, f"--room-secret expects ROOM=SECRET, got {item!r}"
+            )
         room_secrets[room] = secret
     limits = SignalingLimits(
         max_frame_bytes=args.max_frame_bytes,
@@ -69,6 +124,15 @@ def config_from_args(args: argparse.Namespace) -> SignalingConfig:
         max_room_length=args.max_room_length,
         max_connections=args.max_connections,
         join_timeout=args.join_timeout,
+        per_address=QuotaLimits(
+            connections_per_address=args.connections_per_address,
+            pending_per_address=args.pending_per_address,
+            rooms_per_address=args.rooms_per_address,
+            peers_per_room_per_address=args.peers_per_room_per_address,
+            secret_failures=args.secret_failures,
+            lockout_base=args.lockout,
+            lockout_max=args.lockout_max,
+        ),
     )
     return SignalingConfig(
         host=args.host,
@@ -76,13 +140,15 @@ def config_from_args(args: argparse.Namespace) -> SignalingConfig:
         secret=args.secret or None,
         room_secrets=room_secrets,
         limits=limits,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
     )
 
 
 async def serve(config: SignalingConfig) -> None:
     """Run the server until SIGINT or SIGTERM, then shut it down cleanly."""
     server = SignalingServer(config)
-    await server.start()
+    await server.start()  # a certificate that cannot be loaded raises ValueError here
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -105,11 +171,17 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         config = config_from_args(args)
-    except ValueError as exc:
+    except UsageError as exc:
+        print(f"swarm-notebook signal: {exc.message}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # the server's own limits (SignalingConfig)
         print(f"swarm-notebook signal: {exc}", file=sys.stderr)
         return 2
     try:
         asyncio.run(serve(config))
+    except ValueError as exc:  # e.g. an unreadable certificate or key
+        print(f"swarm-notebook signal: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # e.g. the port is taken
         print(
             f"swarm-notebook signal: cannot listen on {config.host}:{config.port}: {exc}",

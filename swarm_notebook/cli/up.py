@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 import psutil
 
+from swarm_notebook.errors import StartupError
 from swarm_notebook.signaling.config import DEFAULT_PORT, SignalingConfig
 from swarm_notebook.signaling.server import SignalingServer
 
@@ -78,13 +79,9 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.dir).expanduser().resolve()
     try:
         return asyncio.run(serve(args, workdir))
-    except UpError as exc:
-        print(f"swarm-notebook up: {exc}", file=sys.stderr)
+    except StartupError as exc:
+        print(f"swarm-notebook up: {exc.message}", file=sys.stderr)
         return 1
-
-
-class UpError(RuntimeError):
-    """Something ``up`` starts did not come up."""
 
 
 def say(text: str) -> None:
@@ -179,7 +176,7 @@ async def start_signaling(host: str, port: int, secret: str) -> SignalingServer:
         await server.start()
     except OSError as exc:
         if port == 0:
-            raise UpError(f"cannot start the signaling server: {exc}") from exc
+            raise StartupError(f"cannot start the signaling server: {exc}") from exc
         server = SignalingServer(SignalingConfig(host=host, port=0, secret=secret))
         await server.start()
         say(f"port {port} is busy; the signaling server uses port {server.port} instead")
@@ -222,14 +219,14 @@ async def start_worker(
         line = await asyncio.wait_for(proc.stdout.readline(), WORKER_READY_TIMEOUT_S)
     except TimeoutError:
         await child.stop(5)
-        raise UpError(f"{name} did not start within {WORKER_READY_TIMEOUT_S:g} s") from None
+        raise StartupError(f"{name} did not start within {WORKER_READY_TIMEOUT_S:g} s") from None
     except BaseException:  # stopped while starting: do not leave it behind
         await asyncio.shield(child.stop(WORKER_GRACE_S))
         raise
     text = line.decode(errors="replace").strip()
     if not text.startswith("READY"):
         await child.stop(5)
-        raise UpError(f"{name} did not start (see {log_path}): {text}")
+        raise StartupError(f"{name} did not start (see {log_path}): {text}")
     child.info = dict(part.split("=", 1) for part in text.split()[1:] if "=" in part)
     child.reader = asyncio.create_task(drain(proc.stdout))
     return child
@@ -259,7 +256,9 @@ async def wait_for_lab(url: str, token: str, child: Child, log_path: Path) -> No
     async with aiohttp.ClientSession() as http:
         while loop.time() < deadline:
             if child.proc.returncode is not None:
-                raise UpError(f"JupyterLab exited with {child.proc.returncode}; see {log_path}")
+                raise StartupError(
+                    f"JupyterLab exited with {child.proc.returncode}; see {log_path}"
+                )
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with http.get(
                     f"{url}/api/status", headers=headers, timeout=aiohttp.ClientTimeout(total=2)
@@ -268,7 +267,9 @@ async def wait_for_lab(url: str, token: str, child: Child, log_path: Path) -> No
                         return
             # Nothing to wait on but the server's boot: ask again shortly.
             await asyncio.sleep(0.25)
-    raise UpError(f"JupyterLab did not answer within {LAB_READY_TIMEOUT_S:g} s; see {log_path}")
+    raise StartupError(
+        f"JupyterLab did not answer within {LAB_READY_TIMEOUT_S:g} s; see {log_path}"
+    )
 
 
 async def start_lab(
@@ -338,7 +339,7 @@ async def serve(args: argparse.Namespace, workdir: Path) -> int:
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         code = 0
         if startup in done:
-            lab = startup.result()  # raises UpError if something did not come up
+            lab = startup.result()  # raises StartupError if something did not come up
             say("ready: press Ctrl-C to stop")
             if lab is not None:
                 lab_ended = asyncio.create_task(lab.proc.wait())

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from swarm_notebook.coordinator.config import DEFAULT_SIGNALING, CoordinatorConfig
-from swarm_notebook.errors import SandboxUnavailable
+from swarm_notebook.errors import SandboxUnavailable, SignalingError
 from swarm_notebook.workload.executors.capabilities import ExecutorConfig, check_isolation
 from swarm_notebook.workload.policy import TaskPolicy
 from swarm_notebook.workload.sandbox.bwrap import ISOLATION_NONE
@@ -29,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("SWARM_NOTEBOOK_SECRET"),
         help="room secret if the server requires one "
         "(default $SWARM_NOTEBOOK_SECRET; the variable keeps it out of ps)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        default=os.environ.get("SWARM_NOTEBOOK_CA_FILE"),
+        help="PEM certificate to trust for a wss:// signaling server, e.g. its self-signed"
+        " one (default $SWARM_NOTEBOOK_CA_FILE, then the system's authorities)",
     )
     parser.add_argument(
         "--profile",
@@ -93,6 +99,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         room=args.room,
         signaling=args.signaling,
         secret=args.secret,
+        ca_file=args.ca_file,
         profile=args.profile,
         name=args.name,
         concurrency=args.concurrency,
@@ -174,4 +181,9 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return asyncio.run(serve(args))
+    try:
+        return asyncio.run(serve(args))
+    except SignalingError as exc:
+        # Refused, or an untrusted wss:// certificate: the message says what to change.
+        print(f"swarm-notebook worker: {exc}", file=sys.stderr)
+        return 1

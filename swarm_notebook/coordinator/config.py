@@ -20,6 +20,9 @@ class CoordinatorConfig:
     room: str = "default"
     signaling: str = DEFAULT_SIGNALING
     secret: str | None = None
+    # PEM bundle to trust for a wss:// signaling server (e.g. its self-signed certificate);
+    # None: $SWARM_NOTEBOOK_CA_FILE, then the system's authorities.
+    ca_file: str | None = None
     profile: Path | None = None
     name: str = "swarm-notebook"
     concurrency: int = 2

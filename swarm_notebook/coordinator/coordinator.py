@@ -16,7 +16,7 @@ from swarm_notebook import __version__
 from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.events import EventBus
-from swarm_notebook.errors import DelegationError
+from swarm_notebook.errors import NotJoinedError, TaskInputError, ValueCodecError
 from swarm_notebook.governance.service import ConsensusService
 from swarm_notebook.identity import Identity
 from swarm_notebook.knowledge.service import KnowledgeService
@@ -25,6 +25,7 @@ from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
 from swarm_notebook.protocol.values import decode_value, encode_value
+from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.base import Transport
 from swarm_notebook.workload.delegator import Delegator
 from swarm_notebook.workload.executors.base import Executor
@@ -199,17 +200,32 @@ class SwarmCoordinator:
     # -- workload ----------------------------------------------------------------------
 
     async def delegate_task(
-        self, task_type: str, data: Any, *, timeout: float | None = None, peer: str | None = None
+        self,
+        task_type: str,
+        data: Any,
+        *,
+        timeout: float | None = None,
+        peer: str | None = None,
+        task_id: str | None = None,
+        max_attempts: int | None = None,
     ) -> dict[str, Any]:
+        """Delegate one task; the failure rule is ``client.Coordinator.delegate_task``'s."""
         if not self.initialized:
-            raise DelegationError(
-                "not-initialized", "the coordinator is not initialised; call init()"
+            raise NotJoinedError(
+                "the coordinator is not initialised; call init()", Reason.NOT_INITIALIZED
             )
         requirements_for_task_type(task_type)
+        if timeout is not None and not timeout > 0:
+            raise TaskInputError(Reason.BAD_ARGUMENTS, f"timeout must be > 0 s, got {timeout!r}")
         wire_data = self._encode_inputs(task_type, data)
         started = time.monotonic()
         record, result = await self.delegator.delegate(
-            task_type, wire_data, timeout=timeout, peer=peer
+            task_type,
+            wire_data,
+            timeout=timeout,
+            peer=peer,
+            task_id=task_id,
+            max_attempts=max_attempts,
         )
         self.audit.record_quietly(
             "delegation-sent",
@@ -238,10 +254,14 @@ class SwarmCoordinator:
         wire = dict(data)
         inputs = data.get("inputs") or {}
         if not isinstance(inputs, dict):
-            raise DelegationError(
-                "bad-input", "python-computation 'inputs' must be a dict of name -> value"
+            raise TaskInputError(
+                Reason.BAD_INPUT, "python-computation 'inputs' must be a dict of name -> value"
             )
-        wire["inputs"] = {name: encode_value(value) for name, value in inputs.items()}
+        try:
+            wire["inputs"] = {name: encode_value(value) for name, value in inputs.items()}
+        except ValueCodecError as exc:
+            # The caller's value, refused before any peer saw it: local misuse.
+            raise TaskInputError(exc.reason, f"an input cannot be sent: {exc.message}") from exc
         return wire
 
     def _decode_outputs(
@@ -332,10 +352,11 @@ class SwarmCoordinator:
 
     def rejections(self) -> dict[str, int]:
         counts: dict[str, int] = {}
+        # The task server's refusals reach the peer through the endpoint, which counts
+        # every handler refusal: adding task_server.refusals too would count them twice.
         sources = (
             self.node.transport.rejections.by_reason,
             self.node.endpoint.rejections,
-            self.task_server.refusals,
             self.node.card_rejections,
         )
         for source in sources:
@@ -363,3 +384,75 @@ class SwarmCoordinator:
 
     def task_records(self) -> list[dict[str, Any]]:
         return [r.as_dict() for r in self.tasks.all()]
+
+    def task_record(self, task_id: str) -> dict[str, Any] | None:
+        record = self.tasks.get(task_id)
+        return None if record is None else record.as_dict()
+
+    def peer_name(self, peer_id: str) -> str | None:
+        """The name a peer gave itself on its signed agent card (display only)."""
+        view = self.node.peer(peer_id)
+        return view.card.name if view is not None and view.card is not None else None
+
+    async def wait_for_reflection(
+        self, timeout: float, shared_from: str | None = None
+    ) -> dict[str, Any] | None:
+        """Wait until the store holds a reflection another peer shared (``shared_from``
+        that peer, if given); returns its row, or None at ``timeout``."""
+        arrived = asyncio.Event()
+
+        def found() -> dict[str, Any] | None:
+            for row in self.knowledge.reflection_records():
+                if row["shared_from"] and shared_from in (None, row["shared_from"]):
+                    return row
+            return None
+
+        unsubscribe = self.events.on("swarm:reflection-integrated", lambda _p: arrived.set())
+        try:
+            async with asyncio.timeout(timeout):
+                while (row := found()) is None:
+                    arrived.clear()
+                    await arrived.wait()
+                return row
+        except TimeoutError:
+            return None
+        finally:
+            unsubscribe()
+
+    async def settle(
+        self, timeout: float, count: int | None = None, capability: str | None = None
+    ) -> list[str]:
+        """Wait until the room's members (or ``count`` peers) are connected and advertised
+        their capabilities (``capability`` among them, if given).
+
+        Returns what is still missing at ``timeout``: member ids, or a placeholder for
+        peers not even in the room yet.
+        """
+        changed = asyncio.Event()
+
+        def ready(peer_id: str) -> bool:
+            view = self.node.peer(peer_id)
+            return (
+                view is not None
+                and view.state == "connected"
+                and view.card is not None
+                and (capability is None or capability in view.capabilities)
+            )
+
+        def pending() -> list[str]:
+            if count is None:
+                return [m for m in self.node.transport.room_members() if not ready(m)]
+            have = sum(1 for v in self.node.peers() if ready(v.peer_id))
+            return ["(not yet in the room)"] * max(0, count - have)
+
+        unsubscribe = self.events.on("stats:changed", lambda _payload: changed.set())
+        try:
+            async with asyncio.timeout(timeout):
+                while pending():
+                    changed.clear()
+                    await changed.wait()
+        except TimeoutError:
+            pass
+        finally:
+            unsubscribe()
+        return pending()

@@ -12,6 +12,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from swarm_notebook.errors import UsageError
+from swarm_notebook.reasons import Reason
+
 log = logging.getLogger(__name__)
 
 EVENTS = (
@@ -40,7 +43,9 @@ class EventBus:
     def on(self, event: str, callback: Callable[[Any], Any]) -> Callable[[], None]:
         """Subscribe; returns a function that unsubscribes."""
         if event not in EVENTS:
-            raise ValueError(f"unknown event {event!r}; known: {', '.join(EVENTS)}")
+            raise UsageError(
+                Reason.UNKNOWN_EVENT, f"unknown event {event!r}; known: {', '.join(EVENTS)}"
+            )
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:

@@ -37,6 +37,7 @@ from swarm_notebook.governance.risk import (
     parse_modification,
 )
 from swarm_notebook.identity import Identity, verify_signature
+from swarm_notebook.reasons import Reason
 
 PROPOSAL_CONTEXT = b"swarm-notebook/proposal/v1\x00"
 BALLOT_CONTEXT = b"swarm-notebook/ballot/v1\x00"
@@ -53,9 +54,6 @@ _PEER_ID = re.compile(r"[a-z2-7]{52}")
 _SIGNATURE_HEX = re.compile(r"[0-9a-f]{128}")
 _HASH_HEX = re.compile(r"[0-9a-f]{64}")
 _PROPOSAL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-
 
 
 # ---------------------------------------------------------------------------- quorum
@@ -122,7 +120,7 @@ class Threshold:
 
     def __post_init__(self) -> None:
         if self.k < 1:
-            raise ConsensusError("bad-quorum", "threshold must be at least 1")
+            raise ConsensusError(Reason.BAD_QUORUM, "threshold must be at least 1")
 
     @property
     def spec(self) -> str:
@@ -144,7 +142,7 @@ def parse_quorum(spec: str) -> Quorum:
     name, _, arg = spec.partition(":")
     if name == "threshold" and arg.isdigit() and len(arg) <= 4:
         return Threshold(int(arg))
-    raise ConsensusError("bad-quorum", f"unknown quorum rule {spec!r:.40}")
+    raise ConsensusError(Reason.BAD_QUORUM, f"unknown quorum rule {spec!r:.40}")
 
 
 def describe_quorum(rule: Quorum, members: int) -> dict[str, Any]:
@@ -222,12 +220,12 @@ def proposal_hash(proposal: Proposal) -> str:
 def _check_members(members: Iterable[str]) -> tuple[str, ...]:
     unique = sorted(set(members))
     if not unique:
-        raise ConsensusError("no-members", "nobody to ask: use unavailable_result()")
+        raise ConsensusError(Reason.NO_MEMBERS, "nobody to ask: use unavailable_result()")
     if len(unique) > MAX_MEMBERS:
-        raise ConsensusError("too-many-members", f"{len(unique)} members > {MAX_MEMBERS}")
+        raise ConsensusError(Reason.TOO_MANY_MEMBERS, f"{len(unique)} members > {MAX_MEMBERS}")
     for member in unique:
         if not isinstance(member, str) or not _PEER_ID.fullmatch(member):
-            raise ConsensusError("wrong-schema", f"member {member!r:.60} is not a peer id")
+            raise ConsensusError(Reason.WRONG_SCHEMA, f"member {member!r:.60} is not a peer id")
     return tuple(unique)
 
 
@@ -257,12 +255,12 @@ def make_proposal(
     member_ids = _check_members(members)
     if rule.needed(len(member_ids)) > len(member_ids):
         raise ConsensusError(
-            "bad-quorum", f"{rule.spec} can never pass with {len(member_ids)} members"
+            Reason.BAD_QUORUM, f"{rule.spec} can never pass with {len(member_ids)} members"
         )
     if not (0 < timeout_s <= MAX_TIMEOUT_S) or not math.isfinite(now):
-        raise ConsensusError("wrong-schema", f"timeout must be in (0, {MAX_TIMEOUT_S}] s")
+        raise ConsensusError(Reason.WRONG_SCHEMA, f"timeout must be in (0, {MAX_TIMEOUT_S}] s")
     if len(mod.reason) > MAX_RATIONALE_LENGTH:
-        raise ConsensusError("oversized", f"rationale longer than {MAX_RATIONALE_LENGTH}")
+        raise ConsensusError(Reason.OVERSIZED, f"rationale longer than {MAX_RATIONALE_LENGTH}")
     unsigned = Proposal(
         id=proposal_id or secrets.token_hex(16),
         content_hash=modification_hash(mod),
@@ -277,7 +275,7 @@ def make_proposal(
         deadline=float(now + timeout_s),
     )
     if not _PROPOSAL_ID.fullmatch(unsigned.id):
-        raise ConsensusError("wrong-schema", "proposal id must be 1..64 of [A-Za-z0-9_-]")
+        raise ConsensusError(Reason.WRONG_SCHEMA, "proposal id must be 1..64 of [A-Za-z0-9_-]")
     return msgspec.structs.replace(
         unsigned, signature=identity.sign(_proposal_payload(unsigned)).hex()
     )
@@ -292,7 +290,7 @@ def parse_proposal(obj: Any) -> Proposal:
             return msgspec.msgpack.decode(obj, type=Proposal)
         return msgspec.convert(obj, Proposal)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ConsensusError("wrong-schema", str(exc)[:200]) from exc
+        raise ConsensusError(Reason.WRONG_SCHEMA, str(exc)[:200]) from exc
 
 
 def proposal_problem(p: Proposal) -> str | None:
@@ -370,11 +368,11 @@ def parse_ballot(obj: Any) -> Ballot:
         else:
             ballot = msgspec.convert(obj, Ballot)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ConsensusError("wrong-schema", str(exc)[:200]) from exc
+        raise ConsensusError(Reason.WRONG_SCHEMA, str(exc)[:200]) from exc
     if len(ballot.reason) > MAX_BALLOT_REASON_LENGTH:
-        raise ConsensusError("oversized", f"reason longer than {MAX_BALLOT_REASON_LENGTH}")
+        raise ConsensusError(Reason.OVERSIZED, f"reason longer than {MAX_BALLOT_REASON_LENGTH}")
     if len(ballot.proposal_id) > MAX_ID_LENGTH or not math.isfinite(ballot.cast_at):
-        raise ConsensusError("wrong-schema", "bad proposal id or cast_at")
+        raise ConsensusError(Reason.WRONG_SCHEMA, "bad proposal id or cast_at")
     return ballot
 
 
@@ -439,7 +437,8 @@ class Tally:
         self.rule = parse_quorum(proposal.quorum)
         if quorum is not None and quorum.spec != self.rule.spec:
             raise ConsensusError(
-                "quorum-mismatch", f"proposal was signed for {self.rule.spec}, not {quorum.spec}"
+                Reason.QUORUM_MISMATCH,
+                f"proposal was signed for {self.rule.spec}, not {quorum.spec}",
             )
         self._ballots: dict[str, Ballot] = {}
         self._ignored: list[dict[str, str]] = []

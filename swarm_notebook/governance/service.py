@@ -59,6 +59,7 @@ from swarm_notebook.knowledge.gate import TokenBuckets
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
+from swarm_notebook.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,6 @@ NO_QUORUM = "no-quorum"
 QUORUM_UNREACHABLE = "quorum-unreachable"
 
 Notify = Callable[[str, dict[str, Any]], None]
-
 
 
 @dataclass
@@ -212,7 +212,7 @@ class ConsensusService:
         raises ``ModificationRejected``; too many open proposals raise ``ConsensusError``.
         """
         if self._closed:
-            raise ConsensusError("closed", "the consensus service is closed")
+            raise ConsensusError(Reason.CLOSED, "the consensus service is closed")
         self.stats.consensus_requests += 1
         self.stats.touch("consensus")
         mod = parse_modification(modification)
@@ -230,7 +230,7 @@ class ConsensusService:
             return self._finish(f"local-{secrets.token_hex(8)}", mod, risk, created_at, result)
         if len(self._open) >= self.max_open_proposals:
             raise ConsensusError(
-                "too-many-proposals", f"{len(self._open)} proposals are still being voted on"
+                Reason.TOO_MANY_PROPOSALS, f"{len(self._open)} proposals are still being voted on"
             )
         proposal = make_proposal(
             self.node.identity,

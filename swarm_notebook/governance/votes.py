@@ -29,6 +29,7 @@ from swarm_notebook.governance.risk import (
     uses_dynamic_code,
 )
 from swarm_notebook.identity import Identity
+from swarm_notebook.reasons import Reason
 
 Vote = tuple[bool, str]
 
@@ -96,9 +97,9 @@ async def respond_to_proposal(
     if problem is not None:
         raise ConsensusError(problem, "the proposal does not verify")
     if identity.peer_id not in proposal.members:
-        raise ConsensusError("non-member", "this peer is not in the proposal's members")
+        raise ConsensusError(Reason.NON_MEMBER, "this peer is not in the proposal's members")
     if now > proposal.deadline:
-        raise ConsensusError("late", "the proposal's deadline has passed")
+        raise ConsensusError(Reason.LATE, "the proposal's deadline has passed")
     try:
         mod = parse_modification(modification)
     except ValueError:

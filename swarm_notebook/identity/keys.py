@@ -25,9 +25,6 @@ KEY_FILE = "identity.pem"
 PEER_ID_LENGTH = 52
 
 
-
-
-
 def default_profile_dir(env: dict[str, str] | None = None) -> Path:
     """The profile folder: ``$SWARM_NOTEBOOK_PROFILE`` or ``~/.swarm_notebook/default``."""
     environ = os.environ if env is None else env
@@ -116,8 +113,9 @@ class Identity:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:
             raise IdentityError(
+                Reason.BAD_KEY,
                 f"identity key {path} is corrupt ({exc}); move it away to create a new "
-                "identity (your peer id will change)"
+                "identity (your peer id will change)",
             ) from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise IdentityError(Reason.BAD_KEY, f"identity key {path} is not an Ed25519 key")

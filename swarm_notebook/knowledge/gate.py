@@ -24,6 +24,7 @@ from swarm_notebook.knowledge.reflections import (
     validate_reflection,
     verify_reflection,
 )
+from swarm_notebook.reasons import Reason
 
 
 @dataclass(frozen=True)
@@ -134,28 +135,28 @@ class SharedReflectionGate:
         # Rate first: a flood must cost us as little as possible.
         if not self._buckets.take(sender, now):
             raise ReflectionRejected(
-                "rate-limited", f"more than {cfg.rate_per_s}/s (burst {cfg.burst}) from sender"
+                Reason.RATE_LIMITED, f"more than {cfg.rate_per_s}/s (burst {cfg.burst}) from sender"
             )
         reflection = validate_reflection(obj, limits=cfg.limits)
         if reflection.outcome != SUCCESSFUL:
             raise ReflectionRejected(
-                "not-successful",
+                Reason.NOT_SUCCESSFUL,
                 f"only successful reflections are shared, got {reflection.outcome!r}",
             )
         age = now - reflection.timestamp
         if age > cfg.max_age_s or -age > cfg.max_future_s:
             raise ReflectionRejected(
-                "stale",
+                Reason.STALE,
                 f"timestamp is {age:.0f} s from now (window -{cfg.max_future_s:.0f}"
                 f"..{cfg.max_age_s:.0f} s)",
             )
         if not verify_reflection(reflection):
-            raise ReflectionRejected("bad-signature", "signature does not match the author")
+            raise ReflectionRejected(Reason.BAD_SIGNATURE, "signature does not match the author")
         if cfg.require_author_is_sender and reflection.author != sender:
-            raise ReflectionRejected("author-mismatch", "author is not the sending peer")
+            raise ReflectionRejected(Reason.AUTHOR_MISMATCH, "author is not the sending peer")
         digest = content_hash(reflection)
         if digest in self._seen or (self._is_known is not None and self._is_known(digest)):
-            raise ReflectionRejected("replayed", f"content {digest[:16]} was already received")
+            raise ReflectionRejected(Reason.REPLAYED, f"content {digest[:16]} was already received")
         self._seen[digest] = None
         while len(self._seen) > cfg.replay_memory:
             self._seen.popitem(last=False)

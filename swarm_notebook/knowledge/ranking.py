@@ -22,6 +22,7 @@ from swarm_notebook.knowledge.reflections import (
     validate_reflection,
     verify_reflection,
 )
+from swarm_notebook.reasons import Reason
 
 LOCAL = "local"
 MAX_TERMS = 16
@@ -86,7 +87,9 @@ class _Entry:
 
 def _parse_item(item: Any, limits: ReflectionLimits) -> Reflection:
     if not isinstance(item, Mapping):
-        raise ReflectionRejected("wrong-schema", f"item is a {type(item).__name__}, not a dict")
+        raise ReflectionRejected(
+            Reason.WRONG_SCHEMA, f"item is a {type(item).__name__}, not a dict"
+        )
     # Answers may carry store extras (id, source, score...): only the reflection counts.
     fields = {k: v for k, v in item.items() if k in _REFLECTION_FIELDS}
     return validate_reflection(fields, limits=limits, allow_provenance_tags=True)

@@ -23,6 +23,7 @@ import msgspec
 
 from swarm_notebook.errors import ReflectionRejected
 from swarm_notebook.identity import Identity, verify_signature
+from swarm_notebook.reasons import Reason
 
 CONTENT_DOMAIN = "swarm-notebook/reflection-content/v1"
 SIGNATURE_CONTEXT = b"swarm-notebook/reflection/v1\x00"
@@ -36,9 +37,6 @@ _TAG = re.compile(r"[^\s\x00-\x1f\x7f]+")
 # Newlines and tabs are fine in prose; other control characters only hide things.
 _BAD_PROSE_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BAD_LINE_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-
-
-
 
 
 class Reflection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -156,18 +154,18 @@ def verify_reflection(reflection: Reflection) -> bool:
 
 def _check_line(field: str, value: str, cap: int, *, allow_empty: bool) -> None:
     if len(value) > cap:
-        raise ReflectionRejected("oversized", f"{field} has {len(value)} characters > {cap}")
+        raise ReflectionRejected(Reason.OVERSIZED, f"{field} has {len(value)} characters > {cap}")
     if not value and not allow_empty:
-        raise ReflectionRejected("wrong-schema", f"{field} is empty")
+        raise ReflectionRejected(Reason.WRONG_SCHEMA, f"{field} is empty")
     if _BAD_LINE_CHARS.search(value):
-        raise ReflectionRejected("wrong-schema", f"{field} contains control characters")
+        raise ReflectionRejected(Reason.WRONG_SCHEMA, f"{field} contains control characters")
 
 
 def _check_prose(field: str, value: str, cap: int) -> None:
     if len(value) > cap:
-        raise ReflectionRejected("oversized", f"{field} has {len(value)} characters > {cap}")
+        raise ReflectionRejected(Reason.OVERSIZED, f"{field} has {len(value)} characters > {cap}")
     if _BAD_PROSE_CHARS.search(value):
-        raise ReflectionRejected("wrong-schema", f"{field} contains control characters")
+        raise ReflectionRejected(Reason.WRONG_SCHEMA, f"{field} contains control characters")
 
 
 def _check_fields(
@@ -176,44 +174,46 @@ def _check_fields(
     _check_line("category", reflection.category, limits.category, allow_empty=True)
     _check_prose("description", reflection.description, limits.description)
     if not reflection.description.strip():
-        raise ReflectionRejected("wrong-schema", "description is empty")
+        raise ReflectionRejected(Reason.WRONG_SCHEMA, "description is empty")
     if len(reflection.outcome) > limits.outcome:
         raise ReflectionRejected(
-            "oversized", f"outcome has {len(reflection.outcome)} characters > {limits.outcome}"
+            Reason.OVERSIZED, f"outcome has {len(reflection.outcome)} characters > {limits.outcome}"
         )
     if not _OUTCOME.fullmatch(reflection.outcome):
         raise ReflectionRejected(
-            "wrong-schema", f"outcome {reflection.outcome!r:.40} is not a lower-case word"
+            Reason.WRONG_SCHEMA, f"outcome {reflection.outcome!r:.40} is not a lower-case word"
         )
     if len(reflection.recommendations) > limits.recommendations:
         raise ReflectionRejected(
-            "oversized",
+            Reason.OVERSIZED,
             f"{len(reflection.recommendations)} recommendations > {limits.recommendations}",
         )
     for i, rec in enumerate(reflection.recommendations):
         _check_prose(f"recommendations[{i}]", rec, limits.recommendation)
     if len(reflection.tags) > limits.tags:
-        raise ReflectionRejected("oversized", f"{len(reflection.tags)} tags > {limits.tags}")
+        raise ReflectionRejected(Reason.OVERSIZED, f"{len(reflection.tags)} tags > {limits.tags}")
     for i, tag in enumerate(reflection.tags):
         if len(tag) > limits.tag:
-            raise ReflectionRejected("oversized", f"tags[{i}] has {len(tag)} characters")
+            raise ReflectionRejected(Reason.OVERSIZED, f"tags[{i}] has {len(tag)} characters")
         if not _TAG.fullmatch(tag):
             raise ReflectionRejected(
-                "wrong-schema", f"tags[{i}] is empty or contains whitespace/control characters"
+                Reason.WRONG_SCHEMA, f"tags[{i}] is empty or contains whitespace/control characters"
             )
         if tag.startswith(PROVENANCE_TAG_PREFIX) and not allow_provenance_tags:
             raise ReflectionRejected(
-                "reserved-tag", f"tags[{i}]: {PROVENANCE_TAG_PREFIX}* is set by the receiver"
+                Reason.RESERVED_TAG, f"tags[{i}]: {PROVENANCE_TAG_PREFIX}* is set by the receiver"
             )
     if reflection.author and not _PEER_ID.fullmatch(reflection.author):
-        raise ReflectionRejected("wrong-schema", "author is not a peer id")
+        raise ReflectionRejected(Reason.WRONG_SCHEMA, "author is not a peer id")
     if not math.isfinite(reflection.timestamp) or reflection.timestamp < 0:
-        raise ReflectionRejected("wrong-schema", "timestamp is not a finite epoch time")
+        raise ReflectionRejected(Reason.WRONG_SCHEMA, "timestamp is not a finite epoch time")
     if reflection.signature:
         if not _SIGNATURE_HEX.fullmatch(reflection.signature):
-            raise ReflectionRejected("wrong-schema", "signature is not 128 lower-case hex digits")
+            raise ReflectionRejected(
+                Reason.WRONG_SCHEMA, "signature is not 128 lower-case hex digits"
+            )
         if not reflection.author:
-            raise ReflectionRejected("wrong-schema", "a signed reflection needs an author")
+            raise ReflectionRejected(Reason.WRONG_SCHEMA, "a signed reflection needs an author")
 
 
 def validate_reflection(
@@ -232,22 +232,22 @@ def validate_reflection(
     if isinstance(obj, bytes | bytearray | memoryview):
         size = len(obj)
         if size > limits.encoded_bytes:
-            raise ReflectionRejected("oversized", f"{size} bytes > {limits.encoded_bytes}")
+            raise ReflectionRejected(Reason.OVERSIZED, f"{size} bytes > {limits.encoded_bytes}")
         try:
             reflection = msgspec.msgpack.decode(obj, type=Reflection)
         except msgspec.DecodeError as exc:
-            raise ReflectionRejected("wrong-schema", str(exc)[:200]) from exc
+            raise ReflectionRejected(Reason.WRONG_SCHEMA, str(exc)[:200]) from exc
     elif isinstance(obj, Reflection):
         reflection = obj
     else:
         try:
             reflection = msgspec.convert(obj, Reflection)
         except msgspec.ValidationError as exc:
-            raise ReflectionRejected("wrong-schema", str(exc)[:200]) from exc
+            raise ReflectionRejected(Reason.WRONG_SCHEMA, str(exc)[:200]) from exc
     _check_fields(reflection, limits, allow_provenance_tags)
     size = len(encode_reflection(reflection))
     if size > limits.encoded_bytes:
-        raise ReflectionRejected("oversized", f"{size} encoded bytes > {limits.encoded_bytes}")
+        raise ReflectionRejected(Reason.OVERSIZED, f"{size} encoded bytes > {limits.encoded_bytes}")
     return reflection
 
 

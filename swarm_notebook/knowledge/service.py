@@ -30,10 +30,12 @@ import msgspec
 from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook.errors import (
     HandlerRefusal,
+    NotJoinedError,
     PeerUnavailable,
     ReflectionRejected,
     RemoteError,
     RequestTimeout,
+    UsageError,
 )
 from swarm_notebook.knowledge import (
     GateConfig,
@@ -52,6 +54,7 @@ from swarm_notebook.knowledge.reflections import SUCCESSFUL
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
+from swarm_notebook.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,6 @@ _IGNORED_FIELDS = frozenset(
 )
 
 Notify = Callable[[str, dict[str, Any]], None]
-
 
 
 @dataclass
@@ -161,26 +163,26 @@ def _draft_fields(reflection: Mapping[str, Any] | Reflection) -> dict[str, Any]:
         return {name: getattr(reflection, name) for name in _DRAFT_FIELDS}
     if not isinstance(reflection, Mapping):
         raise ReflectionRejected(
-            "wrong-schema", f"a reflection is a dict, not a {type(reflection).__name__}"
+            Reason.WRONG_SCHEMA, f"a reflection is a dict, not a {type(reflection).__name__}"
         )
     unknown = sorted(set(reflection) - set(_DRAFT_FIELDS) - _IGNORED_FIELDS)
     if unknown:
-        raise ReflectionRejected("wrong-schema", f"unknown fields: {', '.join(unknown)[:200]}")
+        raise ReflectionRejected(Reason.WRONG_SCHEMA, f"unknown fields: {', '.join(unknown)[:200]}")
     fields = {name: reflection[name] for name in _DRAFT_FIELDS if name in reflection}
     for required in ("description", "outcome"):
         if not isinstance(fields.get(required), str):
-            raise ReflectionRejected("wrong-schema", f"{required} (a string) is required")
+            raise ReflectionRejected(Reason.WRONG_SCHEMA, f"{required} (a string) is required")
     fields.setdefault("category", "general")
     for name in ("recommendations", "tags"):
         value = fields.get(name, ())
         if isinstance(value, str) or not isinstance(value, Iterable):
-            raise ReflectionRejected("wrong-schema", f"{name} must be a list of strings")
+            raise ReflectionRejected(Reason.WRONG_SCHEMA, f"{name} must be a list of strings")
         items = list(value)
         if not all(isinstance(item, str) for item in items):
-            raise ReflectionRejected("wrong-schema", f"{name} must be a list of strings")
+            raise ReflectionRejected(Reason.WRONG_SCHEMA, f"{name} must be a list of strings")
         fields[name] = items
     if not isinstance(fields["category"], str):
-        raise ReflectionRejected("wrong-schema", "category must be a string")
+        raise ReflectionRejected(Reason.WRONG_SCHEMA, "category must be a string")
     return fields
 
 
@@ -330,7 +332,9 @@ class KnowledgeService:
 
     async def _on_reflection_share(self, peer_id: str, body: ReflectionShare) -> None:
         if not self._is_initialized():
-            raise HandlerRefusal("not-initialized", "this peer does not accept reflections yet")
+            raise HandlerRefusal(
+                Reason.NOT_INITIALIZED, "this peer does not accept reflections yet"
+            )
         try:
             await self.integrate_shared_reflection(peer_id, body.reflection)
         except ReflectionRejected as exc:
@@ -398,9 +402,12 @@ class KnowledgeService:
         >>> [(r["description"], r["from_peer"]) for r in found["reflections"]]  # doctest: +SKIP
         """
         if self._closed:
-            raise RuntimeError("the knowledge service is closed")
+            raise NotJoinedError("the knowledge service is closed", Reason.CLOSED)
         if not isinstance(query, str) or len(query) > MAX_QUERY_LENGTH:
-            raise ValueError(f"query must be a string of at most {MAX_QUERY_LENGTH} characters")
+            raise UsageError(
+                Reason.BAD_ARGUMENTS,
+                f"query must be a string of at most {MAX_QUERY_LENGTH} characters",
+            )
         limit = self.settings.limit if limit is None else limit
         limit = max(1, min(int(limit), MAX_ANSWER_ITEMS))
         timeout = self.settings.peer_timeout_s if timeout is None else timeout

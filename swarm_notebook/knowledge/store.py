@@ -32,6 +32,7 @@ from swarm_notebook.knowledge.reflections import (
     reflection_to_dict,
     validate_reflection,
 )
+from swarm_notebook.reasons import Reason
 
 Source = Literal["local", "swarm"]
 MAX_SEARCH_LIMIT = 200
@@ -197,11 +198,11 @@ class ReflectionStore:
         tags = list(checked.tags)
         if shared_from is not None:
             if not _SHARED_FROM.fullmatch(shared_from):
-                raise ReflectionRejected("wrong-schema", "shared_from is not a peer id")
+                raise ReflectionRejected(Reason.WRONG_SCHEMA, "shared_from is not a peer id")
             source = "swarm"
             tags.append(f"{PROVENANCE_TAG_PREFIX}{shared_from}")
         if source not in ("local", "swarm"):
-            raise ReflectionRejected("wrong-schema", f"source {source!r} is not local/swarm")
+            raise ReflectionRejected(Reason.WRONG_SCHEMA, f"source {source!r} is not local/swarm")
         digest = content_hash(checked)
         row = (
             digest,
@@ -233,7 +234,7 @@ class ReflectionStore:
                     ).fetchone()
                     if swarm_rows >= self._max_swarm:
                         raise ReflectionRejected(
-                            "store-full", f"{swarm_rows} swarm reflections stored (limit)"
+                            Reason.STORE_FULL, f"{swarm_rows} swarm reflections stored (limit)"
                         )
                 cursor = self._conn.execute(
                     "INSERT INTO reflections (content_hash, category, description, outcome, "

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm_notebook.errors import AuditError
+from swarm_notebook.reasons import Reason
 
 KNOWN_OPERATIONS = frozenset(
     {
@@ -60,9 +61,6 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit BEGIN
     SELECT RAISE(ABORT, 'audit log is append-only');
 END;
 """
-
-
-
 
 
 def bounded_detail(detail: dict[str, Any], max_bytes: int = MAX_DETAIL_BYTES) -> str:
@@ -130,11 +128,13 @@ class AuditLog:
         now: float | None,
     ) -> tuple[float, str, str | None, str, str]:
         if not isinstance(operation, str) or not _NAME.fullmatch(operation):
-            raise AuditError("bad-operation", f"{operation!r:.80} is not a lower-case-dashed name")
+            raise AuditError(
+                Reason.BAD_OPERATION, f"{operation!r:.80} is not a lower-case-dashed name"
+            )
         if peer is not None and (not isinstance(peer, str) or len(peer) > _MAX_PEER):
-            raise AuditError("bad-peer", f"peer must be a string of at most {_MAX_PEER} chars")
+            raise AuditError(Reason.BAD_PEER, f"peer must be a string of at most {_MAX_PEER} chars")
         if not isinstance(outcome, str) or not outcome or len(outcome) > _MAX_OUTCOME:
-            raise AuditError("bad-outcome", f"outcome must be 1..{_MAX_OUTCOME} characters")
+            raise AuditError(Reason.BAD_OUTCOME, f"outcome must be 1..{_MAX_OUTCOME} characters")
         text = bounded_detail(detail or {}, self._max_detail)
         return (time.time() if now is None else now, operation, peer, outcome, text)
 

@@ -13,6 +13,7 @@ import msgspec
 
 from swarm_notebook.errors import CardError
 from swarm_notebook.identity import Identity, verify_signature
+from swarm_notebook.reasons import Reason
 
 CARD_CONTEXT = b"swarm-notebook/agent-card/v1\x00"
 MAX_CAPABILITIES = 32
@@ -46,9 +47,6 @@ class LoadReport(msgspec.Struct, frozen=True):
     concurrency: int
 
 
-
-
-
 def make_card(
     identity: Identity,
     *,
@@ -77,15 +75,17 @@ def make_card(
 def verify_card(card: AgentCard, sender: str) -> AgentCard:
     """Check a card received from ``sender``; raises ``CardError`` with a reason."""
     if card.peer_id != sender:
-        raise CardError("card-not-senders", f"card for {card.peer_id[:16]} sent by {sender[:16]}")
+        raise CardError(
+            Reason.CARD_NOT_SENDERS, f"card for {card.peer_id[:16]} sent by {sender[:16]}"
+        )
     if len(card.capabilities) > MAX_CAPABILITIES or any(
         not c or len(c) > MAX_CAPABILITY_LENGTH for c in card.capabilities
     ):
-        raise CardError("bad-card", "too many or malformed capabilities")
+        raise CardError(Reason.BAD_CARD, "too many or malformed capabilities")
     if not 1 <= card.concurrency <= 1024:
-        raise CardError("bad-card", f"concurrency {card.concurrency}")
+        raise CardError(Reason.BAD_CARD, f"concurrency {card.concurrency}")
     if len(card.isolation) > MAX_CAPABILITY_LENGTH:
-        raise CardError("bad-card", "malformed isolation")
+        raise CardError(Reason.BAD_CARD, "malformed isolation")
     if not verify_signature(card.peer_id, card.signature, card.signed_payload()):
-        raise CardError("bad-signature", "agent card signature does not verify")
+        raise CardError(Reason.BAD_SIGNATURE, "agent card signature does not verify")
     return card

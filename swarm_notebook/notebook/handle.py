@@ -16,70 +16,12 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from swarm_notebook.errors import WaitTimeout, short_id
+
 if TYPE_CHECKING:
     from swarm_notebook.client import Coordinator
 
 RUNNING_STATES = ("starting", "submitted", "working")
-
-
-class SwarmNotebookError(Exception):
-    """A notebook-facing error: a short ``reason`` code and a message, shown without a
-    local traceback (IPython calls ``_render_traceback_``)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"{type(self).__name__} [{self.reason}]: {self.message}"]
-
-
-class SwarmUsageError(SwarmNotebookError):
-    """The swarm was used wrongly (not joined, unknown flag, unknown variable...)."""
-
-
-class RemoteTaskError(SwarmNotebookError):
-    """The cell failed on a peer; the traceback shown is the remote one.
-
-    >>> err = RemoteTaskError("ABCDEFGH" * 6, "t1", "ZeroDivisionError: division by zero",
-    ...                       "Traceback...\\nZeroDivisionError: division by zero\\n")
-    >>> err._render_traceback_()[0]
-    'Remote traceback (peer ABCDEFGHABCDEFGH…, task t1):'
-    """
-
-    def __init__(
-        self,
-        peer: str | None,
-        task_id: str | None,
-        error: str,
-        remote_traceback: str | None = None,
-        error_type: str | None = None,
-    ) -> None:
-        self.peer = peer
-        self.task_id = task_id
-        self.error = error
-        self.remote_traceback = remote_traceback
-        self.error_type = error_type or "remote-exception"
-        super().__init__(self.error_type, f"the cell failed on peer {short_id(peer)}: {error}")
-
-    def _render_traceback_(self) -> list[str]:
-        lines = [f"Remote traceback (peer {short_id(self.peer)}, task {self.task_id}):"]
-        if self.remote_traceback:
-            lines.extend(self.remote_traceback.rstrip("\n").splitlines())
-        lines.append(f"RemoteTaskError [{self.error_type}]: {self.message}")
-        return lines
-
-
-def short_id(peer: str | None, width: int = 16) -> str:
-    """A peer id cut for display.
-
-    >>> short_id("A" * 52)
-    'AAAAAAAAAAAAAAAA…'
-    """
-    if not peer:
-        return "?"
-    return peer if len(peer) <= width else peer[:width] + "…"
 
 
 @dataclass(frozen=True)
@@ -103,14 +45,8 @@ class TaskProgress:
         )
 
 
-def peer_name(coordinator: Coordinator, peer_id: str | None) -> str | None:
-    """The name a peer gave itself on its signed agent card (display only)."""
-    view = coordinator.core.node.peer(peer_id) if peer_id else None
-    return view.card.name if view is not None and view.card is not None else None
-
-
 class RemoteRun:
-    """One task delegated on the coordinator's network thread, observable from any thread."""
+    """One delegated task with its clock: progress lines for a cell that waits on it."""
 
     def __init__(
         self,
@@ -121,45 +57,24 @@ class RemoteRun:
         timeout: float | None = None,
         peer: str | None = None,
     ) -> None:
-        self._coordinator = coordinator
-        self._task_id: str | None = None
         self._started = time.monotonic()
         self._finished: float | None = None
-        # The swarm's objects live on the network loop; the work is submitted there so it
-        # goes on while the kernel's loop is blocked by the waiting cell.
-        self.future: concurrent.futures.Future[dict[str, Any]] = coordinator._runner.submit(
-            self._delegate(task_type, data, timeout, peer)
-        )
+        # Submitted to the network thread, so it goes on while the kernel's loop is
+        # blocked by the waiting cell.
+        self._task = coordinator.submit_task(task_type, data, timeout=timeout, peer=peer)
+        self.future: concurrent.futures.Future[dict[str, Any]] = self._task.future
         self.future.add_done_callback(self._mark_finished)
-
-    async def _delegate(
-        self, task_type: str, data: Any, timeout: float | None, peer: str | None
-    ) -> dict[str, Any]:
-        core = self._coordinator.core
-        me = asyncio.current_task()
-
-        def remember_id(payload: Any) -> None:
-            # The submitted event fires synchronously inside our own task: that is how we
-            # tell our task from others delegated at the same time.
-            if self._task_id is None and asyncio.current_task() is me:
-                self._task_id = str(payload.get("id"))
-
-        unsubscribe = core.events.on("task:submitted", remember_id)
-        try:
-            return await core.delegate_task(task_type, data, timeout=timeout, peer=peer)
-        finally:
-            unsubscribe()
 
     @property
     def coordinator(self) -> Coordinator:
-        return self._coordinator
+        return self._task.coordinator
 
     def _mark_finished(self, _future: concurrent.futures.Future[dict[str, Any]]) -> None:
         self._finished = time.monotonic()
 
     @property
-    def task_id(self) -> str | None:
-        return self._task_id
+    def task_id(self) -> str:
+        return self._task.task_id
 
     def elapsed(self) -> float:
         end = self._finished if self._finished is not None else time.monotonic()
@@ -167,33 +82,27 @@ class RemoteRun:
 
     def progress(self) -> TaskProgress:
         """The task's state as the coordinator sees it (read on the network thread)."""
-        task_id = self._task_id
         record: dict[str, Any] | None = None
-        if task_id is not None and not self.future.done():
-            core = self._coordinator.core
-
-            def read() -> dict[str, Any] | None:
-                found = core.tasks.get(task_id)
-                return None if found is None else found.as_dict()
-
+        if not self.future.done():
             try:
-                record = self._coordinator._read(read)
+                record = self._task.record()
             except (concurrent.futures.TimeoutError, RuntimeError):
-                record = None
+                record = None  # the network thread is busy or gone: say "starting"
         if record is None:
-            return TaskProgress(task_id, None, "starting", 0, self.elapsed())
+            return TaskProgress(self.task_id, None, "starting", 0, self.elapsed())
+        peer = record.get("peer")
         return TaskProgress(
-            task_id,
-            record.get("peer"),
+            self.task_id,
+            peer,
             str(record.get("state")),
             int(record.get("attempts") or 0),
             self.elapsed(),
-            peer_name(self._coordinator, record.get("peer")),
+            self.coordinator.peer_name(peer),
         )
 
     def cancel(self) -> bool:
         """Stop waiting; the coordinator records the task as canceled."""
-        return self.future.cancel()
+        return self._task.cancel()
 
 
 class TaskHandle:
@@ -226,7 +135,7 @@ class TaskHandle:
         run.future.add_done_callback(self._task_ended)
 
     @property
-    def task_id(self) -> str | None:
+    def task_id(self) -> str:
         return self._run.task_id
 
     def progress(self) -> TaskProgress:
@@ -257,7 +166,7 @@ class TaskHandle:
         try:
             self._run.future.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"task {self.task_id} still running after {timeout} s") from None
+            raise WaitTimeout(f"task {self.task_id} still running after {timeout} s") from None
         except BaseException:
             pass  # settle() turns the failure into the error the user sees
         return self._settled_value()

@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
-from swarm_notebook.errors import RemoteTaskError
-from swarm_notebook.notebook.handle import (
-    RemoteRun,
-    SwarmNotebookError,
-    SwarmUsageError,
-    TaskHandle,
-    TaskProgress,
-    peer_name,
+from swarm_notebook.errors import (
+    AttemptsExhausted,
+    DelegationError,
+    NoCapablePeerError,
+    RemoteTaskError,
+    SwarmError,
+    UsageError,
     short_id,
 )
+from swarm_notebook.notebook.handle import RemoteRun, TaskHandle, TaskProgress
 from swarm_notebook.notebook.progress import (
     DisplayProgress,
     ProgressLine,
@@ -42,12 +42,13 @@ from swarm_notebook.notebook.progress import (
     summary,
     wait_with_progress,
 )
+from swarm_notebook.notebook.session import SwarmSession
+from swarm_notebook.reasons import Reason
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
     from swarm_notebook.client import Coordinator
-    from swarm_notebook.notebook.extension import SwarmSession
 
 TASK_TYPE = "python-computation"
 PYTHON_EXECUTION = "python-execution"
@@ -63,10 +64,10 @@ class _HelpShown(Exception):
 
 
 class MagicArgumentParser(argparse.ArgumentParser):
-    """argparse that reports bad flags as a ``SwarmUsageError`` instead of exiting."""
+    """argparse that reports bad flags as a ``UsageError`` instead of exiting."""
 
     def error(self, message: str) -> NoReturn:
-        raise SwarmUsageError("bad-arguments", f"{message}\nusage: {self.format_usage().strip()}")
+        raise UsageError(Reason.BAD_ARGUMENTS, f"{message}\nusage: {self.format_usage().strip()}")
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         if message:
@@ -155,14 +156,15 @@ class SwarmMagics(Magics):
         except _HelpShown:
             return None
         except ValueError as exc:  # shlex: unbalanced quotes
-            raise SwarmUsageError("bad-arguments", str(exc)) from None
+            raise UsageError(Reason.BAD_ARGUMENTS, str(exc)) from None
         if args.command == "run":
             if cell is None:
-                raise SwarmUsageError("bad-arguments", "run is a cell magic: use %%swarm run")
+                raise UsageError(Reason.BAD_ARGUMENTS, "run is a cell magic: use %%swarm run")
             return self._run(args, cell)
         if cell is not None:
-            raise SwarmUsageError(
-                "bad-arguments", f"%%swarm takes only `run`; use %swarm {args.command} on a line"
+            raise UsageError(
+                Reason.BAD_ARGUMENTS,
+                f"%%swarm takes only `run`; use %swarm {args.command} on a line",
             )
         command: Callable[[argparse.Namespace], Any] = getattr(self, f"_{args.command}")
         return command(args)
@@ -212,8 +214,9 @@ class SwarmMagics(Magics):
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            raise SwarmUsageError(
-                "no-kernel", "the dashboard needs a Jupyter kernel (JupyterLab, Notebook, VS Code)"
+            raise UsageError(
+                Reason.NO_KERNEL,
+                "the dashboard needs a Jupyter kernel (JupyterLab, Notebook, VS Code)",
             ) from None
         return coordinator.dashboard()
 
@@ -231,8 +234,8 @@ class SwarmMagics(Magics):
         user_ns = self.shell.user_ns if self.shell is not None else {}
         missing = [name for name in args.push if name not in user_ns]
         if missing:
-            raise SwarmUsageError(
-                "unknown-variable",
+            raise UsageError(
+                Reason.UNKNOWN_VARIABLE,
                 f"--push names variables that do not exist: {', '.join(missing)}",
             )
         peer = self._target(coordinator, args)
@@ -256,7 +259,7 @@ class SwarmMagics(Magics):
         try:
             wait_with_progress(run, view)
         except KeyboardInterrupt:
-            raise SwarmNotebookError("canceled", "interrupted: the task was canceled") from None
+            raise SwarmError(Reason.CANCELED, "interrupted: the task was canceled") from None
         return finish(run.future)
 
     def _progress_view(self) -> ProgressView:
@@ -272,21 +275,21 @@ class SwarmMagics(Magics):
             matches = [p["id"] for p in peers if p["id"].startswith(args.peer)]
             live = [p["id"] for p in connected if p["id"].startswith(args.peer)]
             if len(live) > 1:
-                raise SwarmUsageError(
-                    "ambiguous-peer",
+                raise UsageError(
+                    Reason.AMBIGUOUS_PEER,
                     f"{args.peer!r} matches {len(live)} peers; give more of the id",
                 )
             if not live:
                 what = "is gone" if matches else "is not in this room"
-                raise SwarmUsageError(
-                    "peer-gone", f"peer {args.peer!r} {what}.\n{describe_peers(connected)}"
+                raise UsageError(
+                    Reason.PEER_GONE, f"peer {args.peer!r} {what}.\n{describe_peers(connected)}"
                 )
             return str(live[0])
         needed = {PYTHON_EXECUTION, *args.requires}
         capable = [p for p in connected if needed <= set(p["capabilities"])]
         if not capable:
-            raise SwarmUsageError(
-                "no-capable-peer",
+            raise NoCapablePeerError(
+                Reason.NO_CAPABLE_PEER,
                 f"no connected peer offers {', '.join(sorted(needed))}.\n"
                 + describe_peers(connected),
             )
@@ -309,7 +312,7 @@ class SwarmMagics(Magics):
             result = future.result(0)
         except concurrent.futures.CancelledError:
             view.finish(ProgressLine(f"✖ canceled after {run.elapsed():.1f} s", "failed"))
-            raise SwarmNotebookError("canceled", "the task was canceled") from None
+            raise SwarmError(Reason.CANCELED, "the task was canceled") from None
         except Exception as exc:
             error = delegation_error(exc, peer)
             view.finish(ProgressLine(f"✖ {error.reason}: {error.message}", "failed"))
@@ -317,7 +320,7 @@ class SwarmMagics(Magics):
         final = TaskProgress(
             result.get("task_id"), result.get("peer"), str(result.get("state")),
             int(result.get("attempts") or 0), float(result.get("duration_s") or run.elapsed()),
-            peer_name(run.coordinator, result.get("peer")),
+            run.coordinator.peer_name(result.get("peer")),
         )  # fmt: skip
         view.finish(summary(final, final.state, TASK_TYPE))
         if not quiet:
@@ -330,7 +333,7 @@ class SwarmMagics(Magics):
         if not result.get("success"):
             raise RemoteTaskError(
                 result.get("peer"), result.get("task_id"), str(result.get("error")),
-                result.get("traceback"), result.get("error_type"),
+                result.get("traceback"), result.get("error_type"), final.peer_name,
             )  # fmt: skip
         outputs = result.get("outputs") or {}
         if self.shell is not None:
@@ -368,18 +371,13 @@ def describe_peers(peers: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def delegation_error(exc: BaseException, peer: str | None) -> SwarmNotebookError:
-    """A coordinator failure as a short notebook error (peer gone, no capable peer...)."""
-    from swarm_notebook.errors import DelegationError
-
-    if isinstance(exc, DelegationError):
-        if peer is not None and exc.reason == "attempts-exhausted":
-            return SwarmNotebookError(
-                "peer-gone", f"peer {short_id(peer)} went away before finishing: {exc}"
-            )
-        if exc.reason in ("not-initialized",):
-            return SwarmUsageError("not-joined", str(exc))
-        return SwarmNotebookError(exc.reason, str(exc))
-    if isinstance(exc, RuntimeError) and "left the swarm" in str(exc):
-        return SwarmUsageError("not-joined", str(exc))
-    return SwarmNotebookError("delegation-failed", f"{type(exc).__name__}: {exc}")
+def delegation_error(exc: BaseException, peer: str | None) -> SwarmError:
+    """A coordinator failure as the error the cell shows; decided by class, never by text."""
+    if isinstance(exc, AttemptsExhausted) and peer is not None:
+        # The one peer the cell was pinned to did not answer or went away.
+        return DelegationError(
+            Reason.PEER_GONE, f"peer {short_id(peer)} went away before finishing: {exc.message}"
+        )
+    if isinstance(exc, SwarmError):
+        return exc  # already says what happened, with a reason (DelegationError, UsageError...)
+    return DelegationError(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")

@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 import anywidget
 import traitlets
 
+from swarm_notebook.errors import SwarmError, UsageError
+from swarm_notebook.reasons import Reason
 from swarm_notebook.views.status import dashboard_status
 
 PACKAGE_STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -38,9 +40,10 @@ def static_asset(
         if candidate.is_file():
             return candidate
     looked = ", ".join(str(directory / name) for directory in search_dirs)
-    raise FileNotFoundError(
-        f"missing_asset: the dashboard front end {name!r} was not found (looked in {looked}); "
-        "reinstall swarm_notebook or restore js/ in the source checkout"
+    raise SwarmError(
+        Reason.MISSING_ASSET,
+        f"the dashboard front end {name!r} was not found (looked in {looked}); "
+        "reinstall swarm_notebook or restore js/ in the source checkout",
     )
 
 
@@ -137,17 +140,18 @@ class SwarmDashboard(anywidget.AnyWidget):
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         if not isinstance(source, DashboardSource):
-            raise TypeError(
-                "bad_source: SwarmDashboard needs dashboard_snapshot(), on_change() and "
-                f"async reinitialize(); got {type(source).__name__}"
+            raise UsageError(
+                Reason.BAD_SOURCE,
+                "SwarmDashboard needs dashboard_snapshot(), on_change() and "
+                f"async reinitialize(); got {type(source).__name__}",
             )
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
-                raise RuntimeError(
-                    "no_event_loop: create SwarmDashboard in a notebook cell or a coroutine, "
-                    "or pass loop="
+                raise UsageError(
+                    Reason.NO_EVENT_LOOP,
+                    "create SwarmDashboard in a notebook cell or a coroutine, or pass loop=",
                 ) from None
         self._source = source
         self._loop = loop
@@ -212,11 +216,12 @@ class SwarmDashboard(anywidget.AnyWidget):
         try:
             raw = self._source.dashboard_snapshot()
         except Exception as exc:
-            self._record_error("snapshot_failed", f"{type(exc).__name__}: {exc}")
+            self._record_error(Reason.SNAPSHOT_FAILED, f"{type(exc).__name__}: {exc}")
             return None
         if not isinstance(raw, Mapping):
             self._record_error(
-                "bad_snapshot", f"dashboard_snapshot() returned {type(raw).__name__}, not a dict"
+                Reason.BAD_SNAPSHOT,
+                f"dashboard_snapshot() returned {type(raw).__name__}, not a dict",
             )
             return None
         return display_snapshot(raw, self._limits)
@@ -228,7 +233,7 @@ class SwarmDashboard(anywidget.AnyWidget):
             status["message"] = self._error["message"]
         return status
 
-    def _record_error(self, code: str, message: str) -> None:
+    def _record_error(self, code: Reason, message: str) -> None:
         self._error = {"code": code, "message": message}
         self._counters["errors"] += 1
 
@@ -258,10 +263,12 @@ class SwarmDashboard(anywidget.AnyWidget):
             return
         self._counters["rejected_messages"] += 1
         self._loop.call_soon_threadsafe(
-            self._report_error, "unknown_action", f"the panel sent an unknown message: {content!r}"
+            self._report_error,
+            Reason.UNKNOWN_ACTION,
+            f"the panel sent an unknown message: {content!r}",
         )
 
-    def _report_error(self, code: str, message: str) -> None:
+    def _report_error(self, code: Reason, message: str) -> None:
         self._record_error(code, message[: self._limits.text_chars])
         if not self._closed:
             self.refresh()
@@ -281,9 +288,11 @@ class SwarmDashboard(anywidget.AnyWidget):
                 await self._source.reinitialize()
         except TimeoutError:
             limit = self._initialize_timeout
-            self._record_error("initialize_timeout", f"reinitialize() took longer than {limit} s")
+            self._record_error(
+                Reason.INITIALIZE_TIMEOUT, f"reinitialize() took longer than {limit} s"
+            )
         except Exception as exc:
-            self._record_error("initialize_failed", f"{type(exc).__name__}: {exc}")
+            self._record_error(Reason.INITIALIZE_FAILED, f"{type(exc).__name__}: {exc}")
         else:
             self._error = None
         finally:

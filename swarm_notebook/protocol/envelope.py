@@ -11,15 +11,13 @@ from typing import Any, TypeVar
 import msgspec
 
 from swarm_notebook.errors import ProtocolError
+from swarm_notebook.reasons import Reason
 
 PROTOCOL_VERSION = 1
 MAX_TYPE_LENGTH = 64
 MAX_ID_LENGTH = 64
 
 T = TypeVar("T")
-
-
-
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):
@@ -49,21 +47,21 @@ def encode_envelope(envelope: Envelope) -> bytes:
 def decode_envelope(data: bytes, *, max_size: int) -> Envelope:
     """Decode and validate one envelope; every failure is a ``ProtocolError``."""
     if len(data) > max_size:
-        raise ProtocolError("oversized", f"{len(data)} bytes > limit {max_size}")
+        raise ProtocolError(Reason.OVERSIZED, f"{len(data)} bytes > limit {max_size}")
     try:
         env = _decoder.decode(data)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         # msgspec raises the last two itself for invalid UTF-8 in a string and for
         # nesting deeper than the interpreter's limit; both are malformed input.
-        raise ProtocolError("malformed", str(exc)[:200]) from exc
+        raise ProtocolError(Reason.MALFORMED, str(exc)[:200]) from exc
     if env.v != PROTOCOL_VERSION:
-        raise ProtocolError("bad-version", f"version {env.v}, expected {PROTOCOL_VERSION}")
+        raise ProtocolError(Reason.BAD_VERSION, f"version {env.v}, expected {PROTOCOL_VERSION}")
     if not env.type or len(env.type) > MAX_TYPE_LENGTH:
-        raise ProtocolError("bad-type", repr(env.type)[:80])
+        raise ProtocolError(Reason.BAD_TYPE, repr(env.type)[:80])
     if not env.id or len(env.id) > MAX_ID_LENGTH:
-        raise ProtocolError("bad-id", repr(env.id)[:80])
+        raise ProtocolError(Reason.BAD_ID, repr(env.id)[:80])
     if env.reply_to is not None and len(env.reply_to) > MAX_ID_LENGTH:
-        raise ProtocolError("bad-id", "reply_to too long")
+        raise ProtocolError(Reason.BAD_ID, "reply_to too long")
     return env
 
 
@@ -72,4 +70,4 @@ def convert_body(body: Any, schema: type[T]) -> T:
     try:
         return msgspec.convert(body, schema)
     except msgspec.ValidationError as exc:
-        raise ProtocolError("wrong-schema", str(exc)[:200]) from exc
+        raise ProtocolError(Reason.WRONG_SCHEMA, str(exc)[:200]) from exc

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from swarm_notebook.errors import ProtocolError
+from swarm_notebook.reasons import Reason
 
 WHOLE = 0x00
 CHUNK = 0x01
@@ -82,16 +83,16 @@ class Reassembler:
 
     def feed(self, frame: bytes, now: float) -> bytes | None:
         if not frame:
-            raise ProtocolError("empty-frame")
+            raise ProtocolError(Reason.EMPTY_FRAME)
         kind = frame[0]
         if kind == WHOLE:
             if len(frame) - 1 > self.limits.max_message_bytes:
-                raise ProtocolError("oversized", f"{len(frame) - 1} bytes")
+                raise ProtocolError(Reason.OVERSIZED, f"{len(frame) - 1} bytes")
             return frame[1:]
         if kind != CHUNK:
-            raise ProtocolError("bad-frame-kind", f"kind byte {kind}")
+            raise ProtocolError(Reason.BAD_FRAME_KIND, f"kind byte {kind}")
         if len(frame) <= CHUNK_HEADER_SIZE:
-            raise ProtocolError("truncated-chunk", f"{len(frame)} bytes")
+            raise ProtocolError(Reason.TRUNCATED_CHUNK, f"{len(frame)} bytes")
         _, transfer_id, index, count = _CHUNK_HEADER.unpack_from(frame)
         # A view, not a slice: slicing would copy every chunk once more before the join.
         payload = memoryview(frame)[CHUNK_HEADER_SIZE:]
@@ -99,25 +100,25 @@ class Reassembler:
         if transfer is None:
             if index != 0:
                 raise ProtocolError(
-                    "chunk-out-of-order", f"transfer {transfer_id} starts at {index}"
+                    Reason.CHUNK_OUT_OF_ORDER, f"transfer {transfer_id} starts at {index}"
                 )
             if count < 2:
-                raise ProtocolError("bad-chunk-count", f"count {count}")
+                raise ProtocolError(Reason.BAD_CHUNK_COUNT, f"count {count}")
             if count * (len(frame) - CHUNK_HEADER_SIZE) > 2 * self.limits.max_message_bytes:
-                raise ProtocolError("oversized", f"announced {count} chunks")
+                raise ProtocolError(Reason.OVERSIZED, f"announced {count} chunks")
             if len(self._transfers) >= self.limits.max_transfers:
-                raise ProtocolError("too-many-transfers", f"{len(self._transfers)} incomplete")
+                raise ProtocolError(Reason.TOO_MANY_TRANSFERS, f"{len(self._transfers)} incomplete")
             transfer = _Transfer(count=count, started=now)
             self._transfers[transfer_id] = transfer
         elif index != len(transfer.parts) or count != transfer.count:
             self._drop(transfer_id)
-            raise ProtocolError("chunk-out-of-order", f"transfer {transfer_id} index {index}")
+            raise ProtocolError(Reason.CHUNK_OUT_OF_ORDER, f"transfer {transfer_id} index {index}")
         if transfer.size + len(payload) > self.limits.max_message_bytes:
             self._drop(transfer_id)
-            raise ProtocolError("oversized", f"transfer {transfer_id} exceeds message limit")
+            raise ProtocolError(Reason.OVERSIZED, f"transfer {transfer_id} exceeds message limit")
         if self._pending_bytes + len(payload) > self.limits.max_pending_bytes:
             self._drop(transfer_id)
-            raise ProtocolError("reassembly-full", f"{self._pending_bytes} bytes pending")
+            raise ProtocolError(Reason.REASSEMBLY_FULL, f"{self._pending_bytes} bytes pending")
         transfer.parts.append(payload)
         transfer.size += len(payload)
         self._pending_bytes += len(payload)

@@ -52,6 +52,7 @@ import pyarrow.ipc as pa_ipc
 from pandas.api.types import is_object_dtype
 
 from swarm_notebook.errors import ValueCodecError
+from swarm_notebook.reasons import Reason
 
 TAG = "__sn__"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -60,9 +61,6 @@ _META_KEY = b"swarm_notebook"
 _SCALAR_COST = 9  # a msgpack scalar or container header is at most 9 bytes
 _INT64_MIN = -(2**63)
 _UINT64_MAX = 2**64 - 1
-
-
-
 
 
 def encode_value(
@@ -87,7 +85,7 @@ def decode_value(x: Any, *, allow_pickle: bool = False, max_bytes: int = DEFAULT
     except ValueCodecError:
         raise
     except Exception as exc:  # a crafted value must never surface as another error type
-        raise ValueCodecError("malformed", f"{type(exc).__name__}: {exc}"[:300]) from exc
+        raise ValueCodecError(Reason.MALFORMED, f"{type(exc).__name__}: {exc}"[:300]) from exc
 
 
 class _Encoder:
@@ -100,14 +98,14 @@ class _Encoder:
         self.used += n
         if self.used > self.max_bytes:
             raise ValueCodecError(
-                "too-large",
+                Reason.TOO_LARGE,
                 f"encoded value passes the limit of {self.max_bytes} bytes; send a smaller "
                 "slice, or aggregate before returning",
             )
 
     def encode(self, obj: Any, depth: int) -> Any:
         if depth > MAX_DEPTH:
-            raise ValueCodecError("too-deep", f"value nests deeper than {MAX_DEPTH} levels")
+            raise ValueCodecError(Reason.TOO_DEEP, f"value nests deeper than {MAX_DEPTH} levels")
         t = type(obj)
         if obj is None or t is bool:
             self.charge(_SCALAR_COST)
@@ -155,7 +153,7 @@ class _Encoder:
         if self.allow_pickle:
             return self.tagged("pickle", data=self.pickled(obj))
         raise ValueCodecError(
-            "unsupported-type",
+            Reason.UNSUPPORTED_TYPE,
             f"cannot send a value of type {t.__module__}.{t.__qualname__} to another peer "
             "without pickle; convert it to a DataFrame, numpy array, or plain "
             "list/dict/str/number, or enable allow_pickle between peers that trust each other",
@@ -181,7 +179,7 @@ class _Encoder:
     def npy(self, arr: np.ndarray) -> bytes:
         if arr.dtype.hasobject:
             raise ValueCodecError(
-                "unsupported-type",
+                Reason.UNSUPPORTED_TYPE,
                 "numpy arrays of dtype object hold arbitrary Python objects and need pickle; "
                 "convert to a typed array (e.g. arr.astype(str) or float) or send a list",
             )
@@ -194,14 +192,14 @@ class _Encoder:
         if not frame.columns.is_unique:
             dupes = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
             raise ValueCodecError(
-                "unsupported-type",
+                Reason.UNSUPPORTED_TYPE,
                 f"DataFrame has duplicate column names {dupes[:5]}; rename them first",
             )
         try:
             table = pa.Table.from_pandas(frame, preserve_index=None)
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise ValueCodecError(
-                "unsupported-type",
+                Reason.UNSUPPORTED_TYPE,
                 f"pandas data that Arrow cannot store ({str(exc)[:200]}); make object "
                 "columns one type (e.g. df[col].astype(str)) or enable allow_pickle between "
                 "peers that trust each other",
@@ -225,7 +223,7 @@ class _Encoder:
             data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise ValueCodecError(
-                "unsupported-type",
+                Reason.UNSUPPORTED_TYPE,
                 f"value of type {type(obj).__qualname__} cannot be pickled either: {exc}"[:300],
             ) from exc
         self.charge(len(data))
@@ -240,13 +238,15 @@ class _Decoder:
 
     def decode(self, x: Any, depth: int) -> Any:
         if depth > MAX_DEPTH:
-            raise ValueCodecError("too-deep", f"value nests deeper than {MAX_DEPTH} levels")
+            raise ValueCodecError(Reason.TOO_DEEP, f"value nests deeper than {MAX_DEPTH} levels")
         if x is None or isinstance(x, (bool, int, float, str, bytes)):
             return x
         if isinstance(x, list):
             return [self.decode(v, depth + 1) for v in x]
         if not isinstance(x, dict):
-            raise ValueCodecError("malformed", f"unexpected {type(x).__name__} in an encoded value")
+            raise ValueCodecError(
+                Reason.MALFORMED, f"unexpected {type(x).__name__} in an encoded value"
+            )
         if TAG not in x:
             return self.decode_plain_dict(x, depth)
         return self.decode_tagged(x, depth)
@@ -255,7 +255,7 @@ class _Decoder:
         out: dict[str, Any] = {}
         for k, v in x.items():
             if not isinstance(k, str):
-                raise ValueCodecError("malformed", f"dict key of type {type(k).__name__}")
+                raise ValueCodecError(Reason.MALFORMED, f"dict key of type {type(k).__name__}")
             out[k] = self.decode(v, depth + 1)
         return out
 
@@ -269,13 +269,13 @@ class _Decoder:
             items = [self.decode(v, depth + 1) for v in _field(x, "items", list)]
             set_type = _field(x, "type", str)
             if set_type not in ("set", "frozenset"):
-                raise ValueCodecError("malformed", f"unknown set type {set_type!r:.40}")
+                raise ValueCodecError(Reason.MALFORMED, f"unknown set type {set_type!r:.40}")
             return set(items) if set_type == "set" else frozenset(items)
         if kind == "map":
             out: dict[Any, Any] = {}
             for pair in _field(x, "items", list):
                 if not isinstance(pair, list) or len(pair) != 2:
-                    raise ValueCodecError("malformed", "map items must be [key, value] pairs")
+                    raise ValueCodecError(Reason.MALFORMED, "map items must be [key, value] pairs")
                 out[self.decode(pair[0], depth + 1)] = self.decode(pair[1], depth + 1)
             return out
         if kind == "bigint":
@@ -285,21 +285,21 @@ class _Decoder:
         if kind == "npscalar":
             arr = _load_npy(_field(x, "data", bytes))
             if arr.ndim != 0:
-                raise ValueCodecError("malformed", "npscalar must hold a 0-d array")
+                raise ValueCodecError(Reason.MALFORMED, "npscalar must hold a 0-d array")
             return arr[()]
         if kind == "df":
             return self.arrow(_field(x, "data", bytes))
         if kind == "series":
             frame = self.arrow(_field(x, "data", bytes))
             if frame.shape[1] != 1:
-                raise ValueCodecError("malformed", "series must hold exactly one column")
+                raise ValueCodecError(Reason.MALFORMED, "series must hold exactly one column")
             series = frame.iloc[:, 0]
             series.name = self.decode(x.get("name"), depth + 1)
             return series
         if kind == "pdscalar":
             frame = self.arrow(_field(x, "data", bytes))
             if frame.shape != (1, 1):
-                raise ValueCodecError("malformed", "pdscalar must hold one value")
+                raise ValueCodecError(Reason.MALFORMED, "pdscalar must hold one value")
             return frame.iloc[0, 0]
         if kind == "index":
             return self.arrow(_field(x, "data", bytes)).index
@@ -308,12 +308,12 @@ class _Decoder:
         if kind == "pickle":
             if not self.allow_pickle:
                 raise ValueCodecError(
-                    "pickle-refused",
+                    Reason.PICKLE_REFUSED,
                     "value was pickled by the sender; pickle is refused unless both peers "
                     "explicitly trust each other (allow_pickle=True)",
                 )
             return pickle.loads(_field(x, "data", bytes))
-        raise ValueCodecError("malformed", f"unknown tag {kind!r:.40}")
+        raise ValueCodecError(Reason.MALFORMED, f"unknown tag {kind!r:.40}")
 
     def arrow(self, data: bytes) -> pd.DataFrame:
         reader = pa_ipc.open_stream(data)
@@ -322,7 +322,7 @@ class _Decoder:
             self.used += batch.nbytes
             if self.used > self.max_bytes:
                 raise ValueCodecError(
-                    "too-large", f"decoded tables pass the limit of {self.max_bytes} bytes"
+                    Reason.TOO_LARGE, f"decoded tables pass the limit of {self.max_bytes} bytes"
                 )
             batches.append(batch)
         table = pa.Table.from_batches(batches, schema=reader.schema)
@@ -340,7 +340,7 @@ def _field(x: dict[str, Any], name: str, kind: type) -> Any:
     value = x.get(name)
     if not isinstance(value, kind):
         raise ValueCodecError(
-            "malformed", f"tag {x.get(TAG)!r:.40} needs {name!r} of type {kind.__name__}"
+            Reason.MALFORMED, f"tag {x.get(TAG)!r:.40} needs {name!r} of type {kind.__name__}"
         )
     return value
 
@@ -349,7 +349,7 @@ def _load_npy(data: bytes) -> np.ndarray:
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:
-        raise ValueCodecError("malformed", f"bad npy data: {exc}"[:300]) from exc
+        raise ValueCodecError(Reason.MALFORMED, f"bad npy data: {exc}"[:300]) from exc
 
 
 def _to_object(values: Any) -> Any:
@@ -393,7 +393,7 @@ def _encode_datetime(obj: dt.datetime | dt.date | dt.time | dt.timedelta) -> dic
     if (isinstance(obj, (dt.datetime, dt.time))) and obj.tzinfo is not None:
         if obj.utcoffset() is None or not isinstance(obj.tzinfo, dt.timezone):
             raise ValueCodecError(
-                "unsupported-type",
+                Reason.UNSUPPORTED_TYPE,
                 "datetime with a named time zone; convert it to pandas.Timestamp inside a "
                 "Series/DataFrame (keeps the zone) or to UTC",
             )
@@ -411,5 +411,5 @@ def _decode_datetime(x: dict[str, Any]) -> Any:
         "time": dt.time.fromisoformat,
     }
     if kind not in parsers:
-        raise ValueCodecError("malformed", f"unknown datetime type {kind!r:.40}")
+        raise ValueCodecError(Reason.MALFORMED, f"unknown datetime type {kind!r:.40}")
     return parsers[kind](text)

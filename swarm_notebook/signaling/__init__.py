@@ -5,6 +5,7 @@ from swarm_notebook.errors import (
     SignalingError,
     SignalingRefused,
     SignalingTimeout,
+    SignalingTLSError,
     SignalingUnavailable,
 )
 from swarm_notebook.signaling.client import SignalingClient
@@ -18,6 +19,7 @@ __all__ = [
     "SignalingLimits",
     "SignalingRefused",
     "SignalingServer",
+    "SignalingTLSError",
     "SignalingTimeout",
     "SignalingUnavailable",
 ]

@@ -22,6 +22,13 @@ re-join, peers that are still there produce no events; peers that are missing ge
 
 Callbacks run on the task that also marks the client connected, so a callback must not
 await ``wait_connected`` (it would wait for itself); ``send_signal`` is fine.
+
+TLS: a ``wss://`` server's certificate is always verified, against the system's trusted
+authorities (or the bundle in ``SSL_CERT_FILE``). To trust a self-signed certificate, or
+one from a private authority, pass ``ca_file="server.pem"`` or set
+``SWARM_NOTEBOOK_CA_FILE=server.pem`` (also read by ``join()`` and ``swarm-notebook
+worker``). A certificate that cannot be verified ends ``start()`` with a
+``SignalingTLSError`` that says why and how to fix it.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import random
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +51,7 @@ from swarm_notebook.errors import (
     SignalingError,
     SignalingRefused,
     SignalingTimeout,
+    SignalingTLSError,
     SignalingUnavailable,
 )
 from swarm_notebook.identity import Identity
@@ -70,6 +80,10 @@ FINAL_REFUSALS = frozenset(
 )
 
 Callback = Callable[..., Any]
+
+CA_FILE_ENV = "SWARM_NOTEBOOK_CA_FILE"
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH = frozenset({62, 64})
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024
 PROTOCOL_ERROR = "protocol"
@@ -151,8 +165,10 @@ class SignalingClient:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         event_queue_size: int = 1024,
         rng: random.Random | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.url = url
+        self._ca_file = ca_file or os.environ.get(CA_FILE_ENV) or None
         self.room = room
         self._identity = identity
         self._secret = secret
@@ -171,6 +187,7 @@ class SignalingClient:
         self._membership = RoomMembership(grace=departure_grace)
         self._events: asyncio.Queue[_Event] = asyncio.Queue(maxsize=event_queue_size)
         self._http: aiohttp.ClientSession | None = None
+        self._ssl: ssl.SSLContext | None = None
         self._run_task: asyncio.Task[None] | None = None
         self._dispatch_task: asyncio.Task[None] | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -181,7 +198,8 @@ class SignalingClient:
         self._connected_event = asyncio.Event()
         self._first_joined = asyncio.Event()
         self._closed = False
-        self.refusal: SignalingRefused | None = None
+        # Why the client stopped for good: a final refusal, or a TLS failure before joining.
+        self.refusal: SignalingError | None = None
         self.last_error: str | None = None
         self._counters: Counter[str] = Counter()
         self._errors_received: Counter[str] = Counter()
@@ -209,6 +227,7 @@ class SignalingClient:
         """
         if self._run_task is not None:
             raise RuntimeError("signaling client already started")
+        self._ssl = tls_context(self.url, self._ca_file)
         self._http = aiohttp.ClientSession()
         self._dispatch_task = asyncio.create_task(self._dispatch(), name="signaling-dispatch")
         self._run_task = asyncio.create_task(self._run(), name="signaling-connection")
@@ -302,7 +321,7 @@ class SignalingClient:
         if self._run_task.done():
             raise SignalingUnavailable(DISCONNECTED, "signaling client is closed")
         raise SignalingTimeout(
-            "timeout",
+            Reason.TIMEOUT,
             f"could not {what} room {self.room!r} at {self.url} within {timeout:g} s"
             f" (last error: {self.last_error or 'none'})",
         )
@@ -319,6 +338,17 @@ class SignalingClient:
                 log.error("signaling server refused %s: %s", self._identity.short_id(), exc)
                 await self._events.put(_DisconnectedEvent(exc.reason))
                 return
+            except aiohttp.ClientSSLError as exc:
+                error = self._tls_error(exc)
+                self.last_error = str(error)
+                if self._counters["joins"] == 0:
+                    # Never got in: retrying cannot fix trust, so say it at once.
+                    self.refusal = error
+                    log.error("signaling %s", error.message)
+                    await self._events.put(_DisconnectedEvent(error.reason))
+                    return
+                # Joined before: the server may be mid-renewal; keep trying, loudly.
+                log.error("signaling %s (retrying)", error.message)
             except (aiohttp.ClientError, OSError, TimeoutError, SignalingError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.info("signaling connection to %s failed: %s", self.url, self.last_error)
@@ -327,6 +357,35 @@ class SignalingClient:
                 log.exception("signaling connection to %s crashed", self.url)
             attempt = 0 if joined else attempt + 1
             await asyncio.sleep(self._backoff_delay(attempt))
+
+    def _tls_error(self, exc: aiohttp.ClientSSLError) -> SignalingTLSError:
+        if not isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            return SignalingTLSError(
+                Reason.TLS_FAILED,
+                f"TLS handshake with {self.url} failed ({exc}); check that the server serves"
+                " wss:// on that port (swarm-notebook signal --certfile/--keyfile)",
+            )
+        detail = exc.certificate_error
+        why = str(getattr(detail, "verify_message", None) or detail).rstrip(".")
+        if getattr(detail, "verify_code", None) in _NAME_MISMATCH:
+            return SignalingTLSError(
+                Reason.UNTRUSTED_CERTIFICATE,
+                f"the TLS certificate of {self.url} is not issued for the host in that URL"
+                f" ({why}): connect by a name the certificate lists, or reissue it with this"
+                f" name as a subject alternative name ({CA_FILE_ENV} trusts a certificate,"
+                " it cannot change the names it is valid for)",
+            )
+        trust = (
+            f"the CA file {self._ca_file!r} does not vouch for it"
+            if self._ca_file
+            else "it is not signed by an authority this machine trusts"
+        )
+        return SignalingTLSError(
+            Reason.UNTRUSTED_CERTIFICATE,
+            f"cannot verify the TLS certificate of {self.url} ({why}): {trust}. If the server"
+            f" uses a self-signed certificate, trust it with {CA_FILE_ENV}=/path/to/cert.pem"
+            " (or ca_file=... / --ca-file)",
+        )
 
     def _backoff_delay(self, attempt: int) -> float:
         base = min(self._backoff_max, self._backoff_initial * (2.0 ** min(attempt, 30)))
@@ -339,6 +398,7 @@ class SignalingClient:
         async with asyncio.timeout(self._join_timeout):
             ws = await self._http.ws_connect(
                 self.url,
+                ssl=self._ssl if self._ssl is not None else True,
                 heartbeat=self._heartbeat,
                 max_msg_size=self._max_frame_bytes * 4,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
@@ -393,7 +453,7 @@ class SignalingClient:
             raise SignalingError(message.reason, message.message)
         if isinstance(message, Shutdown):
             self._counters["shutdowns_received"] += 1
-            raise SignalingError("shutdown", message.message)
+            raise SignalingError(Reason.SHUTDOWN, message.message)
 
     async def _receive(
         self, ws: aiohttp.ClientWebSocketResponse
@@ -501,3 +561,20 @@ class SignalingClient:
         except Exception:
             self._counters["callback_errors"] += 1
             log.exception("signaling %s callback failed", name)
+
+
+def tls_context(url: str, ca_file: str | None) -> ssl.SSLContext | None:
+    """The verifying TLS context for a ``wss://`` URL (None for ``ws://``).
+
+    With ``ca_file`` only that bundle is trusted; without it the system's authorities
+    (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` apply). Raises ``SignalingTLSError`` for a CA file
+    that cannot be read.
+    """
+    if not url.lower().startswith("wss://"):
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise SignalingTLSError(
+            Reason.TLS_FAILED, f"cannot load the CA file {ca_file!r} ({CA_FILE_ENV}): {exc}"
+        ) from exc

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from swarm_notebook.protocol.signaling import MAX_ROOM_LENGTH
+from swarm_notebook.signaling.quotas import QuotaLimits
 
 DEFAULT_PORT = 8765
 
@@ -31,10 +33,14 @@ class SignalingLimits:
     max_rooms: int = 1000
     max_room_length: int = MAX_ROOM_LENGTH
     max_connections: int = 10_000
-    join_timeout: float = 10.0
+    # Seconds a socket may take to join; then it is closed (``join-timeout``).
+    join_timeout: float = 5.0
     # Frames queued to one socket before it counts as a slow consumer.
     send_queue: int = 256
     heartbeat: float | None = 30.0
+    # What one remote address may hold (connections, pending sockets, rooms, peers per
+    # room, secret guesses): see signaling/quotas.py.
+    per_address: QuotaLimits = field(default_factory=QuotaLimits)
 
     @property
     def hard_frame_bytes(self) -> int:
@@ -64,7 +70,8 @@ class SignalingConfig:
     """Where the server listens and who may join.
 
     ``secret`` applies to every room; ``room_secrets`` overrides it per room (a room
-    listed there needs its own secret even when ``secret`` is None).
+    listed there needs its own secret even when ``secret`` is None). With ``certfile``
+    and ``keyfile`` (PEM) the server speaks TLS and its URL is ``wss://``.
 
     >>> SignalingConfig(port=0, secret="s3cret").secret_for("lab")
     's3cret'
@@ -77,6 +84,34 @@ class SignalingConfig:
     limits: SignalingLimits = field(default_factory=SignalingLimits)
     # How long close() waits for clients to receive Shutdown before dropping them.
     shutdown_timeout: float = 3.0
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.keyfile is not None and self.certfile is None:
+            raise ValueError("a keyfile needs a certfile (PEM certificate chain)")
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
 
     def secret_for(self, room: str) -> str | None:
         return self.room_secrets.get(room, self.secret)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context, or None for plain ``ws://``.
+
+        Raises ``ValueError`` naming the file when the certificate or key cannot be loaded.
+        """
+        if self.certfile is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.certfile, self.keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"cannot load the TLS certificate {self.certfile!r}"
+                f" / key {self.keyfile or self.certfile!r}: {exc}"
+            ) from exc
+        return context

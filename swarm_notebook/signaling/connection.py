@@ -28,7 +28,8 @@ class _CloseRequest:
 
 
 class Connection:
-    """A socket's state: nonce, room and peer id once joined, rate buckets, outgoing queue."""
+    """A socket's state: nonce, remote address, room and peer id once joined, rate buckets,
+    outgoing queue."""
 
     def __init__(
         self,
@@ -36,6 +37,7 @@ class Connection:
         abort_transport: Callable[[], None],
         *,
         nonce: str,
+        address: str,
         send_queue_limit: int,
         rate: TokenBucket,
         rate_strikes: TokenBucket,
@@ -43,6 +45,8 @@ class Connection:
     ) -> None:
         self.ws = ws
         self.nonce = nonce
+        # The remote address as a quota key (see signaling/quotas.address_key).
+        self.address = address
         self.rate = rate
         self.rate_strikes = rate_strikes
         self.protocol_strikes = protocol_strikes

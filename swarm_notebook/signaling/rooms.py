@@ -55,6 +55,9 @@ class RoomRegistry(Generic[Member]):
             del self._rooms[room]
         return True
 
+    def has_room(self, room: str) -> bool:
+        return room in self._rooms
+
     def lookup(self, room: str, peer_id: str) -> Member | None:
         return self._rooms.get(room, {}).get(peer_id)
 

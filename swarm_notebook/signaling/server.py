@@ -6,6 +6,11 @@ connected in the room, it takes the id over silently — the old socket gets
 ``PeerLeft`` nor ``PeerJoined`` (the peer never stopped being a member, so its peer
 links stay up).
 
+Per remote address (signaling/quotas.py) the server bounds open sockets, sockets that have
+not joined yet, rooms created and peers per room, and locks out an address that keeps
+guessing room secrets; each refusal is counted by reason and by address in ``/stats``.
+With ``SignalingConfig(certfile=..., keyfile=...)`` it serves ``wss://``.
+
 Example (in a notebook or test)::
 
     server = SignalingServer(SignalingConfig(port=0))
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import secrets
 import time
@@ -47,6 +53,7 @@ from swarm_notebook.protocol.signaling import (
 from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling.config import SignalingConfig
 from swarm_notebook.signaling.connection import Connection
+from swarm_notebook.signaling.quotas import AddressQuotas, address_key
 from swarm_notebook.signaling.ratelimit import TokenBucket
 from swarm_notebook.signaling.rooms import RoomRegistry
 
@@ -72,6 +79,7 @@ class SignalingServer:
         self._rooms: RoomRegistry[Connection] = RoomRegistry(
             max_rooms=self._limits.max_rooms, peers_per_room=self._limits.peers_per_room
         )
+        self._quotas = AddressQuotas(self._limits.per_address, clock)
         self._connections: set[Connection] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
@@ -94,10 +102,18 @@ class SignalingServer:
         app.router.add_get(WS_PATH, self._handle_websocket)
         app.router.add_get("/healthz", self._handle_health)
         app.router.add_get("/stats", self._handle_stats)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=FLUSH_TIMEOUT)
+        ssl_context = self.config.ssl_context()  # before listening: a bad cert fails fast
+        # keepalive_timeout: a TCP connection that sends no request within the join timeout
+        # is closed too (aiohttp's default keeps a silent one for an hour).
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=FLUSH_TIMEOUT,
+            keepalive_timeout=self._limits.join_timeout,
+        )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.config.host, self.config.port)
+            site = web.TCPSite(runner, self.config.host, self.config.port, ssl_context=ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -105,6 +121,12 @@ class SignalingServer:
         self._runner = runner
         self._port = int(runner.addresses[0][1])
         log.info("signaling server listening on %s", self.url)
+        if ssl_context is None and not _is_loopback(self.config.host):
+            log.warning(
+                "signaling on %s without TLS: join proofs can be recorded and the room secret"
+                " guessed offline; pass --certfile/--keyfile to serve wss://",
+                self.url,
+            )
         return self._port
 
     @property
@@ -118,7 +140,8 @@ class SignalingServer:
         host = self.config.host
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}{WS_PATH}"
+        scheme = "wss" if self.config.tls else "ws"
+        return f"{scheme}://{host}:{self.port}{WS_PATH}"
 
     async def close(self) -> None:
         """Send Shutdown to every client, close their sockets and stop listening."""
@@ -137,7 +160,8 @@ class SignalingServer:
         log.info("signaling server on port %s stopped", self._port)
 
     def stats(self) -> dict[str, Any]:
-        """Counters for ``/stats``: rooms, peers, traffic and rejections by reason."""
+        """Counters for ``/stats``: rooms, peers, traffic, rejections by reason, and per
+        address (``per_address``: quota limits, top holders, top offenders, lockouts)."""
         return {
             "rooms": self._rooms.room_count,
             "peers": self._rooms.peer_count,
@@ -148,6 +172,7 @@ class SignalingServer:
             "messages_received": self._messages_received,
             "messages_forwarded": self._messages_forwarded,
             "rejections": dict(self._rejections),
+            "per_address": self._quotas.stats(),
         }
 
     # -- HTTP --------------------------------------------------------------------------
@@ -178,6 +203,7 @@ class SignalingServer:
             ws,
             abort_transport,
             nonce=secrets.token_hex(32),
+            address=address_key(request.remote),
             send_queue_limit=limits.send_queue,
             rate=TokenBucket(limits.messages_per_second, limits.burst, self._clock),
             rate_strikes=TokenBucket(STRIKE_REFILL_PER_SECOND, limits.rate_strikes, self._clock),
@@ -190,6 +216,7 @@ class SignalingServer:
         self._handlers.add(handler)
         self._connections.add(conn)
         writer = asyncio.create_task(conn.write_loop(), name="signaling-writer")
+        admitted = False
         try:
             if self._closing:
                 conn.close_with(Shutdown(), code=WSCloseCode.GOING_AWAY)
@@ -200,7 +227,12 @@ class SignalingServer:
                     f"the server holds its limit of {limits.max_connections} connections",
                     code=WSCloseCode.TRY_AGAIN_LATER,
                 )
+            elif (refusal := self._quotas.admit(conn.address)) is not None:
+                self._refuse(
+                    conn, refusal.reason, refusal.message, code=WSCloseCode.TRY_AGAIN_LATER
+                )
             else:
+                admitted = True
                 conn.send(Challenge(nonce=conn.nonce))
                 await self._read_loop(conn)
         except Exception:
@@ -208,6 +240,8 @@ class SignalingServer:
             log.exception("signaling socket handler failed")
         finally:
             self._leave(conn)
+            if admitted:
+                self._quotas.release(conn.address, joined=conn.joined)
             conn.close_with(None, code=WSCloseCode.OK)
             _done, pending = await asyncio.wait({writer}, timeout=FLUSH_TIMEOUT)
             if pending:
@@ -238,7 +272,7 @@ class SignalingServer:
                 if not self._on_text(conn, msg.data):
                     return
                 if not await conn.wait_for_room(OWN_BACKLOG_TIMEOUT):
-                    self._rejections[Reason.SLOW_CONSUMER] += 1
+                    self._count(conn, Reason.SLOW_CONSUMER)
                     conn.abort()
                     return
             elif msg.type is WSMsgType.BINARY:
@@ -252,7 +286,7 @@ class SignalingServer:
                     isinstance(msg.data, WebSocketError)
                     and msg.data.code == WSCloseCode.MESSAGE_TOO_BIG
                 )
-                self._rejections[Reason.TOO_LARGE if too_big else Reason.MALFORMED] += 1
+                self._count(conn, Reason.TOO_LARGE if too_big else Reason.MALFORMED)
                 return
             else:  # CLOSE / CLOSING / CLOSED
                 return
@@ -276,10 +310,10 @@ class SignalingServer:
                 code=WSCloseCode.MESSAGE_TOO_BIG,
             )
         if not conn.rate.take():
-            self._rejections[Reason.RATE_LIMITED] += 1
+            self._count(conn, Reason.RATE_LIMITED)
             limit = f"{self._limits.messages_per_second:g} messages/s (burst {self._limits.burst})"
             if not conn.rate_strikes.take():
-                self._rejections[Reason.ABUSE] += 1
+                self._count(conn, Reason.ABUSE)
                 return self._refuse(
                     conn, Reason.RATE_LIMITED, f"repeatedly over {limit}; closing", count=False
                 )
@@ -315,14 +349,11 @@ class SignalingServer:
                 "the join signature does not prove the key behind this peer id",
             )
         secret = self.config.secret_for(room)
-        if secret is not None:
-            expected = secret_proof(secret, conn.nonce, peer_id).encode("ascii")
-            offered = (join.secret_proof or "").encode("utf-8")
-            if not hmac.compare_digest(offered, expected):
-                what = "missing" if not join.secret_proof else "wrong"
-                return self._refuse(
-                    conn, Reason.BAD_SECRET, f"room {room!r:.40} needs a secret: proof is {what}"
-                )
+        if secret is not None and not self._check_secret(conn, secret, join):
+            return False
+        creating = not self._rooms.has_room(room)
+        if not self._within_address_quota(conn, room, peer_id, creating=creating):
+            return False
         refusal = self._rooms.admission_refusal(room, peer_id)
         if refusal == Reason.ROOM_FULL:
             return self._refuse(
@@ -336,6 +367,9 @@ class SignalingServer:
         others = self._rooms.others(room, peer_id)
         previous = self._rooms.bind(room, peer_id, conn)
         conn.room, conn.peer_id = room, peer_id
+        self._quotas.joined(conn.address)
+        if creating:
+            self._quotas.room_created(room, conn.address)
         self._joins_total += 1
         conn.send(Joined(room=room, peer_id=peer_id, peers=sorted(others)))
         if previous is not None:
@@ -354,6 +388,45 @@ class SignalingServer:
         log.debug("peer %s joined room %r (%d others)", peer_id[:16], room, len(others))
         return True
 
+    def _within_address_quota(
+        self, conn: Connection, room: str, peer_id: str, *, creating: bool
+    ) -> bool:
+        """Refuse a join over its address's rooms or peers-per-room quota (False then)."""
+        if self._rooms.lookup(room, peer_id) is not None:
+            return True  # a proven replacement takes no new slot
+        own = sum(
+            1 for m in self._rooms.others(room, peer_id).values() if m.address == conn.address
+        )
+        quota = self._quotas.room_refusal(conn.address, creating=creating, peers_in_room=own)
+        if quota is None:
+            return True
+        return self._refuse(conn, quota.reason, f"{quota.message}; not admitted to {room!r:.40}")
+
+    def _check_secret(self, conn: Connection, secret: str, join: Join) -> bool:
+        """Verify the room-secret proof, with a growing lockout per address for guessers."""
+        guard = self._quotas.secrets
+        locked = guard.remaining(conn.address)
+        if locked > 0:
+            # Not even a right proof is checked now, so guessing gains nothing while locked.
+            return self._refuse(
+                conn,
+                Reason.LOCKED_OUT,
+                f"{conn.address} is locked out after repeated wrong room secrets;"
+                f" try again in {locked:.1f} s",
+                code=WSCloseCode.TRY_AGAIN_LATER,
+            )
+        expected = secret_proof(secret, conn.nonce, join.peer_id).encode("ascii")
+        offered = (join.secret_proof or "").encode("utf-8")
+        if hmac.compare_digest(offered, expected):
+            guard.succeeded(conn.address)
+            return True
+        what = "missing" if not join.secret_proof else "wrong"
+        lockout = guard.failed(conn.address)
+        then = f"; {conn.address} is now locked out for {lockout:g} s" if lockout else ""
+        return self._refuse(
+            conn, Reason.BAD_SECRET, f"room {join.room!r:.40} needs a secret: proof is {what}{then}"
+        )
+
     def _on_signal(self, conn: Connection, signal: Signal) -> bool:
         if conn.room is None or conn.peer_id is None:
             return self._strike(conn, Reason.NOT_JOINED, "send a join before signalling")
@@ -363,7 +436,7 @@ class SignalingServer:
         if signal.to != conn.peer_id:
             target = self._rooms.lookup(conn.room, signal.to)
         if target is None:
-            self._rejections[Reason.UNKNOWN_PEER] += 1
+            self._count(conn, Reason.UNKNOWN_PEER)
             return self._reply(
                 conn,
                 Reason.UNKNOWN_PEER,
@@ -374,7 +447,7 @@ class SignalingServer:
         if target.send(Signal(data=signal.data, from_=conn.peer_id)):
             self._messages_forwarded += 1
             return True
-        self._rejections[Reason.PEER_BUSY] += 1
+        self._count(conn, Reason.PEER_BUSY)
         return self._reply(
             conn, Reason.PEER_BUSY, f"peer {signal.to[:16]!r} is not reading; signal not delivered"
         )
@@ -384,6 +457,8 @@ class SignalingServer:
             return
         if not self._rooms.unbind(conn.room, conn.peer_id, conn):
             return  # replaced: the id lives on in another socket
+        if not self._rooms.has_room(conn.room):
+            self._quotas.room_removed(conn.room)
         for other in self._rooms.others(conn.room, conn.peer_id).values():
             self._deliver_control(other, PeerLeft(peer_id=conn.peer_id))
 
@@ -392,7 +467,7 @@ class SignalingServer:
     def _deliver_control(self, conn: Connection, message: msgspec.Struct) -> None:
         # A member that misses a membership frame would be out of sync: drop it instead.
         if not conn.send(message) and not conn.closing:
-            self._rejections[Reason.SLOW_CONSUMER] += 1
+            self._count(conn, Reason.SLOW_CONSUMER)
             conn.abort()
 
     def _reply(self, conn: Connection, reason: str, message: str, peer: str | None = None) -> bool:
@@ -400,17 +475,22 @@ class SignalingServer:
         if conn.send(Error(reason=reason, message=message, peer=peer)):
             return True
         if not conn.closing:
-            self._rejections[Reason.SLOW_CONSUMER] += 1
+            self._count(conn, Reason.SLOW_CONSUMER)
             conn.abort()
         return False
 
     def _strike(self, conn: Connection, reason: str, message: str) -> bool:
         """A protocol mistake: answered, and the socket closed once they repeat."""
-        self._rejections[reason] += 1
+        self._count(conn, reason)
         if conn.protocol_strikes.take():
             return self._reply(conn, reason, message)
-        self._rejections[Reason.ABUSE] += 1
+        self._count(conn, Reason.ABUSE)
         return self._refuse(conn, reason, f"{message}; closing after repeated errors", count=False)
+
+    def _count(self, conn: Connection, reason: str) -> None:
+        """Count a refusal globally and against the address it came from."""
+        self._rejections[reason] += 1
+        self._quotas.offenders.record(conn.address, reason)
 
     def _refuse(
         self,
@@ -423,6 +503,13 @@ class SignalingServer:
     ) -> bool:
         """Send Error(reason) and close the socket; always False (the socket is done)."""
         if count:
-            self._rejections[reason] += 1
+            self._count(conn, reason)
         conn.close_with(Error(reason=reason, message=message), code=code, why=reason)
         return False
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -16,8 +16,12 @@ def mesh_transport(
     *,
     secret: str | None = None,
     config: MeshConfig | None = None,
+    ca_file: str | None = None,
 ) -> MeshTransport:
     """A ``MeshTransport`` whose signaling client joins ``room`` at ``signaling_url``.
+
+    ``ca_file`` trusts a ``wss://`` server's self-signed certificate (default:
+    ``$SWARM_NOTEBOOK_CA_FILE``, then the system's authorities).
 
     >>> transport = mesh_transport(Identity.generate(), "ws://127.0.0.1:8765/ws", "lab")
     """
@@ -31,6 +35,7 @@ def mesh_transport(
             on_signal=on_signal,
             on_peer_joined=on_peer_joined,
             on_peer_left=on_peer_left,
+            ca_file=ca_file,
         )
 
     return MeshTransport(identity, make_client, config)

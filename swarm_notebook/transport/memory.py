@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from swarm_notebook.errors import PeerUnavailable, ProtocolError
 from swarm_notebook.identity import Identity
 from swarm_notebook.protocol.envelope import Envelope, decode_envelope, encode_envelope
+from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.base import (
     LinkState,
     PeerLinkInfo,
@@ -151,7 +152,7 @@ class MemoryTransport(Transport):
         payload = encode_envelope(envelope)
         if len(payload) > self.max_message_bytes:
             raise ProtocolError(
-                "oversized", f"{len(payload)} bytes > limit {self.max_message_bytes}"
+                Reason.OVERSIZED, f"{len(payload)} bytes > limit {self.max_message_bytes}"
             )
         self.network._deliver(self.room, self.local_id, peer_id, payload)
         return len(payload)

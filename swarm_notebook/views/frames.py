@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from swarm_notebook.errors import FrameInputError
+from swarm_notebook.reasons import Reason
 from swarm_notebook.views.status import success_rate
 
 TEXT = pd.StringDtype()
@@ -41,12 +42,9 @@ STAT_COUNTERS = (
 )
 
 
-
-
-
 def _require(record: Mapping[str, Any], key: str, what: str, index: int) -> Any:
     if key not in record or record[key] is None:
-        raise FrameInputError("missing_field", f"{what} #{index} has no {key!r}")
+        raise FrameInputError(Reason.MISSING_FIELD, f"{what} #{index} has no {key!r}")
     return record[key]
 
 
@@ -55,7 +53,9 @@ def _number(value: Any, field: str, what: str, index: int) -> float:
     if value is None:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise FrameInputError("bad_number", f"{what} #{index} {field}={value!r} is not a number")
+        raise FrameInputError(
+            Reason.BAD_NUMBER, f"{what} #{index} {field}={value!r} is not a number"
+        )
     return float(value)
 
 
@@ -64,7 +64,7 @@ def _whole(value: Any, field: str, what: str, index: int) -> int | None:
     if math.isnan(number):
         return None
     if not number.is_integer():
-        raise FrameInputError("bad_number", f"{what} #{index} {field}={value!r} is not whole")
+        raise FrameInputError(Reason.BAD_NUMBER, f"{what} #{index} {field}={value!r} is not whole")
     return int(number)
 
 
@@ -89,7 +89,7 @@ def _records(records: Iterable[Mapping[str, Any]], what: str) -> list[Mapping[st
     for index, record in enumerate(rows):
         if not isinstance(record, Mapping):
             raise FrameInputError(
-                "bad_record", f"{what} #{index} is {type(record).__name__}, expected a dict"
+                Reason.BAD_RECORD, f"{what} #{index} is {type(record).__name__}, expected a dict"
             )
     return rows
 
@@ -142,7 +142,7 @@ def _state(dtype: pd.CategoricalDtype) -> Any:
         if value not in dtype.categories:
             allowed = ", ".join(dtype.categories)
             raise FrameInputError(
-                "unknown_category",
+                Reason.UNKNOWN_CATEGORY,
                 f"{what} #{index} {field}={value!r}; expected one of {allowed}",
             )
         return str(value)
@@ -167,7 +167,7 @@ def tasks_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     ids = [str(_require(row, "id", "task", index)) for index, row in enumerate(rows)]
     duplicates = sorted({task_id for task_id in ids if ids.count(task_id) > 1})
     if duplicates:
-        raise FrameInputError("duplicate_id", f"task ids appear more than once: {duplicates}")
+        raise FrameInputError(Reason.DUPLICATE_ID, f"task ids appear more than once: {duplicates}")
     stamps = {
         field: _times(_column(rows, field, "task", _number))
         for field in ("submitted_at", "started_at", "finished_at")
@@ -228,7 +228,7 @@ def consensus_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         outcome = row.get("consensus")
         if outcome is not None and not isinstance(outcome, bool):
             raise FrameInputError(
-                "bad_outcome", f"proposal #{index} consensus={outcome!r} is not a bool"
+                Reason.BAD_OUTCOME, f"proposal #{index} consensus={outcome!r} is not a bool"
             )
         outcomes.append(outcome)
     return _frame(

@@ -20,12 +20,17 @@ from typing import Any
 import msgspec
 
 from swarm_notebook.errors import (
+    AttemptsExhausted,
     DelegationError,
+    DelegationTimeout,
     NoCapablePeerError,
     PeerUnavailable,
     ProtocolError,
     RemoteError,
     RequestTimeout,
+    TaskInputError,
+    TaskRefused,
+    UsageError,
 )
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.agent_card import LoadReport
@@ -54,7 +59,6 @@ class DelegationSettings:
     default_timeout_s: float = 60.0
     reply_grace_s: float = 10.0
     run_locally_when_alone: bool = False
-
 
 
 class Delegator:
@@ -129,21 +133,41 @@ class Delegator:
             self.notify("task:working", record.as_dict())
 
     async def delegate(
-        self, task_type: str, data: Any, *, timeout: float | None = None, peer: str | None = None
+        self,
+        task_type: str,
+        data: Any,
+        *,
+        timeout: float | None = None,
+        peer: str | None = None,
+        task_id: str | None = None,
+        max_attempts: int | None = None,
     ) -> tuple[TaskRecord, dict[str, Any]]:
+        """Run the task on a peer: returns what the peer reported, or raises.
+
+        ``task_id`` lets a caller know the id before the task starts; ``max_attempts``
+        bounds how many peers may try it (default: the settings').
+
+        Raises a ``DelegationError`` when no peer ran it and a ``UsageError`` for input
+        refused before any peer saw it (see ``client.Coordinator.delegate_task``).
+        """
         requirements = requirements_for_task_type(task_type)
         timeout = self.settings.default_timeout_s if timeout is None else timeout
-        record = self.tasks.add(TaskRecord(id=uuid.uuid4().hex, type=task_type, role="delegated"))
+        record = self.tasks.add(
+            TaskRecord(id=task_id or uuid.uuid4().hex, type=task_type, role="delegated")
+        )
         self.stats.total_tasks += 1
         self.stats.touch("task")
         self.notify("task:submitted", record.as_dict())
         try:
-            result = await self._attempts(record, requirements, data, timeout, peer)
+            result = await self._attempts(record, requirements, data, timeout, peer, max_attempts)
         except asyncio.CancelledError:
             self._finish(record, "canceled", "canceled by the caller")
             raise
-        except DelegationError as exc:
-            self._finish(record, "rejected" if exc.reason != "timeout" else "failed", str(exc))
+        except DelegationTimeout as exc:
+            self._finish(record, "failed", str(exc))
+            raise
+        except (DelegationError, UsageError) as exc:
+            self._finish(record, "rejected", str(exc))
             raise
         except Exception as exc:
             # Whatever went wrong, the task still ends exactly once, and says why.
@@ -162,9 +186,10 @@ class Delegator:
         data: Any,
         timeout: float,
         peer: str | None,
+        max_attempts: int | None = None,
     ) -> dict[str, Any]:
         refusals: list[str] = []
-        attempts = 1 if peer is not None else self.settings.max_attempts
+        attempts = 1 if peer is not None else (max_attempts or self.settings.max_attempts)
         # Waiting for a free slot counts against the task's timeout, like a queue would.
         deadline = time.monotonic() + timeout
         backoff = 0.0
@@ -176,8 +201,8 @@ class Delegator:
                     # Every capable peer is at its advertised capacity: wait, do not fail.
                     if await self._wait_for_capacity(deadline):
                         continue
-                    raise DelegationError(
-                        "timeout", f"no capable peer had room for the task within {timeout:g} s"
+                    raise DelegationTimeout(
+                        f"no capable peer had room for the task within {timeout:g} s"
                     )
                 if candidate is None:
                     if self._local_runner is not None and self.settings.run_locally_when_alone:
@@ -214,15 +239,21 @@ class Delegator:
                 record.tried_peers.append(target)
                 refusals.append(f"{target[:16]}: {exc.reason}: {exc.message}")
                 if exc.reason in FINAL_REFUSALS or peer is not None:
-                    raise DelegationError(
-                        exc.reason, f"peer refused the task: {exc.message}"
+                    raise TaskRefused(
+                        exc.reason, f"peer {target[:16]} refused the task: {exc.message}", target
                     ) from exc
                 continue
             except ProtocolError as exc:
-                # Our own request broke a protocol limit (e.g. too large): no peer can help.
-                raise DelegationError(
-                    "too-large" if exc.reason == "oversized" else exc.reason,
-                    f"the task could not be sent: {exc}",
+                # Our own request broke a protocol limit (e.g. too large): caught before any
+                # peer saw it, so it is the caller's to fix, not the swarm's.
+                raise TaskInputError(
+                    Reason.TOO_LARGE if exc.reason == Reason.OVERSIZED else exc.reason,
+                    f"the task could not be sent: {exc.message}",
+                ) from exc
+            except (TypeError, msgspec.EncodeError) as exc:
+                # msgpack cannot carry a value in the data (an object, a set...): ours to fix.
+                raise TaskInputError(
+                    Reason.UNSUPPORTED_TYPE, f"the task data cannot be sent: {exc}"
                 ) from exc
             except (PeerUnavailable, RequestTimeout) as exc:
                 record.tried_peers.append(target)
@@ -243,9 +274,9 @@ class Delegator:
                     pass
             body.pop("task_id", None)
             return body
-        raise DelegationError(
-            "attempts-exhausted",
+        raise AttemptsExhausted(
             f"{record.type} task failed on {record.attempts} peer(s): " + "; ".join(refusals),
+            refusals,
         )
 
     def _choose(self, requirements: list[str], tried: list[str]) -> tuple[str | None, bool]:
@@ -259,9 +290,9 @@ class Delegator:
         self, task_type: str, requirements: list[str], refusals: list[str]
     ) -> DelegationError:
         if refusals:
-            return DelegationError(
-                "attempts-exhausted",
+            return AttemptsExhausted(
                 f"no capable peer accepted the {task_type} task: " + "; ".join(refusals),
+                refusals,
             )
         seen = [
             f"{v.peer_id[:16]} ({', '.join(v.capabilities) or 'no capabilities'})"
@@ -280,7 +311,11 @@ class Delegator:
         record.attempts += 1
         record.state = "working"
         record.started_at = time.time()
-        result: dict[str, Any] = await self._local_runner(record.id, record.type, data, timeout)
+        try:
+            result: dict[str, Any] = await self._local_runner(record.id, record.type, data, timeout)
+        except TaskRefused as exc:
+            # Refused here exactly as a peer would refuse it: the same error as from a peer.
+            raise TaskRefused(exc.reason, exc.message, self.node.local_id) from exc
         return result
 
     def _finish(self, record: TaskRecord, state: str, error: str | None) -> None:

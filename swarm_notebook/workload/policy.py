@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from swarm_notebook.errors import TaskRefused as PolicyRefusal
+from swarm_notebook.errors import TaskRefused
+from swarm_notebook.reasons import Reason
 
 
 @dataclass
@@ -37,13 +38,17 @@ class TaskPolicy:
 
     def check(self, peer_id: str, task_type: str, input_bytes: int) -> None:
         if self.allowed_peers is not None and peer_id not in self.allowed_peers:
-            raise PolicyRefusal("not-allowed", "this peer's owner does not accept tasks from you")
+            raise TaskRefused(
+                Reason.NOT_ALLOWED, "this peer's owner does not accept tasks from you"
+            )
         allowed_for_type = self.per_type_peers.get(task_type)
         if allowed_for_type is not None and peer_id not in allowed_for_type:
-            raise PolicyRefusal("not-allowed", f"{task_type} is not allowed from you on this peer")
+            raise TaskRefused(
+                Reason.NOT_ALLOWED, f"{task_type} is not allowed from you on this peer"
+            )
         if input_bytes > self.max_input_bytes:
-            raise PolicyRefusal(
-                "too-large", f"task input {input_bytes} bytes > limit {self.max_input_bytes}"
+            raise TaskRefused(
+                Reason.TOO_LARGE, f"task input {input_bytes} bytes > limit {self.max_input_bytes}"
             )
         self._take_token(peer_id)
 
@@ -57,7 +62,7 @@ class TaskPolicy:
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate_per_s)
         bucket.updated = now
         if bucket.tokens < 1:
-            raise PolicyRefusal("rate-limited", f"more than {self.rate_per_s:g} tasks/s")
+            raise TaskRefused(Reason.RATE_LIMITED, f"more than {self.rate_per_s:g} tasks/s")
         bucket.tokens -= 1
 
     def allows_pickle(self, peer_id: str) -> bool:

@@ -14,13 +14,11 @@ from typing import Any
 
 import msgspec
 
-from swarm_notebook.errors import (
-    DelegationError,
-    HandlerRefusal,
-)
+from swarm_notebook.errors import HandlerRefusal, NoCapablePeerError, TaskRefused
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
-from swarm_notebook.workload.executors.base import Executor, TaskContext, TaskRejected
+from swarm_notebook.reasons import Reason
+from swarm_notebook.workload.executors.base import Executor, TaskContext
 from swarm_notebook.workload.messages import (
     REQUIREMENTS,
     TASK_EXECUTION,
@@ -28,7 +26,7 @@ from swarm_notebook.workload.messages import (
     TaskRequest,
     TaskStatus,
 )
-from swarm_notebook.workload.policy import PolicyRefusal, TaskPolicy
+from swarm_notebook.workload.policy import TaskPolicy
 from swarm_notebook.workload.records import TaskLog, TaskRecord
 
 log = logging.getLogger(__name__)
@@ -75,7 +73,7 @@ class TaskServer:
         return set(self.node.capabilities)
 
     def _refuse(
-        self, peer_id: str, request: TaskRequest, reason: str, message: str
+        self, peer_id: str, request: TaskRequest, reason: Reason | str, message: str
     ) -> HandlerRefusal:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
         self.audit(
@@ -92,26 +90,28 @@ class TaskServer:
 
     async def _on_task(self, peer_id: str, request: TaskRequest) -> dict[str, Any]:
         if self._draining:
-            raise self._refuse(peer_id, request, "worker-shutdown", "this worker is shutting down")
+            raise self._refuse(
+                peer_id, request, Reason.WORKER_SHUTDOWN, "this worker is shutting down"
+            )
         if request.type not in REQUIREMENTS:
             raise self._refuse(
-                peer_id, request, "unknown-task-type", f"unknown task type {request.type!r}"
+                peer_id, request, Reason.UNKNOWN_TASK_TYPE, f"unknown task type {request.type!r}"
             )
         executor = self.executors.get(request.type)
         if executor is None or not set(REQUIREMENTS[request.type]) <= self.capabilities:
             raise self._refuse(
                 peer_id,
                 request,
-                "capability-missing",
+                Reason.CAPABILITY_MISSING,
                 f"this peer does not offer {', '.join(REQUIREMENTS[request.type])}",
             )
         try:
             size = len(msgspec.msgpack.encode(request.data))
             self.policy.check(peer_id, request.type, size)
-        except PolicyRefusal as exc:
+        except TaskRefused as exc:
             raise self._refuse(peer_id, request, exc.reason, exc.message) from exc
         if self._in_flight + self._queued >= self.concurrency + self.max_queue:
-            raise self._refuse(peer_id, request, "busy", "queue full; try another peer")
+            raise self._refuse(peer_id, request, Reason.BUSY, "queue full; try another peer")
         return await self._serve(peer_id, request, executor)
 
     async def _serve(
@@ -152,9 +152,17 @@ class TaskServer:
             if self._draining:
                 # Handed back: the delegator retries it on another peer.
                 raise self._refuse(
-                    peer_id, request, "worker-shutdown", "worker shut down before the task finished"
+                    peer_id,
+                    request,
+                    Reason.WORKER_SHUTDOWN,
+                    "worker shut down before the task finished",
                 ) from None
             raise
+        except TaskRefused as exc:
+            # The executor refused the input before running it: a refusal on the wire, like
+            # the policy's, so the delegator retries or stops by the reason.
+            self._end(record, "rejected", exc.message)
+            raise self._refuse(peer_id, request, exc.reason, exc.message) from exc
         finally:
             if not has_slot:
                 self._queued -= 1
@@ -180,10 +188,8 @@ class TaskServer:
         self, executor: Executor, request: TaskRequest, ctx: TaskContext
     ) -> dict[str, Any]:
         data = request.data if isinstance(request.data, dict) else {}
-        try:
-            return await executor.run(data, ctx)
-        except TaskRejected as exc:
-            return {"success": False, "error": exc.message, "error_type": exc.reason}
+        # A TaskRefused from the executor propagates: nothing ran, so it is no result.
+        return await executor.run(data, ctx)
 
     def _tell_working(self, peer_id: str, task_id: str) -> None:
         body = msgspec.to_builtins(TaskStatus(task_id=task_id, state="working"))
@@ -217,8 +223,8 @@ class TaskServer:
         """Run one of our own tasks here (the opt-in fallback when no peer can)."""
         executor = self.executors.get(task_type)
         if executor is None:
-            raise DelegationError(
-                "no-capable-peer", f"no peer, not even this one, can run {task_type}"
+            raise NoCapablePeerError(
+                Reason.NO_CAPABLE_PEER, f"no peer, not even this one, can run {task_type}"
             )
         ctx = TaskContext(
             task_id=task_id, delegator=self.node.local_id, timeout_s=timeout, allow_pickle=True

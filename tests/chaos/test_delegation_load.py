@@ -261,7 +261,7 @@ async def test_signaling_restart_under_load_keeps_links_and_tasks(tmp_path: Path
     try:
         await capable_peers(c, 5)
         assert first.stats()["peers"] == 6
-        links_before = c.core.node.transport.stats()["links_lost"]
+        links_before = c._core.node.transport.stats()["links_lost"]
         run = await run_load(c, n, at_progress={n // 4: stop_server, 3 * n // 5: restart_server})
         await wait_until(lambda: events.total >= n, 10, "every terminal event")
         states = assert_exactly_once(run, events, n)
@@ -273,7 +273,7 @@ async def test_signaling_restart_under_load_keeps_links_and_tasks(tmp_path: Path
         reregistered = time.monotonic()
         await wait_until(lambda: second.stats()["peers"] == 6, 30, "6 peers in the new server")
         reregistered = time.monotonic() - reregistered
-        transport_stats = c.core.node.transport.stats()
+        transport_stats = c._core.node.transport.stats()
         assert transport_stats["links_lost"] == links_before, transport_stats
         during = sum(
             1 for t in events.ended_at.values() if outage["stopped"] < t < outage["restarted"]
@@ -281,7 +281,7 @@ async def test_signaling_restart_under_load_keeps_links_and_tasks(tmp_path: Path
         assert during > 0, "no task finished while the server was down"
         assert peer_changes == []
         assert c.get_stats()["connected_peers"] == 5
-        signaling = c.core.node.transport._signaling.stats()  # type: ignore[attr-defined]
+        signaling = c._core.node.transport._signaling.stats()  # type: ignore[attr-defined]
         assert signaling["shutdowns_received"] == 1 and signaling["reconnects"] == 1, signaling
         # The room still works end to end after the restart.
         after = await c.delegate_task("python-computation", {"code": "6 * 7"})

@@ -13,7 +13,7 @@ from swarm_notebook.workload.executors.base import (
     ErrorType,
     Executor,
     TaskContext,
-    TaskRejected,
+    TaskRefused,
     execute_task,
     failure,
 )
@@ -52,7 +52,7 @@ __all__ = [
     "FileAnalysisExecutor",
     "GitOperationExecutor",
     "TaskContext",
-    "TaskRejected",
+    "TaskRefused",
     "build_executors",
     "close_executors",
     "detect_capabilities",

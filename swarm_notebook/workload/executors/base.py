@@ -4,7 +4,7 @@ A delegating peer sends ``{type, data}``; the coordinator checks policy, then ca
 executor registered for ``type``. The executor's dict result goes back to the delegator.
 
 Results are dicts with ``success: bool``; a failed result also has ``error`` (a short
-human message) and ``error_type`` (a reason code from :class:`ErrorType`).
+human message) and ``error_type`` (a :class:`~swarm_notebook.reasons.Reason`).
 """
 
 from __future__ import annotations
@@ -16,36 +16,16 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
-from swarm_notebook.errors import TaskRefused as TaskRejected
+from swarm_notebook.errors import TaskRefused
+from swarm_notebook.reasons import Reason
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 
-class ErrorType:
-    """Reason codes that travel back to the delegator in ``error_type``."""
-
-    TIMEOUT = "timeout"
-    MEMORY_LIMIT = "memory-limit"
-    PROCESS_LIMIT = "process-limit"
-    BAD_INPUT = "bad-input"
-    TOO_LARGE = "too-large"
-    BUSY = "busy"
-    PATH_OUTSIDE_WORKSPACE = "path-outside-workspace"
-    NOT_FOUND = "not-found"
-    UNKNOWN_TASK_TYPE = "unknown-task-type"
-    REMOTE_EXCEPTION = "remote-exception"
-    SYNTAX_ERROR = "syntax-error"
-    MISSING_PACKAGE = "missing-package"
-    MISSING_OUTPUT = "missing-output"
-    RESULT_TOO_LARGE = "result-too-large"
-    WORKER_CRASHED = "worker-crashed"
-    SANDBOX_UNAVAILABLE = "sandbox-unavailable"
-    WRITE_REFUSED = "write-refused"
-    GIT_ERROR = "git-error"
-    LLM_UNAVAILABLE = "llm-unavailable"
-    LLM_BAD_RESPONSE = "llm-bad-response"
-    INTERNAL_ERROR = "internal-error"
+# The reason codes that travel back in ``error_type`` are ``Reason`` members; executors
+# spell them ``ErrorType.X`` (kept as the executors' name for the same enum).
+ErrorType = Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +40,6 @@ class TaskContext:
     delegator: str
     timeout_s: float | None = None
     allow_pickle: bool = False
-
-
-
 
 
 @runtime_checkable
@@ -88,13 +65,13 @@ def failure(error_type: str, error: str, **extra: Any) -> dict[str, Any]:
 def parse_task_data(data: Any, schema: type[T]) -> T:
     """Validate task data against a ``msgspec.Struct``; refuse with ``bad-input`` if wrong."""
     if not isinstance(data, dict):
-        raise TaskRejected(
+        raise TaskRefused(
             ErrorType.BAD_INPUT, f"task data must be a dict, not {type(data).__name__}"
         )
     try:
         return msgspec.convert(data, schema)
     except msgspec.ValidationError as exc:
-        raise TaskRejected(ErrorType.BAD_INPUT, str(exc)[:300]) from exc
+        raise TaskRefused(ErrorType.BAD_INPUT, str(exc)[:300]) from exc
 
 
 def clip_text(text: str, limit: int) -> str:
@@ -123,7 +100,7 @@ async def execute_task(
         )
     try:
         return await executor.run(data, ctx)
-    except TaskRejected as exc:
+    except TaskRefused as exc:
         return failure(exc.reason, exc.message, rejected=True)
     except Exception as exc:
         _log.exception("executor %s failed on task %s", task_type, ctx.task_id)

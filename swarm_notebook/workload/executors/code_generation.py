@@ -20,7 +20,7 @@ import msgspec
 from swarm_notebook.workload.executors.base import (
     ErrorType,
     TaskContext,
-    TaskRejected,
+    TaskRefused,
     failure,
     parse_task_data,
 )
@@ -85,13 +85,13 @@ class CodeGenerationExecutor:
         """Send the prompt; the reply text comes back as ``code``."""
         task = parse_task_data(data, CodeGenerationData)
         if not task.prompt.strip() or len(task.prompt) > MAX_PROMPT_CHARS:
-            raise TaskRejected(
+            raise TaskRefused(
                 ErrorType.BAD_INPUT, f"prompt must be 1-{MAX_PROMPT_CHARS} characters"
             )
         if not (math.isfinite(task.temperature) and 0.0 <= task.temperature <= 2.0):
-            raise TaskRejected(ErrorType.BAD_INPUT, "temperature must be between 0 and 2")
+            raise TaskRefused(ErrorType.BAD_INPUT, "temperature must be between 0 and 2")
         if not 1 <= task.max_tokens <= MAX_TOKENS_CAP:
-            raise TaskRejected(ErrorType.BAD_INPUT, f"max_tokens must be 1-{MAX_TOKENS_CAP}")
+            raise TaskRefused(ErrorType.BAD_INPUT, f"max_tokens must be 1-{MAX_TOKENS_CAP}")
         timeout = self.timeout if ctx.timeout_s is None else min(self.timeout, ctx.timeout_s)
         try:
             async with asyncio.timeout(timeout):

@@ -24,7 +24,7 @@ import msgspec
 from swarm_notebook.workload.executors.base import (
     ErrorType,
     TaskContext,
-    TaskRejected,
+    TaskRefused,
     failure,
     parse_task_data,
 )
@@ -56,7 +56,7 @@ class FileAnalysisExecutor:
         """Analyse ``data["path"]`` (relative to the workspace)."""
         task = parse_task_data(data, FileAnalysisData)
         if not task.path or len(task.path) > MAX_PATH_CHARS or "\x00" in task.path:
-            raise TaskRejected(ErrorType.BAD_INPUT, "path must be 1-4096 characters without NUL")
+            raise TaskRefused(ErrorType.BAD_INPUT, "path must be 1-4096 characters without NUL")
         try:
             analysis = await asyncio.to_thread(self._analyse, task.path)
         except _Refused as exc:

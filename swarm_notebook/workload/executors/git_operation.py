@@ -30,7 +30,7 @@ from dulwich.repo import Repo
 from swarm_notebook.workload.executors.base import (
     ErrorType,
     TaskContext,
-    TaskRejected,
+    TaskRefused,
     failure,
     parse_task_data,
 )
@@ -131,16 +131,16 @@ class GitOperationExecutor:
                 f"git {op_name!r} refused: {reason}; allowed: {', '.join(READ_OPS)}",
             )
         if op_name not in READ_OPS:
-            raise TaskRejected(
+            raise TaskRefused(
                 ErrorType.BAD_INPUT,
                 f"unknown git op {op_name!r:.40}; allowed: {', '.join(READ_OPS)}",
             )
         op: GitOp = parse_task_data(data, GitOp)  # type: ignore[arg-type]
         for ref in _refs_of(op):
             if not _COMMITTISH.match(ref):
-                raise TaskRejected(ErrorType.BAD_INPUT, f"{ref!r:.60} is not a commit or ref name")
+                raise TaskRefused(ErrorType.BAD_INPUT, f"{ref!r:.60} is not a commit or ref name")
         if isinstance(op, LogOp) and not 1 <= op.max_count <= MAX_LOG_COUNT:
-            raise TaskRejected(ErrorType.BAD_INPUT, f"max_count must be 1-{MAX_LOG_COUNT}")
+            raise TaskRefused(ErrorType.BAD_INPUT, f"max_count must be 1-{MAX_LOG_COUNT}")
         try:
             result = await asyncio.to_thread(self._run_sync, op)
         except _GitFailure as exc:

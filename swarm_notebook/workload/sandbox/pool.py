@@ -53,7 +53,7 @@ from swarm_notebook.errors import SandboxUnavailable
 from swarm_notebook.workload.executors.base import (
     ErrorType,
     TaskContext,
-    TaskRejected,
+    TaskRefused,
     failure,
     parse_task_data,
 )
@@ -370,13 +370,13 @@ class PythonSandboxPool:
         )
         if len(request) > self.max_request_bytes:
             self._counters["rejected"] += 1
-            raise TaskRejected(
+            raise TaskRefused(
                 ErrorType.TOO_LARGE,
                 f"task is {len(request)} bytes, this peer takes at most {self.max_request_bytes}",
             )
         if self._waiting >= self.max_queue:
             self._counters["rejected"] += 1
-            raise TaskRejected(ErrorType.BUSY, f"{self._waiting} tasks already wait here")
+            raise TaskRefused(ErrorType.BUSY, f"{self._waiting} tasks already wait here")
         try:
             await self.start()
         except SandboxUnavailable as exc:
@@ -404,31 +404,31 @@ class PythonSandboxPool:
         try:
             task = parse_task_data(data, PythonTaskData)
             if len(task.code) > self.max_code_chars:
-                raise TaskRejected(
+                raise TaskRefused(
                     ErrorType.TOO_LARGE,
                     f"code has {len(task.code)} characters, limit {self.max_code_chars}",
                 )
             for kind, names in (("input", list(task.inputs)), ("output", task.outputs)):
                 if len(names) > MAX_NAMES:
-                    raise TaskRejected(ErrorType.BAD_INPUT, f"more than {MAX_NAMES} {kind} names")
+                    raise TaskRefused(ErrorType.BAD_INPUT, f"more than {MAX_NAMES} {kind} names")
                 for name in names:
                     if not name.isidentifier() or keyword.iskeyword(name):
-                        raise TaskRejected(
+                        raise TaskRefused(
                             ErrorType.BAD_INPUT,
                             f"{kind} name {name!r:.60} is not a Python identifier",
                         )
             if len(task.packages) > MAX_NAMES:
-                raise TaskRejected(ErrorType.BAD_INPUT, f"more than {MAX_NAMES} packages")
+                raise TaskRefused(ErrorType.BAD_INPUT, f"more than {MAX_NAMES} packages")
             for package in task.packages:
                 if not _MODULE_NAME.match(package):
-                    raise TaskRejected(
+                    raise TaskRefused(
                         ErrorType.BAD_INPUT, f"package {package!r:.60} is not a module name"
                     )
             if task.timeout is not None and not (math.isfinite(task.timeout) and task.timeout > 0):
-                raise TaskRejected(
+                raise TaskRefused(
                     ErrorType.BAD_INPUT, "timeout must be a positive number of seconds"
                 )
-        except TaskRejected:
+        except TaskRefused:
             self._counters["rejected"] += 1
             raise
         return task
