@@ -304,6 +304,16 @@ async def test_honest_work_keeps_its_limits_inside_the_sandbox(pool: PythonSandb
     assert pool.stats()["isolation"] == "bubblewrap"
 
 
+async def test_a_budget_spent_queued_fails_fast_without_killing_a_child(
+    pool: PythonSandboxPool,
+) -> None:
+    before = pool.stats()["pids"]
+    spent = await pool.run({"code": "1"}, TaskContext("t-late", "peer-a", timeout_s=0.0))
+    assert spent["error_type"] == "timeout" and "queued" in spent["error"]
+    assert pool.stats()["pids"] == before and pool.stats()["restarts"] == 0
+    assert (await pool.run({"code": "1"}, CTX_A))["success"]
+
+
 # -- Finding 4: one peer's files never reach another peer's task -------------------------
 
 

@@ -261,4 +261,4 @@ class TaskServer:
 def _remaining(budget: float | None, since: float) -> float | None:
     if budget is None:
         return None
-    return max(budget - (time.monotonic() - since), 0.001)
+    return max(budget - (time.monotonic() - since), 0.0)

@@ -386,6 +386,11 @@ class PythonSandboxPool:
         budget = ctx.timeout_s if ctx.timeout_s is not None else None
         run_timeout = min(task.timeout or self.default_timeout_s, self.max_timeout_s)
         self._counters["tasks"] += 1
+        if budget is not None and budget <= 0:
+            # Spent queued before it got here: starting it would only cost a child.
+            self._counters["failed"] += 1
+            self._counters["timeouts"] += 1
+            return failure(ErrorType.TIMEOUT, "the task's time budget ran out while it was queued")
         worker = await self._acquire(budget, ctx.delegator)
         if worker is None:
             self._counters["failed"] += 1
