@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import os
 import uuid
 import warnings
 from collections.abc import Callable, Coroutine, Iterable
@@ -23,7 +24,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from swarm_notebook._util.loop_thread import LoopThread
-from swarm_notebook.coordinator.config import DEFAULT_SIGNALING, CoordinatorConfig
+from swarm_notebook.coordinator.config import (
+    DEFAULT_SIGNALING,
+    ROSTER_OWNER_ENV,
+    CoordinatorConfig,
+)
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
 from swarm_notebook.coordinator.events import EventBus
 from swarm_notebook.errors import NotJoinedError, WaitTimeout
@@ -377,6 +382,18 @@ class Coordinator:
         """Ask the peers to vote on a risky change; see ``verify_consensus`` to re-check."""
         return await self._call(self._core.consensus.request_modification_consensus(modification))
 
+    def roster(self) -> dict[str, Any]:
+        """The room's electorate: ``{"electorate": "roster"|"open", "owner", "members"...}``."""
+        return self._read(self._core.consensus.electorate.describe)
+
+    async def roster_add(self, peer_id: str, name: str = "") -> dict[str, Any]:
+        """Put ``peer_id`` on the roster (this peer owns it, or makes it); shared at once."""
+        return await self._call(self._core.change_roster("add", peer_id, name))
+
+    async def roster_remove(self, peer_id: str) -> dict[str, Any]:
+        """Take ``peer_id`` off the roster this peer owns; shared at once."""
+        return await self._call(self._core.change_roster("remove", peer_id))
+
     def assess_modification_risk(self, modification: dict[str, Any]) -> str:
         return self._core.consensus.assess_modification_risk(modification)
 
@@ -469,12 +486,16 @@ async def join(
     ice_servers: list[dict[str, Any]] | None = None,
     config: CoordinatorConfig | None = None,
     ca_file: str | Path | None = None,
+    roster_owner: str | None = None,
 ) -> Coordinator:
     """Join ``room`` through the signaling server and initialise the coordinator.
 
     Running other peers' code is off unless ``allow_remote_code=True`` or
     ``"python-execution"`` is listed in ``capabilities``. A ``wss://`` server's certificate
     is verified; ``ca_file`` (or ``$SWARM_NOTEBOOK_CA_FILE``) trusts a self-signed one.
+    ``roster_owner`` (default ``$SWARM_NOTEBOOK_ROSTER_OWNER``) is the room owner whose
+    signed roster decides who votes; without it, the owner of the roster file in the
+    profile, if any.
 
     >>> c = await swarm_notebook.join("lab", signaling="ws://127.0.0.1:8765/ws")  # doctest: +SKIP
     """
@@ -492,6 +513,7 @@ async def join(
         config,
         ca_file,
     )
+    cfg.roster_owner = roster_owner or cfg.roster_owner or os.environ.get(ROSTER_OWNER_ENV) or None
     identity = Identity.load_or_create(profile_dir)
     events = EventBus()
     runner = LoopThread()

@@ -16,7 +16,7 @@ or on ``.reason``, never on the message text.
     ├── ProtocolError              a frame or message that breaks the protocol (ValueError)
     │   └── ValueCodecError        a value that cannot be encoded or decoded safely
     ├── SignalingError             the signaling server could not be used
-    │   ├── SignalingRefused       refused for good (bad secret, bad key, replaced)
+    │   ├── SignalingRefused       refused for good (bad secret, bad signature, bad id)
     │   ├── SignalingUnavailable   not connected right now (the client keeps trying)
     │   ├── SignalingTLSError      wss:// certificate not trusted / TLS handshake failed
     │   └── SignalingTimeout       not (back) in the room in time (TimeoutError)
@@ -33,6 +33,7 @@ or on ``.reason``, never on the message text.
     ├── WaitTimeout                peers or a task did not arrive in time (TimeoutError)
     ├── SandboxUnavailable         the sandbox could not start
     ├── CardError                  an agent card that is not acceptable (ValueError)
+    ├── RosterError                a room roster that cannot be used (ValueError)
     ├── ReflectionRejected         a reflection that is refused (ValueError)
     ├── ConsensusError             a proposal, ballot or quorum that cannot be used (ValueError)
     │   └── ModificationRejected   a modification dict that cannot be assessed
@@ -131,7 +132,10 @@ class SignalingError(SwarmError):
 
 
 class SignalingRefused(SignalingError):
-    """The server refused us for good (bad secret, bad key, replaced): retrying won't help."""
+    """The server refused us for good (bad secret, bad signature, bad id): retrying won't help.
+
+    Not ``replaced``: that one is retried (another holder of our key must not keep our place).
+    """
 
 
 class SignalingUnavailable(SignalingError):
@@ -281,6 +285,10 @@ class SandboxUnavailable(SwarmError, RuntimeError):
 
 class CardError(SwarmError, ValueError):
     """An agent card that is not acceptable."""
+
+
+class RosterError(SwarmError, ValueError):
+    """A room roster that cannot be used (bad shape, bad signature, not the trusted owner's)."""
 
 
 class ReflectionRejected(SwarmError, ValueError):

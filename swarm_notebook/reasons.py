@@ -38,6 +38,8 @@ class Reason(StrEnum):
     UNMATCHED_REPLY = "unmatched-reply"
     BAD_REPLY = "bad-reply"
     UNKNOWN_LINK_MESSAGE = "unknown-link-message"
+    UNAUTHENTICATED = "unauthenticated"  # an application or chunked message before link proof
+    REFUSED = "refused"  # a peer refused our message with a reason we do not know
     HANDLER_ERROR = "handler-error"
     # -- signaling ---------------------------------------------------------------------
     NOT_JOINED = "not-joined"
@@ -83,6 +85,8 @@ class Reason(StrEnum):
     BAD_PEER = "bad-peer"
     BAD_CARD = "bad-card"
     CARD_NOT_SENDERS = "card-not-senders"
+    UNTRUSTED_OWNER = "untrusted-owner"  # a roster not signed by the owner we trust
+    STALE_ROSTER = "stale-roster"  # a roster no newer than the one we hold
     # -- workload ----------------------------------------------------------------------
     NOT_INITIALIZED = "not-initialized"
     NOT_JOINED_SWARM = "left-the-swarm"  # this coordinator left; join() again
@@ -130,6 +134,9 @@ class Reason(StrEnum):
     BAD_OPERATION = "bad-operation"
     BAD_OUTCOME = "bad-outcome"
     NON_MEMBER = "non-member"
+    NO_ROSTER = "no-roster"  # a high-risk proposal in a room without a roster
+    ROSTER_MISMATCH = "roster-mismatch"  # the proposal's electorate is not our roster
+    TAMPERED = "tampered"  # a consensus result whose parts do not add up
     NO_MEMBERS = "no-members"
     NO_QUORUM = "no-quorum"
     QUORUM_UNREACHABLE = "quorum-unreachable"

@@ -45,7 +45,7 @@ async def test_lone_peer_status_sharing_rules_and_fallback(
             {"file_path": "notes.md", "code": "x", "operation": "MODIFY", "reason": "typo"}
         )
         assert result["consensus"] is True and result["reason"] == "swarm-not-available"
-        assert c.assess_modification_risk({"file_path": "a/agent-cycle.js", "code": ""}) == "high"
+        assert c.assess_modification_risk({"file_path": "pyproject.toml", "code": ""}) == "high"
     finally:
         await c.leave()
     with pytest.raises(swarm_notebook.NotJoinedError, match="left the swarm") as err:

@@ -266,14 +266,28 @@ def test_verify_ballot(peers: list[Identity], proposal: Proposal) -> None:
 @pytest.mark.parametrize(
     ("modification", "risk"),
     [
-        ({"file_path": "upgrades/agent-cycle.js", "code": "x"}, "high"),
-        ({"file_path": "lib/state-manager.py", "code": "x"}, "high"),
-        ({"file_path": "swarm_notebook/coordinator/audit.py", "code": "x = 1"}, "high"),
-        ({"file_path": "/repo/swarm_notebook/identity/keys.py", "code": "x = 1"}, "high"),
+        ({"file_path": "pyproject.toml", "code": "x"}, "high"),
+        ({"file_path": "requirements-dev.txt", "code": "numpy"}, "high"),
+        ({"file_path": "services/api/requirements.txt", "code": "numpy"}, "high"),
+        ({"file_path": "setup.py", "code": "x = 1"}, "high"),
+        ({"file_path": "env/environment.yml", "code": "x"}, "high"),
+        ({"file_path": "Pipfile.lock", "code": "{}"}, "high"),
+        ({"file_path": "uv.lock", "code": "x"}, "high"),
+        ({"file_path": ".github/workflows/ci.yml", "code": "on: push"}, "high"),
+        ({"file_path": ".gitlab-ci.yml", "code": "x"}, "high"),
+        ({"file_path": "src/pkg/__init__.py", "code": "x = 1"}, "high"),
+        ({"file_path": "pkg/__main__.py", "code": "x = 1"}, "high"),
+        ({"file_path": "tests/conftest.py", "code": "x = 1"}, "high"),
+        ({"file_path": "/etc/cron.d/job", "code": "x = 1"}, "high"),
+        ({"file_path": "analysis/../../home/x.py", "code": "x = 1"}, "high"),
+        ({"file_path": "upgrades/agent-cycle.js", "code": "x"}, "medium"),  # not a data repo's
+        ({"file_path": "github/workflows.py", "code": "x = 1"}, "medium"),
+        ({"file_path": "analysis/run.py", "code": "def broken(:"}, "high"),
         ({"file_path": "analysis/old.py", "operation": "DELETE"}, "high"),
         ({"file_path": "analysis/run.py", "code": "eval(user_input)"}, "high"),
         ({"file_path": "analysis/run.py", "code": "exec (src)"}, "high"),
-        ({"file_path": "my_swarm_notebook/x.py", "code": "x = 1"}, "medium"),
+        ({"file_path": "my_pyproject.toml.py", "code": "x = 1"}, "medium"),
+        ({"file_path": "analysis/train.py", "code": "model.eval()"}, "medium"),
         ({"file_path": "analysis/run.py", "code": "evaluate(x)"}, "medium"),
         ({"file_path": "analysis/run.py", "code": "df.groupby('a').sum()"}, "medium"),
         ({"file_path": "README.md", "code": "# Title"}, "low"),
@@ -284,6 +298,93 @@ def test_verify_ballot(peers: list[Identity], proposal: Proposal) -> None:
 )
 def test_risk_rules(modification: dict[str, Any], risk: str) -> None:
     assert assess_modification_risk(modification) == risk
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        # Finding 6: each passed the old ``\\b(eval|exec)\\s*\\(`` regex.
+        "(eval)(p)",
+        "getattr(__builtins__, 'ev' + 'al')(p)",
+        "eval #\n(p)",
+        "__import__('builtins').__dict__['exec'](p)",
+        # aliasing
+        "e = eval\ne(p)",
+        "from builtins import exec as x\nx(p)",
+        "import builtins as b\nb.exec(p)",
+        "g = getattr\ng(obj, name)(p)",
+        "run = [exec][0]\nrun(p)",
+        # the rest of the list
+        "compile(src, 'f', 'exec')",
+        "import importlib\nimportlib.import_module(name)",
+        "from importlib import import_module",
+        "setattr(obj, name, value)",
+        "delattr(obj, name)",
+        "getattr(obj, 'system')('ls')",
+        "globals()['x'] = 1",
+        "vars(module)['f']()",
+        "locals()",
+        "type(x).__subclasses__()",
+        "f.__globals__['os']",
+        "import subprocess\nsubprocess.run(['ls'])",
+        "import os\nos.system('ls')",
+        "import os as o\no.execv('/bin/sh', [])",
+        "from os import spawnl",
+        "from os import popen as run\nrun('ls')",
+        "import ctypes",
+        "import pickle\npickle.loads(blob)",
+        "from pickle import loads",
+        "import sys\nsys.modules['os'].system('x')",
+        "def f(:",  # does not parse
+    ],
+)
+def test_dynamic_code_on_the_syntax_tree_is_high_risk(code: str) -> None:
+    mod = {"file_path": "analysis/run.py", "code": code}
+    assert assess_modification_risk(mod) == "high", code
+    me = Identity.generate()
+    proposal = make_proposal(me, mod, [me.peer_id], now=NOW)
+    approve, why = DefaultVotePolicy().decide(proposal, Modification(**mod))
+    assert not approve and why.startswith("refused: the code calls eval()/exec()"), why
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "getattr(obj, 'name', None)",
+        "setattr(cfg, 'debug', True)",
+        "import os\nos.path.join(a, b)\nos.environ.get('X')",
+        "import pandas as pd\npd.read_csv('x.csv').groupby('a').sum()",
+        "model.eval()",
+        "class A(B):\n    def __init__(self):\n        super().__init__()",
+        "import pickle\npickle.dumps(x)",
+    ],
+)
+def test_ordinary_data_code_stays_medium(code: str) -> None:
+    assert assess_modification_risk({"file_path": "analysis/run.py", "code": code}) == "medium"
+
+
+def test_notebook_cells_are_read_as_python() -> None:
+    def nb(*cells: str) -> str:
+        return msgspec.json.encode(
+            {"cells": [{"cell_type": "code", "source": c} for c in cells]}
+        ).decode()
+
+    path = "notebooks/explore.ipynb"
+    assert (
+        assess_modification_risk({"file_path": path, "code": nb("%matplotlib inline\nx = 1")})
+        == "low"
+    )
+    assert assess_modification_risk({"file_path": path, "code": nb("x = 1", "(eval)(p)")}) == "high"
+    assert assess_modification_risk({"file_path": path, "code": nb("!rm -rf ~")}) == "high"
+
+
+def test_core_paths_are_a_room_setting() -> None:
+    mine = ("pipelines/**", "Makefile")
+    assert (
+        assess_modification_risk({"file_path": "pipelines/a/b.py", "code": "x = 1"}, mine) == "high"
+    )
+    assert assess_modification_risk({"file_path": "Makefile", "code": "x"}, mine) == "high"
+    assert assess_modification_risk({"file_path": "pyproject.toml", "code": "x"}, mine) == "medium"
 
 
 def test_risk_rejects_malformed_modification() -> None:
@@ -303,7 +404,7 @@ def test_risk_rejects_malformed_modification() -> None:
     [
         (
             {
-                "file_path": "swarm_notebook/tool-runner.py",
+                "file_path": "src/pkg/__init__.py",
                 "code": "eval(x)",
                 "reason": "a long enough rationale",
             },
@@ -313,7 +414,7 @@ def test_risk_rejects_malformed_modification() -> None:
         ({"file_path": "notes/a.py", "code": "exec('1')"}, False, "eval"),
         (
             {
-                "file_path": "src/sentinel-fsm.js",
+                "file_path": "pyproject.toml",
                 "operation": "DELETE",
                 "reason": "obsolete module, replaced",
             },
@@ -322,10 +423,10 @@ def test_risk_rejects_malformed_modification() -> None:
         ),
         ({"file_path": "analysis/run.py", "code": "x = 1"}, True, "medium"),
         ({"file_path": "README.md", "code": "# hi"}, True, "low"),
-        ({"file_path": "src/agent-cycle.js", "code": "x = 1"}, False, "without a rationale"),
+        ({"file_path": "requirements.txt", "code": "x = 1"}, False, "without a rationale"),
         (
             {
-                "file_path": "src/agent-cycle.js",
+                "file_path": "requirements.txt",
                 "code": "x = 1",
                 "reason": "fixes the retry loop bug",
             },

@@ -9,7 +9,8 @@ import pytest
 
 from swarm_notebook.errors import RemoteError, RequestTimeout
 from swarm_notebook.identity import Identity
-from swarm_notebook.transport.endpoint import Endpoint
+from swarm_notebook.transport.base import Refusal
+from swarm_notebook.transport.endpoint import OTHER, Endpoint
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
 
 
@@ -121,3 +122,40 @@ async def test_broadcast_counts_reached_peers_and_partition_drops_links() -> Non
     await asyncio.sleep(0.01)
     assert len(got) == 4
     await close_all(*eps)
+
+
+async def test_counters_are_keyed_only_by_known_message_types() -> None:
+    # Finding 10: 86k peer-chosen types grew Endpoint.received by 11 MB and never shrank.
+    a, b = await make_pair(MemoryNetwork())
+    b.register_message_handler("echo", lambda peer, body: body)
+    for i in range(5000):
+        await a.send(b.local_id, f"made-up-{i}", None)
+    assert await a.request(b.local_id, "echo", 1) == 1  # ordered: every made-up one is in
+    assert b.received[OTHER] == 5000 and b.received["echo"] == 1
+    assert set(b.received) <= {OTHER, "echo", "rpc.reply", "rpc.error", "rpc.cancel"}
+    assert set(b.rejections) == {"unknown-type"} and b.rejections["unknown-type"] == 5000
+    await close_all(a, b)
+
+
+async def test_a_refusal_reported_by_the_transport_fails_the_request_at_once() -> None:
+    a, b = await make_pair(MemoryNetwork())
+    started = asyncio.Event()
+
+    async def slow(peer: str, body: object) -> object:
+        started.set()
+        await asyncio.sleep(3600)
+        return body
+
+    b.register_message_handler("slow", slow)
+    request = asyncio.ensure_future(a.request(b.local_id, "slow", 1, timeout=3600))
+    await started.wait()
+    (msg_id,) = a._pending
+    a.transport.callbacks.on_refused(b.local_id, Refusal("reassembly-full", "full", msg_id))
+    with pytest.raises(RemoteError) as err:
+        await request
+    assert err.value.reason == "reassembly-full"
+    # A refusal naming another peer's request, or nothing we sent, changes nothing.
+    b.register_message_handler("echo", lambda peer, body: body)
+    a.transport.callbacks.on_refused(b.local_id, Refusal("oversized", "", "no-such-id"))
+    assert await a.request(b.local_id, "echo", 2) == 2
+    await close_all(a, b)

@@ -333,6 +333,19 @@ async def test_file_analysis_refuses_paths_outside(workspace: Path, path: str) -
     assert result["error_type"] == "path-outside-workspace"
 
 
+async def test_file_analysis_refuses_a_hard_link_to_a_file_outside(
+    workspace: Path, tmp_path: Path
+) -> None:
+    # Finding 10: a hard link planted in the workspace let file-analysis hash a file
+    # outside it (a hard link resolves to itself; no path check can see through it).
+    os.link(tmp_path / "secret.txt", workspace / "data" / "planted.txt")
+    executor = FileAnalysisExecutor(workspace)
+    result = await executor.run({"path": "data/planted.txt"}, CTX)
+    assert not result["success"] and result["error_type"] == "path-outside-workspace"
+    assert "hard links" in result["error"] and "sha256" not in str(result)
+    assert (await executor.run({"path": "data/notes.md"}, CTX))["success"]
+
+
 async def test_file_analysis_missing_large_and_non_files(workspace: Path) -> None:
     executor = FileAnalysisExecutor(workspace, max_bytes=100)
     missing = await executor.run({"path": "data/none.txt"}, CTX)

@@ -20,6 +20,7 @@ from swarm_notebook.protocol.framing import (
     CHUNK,
     Reassembler,
     ReassemblyLimits,
+    ReassemblyPool,
     frame_message,
 )
 
@@ -73,8 +74,78 @@ def test_flood_of_partial_chunks_stays_bounded() -> None:
         assert r.pending_bytes <= limits.max_pending_bytes
         assert r.pending_transfers <= limits.max_transfers
     assert reasons.get("too-many-transfers", 0) > 900
-    assert r.expire(now=limits.timeout_s + 1) == 8
+    assert len(r.expire(now=limits.timeout_s + 1)) == 8
     assert r.pending_bytes == 0
+
+
+def test_timeout_counts_from_the_last_progress_not_the_first_chunk() -> None:
+    # Issue 11: a 5 MB message over a lossy 100 ms link was dropped after 30 s although
+    # chunks were still arriving.
+    limits = ReassemblyLimits(timeout_s=30.0)
+    r = Reassembler(limits)
+    payload = os.urandom(2_000_000)
+    frames = list(frame_message(payload, 4))
+    out = None
+    for i, frame in enumerate(frames):  # one chunk every 20 s: 600+ s in all
+        now = 20.0 * i
+        assert r.expire(now) == []
+        out = r.feed(frame, now)
+    assert out == payload
+    r.feed(frames[0], 0.0)
+    assert r.expire(29.0) == [] and r.expire(31.0) == [4]  # a real stall still expires
+    assert r.pending_bytes == 0
+
+
+def test_rest_of_a_refused_transfer_is_dropped_quietly() -> None:
+    r = Reassembler(ReassemblyLimits(max_message_bytes=100_000))
+    frames = list(frame_message(os.urandom(300_000), 5))
+    reasons = []
+    for f in frames:
+        try:
+            r.feed(f, 0.0)
+        except ProtocolError as exc:
+            reasons.append(exc.reason)
+    assert reasons == ["oversized"]  # one refusal, not one per chunk still arriving
+    assert r.discarded_chunks == len(frames) - 1 and r.pending_bytes == 0
+    ok = os.urandom(50_000)
+    assert [r.feed(f, 0.0) for f in frame_message(ok, 6)][-1] == ok
+
+
+def test_one_pool_bounds_unfinished_transfers_across_links() -> None:
+    limits = ReassemblyLimits(max_pending_bytes=1_000_000, max_total_pending_bytes=1_500_000)
+    pool = ReassemblyPool(limits.max_total_pending_bytes)
+    links = [Reassembler(limits, pool) for _ in range(10)]
+    for n, r in enumerate(links):
+        for tid in range(20):
+            first = next(iter(frame_message(os.urandom(200_000), n * 100 + tid)))
+            try:
+                r.feed(first, 0.0)
+            except ProtocolError as exc:
+                assert exc.reason in {"reassembly-full", "too-many-transfers"}
+            assert pool.pending_bytes <= pool.max_bytes
+    # Per link alone, the ten links would hold 10 x 1 MB; together they hold 1.5 MB.
+    assert pool.pending_bytes == sum(r.pending_bytes for r in links) <= 1_500_000
+    assert max(r.pending_bytes for r in links) - min(r.pending_bytes for r in links) < 200_000
+    for r in links[:5]:
+        r.clear()
+    assert pool.pending_bytes == sum(r.pending_bytes for r in links[5:])
+
+
+def test_a_greedy_link_cannot_starve_an_honest_one() -> None:
+    limits = ReassemblyLimits(max_pending_bytes=2_000_000, max_total_pending_bytes=2_000_000)
+    pool = ReassemblyPool(limits.max_total_pending_bytes)
+    evicted: list[int] = []
+    pool.on_evict = lambda r, tid: evicted.append(tid)
+    greedy, honest = Reassembler(limits, pool), Reassembler(limits, pool)
+    for tid in range(40):  # unfinished transfers until the pool is full
+        try:
+            greedy.feed(next(iter(frame_message(os.urandom(300_000), tid))), 0.0)
+        except ProtocolError:
+            pass
+    assert pool.pending_bytes > 1_900_000
+    message = os.urandom(600_000)
+    assert [honest.feed(f, 1.0) for f in frame_message(message, 1)][-1] == message
+    assert evicted and pool.pending_bytes == greedy.pending_bytes <= 2_000_000
 
 
 def test_out_of_order_and_truncated_chunks_are_rejected() -> None:

@@ -28,6 +28,9 @@ SECRET = "notebook-test-secret"
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     running = Swarm(tmp_path_factory.mktemp("swarm"), secret=SECRET, room=ROOM)
+    # As under `swarm-notebook up`: the workers are a roster the kernels trust, so the
+    # governance notebook's high-risk proposals are put to a vote (an open room refuses).
+    running.put_on_roster("w0", "w1")
     try:
         running.start_worker("w0", "python-execution")
         running.start_worker("w1", "python-execution")
@@ -48,6 +51,7 @@ def execute(name: str, swarm: Swarm, workdir: Path) -> nbformat.NotebookNode:
         "SWARM_NOTEBOOK_SECRET": SECRET,
         "SWARM_NOTEBOOK_PROFILE": str(workdir / "profiles"),
         "SWARM_NOTEBOOK_ICE_HOSTS": "127.0.0.1",
+        "SWARM_NOTEBOOK_ROSTER_OWNER": swarm.roster_owner,
     }
     client = NotebookClient(
         notebook, timeout=120, kernel_name="python3",

@@ -299,3 +299,40 @@ def test_merge_bounds_items_per_source(alice: Identity) -> None:
     detailed = merge_knowledge_detailed([], {"p": many}, "lesson", max_items_per_source=3)
     assert len(detailed.items) == 3
     assert [r["reason"] for r in detailed.rejected] == ["too-many-items"]
+
+
+def test_unverified_never_outranks_verified(alice: Identity, bob: Identity) -> None:
+    # Finding 10: a forged-author reflection ranked first although verified was False.
+    honest = lesson(alice, "merge with validate", tags=[], recommendations=[])
+    forged = msgspec.structs.replace(
+        lesson(bob, "merge merge pandas memory categorical keys", tags=["merge", "memory"]),
+        author=alice.peer_id,  # claims alice wrote it; bob's signature cannot verify
+    )
+    unsigned = msgspec.structs.replace(forged, signature="", description="merge memory tip")
+    remote = {
+        bob.peer_id: [msgspec.to_builtins(forged), msgspec.to_builtins(unsigned)],
+        alice.peer_id: [msgspec.to_builtins(honest)],
+    }
+    items = merge_knowledge([], remote, "merge memory categorical keys")
+    assert [i["verified"] for i in items] == [True, False, False]
+    assert items[0]["description"] == honest.description
+    assert items[1]["score"] > items[0]["score"]  # better match, still ranked below
+    assert merge_knowledge([], remote, "merge", limit=1)[0]["verified"] is True
+
+
+def test_artifact_scan_never_follows_a_symlink_out(tmp_path: Path) -> None:
+    from swarm_notebook.knowledge.service import artifact_path_problem, scan_artifacts
+
+    ws = tmp_path / "ws"
+    (ws / "data").mkdir(parents=True)
+    (ws / "data" / "sales.csv").write_text("x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "sales_secret.csv").write_text("x")
+    (ws / "sales_link.csv").symlink_to(outside / "sales_secret.csv")
+    (ws / "sales_dir").symlink_to(outside, target_is_directory=True)
+    found = scan_artifacts(ws, "sales", 10)
+    assert [a["path"] for a in found] == ["data/sales.csv"]
+    assert all(artifact_path_problem(a["path"]) is None for a in found)
+    for bad in ["../../etc/passwd", "/etc/passwd", "a/../../b", "~/x", "C:/x", "a\\b", "./a"]:
+        assert artifact_path_problem(bad) is not None, bad

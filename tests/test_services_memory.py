@@ -31,6 +31,7 @@ from swarm_notebook.governance import (
     make_proposal,
     verify_consensus,
 )
+from swarm_notebook.governance.electorate import Electorate
 from swarm_notebook.governance.service import (
     CONSENSUS_BALLOT,
     CONSENSUS_PROPOSAL,
@@ -49,6 +50,7 @@ from swarm_notebook.knowledge.service import (
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
+from swarm_notebook.membership.roster import make_roster
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
 
 pytestmark = pytest.mark.timeout(60)
@@ -490,12 +492,21 @@ async def test_peers_approve_and_the_result_verifies_but_not_when_tampered(
         assert cast["peer"] == a.id and cast["outcome"] == "approve"
 
 
+def put_on_roster(peers: list[Peer], room: str = "lab") -> None:
+    """A roster owned by the first peer with every peer on it (high risk needs one)."""
+    owner = peers[0].node.identity
+    roster = make_roster(owner, room, {p.id: f"peer-{i}" for i, p in enumerate(peers)})
+    for p in peers:
+        p.consensus.electorate = Electorate(p.node.identity, room, roster=roster)
+
+
 async def test_eval_in_a_core_file_is_refused_by_the_default_policy(
     swarm: Callable[..., Any],
 ) -> None:
     a, b, c = await swarm(3)
+    put_on_roster([a, b, c])
     mod = {
-        "file_path": "swarm_notebook/coordinator/coordinator.py",
+        "file_path": "src/pkg/__init__.py",
         "code": "result = eval(user_input)",
         "reason": "a very convincing rationale",
     }
@@ -503,9 +514,9 @@ async def test_eval_in_a_core_file_is_refused_by_the_default_policy(
     result = await a.consensus.request_modification_consensus(mod)
     assert (result["consensus"], result["reason"]) == (False, "rejected")
     assert {v["reason"] for v in result["votes"].values()} == {
-        "refused: the code calls eval()/exec()"
+        "refused: the code calls eval()/exec() or the like (line 1: refers to eval)"
     }
-    assert verify_consensus(result)
+    assert verify_consensus(result, detail=True)["electorate"] == "roster"
     assert result["proposal"]["risk"] == "high"
     for voter in (b, c):
         assert voter.audited("ballot-cast")[0]["outcome"] == "reject"
@@ -638,6 +649,19 @@ async def test_voters_check_proposals_before_any_policy_runs(swarm: Callable[...
         "reject",
     ]
     assert b.consensus.rejections["proposer-mismatch"] == 1
+
+    # A proposer that asks anyway: an open-room high-risk proposal gets no ballot (no-roster),
+    # and once b holds a roster, a proposal that does not bind it gets roster-mismatch.
+    risky = {"file_path": "x.py", "code": "eval(y)", "operation": "MODIFY", "reason": "why not"}
+    open_risky = make_proposal(a.node.identity, risky, [b.id, c.id], now=time.time())
+    with pytest.raises(RemoteError) as err:
+        await ask(a, open_risky, risky)
+    assert err.value.reason == "no-roster"
+    put_on_roster([a, b, c])
+    with pytest.raises(RemoteError) as err:
+        await ask(a, make_proposal(a.node.identity, mod, [b.id, c.id], now=time.time()))
+    assert err.value.reason == "roster-mismatch"
+    assert b.consensus.rejections["no-roster"] == b.consensus.rejections["roster-mismatch"] == 1
 
 
 async def test_closing_ends_an_open_proposal_and_refuses_new_ones(

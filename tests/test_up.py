@@ -17,6 +17,8 @@ import pytest
 
 from swarm_notebook.client import join
 from swarm_notebook.errors import SignalingRefused
+from swarm_notebook.identity import Identity
+from swarm_notebook.membership.roster import load_roster
 from tests.support.procs import child_processes
 
 pytestmark = pytest.mark.timeout(240)
@@ -95,6 +97,39 @@ async def test_up_runs_a_local_swarm_and_stops_cleanly_on_sigint(tmp_path: Path)
         assert [r["value"] for r in results] == [i * i for i in range(6)]
         worker_ids = {w.split()[1].rstrip("…") for w in workers}
         assert {r["peer"][:16] for r in results} <= worker_ids
+        # The notebook and the workers are the roster (owned by the notebook's key); we
+        # joined with the secret and are served, but our proposals get no vote.
+        state, room = workdir / ".swarm", session["SWARM_NOTEBOOK_ROOM"]
+        roster = load_roster(state / "notebooks", room)
+        assert roster is not None
+        assert roster.owner == Identity.load_or_create(state / "notebooks").peer_id
+        assert sorted(m.name for m in roster.members) == [
+            "local-worker-1", "local-worker-2", "notebook"
+        ]  # fmt: skip
+        assert {r["peer"] for r in results} <= set(roster.ids)
+        for i in (1, 2):
+            assert load_roster(state / "workers" / f"worker-{i}", room) == roster
+        outsider = await coordinator.request_modification_consensus(
+            {"file_path": "notes.md", "code": "# hi", "reason": "x"}
+        )
+        assert outsider["consensus"] is False and outsider["electorate"] == "open"
+        assert set(outsider["member_errors"].values()) == {"roster-mismatch"}
+        await coordinator.leave()
+        # A kernel of `up` trusts the owner named in the session: it gets the roster from
+        # the workers and its proposals go to the roster (it is not on it itself).
+        coordinator = await join(
+            room, signaling=url, secret=session["SWARM_NOTEBOOK_SECRET"],
+            profile=tmp_path / "kernel", roster_owner=session["SWARM_NOTEBOOK_ROSTER_OWNER"],
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while coordinator.roster()["electorate"] != "roster":
+            assert time.monotonic() < deadline, coordinator.roster()
+            await asyncio.sleep(0.05)  # re-check; the roster's arrival is the condition
+        voted = await coordinator.request_modification_consensus(
+            {"file_path": "notes.md", "code": "# hi", "reason": "x"}
+        )
+        assert (voted["consensus"], voted["electorate"]) == (True, "roster")
+        assert set(voted["votes"]) <= set(roster.ids)
         await coordinator.leave()
         coordinator = None
 

@@ -14,6 +14,7 @@ from swarm_notebook.coordinator.events import EventBus
 from swarm_notebook.governance.consensus import verify_consensus
 from swarm_notebook.governance.service import ConsensusSettings
 from swarm_notebook.identity import Identity
+from swarm_notebook.membership.roster import make_roster, save_roster
 from swarm_notebook.notebook.voter import NotebookVoter
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
 
@@ -29,8 +30,13 @@ RISKY = {
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[SwarmCoordinator, SwarmCoordinator]]:
     net = MemoryNetwork()
     peers = []
-    for name in ("proposer", "voter"):
-        identity = Identity.generate()
+    identities = {name: Identity.generate() for name in ("proposer", "voter")}
+    # RISKY is high risk: it is only put to a vote in a room with a roster.
+    roster = make_roster(
+        identities["proposer"], "default", {i.peer_id: n for n, i in identities.items()}
+    )
+    for name, identity in identities.items():
+        save_roster(tmp_path / name, roster)
         config = CoordinatorConfig(consensus=ConsensusSettings(timeout_s=10))
         transport = MemoryTransport(identity, net, "room")
         peers.append(SwarmCoordinator(identity, transport, config, tmp_path / name, EventBus()))

@@ -25,6 +25,28 @@ WORKLOAD = "1+1"
 WORKLOAD_RESULT = 2
 
 
+def plus_one(x: int) -> int:
+    """The ``map`` workload, the same function every tool maps (each at its default chunking)."""
+    return x + 1
+
+
+def map_rates(
+    ctx: SuiteContext, label: str, run_map: Callable[[int], list[Any]], n: int, samples: int
+) -> list[float]:
+    """Items per second for ``run_map(n)``: ``plus_one`` over ``range(n)``, results checked."""
+    run_map(min(50, n))  # warm up
+    out: list[float] = []
+    with ctx.task(label, samples) as task:
+        for _ in range(samples):
+            started = time.perf_counter()
+            results = run_map(n)
+            out.append(n / (time.perf_counter() - started))
+            if list(results) != [x + 1 for x in range(n)]:
+                raise RuntimeError(f"{label}: wrong map results")
+            task.advance()
+    return out
+
+
 @dataclass(frozen=True)
 class BaselineConfig:
     """Sample counts for a baseline; ``quick()``/``full()`` are the presets."""
@@ -134,6 +156,17 @@ def _ipyparallel_measure(
             ),
             "tasks/s",
         )
+        ctx.record(
+            "ipyparallel_map_items_per_s",
+            map_rates(
+                ctx,
+                f"map of {config.tasks_per_sample}",
+                lambda n: list(view.map_sync(plus_one, range(n))),
+                config.tasks_per_sample,
+                config.task_samples,
+            ),
+            "items/s",
+        )
     finally:
         client.close()
 
@@ -206,6 +239,17 @@ def measure_dask(ctx: SuiteContext, config: BaselineConfig) -> None:
                 config.task_samples,
             ),
             "tasks/s",
+        )
+        ctx.record(
+            "dask_map_items_per_s",
+            map_rates(
+                ctx,
+                f"map of {config.tasks_per_sample}",
+                lambda n: client.gather(client.map(plus_one, range(n), pure=False)),
+                config.tasks_per_sample,
+                config.task_samples,
+            ),
+            "items/s",
         )
 
 

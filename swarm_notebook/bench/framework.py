@@ -75,6 +75,9 @@ COMPARISONS: Mapping[str, Comparison] = MappingProxyType(
         "df50_swarm_s": Comparison("df50_raw_s"),
         "dask_rtt_ms": Comparison("ipyparallel_rtt_ms"),
         "dask_tasks_per_s": Comparison("ipyparallel_tasks_per_s"),
+        "submit_rtt_ms": Comparison("ipyparallel_rtt_ms", "<=", 0.5),
+        "map_items_per_s": Comparison("ipyparallel_map_items_per_s", ">=", 2.0),
+        "dask_map_items_per_s": Comparison("ipyparallel_map_items_per_s"),
     }
 )
 
@@ -91,10 +94,14 @@ REQUIRED_METRICS: tuple[str, ...] = (
     "ipyparallel_tasks_per_s",
     "dask_rtt_ms",
     "dask_tasks_per_s",
+    "ipyparallel_map_items_per_s",
+    "dask_map_items_per_s",
     "swarm_rtt_ms",
     "swarm_bulk_MBps",
     "delegate_rtt_ms",
     "delegate_tasks_per_s",
+    "submit_rtt_ms",
+    "map_items_per_s",
     "df50_swarm_s",
     "mesh6_s",
 )

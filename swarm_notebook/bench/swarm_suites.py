@@ -258,10 +258,38 @@ async def measure_delegation(
                             )
                         bar.advance()
                 ctx.record("delegate_tasks_per_s", rates, "tasks/s")
+                await _measure_futures(ctx, cfg, c)
                 if with_dataframe:
                     await _measure_dataframe(ctx, cfg, c)
             finally:
                 await c.leave()
+
+
+async def _measure_futures(ctx: SuiteContext, cfg: SwarmBenchConfig, c: Any) -> None:
+    """``submit`` round trips and ``map`` throughput (``plus_one``, default chunking)."""
+    from swarm_notebook.bench.baselines import map_rates, plus_one
+
+    for _ in range(20):
+        await c.submit(plus_one, 1)
+    samples = []
+    with ctx.task("submit: round trips", cfg.delegate_rtt_samples) as bar:
+        for _ in range(cfg.delegate_rtt_samples):
+            start = time.perf_counter()
+            value = await c.submit(plus_one, 1)
+            samples.append((time.perf_counter() - start) * 1000)
+            if value != 2:
+                raise BenchError(Reason.BENCH_FAILED, f"submit returned {value!r}")
+            bar.advance()
+    ctx.record("submit_rtt_ms", samples, "ms")
+    rates = await asyncio.to_thread(
+        map_rates,
+        ctx,
+        f"map of {cfg.pipelined_tasks}",
+        lambda n: c.gather(c.map(plus_one, range(n))),
+        cfg.pipelined_tasks,
+        cfg.pipelined_rounds,
+    )
+    ctx.record("map_items_per_s", rates, "items/s")
 
 
 async def _measure_dataframe(ctx: SuiteContext, cfg: SwarmBenchConfig, c: Any) -> None:

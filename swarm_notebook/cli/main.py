@@ -1,4 +1,4 @@
-"""``swarm-notebook`` command line: ``signal``, ``worker``, ``up``, ``bench``.
+"""``swarm-notebook`` command line: signal, worker, up, bench, roster, identity.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; they are imported only when chosen, so ``signal`` never pays for
@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "worker": ("swarm_notebook.cli.worker", "run a headless worker peer"),
     "up": ("swarm_notebook.cli.up", "signaling server + local workers + JupyterLab"),
     "bench": ("swarm_notebook.cli.bench", "benchmarks against raw aiortc, ipyparallel, Dask"),
+    "roster": ("swarm_notebook.cli.roster", "who may vote in a room (add|remove|show|import)"),
+    "identity": ("swarm_notebook.cli.identity", "this profile's key (show|rotate)"),
 }
 
 

@@ -28,7 +28,9 @@ from typing import Any
 import aiohttp
 import psutil
 
-from swarm_notebook.errors import StartupError
+from swarm_notebook.errors import RosterError, StartupError
+from swarm_notebook.identity import Identity
+from swarm_notebook.membership.roster import Roster, load_roster, make_roster, save_roster
 from swarm_notebook.signaling.config import DEFAULT_PORT, SignalingConfig
 from swarm_notebook.signaling.server import SignalingServer
 
@@ -358,6 +360,31 @@ async def serve(args: argparse.Namespace, workdir: Path) -> int:
     return code
 
 
+def make_session_roster(state: Path, room: str, n_workers: int) -> Roster:
+    """The notebook and the workers on one roster owned by the notebook's key, saved in
+    every profile: the local swarm votes as members, and peers that join from elsewhere
+    (with the secret) can still share and delegate but never vote."""
+    profiles = {"notebook": state / "notebooks"}
+    for i in range(1, n_workers + 1):
+        profiles[f"local-worker-{i}"] = state / "workers" / f"worker-{i}"
+    ids = {name: Identity.load_or_create(path) for name, path in profiles.items()}
+    owner = ids["notebook"]
+    members = {ident.peer_id: name for name, ident in ids.items()}
+    try:
+        previous = load_roster(profiles["notebook"], room)
+    except RosterError:
+        previous = None  # unreadable: replaced by a fresh one below
+    if previous is not None and previous.owner == owner.peer_id:
+        same = {m.peer_id: m.name for m in previous.members} == members
+        version = previous.version + (0 if same else 1)
+        roster = previous if same else make_roster(owner, room, members, version=version)
+    else:
+        roster = make_roster(owner, room, members)
+    for path in profiles.values():
+        save_roster(path, roster)
+    return roster
+
+
 async def start_all(
     args: argparse.Namespace, workdir: Path, stack: contextlib.AsyncExitStack
 ) -> Child | None:
@@ -367,7 +394,12 @@ async def start_all(
     server = await start_signaling("127.0.0.1", args.port, secret)
     stack.push_async_callback(server.close)
     say(f"signaling  {server.url}  (room {args.room!r}, secret made for this session)")
+    roster = make_session_roster(state, args.room, args.workers)
+    say(f"roster     {len(roster.members)} voters (the notebook and its workers), notebook owns it")
     session = {
+        # Every kernel (each example notebook has its own key) trusts that owner and gets
+        # the roster from the workers, so its proposals go to the roster.
+        "SWARM_NOTEBOOK_ROSTER_OWNER": roster.owner,
         "SWARM_NOTEBOOK_SIGNALING": server.url,
         "SWARM_NOTEBOOK_ROOM": args.room,
         "SWARM_NOTEBOOK_SECRET": secret,

@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--name", default="worker")
     parser.add_argument(
+        "--roster-owner",
+        default=os.environ.get("SWARM_NOTEBOOK_ROSTER_OWNER"),
+        help="peer id of the room owner whose signed roster decides who votes (default "
+        "$SWARM_NOTEBOOK_ROSTER_OWNER, else the owner of the roster file in the profile)",
+    )
+    parser.add_argument(
         "--exit-with-parent",
         action="store_true",
         help="stop gracefully when the process that started this one dies "
@@ -107,6 +113,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         executors=executors,
         policy=TaskPolicy(allowed_peers=allowed, max_input_bytes=int(args.max_input_mb * 2**20)),
         drain_grace_s=args.grace,
+        roster_owner=args.roster_owner,
     )
 
 

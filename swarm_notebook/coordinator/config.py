@@ -13,6 +13,9 @@ from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 from swarm_notebook.workload.policy import TaskPolicy
 
 DEFAULT_SIGNALING = "ws://127.0.0.1:8765/ws"
+# The room owner whose roster to trust when none is given (``swarm-notebook up`` sets it
+# for its kernels, so every notebook votes under the roster it made).
+ROSTER_OWNER_ENV = "SWARM_NOTEBOOK_ROSTER_OWNER"
 
 
 @dataclass
@@ -24,6 +27,9 @@ class CoordinatorConfig:
     # None: $SWARM_NOTEBOOK_CA_FILE, then the system's authorities.
     ca_file: str | None = None
     profile: Path | None = None
+    # The room owner whose signed roster decides who votes (None: the owner of the roster
+    # file in the profile, if any; with neither the room is open).
+    roster_owner: str | None = None
     name: str = "swarm-notebook"
     concurrency: int = 2
     max_queue: int = 64

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +17,17 @@ from swarm_notebook import __version__
 from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.events import EventBus
-from swarm_notebook.errors import NotJoinedError, TaskInputError, ValueCodecError
+from swarm_notebook.errors import NotJoinedError, RosterError, TaskInputError, ValueCodecError
+from swarm_notebook.governance.electorate import Electorate
 from swarm_notebook.governance.service import ConsensusService
-from swarm_notebook.identity import Identity
+from swarm_notebook.identity import Identity, require_canonical
 from swarm_notebook.knowledge.service import KnowledgeService
 from swarm_notebook.knowledge.store import ReflectionStore
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
-from swarm_notebook.protocol.values import decode_value, encode_value
+from swarm_notebook.membership.roster import with_member, without_member
+from swarm_notebook.protocol.values import DecodeBudget, decode_value, encode_value
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.base import Transport
 from swarm_notebook.workload.delegator import Delegator
@@ -59,6 +62,9 @@ class SwarmCoordinator:
         self.profile_dir = profile_dir
         self.events = events
         self.node = SwarmNode(identity, transport, name=config.name, version=__version__)
+        # Results refused while decoding, by reason; logged once per (peer, reason).
+        self.decode_refusals: Counter[str] = Counter()
+        self._decode_logged: set[tuple[str | None, str]] = set()
         self.stats = CoordinationStats()
         self.tasks = TaskLog()
         self.audit = AuditLog(profile_dir / "audit.sqlite3")
@@ -102,6 +108,9 @@ class SwarmCoordinator:
             notify=self._notify,
             settings=config.consensus,
             is_initialized=lambda: self.initialized,
+            electorate=Electorate(
+                identity, config.room, profile_dir=profile_dir, trusted_owner=config.roster_owner
+            ),
         )
         self._background = OwnedTasks("coordinator")
         self.node.add_listener(self._peer_changed)
@@ -270,11 +279,24 @@ class SwarmCoordinator:
         if task_type != "python-computation":
             return result
         allow = peer is not None and self.config.policy.allows_pickle(peer)
-        if "value" in result:
-            result["value"] = decode_value(result["value"], allow_pickle=allow)
-        outputs = result.get("outputs")
-        if isinstance(outputs, dict):
-            result["outputs"] = {k: decode_value(v, allow_pickle=allow) for k, v in outputs.items()}
+        # One budget for the whole result: each output having its own let eight small
+        # compressed outputs expand to gigabytes together.
+        budget = DecodeBudget()
+        try:
+            if "value" in result:
+                result["value"] = decode_value(result["value"], allow_pickle=allow, budget=budget)
+            outputs = result.get("outputs")
+            if isinstance(outputs, dict):
+                result["outputs"] = {
+                    k: decode_value(v, allow_pickle=allow, budget=budget)
+                    for k, v in outputs.items()
+                }
+        except ValueCodecError as exc:
+            self.decode_refusals[str(exc.reason)] += 1
+            if (peer, str(exc.reason)) not in self._decode_logged:
+                self._decode_logged.add((peer, str(exc.reason)))
+                log.warning("result from %s refused: %s", (peer or "?")[:16], exc)
+            raise
         return result
 
     async def _run_locally(
@@ -348,7 +370,34 @@ class SwarmCoordinator:
                 "concurrency": self.config.concurrency,
             },
             "rejections": self.rejections(),
+            "electorate": self.consensus.electorate.describe(),
+            # > 0: another process proved this peer's key at the signaling server.
+            "identity_conflicts": int(getattr(self.node.transport, "identity_conflicts", 0)),
         }
+
+    # -- roster ------------------------------------------------------------------------
+
+    async def change_roster(self, action: str, peer_id: str, name: str = "") -> dict[str, Any]:
+        """``add`` / ``remove`` ``peer_id`` on the room's roster (this peer must own it, or
+        no roster may exist yet: the first ``add`` makes one owned by this peer, with it on
+        it), save it in the profile and send it to the connected peers at once."""
+        electorate = self.consensus.electorate
+        current = electorate.roster
+        require_canonical(peer_id)
+        if action == "add":
+            if current is None and peer_id != self.local_id:
+                current = with_member(self.identity, None, self.config.room, self.local_id, "me")
+            updated = with_member(self.identity, current, self.config.room, peer_id, name)
+        elif action == "remove":
+            if current is None:
+                raise RosterError(Reason.NOT_FOUND, "this room has no roster")
+            updated = without_member(self.identity, current, peer_id)
+        else:
+            raise RosterError(Reason.BAD_ARGUMENTS, f"unknown roster action {action!r}")
+        electorate.install(updated)
+        await self.consensus.share_roster()
+        self._notify("stats:changed", {"cause": "roster"})
+        return electorate.describe()
 
     def rejections(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -358,6 +407,9 @@ class SwarmCoordinator:
             self.node.transport.rejections.by_reason,
             self.node.endpoint.rejections,
             self.node.card_rejections,
+            self.decode_refusals,
+            self.knowledge.answer_rejections,
+            self.consensus.request_refusals,
         )
         for source in sources:
             for reason, n in source.items():

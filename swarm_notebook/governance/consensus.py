@@ -2,12 +2,16 @@
 
 The original swarm never counted a vote and trusted every peer's claimed id. Here:
 
-* a ``Proposal`` is signed by its proposer and fixes the electorate (``members``: the
-  authenticated peers connected when it was made), the quorum rule and a deadline;
+* a ``Proposal`` is signed by its proposer and fixes the electorate (``members``), the
+  quorum rule and a deadline. In a room with a roster, ``members`` is the roster (less
+  the proposer) and ``roster`` binds the owner-signed roster's hash; in an *open* room
+  (no roster) it is the authenticated peers connected when it was made;
 * a ``Ballot`` is signed by its voter and bound to the proposal's hash;
 * a ``Tally`` counts only ballots that verify, come from members, arrive before the
   deadline and are each voter's first; everything else is ignored *and reported*;
-* ``verify_consensus`` lets any peer re-check a published result end to end.
+* ``verify_consensus`` lets any peer re-check a published result end to end, including
+  the embedded roster (``electorate: "roster"``) or that the room was open
+  (``electorate: "open"``; a high-risk approval never verifies in an open room).
 
 Timeouts fail closed (``consensus: False, reason: "timeout"``). The one fail-open rule
 is the blueprint's: when there is no swarm to ask, ``unavailable_result()`` says
@@ -24,7 +28,7 @@ import secrets
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, overload
 
 import msgspec
 
@@ -36,7 +40,8 @@ from swarm_notebook.governance.risk import (
     modification_hash,
     parse_modification,
 )
-from swarm_notebook.identity import Identity, verify_signature
+from swarm_notebook.identity import Identity, is_canonical_peer_id, verify_signature
+from swarm_notebook.membership.roster import Roster, roster_hash, roster_problem, verified_roster
 from swarm_notebook.reasons import Reason
 
 PROPOSAL_CONTEXT = b"swarm-notebook/proposal/v1\x00"
@@ -48,6 +53,8 @@ MAX_BALLOT_REASON_LENGTH = 500
 MAX_ID_LENGTH = 64
 MAX_TIMEOUT_S = 24 * 3600.0
 UNAVAILABLE = "swarm-not-available"
+OPEN = "open"
+ROSTER = "roster"
 
 Decision = Literal["approved", "rejected"] | None
 _PEER_ID = re.compile(r"[a-z2-7]{52}")
@@ -171,6 +178,7 @@ class Proposal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     created_at: float
     deadline: float
     signature: str = ""
+    roster: str = ""  # hash of the owner-signed roster the members come from; "" = open
 
 
 class Ballot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -189,21 +197,24 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 def _proposal_payload(p: Proposal) -> bytes:
-    return PROPOSAL_CONTEXT + _encoder.encode(
-        [
-            p.id,
-            p.content_hash,
-            p.target,
-            p.rationale,
-            p.risk,
-            p.operation,
-            p.proposer,
-            list(p.members),
-            p.quorum,
-            float(p.created_at),
-            float(p.deadline),
-        ]
-    )
+    fields: list[Any] = [
+        p.id,
+        p.content_hash,
+        p.target,
+        p.rationale,
+        p.risk,
+        p.operation,
+        p.proposer,
+        list(p.members),
+        p.quorum,
+        float(p.created_at),
+        float(p.deadline),
+    ]
+    if p.roster:
+        # Only when bound: open-room proposals sign exactly what they always signed, so
+        # results published before rosters existed still verify.
+        fields.append(p.roster)
+    return PROPOSAL_CONTEXT + _encoder.encode(fields)
 
 
 def _ballot_payload(b: Ballot) -> bytes:
@@ -226,7 +237,23 @@ def _check_members(members: Iterable[str]) -> tuple[str, ...]:
     for member in unique:
         if not isinstance(member, str) or not _PEER_ID.fullmatch(member):
             raise ConsensusError(Reason.WRONG_SCHEMA, f"member {member!r:.60} is not a peer id")
+        if not is_canonical_peer_id(member):
+            raise ConsensusError(Reason.BAD_ID, f"member {member!r:.60} is not a canonical id")
     return tuple(unique)
+
+
+def roster_electorate(roster: Roster, proposer: str) -> tuple[str, ...]:
+    """Who votes on ``proposer``'s proposals in a roster room: the roster less the proposer."""
+    return tuple(m for m in roster.ids if m != proposer)
+
+
+def split_members(peers: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(canonical ids, everything else): a bad id is reported, never raised out of consensus."""
+    good: list[str] = []
+    bad: list[str] = []
+    for peer in peers:
+        (good if is_canonical_peer_id(peer) else bad).append(peer)
+    return good, bad
 
 
 def make_proposal(
@@ -239,10 +266,14 @@ def make_proposal(
     quorum: Quorum | None = None,
     proposal_id: str | None = None,
     core_files: Iterable[str] = DEFAULT_CORE_FILES,
+    roster: Roster | None = None,
 ) -> Proposal:
     """Sign a proposal for ``modification`` put to ``members`` (the connected,
     authenticated peers now; may include the proposer), deciding by ``quorum``
     (strict majority by default) before ``now + timeout_s``.
+
+    With ``roster`` (verified against its own owner here; trust in that owner is the
+    caller's), ``members`` must be ``roster_electorate(roster, proposer)``.
 
     >>> from swarm_notebook.identity import Identity
     >>> me = Identity.generate()
@@ -253,6 +284,12 @@ def make_proposal(
     mod = parse_modification(modification)
     rule = quorum or StrictMajority()
     member_ids = _check_members(members)
+    if roster is not None:
+        problem = roster_problem(roster)
+        if problem is not None:
+            raise ConsensusError(problem, "the roster does not verify")
+        if member_ids != roster_electorate(roster, identity.peer_id):
+            raise ConsensusError(Reason.ROSTER_MISMATCH, "members are not the roster's")
     if rule.needed(len(member_ids)) > len(member_ids):
         raise ConsensusError(
             Reason.BAD_QUORUM, f"{rule.spec} can never pass with {len(member_ids)} members"
@@ -273,6 +310,7 @@ def make_proposal(
         quorum=rule.spec,
         created_at=float(now),
         deadline=float(now + timeout_s),
+        roster=roster_hash(roster) if roster is not None else "",
     )
     if not _PROPOSAL_ID.fullmatch(unsigned.id):
         raise ConsensusError(Reason.WRONG_SCHEMA, "proposal id must be 1..64 of [A-Za-z0-9_-]")
@@ -305,6 +343,10 @@ def proposal_problem(p: Proposal) -> str | None:
         return "wrong-schema"
     if not all(_PEER_ID.fullmatch(m) for m in p.members):
         return "wrong-schema"
+    if not all(is_canonical_peer_id(m) for m in p.members):
+        return Reason.BAD_ID.value
+    if p.roster and not _HASH_HEX.fullmatch(p.roster):
+        return "wrong-schema"
     if not (math.isfinite(p.created_at) and math.isfinite(p.deadline)):
         return "wrong-schema"
     if not (0 < p.deadline - p.created_at <= MAX_TIMEOUT_S):
@@ -315,6 +357,8 @@ def proposal_problem(p: Proposal) -> str | None:
         return "bad-quorum"
     if not _PEER_ID.fullmatch(p.proposer) or not _SIGNATURE_HEX.fullmatch(p.signature):
         return "bad-signature"
+    if not is_canonical_peer_id(p.proposer):
+        return Reason.BAD_ID.value
     if not verify_signature(p.proposer, bytes.fromhex(p.signature), _proposal_payload(p)):
         return "bad-signature"
     return None
@@ -387,6 +431,8 @@ def ballot_problem(ballot: Ballot, proposal: Proposal, p_hash: str | None = None
     expected = p_hash or proposal_hash(proposal)
     if ballot.proposal_id != proposal.id or ballot.proposal_hash != expected:
         return "wrong-proposal"
+    if not is_canonical_peer_id(ballot.voter):
+        return Reason.BAD_ID.value
     if ballot.voter not in proposal.members:
         return "non-member"
     if not _signature_ok(ballot):
@@ -409,7 +455,9 @@ class Tally:
 
     Ignored ballots are kept (voter, reason) up to ``max_ignored`` and always counted in
     ``ignored_counts``. Reasons: ``wrong-schema``, ``oversized``, ``wrong-proposal``,
-    ``non-member``, ``forged`` (signature does not verify), ``late``, ``duplicate``.
+    ``bad-id`` (not a key's canonical spelling), ``non-member`` (not on the proposal's
+    electorate, e.g. off the roster), ``forged`` (signature does not verify), ``late``,
+    ``duplicate``. ``roster`` must be given for a proposal that binds one.
 
     >>> from swarm_notebook.identity import Identity
     >>> a, b, c = Identity.generate(), Identity.generate(), Identity.generate()
@@ -427,11 +475,22 @@ class Tally:
     """
 
     def __init__(
-        self, proposal: Proposal, quorum: Quorum | None = None, *, max_ignored: int = 256
+        self,
+        proposal: Proposal,
+        quorum: Quorum | None = None,
+        *,
+        max_ignored: int = 256,
+        roster: Roster | None = None,
     ) -> None:
         problem = proposal_problem(proposal)
         if problem is not None:
             raise ConsensusError(problem, "the proposal does not verify")
+        if proposal.roster:
+            if roster is None or roster_hash(roster) != proposal.roster:
+                raise ConsensusError(Reason.ROSTER_MISMATCH, "the proposal binds another roster")
+            if roster_problem(roster) is not None:
+                raise ConsensusError(Reason.ROSTER_MISMATCH, "the roster does not verify")
+        self.roster = roster if proposal.roster else None
         self.proposal = proposal
         self.proposal_hash = proposal_hash(proposal)
         self.rule = parse_quorum(proposal.quorum)
@@ -521,6 +580,8 @@ class Tally:
             "reject_count": self.rejections,
             "missing": [m for m in self.proposal.members if m not in self._ballots],
             "quorum": describe_quorum(self.rule, members),
+            "electorate": ROSTER if self.roster is not None else OPEN,
+            "roster": msgspec.to_builtins(self.roster) if self.roster is not None else None,
         }
 
 
@@ -546,25 +607,83 @@ def unavailable_result(fail_closed: bool = False) -> dict[str, Any]:
         "reject_count": 0,
         "missing": [],
         "quorum": None,
+        "electorate": None,
+        "roster": None,
     }
 
 
-def verify_consensus(result: Mapping[str, Any]) -> bool:
+@overload
+def verify_consensus(
+    result: Mapping[str, Any],
+    *,
+    detail: Literal[False] = False,
+    trusted_owner: str | None = None,
+) -> bool: ...
+
+
+@overload
+def verify_consensus(
+    result: Mapping[str, Any], *, detail: Literal[True], trusted_owner: str | None = None
+) -> dict[str, Any]: ...
+
+
+def verify_consensus(
+    result: Mapping[str, Any], *, detail: bool = False, trusted_owner: str | None = None
+) -> bool | dict[str, Any]:
     """Re-check a published result: proposal signature, each ballot's signature, binding
     to the proposal hash, membership, deadline, no duplicate voters, the counts, the
     votes summary, the quorum, and that the rule yields the stated ``consensus`` and
     ``reason``. Any tampering (or any malformed part) gives False.
+
+    The electorate is checked too: a roster result must carry the owner-signed roster
+    whose hash the proposal binds, with ``members`` = roster less proposer (pass
+    ``trusted_owner`` to also require that owner; an open result then fails). An open
+    result verifies (the blueprint's rooms) but a high-risk approval in one never does.
+    ``detail=True`` returns ``{"valid", "electorate": "open"|"roster", "owner", "problem"}``.
     """
     try:
-        return _verify_consensus(result)
-    except (ConsensusError, ValueError, TypeError, KeyError, AttributeError):
-        return False
+        problem, electorate, owner = _verify_consensus(result, trusted_owner)
+    except (ConsensusError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        problem, electorate, owner = getattr(exc, "reason", "malformed"), None, None
+    if not detail:
+        return problem is None
+    return {
+        "valid": problem is None,
+        "electorate": electorate,
+        "owner": owner,
+        "problem": None if problem is None else str(problem),
+    }
 
 
-def _verify_consensus(result: Mapping[str, Any]) -> bool:
+def _verify_consensus(
+    result: Mapping[str, Any], trusted_owner: str | None
+) -> tuple[str | None, str | None, str | None]:
     proposal = parse_proposal(result["proposal"])
-    if not verify_proposal(proposal):
-        return False
+    problem = proposal_problem(proposal)
+    if problem is not None:
+        return problem, None, None
+    owner: str | None = None
+    if proposal.roster:
+        electorate = ROSTER
+        roster = verified_roster(result["roster"], trusted_owner)
+        owner = roster.owner
+        if roster_hash(roster) != proposal.roster or result.get("electorate") != ROSTER:
+            return Reason.ROSTER_MISMATCH, electorate, owner
+        if proposal.members != roster_electorate(roster, proposal.proposer):
+            return Reason.ROSTER_MISMATCH, electorate, owner
+    else:
+        electorate = OPEN
+        if result.get("electorate", OPEN) != OPEN or result.get("roster") is not None:
+            return Reason.ROSTER_MISMATCH, electorate, None
+        if trusted_owner is not None:
+            return Reason.NO_ROSTER, electorate, None
+    ok = _verify_tally(result, proposal)
+    if ok and electorate == OPEN and proposal.risk == "high" and result["consensus"] is True:
+        return Reason.NO_ROSTER, electorate, None  # throwaway keys never approve high risk
+    return (None if ok else Reason.TAMPERED), electorate, owner
+
+
+def _verify_tally(result: Mapping[str, Any], proposal: Proposal) -> bool:
     p_hash = proposal_hash(proposal)
     if result.get("proposal_hash", p_hash) != p_hash:
         return False

@@ -1,6 +1,10 @@
 """Consensus on the swarm: putting a modification to a vote and voting on peers' ones.
 
-Who votes: the *peers* — the authenticated peers connected when the proposal is made.
+Who votes: in a room with a roster (``Electorate``), the roster's members, connected or
+not (the quorum is over the roster; peers off the roster never vote, their ballots are
+``non-member``). In an *open* room (no roster), the authenticated peers connected when
+the proposal is made, and a high-risk proposal is refused with ``no-roster``: new keys
+cost nothing, so an open room cannot be trusted with what matters.
 The proposer does not vote on its own change (the blueprint asks peers to approve a
 risky modification; a proposer's self-approval would let a two-peer swarm pass
 anything by itself).
@@ -13,6 +17,8 @@ Wire messages (all bodies schema-checked):
 * ``consensus-ballot`` (one-way): ``{"ballot": <signed Ballot>}`` — a ballot may also
   arrive on its own; it is counted by the same ``Tally``, so forged, duplicate, late and
   non-member ballots are ignored and reported in the result.
+* ``roster-update`` (one-way): ``{"roster": <owner-signed Roster>}``, sent to each peer
+  as its link comes up; adopted only when signed by the owner the receiver trusts.
 
 Nothing in a proposal is executed: voters only read the code as text.
 """
@@ -53,8 +59,11 @@ from swarm_notebook.governance import (
     parse_proposal,
     parse_quorum,
     respond_to_proposal,
+    roster_electorate,
+    split_members,
     unavailable_result,
 )
+from swarm_notebook.governance.electorate import Electorate
 from swarm_notebook.knowledge.gate import TokenBuckets
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
@@ -65,6 +74,7 @@ log = logging.getLogger(__name__)
 
 CONSENSUS_PROPOSAL = "consensus-proposal"
 CONSENSUS_BALLOT = "consensus-ballot"
+ROSTER_UPDATE = "roster-update"
 NO_QUORUM = "no-quorum"
 QUORUM_UNREACHABLE = "quorum-unreachable"
 
@@ -78,7 +88,10 @@ class ConsensusSettings:
     # The blueprint answers ``consensus: True`` when the swarm is unavailable; set this to
     # refuse instead (fail closed).
     fail_closed: bool = False
-    core_files: tuple[str, ...] | None = None  # None: the blueprint's plus this package
+    # Glob patterns of the room's core paths, whose change is high risk (``risk.is_core_file``
+    # says how they match). None: ``risk.DEFAULT_CORE_FILES``, a data team's dependency
+    # files, CI configuration and package entry points.
+    core_files: tuple[str, ...] | None = None
 
 
 class ProposalMessage(msgspec.Struct, forbid_unknown_fields=True):
@@ -88,6 +101,10 @@ class ProposalMessage(msgspec.Struct, forbid_unknown_fields=True):
 
 class BallotMessage(msgspec.Struct, forbid_unknown_fields=True):
     ballot: dict[str, Any]
+
+
+class RosterMessage(msgspec.Struct, forbid_unknown_fields=True):
+    roster: dict[str, Any]
 
 
 def quorum_rule(setting: str) -> Quorum:
@@ -108,6 +125,7 @@ class _Open:
 
     proposal: Proposal
     tally: Tally
+    ignored_members: list[dict[str, str]] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     answered: set[str] = field(default_factory=set)
     member_errors: dict[str, str] = field(default_factory=dict)
@@ -142,8 +160,10 @@ class ConsensusService:
         proposal_burst: float = 10.0,
         ballot_rate_per_s: float = 8.0,
         ballot_burst: float = 32.0,
+        electorate: Electorate | None = None,
     ) -> None:
         self.node = node
+        self.electorate = electorate or Electorate(node.identity, "default")
         self.audit = audit
         self.stats = stats
         self.settings = settings
@@ -163,6 +183,9 @@ class ConsensusService:
         self._proposal_rate = TokenBuckets(proposal_rate_per_s, proposal_burst, 1024)
         self._ballot_rate = TokenBuckets(ballot_rate_per_s, ballot_burst, 1024)
         self.rejections: Counter[str] = Counter()
+        # Refused on our side while proposing (no peer asked us anything): a bad member id,
+        # a high-risk change in an open room. Handler refusals are counted by the endpoint.
+        self.request_refusals: Counter[str] = Counter()
         self._tasks = OwnedTasks("consensus-service")
         self._closed = False
         node.endpoint.register_message_handler(
@@ -171,6 +194,8 @@ class ConsensusService:
         node.endpoint.register_message_handler(
             CONSENSUS_BALLOT, self._on_ballot, schema=BallotMessage
         )
+        node.endpoint.register_message_handler(ROSTER_UPDATE, self._on_roster, schema=RosterMessage)
+        node.add_listener(self._peer_changed)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -189,7 +214,7 @@ class ConsensusService:
         """``"high"``, ``"medium"`` or ``"low"`` (core files, deletes and eval/exec are high).
 
         >>> coordinator.assess_modification_risk(
-        ...     {"file_path": "src/tool-runner.js", "code": "x = 1"})      # doctest: +SKIP
+        ...     {"file_path": "pyproject.toml", "code": "x = 1"})          # doctest: +SKIP
         'high'
         """
         return assess_modification_risk(modification, self.core_files)
@@ -218,16 +243,34 @@ class ConsensusService:
         mod = parse_modification(modification)
         risk = assess_modification_risk(mod, self.core_files)
         created_at = time.time()
-        members = sorted(self.node.connected_peers()) if self._is_initialized() else []
-        if not members:
+        roster = self.electorate.roster
+        connected = sorted(self.node.connected_peers()) if self._is_initialized() else []
+        # An id that is not a key's canonical spelling is reported, never raised: one peer
+        # linked under a bad id must not stop every vote.
+        good, bad = split_members(connected)
+        ignored_members = [{"peer_id": peer[:64], "reason": Reason.BAD_ID.value} for peer in bad]
+        if bad:
+            self.request_refusals[Reason.BAD_ID] += len(bad)
+        local_id = f"local-{secrets.token_hex(8)}"
+        if not self._is_initialized() or (roster is None and not connected):
             result = unavailable_result(self.settings.fail_closed)
-            return self._finish(f"local-{secrets.token_hex(8)}", mod, risk, created_at, result)
+            return self._finish(local_id, mod, risk, created_at, result)
+        if roster is None and risk == "high":
+            self.request_refusals[Reason.NO_ROSTER] += 1
+            result = unavailable_result(fail_closed=True)
+            result["reason"] = Reason.NO_ROSTER.value
+            result["electorate"] = "open"
+            result["ignored_members"] = ignored_members
+            return self._finish(local_id, mod, risk, created_at, result)
+        members = list(roster_electorate(roster, self.node.local_id)) if roster else good
         rule = quorum_rule(self.settings.quorum)
-        if rule.needed(len(members)) > len(members):
+        if not members or rule.needed(len(members)) > len(members):
             result = unavailable_result(fail_closed=True)
             result["reason"] = QUORUM_UNREACHABLE
             result["quorum"] = {"rule": rule.spec, "members": len(members)}
-            return self._finish(f"local-{secrets.token_hex(8)}", mod, risk, created_at, result)
+            result["electorate"] = "open" if roster is None else "roster"
+            result["ignored_members"] = ignored_members
+            return self._finish(local_id, mod, risk, created_at, result)
         if len(self._open) >= self.max_open_proposals:
             raise ConsensusError(
                 Reason.TOO_MANY_PROPOSALS, f"{len(self._open)} proposals are still being voted on"
@@ -240,8 +283,9 @@ class ConsensusService:
             timeout_s=self.settings.timeout_s,
             quorum=rule,
             core_files=self.core_files,
+            roster=roster,
         )
-        state = _Open(proposal, Tally(proposal))
+        state = _Open(proposal, Tally(proposal, roster=roster), ignored_members=ignored_members)
         self._open[proposal.id] = state
         self.audit.record_quietly(
             "proposal-created",
@@ -281,6 +325,7 @@ class ConsensusService:
         else:
             result = state.tally.result(reason="timeout")
         result["member_errors"] = dict(state.member_errors)
+        result["ignored_members"] = list(state.ignored_members)
         return self._finish(proposal.id, mod, risk, created_at, result)
 
     async def _ask(self, state: _Open, member: str, body: dict[str, Any]) -> None:
@@ -391,6 +436,11 @@ class ConsensusService:
             raise self._refuse(exc.reason, exc.message) from None
         if proposal.proposer != peer_id:
             raise self._refuse("proposer-mismatch", "the proposal was not made by the sender")
+        if proposal.roster != self.electorate.hash():
+            # A proposer with another (or no) roster is not asking our electorate.
+            raise self._refuse(Reason.ROSTER_MISMATCH, "the proposal is not for our roster")
+        if not proposal.roster and self._open_room_risk(body.modification) == "high":
+            raise self._refuse(Reason.NO_ROSTER, "high-risk proposals need a room roster")
         key = (proposal.proposer, proposal.id)
         cached = self._cast.get(key)
         if cached is not None:
@@ -442,6 +492,43 @@ class ConsensusService:
         )
         return answer
 
+    def _open_room_risk(self, modification: dict[str, Any]) -> str:
+        try:
+            return assess_modification_risk(modification, self.core_files)
+        except ValueError:
+            return "low"  # respond_to_proposal answers a malformed one with content-mismatch
+
+    # -- roster ------------------------------------------------------------------------
+
+    def _peer_changed(self, peer_id: str, what: str) -> None:
+        if what == "up" and self.electorate.roster is not None and not self._closed:
+            self._tasks.spawn(self._send_roster(peer_id), name="roster-send")
+
+    async def _send_roster(self, peer_id: str) -> None:
+        body = self.electorate.as_dict()
+        if body is None:
+            return
+        try:
+            await self.node.endpoint.send(peer_id, ROSTER_UPDATE, {"roster": body})
+        except PeerUnavailable:
+            pass  # it will get it when its link comes back
+
+    def _on_roster(self, peer_id: str, body: RosterMessage) -> None:
+        if not self._ballot_rate.take(peer_id, time.monotonic()):
+            raise self._refuse("rate-limited", "too many rosters")  # each costs a verify
+        problem = self.electorate.offer(body.roster, peer_id)
+        if problem is not None:
+            self.stats.messages_rejected += 1  # counted by reason in electorate.rejections
+            raise HandlerRefusal(problem, f"roster refused: {problem}")
+        self._emit("stats:changed", {"cause": "roster"})
+
+    async def share_roster(self) -> int:
+        """Send the roster to every connected peer (after a local change); returns how many."""
+        peers = self.node.connected_peers()
+        for peer in peers:
+            await self._send_roster(peer)
+        return len(peers)
+
     # -- views -------------------------------------------------------------------------
 
     def consensus_records(self) -> list[dict[str, Any]]:
@@ -455,7 +542,7 @@ class ConsensusService:
     async def close(self) -> None:
         """Stop asking and voting; proposals still open end with reason ``closed``."""
         self._closed = True
-        for type_ in (CONSENSUS_PROPOSAL, CONSENSUS_BALLOT):
+        for type_ in (CONSENSUS_PROPOSAL, CONSENSUS_BALLOT, ROSTER_UPDATE):
             self.node.endpoint.unregister_message_handler(type_)
         await self._tasks.close()
         for state in self._open.values():

@@ -24,9 +24,9 @@ from swarm_notebook.governance.risk import (
     DEFAULT_CORE_FILES,
     Modification,
     assess_modification_risk,
+    dynamic_code_findings,
     is_core_file,
     parse_modification,
-    uses_dynamic_code,
 )
 from swarm_notebook.identity import Identity
 from swarm_notebook.reasons import Reason
@@ -46,7 +46,7 @@ class DefaultVotePolicy:
     Rules, first match wins (risk is assessed here from the code itself, never taken
     from the proposer's label):
 
-    1. code that calls ``eval(`` / ``exec(`` is refused;
+    1. code that runs code it builds (eval/exec and the rest of ``risk``'s list) is refused;
     2. deleting a core file is refused;
     3. medium and low risk changes are approved;
     4. other high-risk changes (editing or creating a core file, deleting a non-core
@@ -61,8 +61,10 @@ class DefaultVotePolicy:
         self.min_rationale = min_rationale
 
     def decide(self, proposal: Proposal, modification: Modification) -> Vote:
-        if uses_dynamic_code(modification.code):
-            return False, "refused: the code calls eval()/exec()"
+        findings = dynamic_code_findings(modification.code, modification.file_path)
+        if findings:
+            # The prefix is stable (notebooks and callers match on it); the finding says why.
+            return False, f"refused: the code calls eval()/exec() or the like ({findings[0]})"
         risk = assess_modification_risk(modification, self.core_files)
         core = is_core_file(modification.file_path, self.core_files)
         if modification.operation == "DELETE" and core:

@@ -4,7 +4,9 @@ from swarm_notebook.errors import IdentityError
 from swarm_notebook.identity.keys import (
     Identity,
     default_profile_dir,
+    is_canonical_peer_id,
     public_key_from_peer_id,
+    require_canonical,
     verify_signature,
 )
 
@@ -12,6 +14,8 @@ __all__ = [
     "Identity",
     "IdentityError",
     "default_profile_dir",
+    "is_canonical_peer_id",
     "public_key_from_peer_id",
+    "require_canonical",
     "verify_signature",
 ]

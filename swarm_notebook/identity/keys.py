@@ -3,6 +3,13 @@
 The peer id *is* the public key (lower-case base32, no padding: 52 characters of
 ``[a-z2-7]``), so anyone can check a signature against an id with nothing else in hand,
 and no peer can claim an id without holding its private key.
+
+One key has exactly one id. 52 base32 characters carry 260 bits for a 256-bit key, and a
+lenient decoder ignores the last character's low 4 bits and letter case, so 16+ strings
+decode to the same key. Every place that names a peer (signaling rooms, link auth, cards,
+ballots, reflections) counts distinct strings, so each of those spellings would be a new
+"peer": ``is_canonical_peer_id`` / ``require_canonical`` accept only the spelling
+``Identity`` itself produces, and ``public_key_from_peer_id`` refuses the others.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from swarm_notebook.reasons import Reason
 PROFILE_ENV = "SWARM_NOTEBOOK_PROFILE"
 KEY_FILE = "identity.pem"
 PEER_ID_LENGTH = 52
+BACKUP_SUFFIX = ".old"
 
 
 def default_profile_dir(env: dict[str, str] | None = None) -> Path:
@@ -39,19 +47,49 @@ def _peer_id_for(public_key: Ed25519PublicKey) -> str:
     return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 
 
-def public_key_from_peer_id(peer_id: str) -> Ed25519PublicKey:
-    """Recover the public key behind a peer id; raises ``IdentityError`` if it is not one."""
+def _decode(peer_id: object) -> Ed25519PublicKey | None:
+    """The key behind the *canonical* spelling ``peer_id``, else None."""
     if not isinstance(peer_id, str) or len(peer_id) != PEER_ID_LENGTH:
-        raise IdentityError(Reason.BAD_ID, f"not a peer id: {peer_id!r:.80}")
+        return None
     try:
         raw = base64.b32decode(peer_id.upper() + "====")
-        return Ed25519PublicKey.from_public_bytes(raw)
-    except (ValueError, TypeError) as exc:
-        raise IdentityError(Reason.BAD_ID, f"not a peer id: {peer_id!r:.80}") from exc
+        key = Ed25519PublicKey.from_public_bytes(raw)
+    except (ValueError, TypeError):
+        return None
+    # Re-encoding is the only test that also rejects upper/mixed case and the 16 endings
+    # whose ignored low bits differ: the id must be the one string this key produces.
+    return key if _peer_id_for(key) == peer_id else None
+
+
+def is_canonical_peer_id(peer_id: object) -> bool:
+    """True only for the one spelling of a key that ``Identity`` produces.
+
+    >>> ident = Identity.generate()
+    >>> is_canonical_peer_id(ident.peer_id), is_canonical_peer_id(ident.peer_id.upper())
+    (True, False)
+    """
+    return _decode(peer_id) is not None
+
+
+def require_canonical(peer_id: object, what: str = "peer id") -> str:
+    """``peer_id`` if it is a canonical peer id; raises ``IdentityError`` (``bad-id``)."""
+    if _decode(peer_id) is None:
+        raise IdentityError(Reason.BAD_ID, f"{what} {peer_id!r:.80} is not a canonical peer id")
+    assert isinstance(peer_id, str)
+    return peer_id
+
+
+def public_key_from_peer_id(peer_id: str) -> Ed25519PublicKey:
+    """Recover the public key behind a canonical peer id; raises ``IdentityError`` otherwise."""
+    key = _decode(peer_id)
+    if key is None:
+        raise IdentityError(Reason.BAD_ID, f"not a canonical peer id: {peer_id!r:.80}")
+    return key
 
 
 def verify_signature(peer_id: str, signature: bytes, data: bytes) -> bool:
-    """True when ``signature`` over ``data`` was made by the key behind ``peer_id``."""
+    """True when ``signature`` over ``data`` was made by the key behind ``peer_id``
+    (which must be that key's canonical spelling)."""
     try:
         public_key_from_peer_id(peer_id).verify(signature, data)
     except (IdentityError, InvalidSignature, TypeError, ValueError):
@@ -123,6 +161,24 @@ class Identity:
         if mode & 0o077:
             os.chmod(path, 0o600)
         return cls(private_key=key, peer_id=_peer_id_for(key.public_key()))
+
+    @classmethod
+    def rotate(cls, profile_dir: Path | str | None = None) -> tuple[Identity, Path | None]:
+        """Replace the profile's key with a new one; the old key file is kept as a backup
+        (``identity.pem.old``, then ``.old.1``...). Returns the new identity and the backup.
+        """
+        folder = Path(profile_dir) if profile_dir is not None else default_profile_dir()
+        path = folder / KEY_FILE
+        backup: Path | None = None
+        if path.exists():
+            cls.load(path)  # never move away a key we could not have read back
+            backup = path.with_name(KEY_FILE + BACKUP_SUFFIX)
+            n = 0
+            while backup.exists():
+                n += 1
+                backup = path.with_name(f"{KEY_FILE}{BACKUP_SUFFIX}.{n}")
+            os.replace(path, backup)
+        return cls.load_or_create(folder), backup
 
     def sign(self, data: bytes) -> bytes:
         return self.private_key.sign(data)

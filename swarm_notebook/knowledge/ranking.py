@@ -2,7 +2,9 @@
 
 The original ``queryKnowledge`` only searched locally. Here the local hits and every
 peer's answer are validated, de-duplicated by content hash, attributed to everyone who
-returned them, and ranked by how many query keywords they match.
+returned them, and ranked: reflections whose author's signature verifies always come
+before unverified ones (a forged author must never rank first), then by how many query
+keywords they match.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def merge_knowledge_detailed(
                 entry.sources.append(source)
     ranked = sorted(
         entries.values(),
-        key=lambda e: (e.score, len(e.sources), e.reflection.timestamp),
+        key=lambda e: (e.verified, e.score, len(e.sources), e.reflection.timestamp),
         reverse=True,
     )
     if limit is not None:
@@ -169,8 +171,9 @@ def merge_knowledge(
 
     Each item is a reflection dict plus ``content_hash``, ``from_peer`` (list: ``"local"``
     and/or peer ids that returned it), ``verified`` (its author's signature checks out)
-    and ``score`` (distinct query keywords matched). Ties go to items more sources agree
-    on, then to newer ones. Malformed items are skipped; use
+    and ``score`` (distinct query keywords matched). Verified items come first, whatever
+    their score; then the score; ties go to items more sources agree on, then to newer
+    ones. Malformed items are skipped; use
     ``merge_knowledge_detailed`` to see them.
 
     >>> merge_knowledge([{"category": "io", "description": "read_parquet is fast",

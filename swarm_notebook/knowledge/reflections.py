@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from swarm_notebook.errors import ReflectionRejected
-from swarm_notebook.identity import Identity, verify_signature
+from swarm_notebook.identity import Identity, is_canonical_peer_id, verify_signature
 from swarm_notebook.reasons import Reason
 
 CONTENT_DOMAIN = "swarm-notebook/reflection-content/v1"
@@ -205,6 +205,8 @@ def _check_fields(
             )
     if reflection.author and not _PEER_ID.fullmatch(reflection.author):
         raise ReflectionRejected(Reason.WRONG_SCHEMA, "author is not a peer id")
+    if reflection.author and not is_canonical_peer_id(reflection.author):
+        raise ReflectionRejected(Reason.BAD_ID, "author is not the canonical spelling of a key")
     if not math.isfinite(reflection.timestamp) or reflection.timestamp < 0:
         raise ReflectionRejected(Reason.WRONG_SCHEMA, "timestamp is not a finite epoch time")
     if reflection.signature:

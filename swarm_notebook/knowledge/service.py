@@ -11,7 +11,9 @@ Wire messages (all bodies schema-checked):
   ``MAX_ANSWER_ITEMS``; rate-limited per asking peer.
 
 Nothing in a reflection or a query is ever executed; artifacts are file *names* under the
-workspace folder, never file contents.
+workspace folder, never file contents. An artifact path from a peer is kept only if it is
+a plain relative path (no ``..``, not absolute, no drive, no ``~``, no control
+characters); the local scan never follows a symlink.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import posixpath
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +161,26 @@ def scan_artifacts(workspace: Path, query: str, limit: int) -> list[dict[str, st
     return [{"path": path, "type": kind} for _, path, kind in scored[:limit]]
 
 
+def artifact_path_problem(path: str) -> str | None:
+    """Why ``path`` is not a plain path relative to a workspace, or ``None`` if it is.
+
+    >>> artifact_path_problem("data/sales.csv") is None, artifact_path_problem("../../etc/passwd")
+    (True, 'climbs out with ..')
+    """
+    if not path or any(ord(c) < 32 or c == "\x7f" for c in path):
+        return "empty or with control characters"
+    if "\\" in path:
+        return "has a backslash"
+    if path.startswith(("/", "~")) or (len(path) > 1 and path[1] == ":"):
+        return "is absolute"
+    parts = path.split("/")
+    if ".." in parts:
+        return "climbs out with .."
+    if posixpath.normpath(path) != path or "." in parts:
+        return "is not a normal relative path"
+    return None
+
+
 def _draft_fields(reflection: Mapping[str, Any] | Reflection) -> dict[str, Any]:
     """The content fields of a user-supplied reflection (authorship is ours to set)."""
     if isinstance(reflection, Reflection):
@@ -232,6 +256,9 @@ class KnowledgeService:
         )
         self.rejections_not_audited = 0
         self.request_rejections: dict[str, int] = {}
+        # Items refused from peers' answers (bad reflections, artifact paths), by reason.
+        self.answer_rejections: Counter[str] = Counter()
+        self._logged: set[tuple[str, str]] = set()
         self._tasks = OwnedTasks("knowledge-service")
         self._closed = False
         node.endpoint.register_message_handler(
@@ -434,16 +461,27 @@ class KnowledgeService:
         merged = merge_knowledge_detailed(
             local, remote, query, limit=limit, max_items_per_source=MAX_ANSWER_ITEMS
         )
-        artifacts = _merge_artifacts(
-            query,
-            [(LOCAL, local_artifacts)]
-            + [
-                (peer, [msgspec.to_builtins(a) for a in answer.artifacts])
-                for peer, (_, answer) in zip(peers, answers, strict=True)
-                if answer is not None
-            ],
-            limit,
-        )
+        peer_artifacts: list[tuple[str, list[dict[str, Any]]]] = []
+        for peer, (_, answer) in zip(peers, answers, strict=True):
+            if answer is None:
+                continue
+            kept = []
+            for artifact in answer.artifacts:
+                problem = artifact_path_problem(artifact.path)
+                if problem is None:
+                    kept.append(msgspec.to_builtins(artifact))
+                else:
+                    merged.rejected.append(
+                        {
+                            "from_peer": peer,
+                            "reason": Reason.PATH_OUTSIDE_WORKSPACE,
+                            "message": f"artifact path {artifact.path!r:.80} {problem}",
+                        }
+                    )
+            peer_artifacts.append((peer, kept))
+        artifacts = _merge_artifacts(query, [(LOCAL, local_artifacts), *peer_artifacts], limit)
+        for item in merged.rejected:
+            self._count_answer_rejection(item["from_peer"], item["reason"], item["message"])
         self.audit.record_quietly(
             "knowledge-query",
             peer=None,
@@ -462,6 +500,12 @@ class KnowledgeService:
             "peers": statuses,
             "rejected": merged.rejected,
         }
+
+    def _count_answer_rejection(self, peer: str, reason: str, message: str) -> None:
+        self.answer_rejections[reason] += 1
+        if (peer, reason) not in self._logged and len(self._logged) < 4096:
+            self._logged.add((peer, reason))
+            log.info("refused an item from %s: %s %s", peer[:16], reason, message[:200])
 
     # -- views -------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import time
 import msgspec
 
 from swarm_notebook.errors import CardError
-from swarm_notebook.identity import Identity, verify_signature
+from swarm_notebook.identity import Identity, is_canonical_peer_id, verify_signature
 from swarm_notebook.reasons import Reason
 
 CARD_CONTEXT = b"swarm-notebook/agent-card/v1\x00"
@@ -74,6 +74,8 @@ def make_card(
 
 def verify_card(card: AgentCard, sender: str) -> AgentCard:
     """Check a card received from ``sender``; raises ``CardError`` with a reason."""
+    if not is_canonical_peer_id(card.peer_id):
+        raise CardError(Reason.BAD_ID, f"card id {card.peer_id!r:.60} is not a canonical peer id")
     if card.peer_id != sender:
         raise CardError(
             Reason.CARD_NOT_SENDERS, f"card for {card.peer_id[:16]} sent by {sender[:16]}"

@@ -56,7 +56,7 @@ ENV_SIGNALING = "SWARM_NOTEBOOK_SIGNALING"
 ENV_ROOM = "SWARM_NOTEBOOK_ROOM"
 ENV_SECRET = "SWARM_NOTEBOOK_SECRET"
 DEFAULT_ROOM = "local"
-SUBCOMMANDS = ("join", "status", "peers", "tasks", "dashboard", "leave")
+SUBCOMMANDS = ("join", "status", "peers", "tasks", "dashboard", "leave", "roster")
 
 
 class _HelpShown(Exception):
@@ -120,6 +120,10 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
         ("leave", "leave the swarm"),
     ):
         sub.add_parser(name, help=text)
+    roster = sub.add_parser("roster", help="who may vote: show | add ID [--name N] | remove ID")
+    roster.add_argument("action", nargs="?", choices=("show", "add", "remove"), default="show")
+    roster.add_argument("peer_id", nargs="?", default=None)
+    roster.add_argument("--name", default="")
     run = sub.add_parser("run", help="(cell magic) run the cell on a capable peer")
     target = run.add_mutually_exclusive_group()
     target.add_argument(
@@ -226,6 +230,27 @@ class SwarmMagics(Magics):
             print(f"left room {room!r}")
         else:
             print("not in a swarm: nothing to leave")
+
+    def _roster(self, args: argparse.Namespace) -> None:
+        """Show the room's roster, or change it (this peer must own it, or make it)."""
+        from swarm_notebook.notebook.session import run_blocking
+
+        coordinator = self.session.require()
+        if args.action != "show":
+            if not args.peer_id:
+                raise UsageError(Reason.BAD_ARGUMENTS, f"%swarm roster {args.action} PEER_ID")
+            if args.action == "add":
+                change = coordinator.roster_add(args.peer_id, args.name)
+            else:
+                change = coordinator.roster_remove(args.peer_id)
+            run_blocking(change, timeout=30)  # a refusal is a SwarmError with its reason
+        info = coordinator.roster()
+        if info["electorate"] == "open":
+            print("open room: no roster (anyone connected votes; high-risk changes are refused)")
+        else:
+            print(f"roster v{info['version']} owned by {short_id(info['owner'])}:")
+            for member in info["members"]:
+                print(f"  {short_id(member['peer_id'])}  {member['name']}")
 
     # -- %%swarm run ---------------------------------------------------------------------
 

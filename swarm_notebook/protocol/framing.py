@@ -8,12 +8,19 @@ envelope; ``CHUNK`` frames carry a piece of a larger one::
 Chunks of one transfer arrive in order (the channel is ordered and reliable) but chunks
 of different transfers may interleave, so a small message such as a heartbeat is never
 stuck behind a 50 MB transfer.
+
+Memory is bounded three ways: per message, per link, and across every link of a peer
+(one :class:`ReassemblyPool`), so many links cannot each pin their own share. A transfer
+that stops making progress for ``timeout_s`` is dropped: the clock restarts with every
+chunk, so a large message over a slow, lossy link is never cut off while it still flows.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from swarm_notebook.errors import ProtocolError
@@ -41,10 +48,17 @@ def frame_message(
         yield header + view[index * piece : (index + 1) * piece]
 
 
+def chunk_transfer_id(frame: bytes) -> int | None:
+    """The transfer id of a ``CHUNK`` frame, ``None`` for anything else."""
+    if len(frame) >= CHUNK_HEADER_SIZE and frame[0] == CHUNK:
+        return int(_CHUNK_HEADER.unpack_from(frame)[1])
+    return None
+
+
 @dataclass
 class _Transfer:
     count: int
-    started: float
+    last_progress: float
     parts: list[memoryview] = field(default_factory=list)
     size: int = 0
 
@@ -52,11 +66,53 @@ class _Transfer:
 @dataclass
 class ReassemblyLimits:
     # One message may be large (a DataFrame); what a peer can make us hold unfinished is
-    # bounded per link, and a stalled transfer is dropped after ``timeout_s``.
+    # bounded per link and across all links (``max_total_pending_bytes``), and a transfer
+    # that makes no progress for ``timeout_s`` is dropped.
     max_message_bytes: int = 128 * 1024 * 1024
     max_pending_bytes: int = 160 * 1024 * 1024
+    max_total_pending_bytes: int = 256 * 1024 * 1024
     max_transfers: int = 64
     timeout_s: float = 30.0
+
+
+class ReassemblyPool:
+    """Unfinished bytes held across every link: one budget shared by all reassemblers.
+
+    When it is full, room is taken from the link holding the most, as long as that link
+    holds more than the one asking: a greedy peer cannot starve the others, it only ends
+    up with an equal share. ``on_evict(reassembler, transfer_id)`` reports each transfer
+    dropped that way so its sender can be told.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.pending_bytes = 0
+        self.evicted = 0
+        self.on_evict: Callable[[Reassembler, int], None] = lambda reassembler, tid: None
+        self._members: weakref.WeakSet[Reassembler] = weakref.WeakSet()
+
+    def fits(self, n: int) -> bool:
+        return self.pending_bytes + n <= self.max_bytes
+
+    def join(self, reassembler: Reassembler) -> None:
+        self._members.add(reassembler)
+
+    def make_room(self, n: int, asking: Reassembler) -> bool:
+        while not self.fits(n):
+            greediest = max(self._members, key=lambda r: r.pending_bytes, default=None)
+            if (
+                greediest is None
+                or greediest is asking
+                or greediest.pending_bytes <= asking.pending_bytes + n
+            ):
+                return False
+            transfer_id = greediest.largest_transfer()
+            if transfer_id is None:
+                return False
+            greediest.refuse(transfer_id)
+            self.evicted += 1
+            self.on_evict(greediest, transfer_id)
+        return True
 
 
 class Reassembler:
@@ -67,11 +123,21 @@ class Reassembler:
     is dropped, so one bad frame cannot pin memory).
     """
 
-    def __init__(self, limits: ReassemblyLimits | None = None) -> None:
+    # Transfers refused or expired are remembered (bounded) so their remaining chunks are
+    # dropped quietly: one refusal per transfer, not one per chunk still on its way.
+    MAX_REMEMBERED_DROPS = 256
+
+    def __init__(
+        self, limits: ReassemblyLimits | None = None, pool: ReassemblyPool | None = None
+    ) -> None:
         self.limits = limits or ReassemblyLimits()
+        self.pool = pool or ReassemblyPool(self.limits.max_total_pending_bytes)
+        self.pool.join(self)
         self._transfers: dict[int, _Transfer] = {}
         self._pending_bytes = 0
+        self._dropped: OrderedDict[int, None] = OrderedDict()
         self.expired = 0
+        self.discarded_chunks = 0
 
     @property
     def pending_bytes(self) -> int:
@@ -97,7 +163,13 @@ class Reassembler:
         # A view, not a slice: slicing would copy every chunk once more before the join.
         payload = memoryview(frame)[CHUNK_HEADER_SIZE:]
         transfer = self._transfers.get(transfer_id)
+        if transfer is None and index != 0 and transfer_id in self._dropped:
+            self.discarded_chunks += 1
+            if index + 1 >= count:
+                self._dropped.pop(transfer_id, None)
+            return None
         if transfer is None:
+            self._dropped.pop(transfer_id, None)
             if index != 0:
                 raise ProtocolError(
                     Reason.CHUNK_OUT_OF_ORDER, f"transfer {transfer_id} starts at {index}"
@@ -105,43 +177,70 @@ class Reassembler:
             if count < 2:
                 raise ProtocolError(Reason.BAD_CHUNK_COUNT, f"count {count}")
             if count * (len(frame) - CHUNK_HEADER_SIZE) > 2 * self.limits.max_message_bytes:
+                self._refuse(transfer_id, index, count)
                 raise ProtocolError(Reason.OVERSIZED, f"announced {count} chunks")
             if len(self._transfers) >= self.limits.max_transfers:
+                self._refuse(transfer_id, index, count)
                 raise ProtocolError(Reason.TOO_MANY_TRANSFERS, f"{len(self._transfers)} incomplete")
-            transfer = _Transfer(count=count, started=now)
+            transfer = _Transfer(count=count, last_progress=now)
             self._transfers[transfer_id] = transfer
         elif index != len(transfer.parts) or count != transfer.count:
-            self._drop(transfer_id)
+            self._refuse(transfer_id, index, count)
             raise ProtocolError(Reason.CHUNK_OUT_OF_ORDER, f"transfer {transfer_id} index {index}")
         if transfer.size + len(payload) > self.limits.max_message_bytes:
-            self._drop(transfer_id)
+            self._refuse(transfer_id, index, count)
             raise ProtocolError(Reason.OVERSIZED, f"transfer {transfer_id} exceeds message limit")
         if self._pending_bytes + len(payload) > self.limits.max_pending_bytes:
-            self._drop(transfer_id)
+            self._refuse(transfer_id, index, count)
             raise ProtocolError(Reason.REASSEMBLY_FULL, f"{self._pending_bytes} bytes pending")
+        if not self.pool.make_room(len(payload), self):
+            self._refuse(transfer_id, index, count)
+            raise ProtocolError(
+                Reason.REASSEMBLY_FULL, f"{self.pool.pending_bytes} bytes pending on all links"
+            )
         transfer.parts.append(payload)
         transfer.size += len(payload)
+        transfer.last_progress = now
         self._pending_bytes += len(payload)
+        self.pool.pending_bytes += len(payload)
         if len(transfer.parts) < transfer.count:
             return None
         self._drop(transfer_id)
         return b"".join(transfer.parts)
 
-    def expire(self, now: float) -> int:
-        """Drop transfers older than the timeout; returns how many were dropped."""
+    def expire(self, now: float) -> list[int]:
+        """Drop transfers with no progress for the timeout; returns their ids."""
         stale = [
-            tid for tid, t in self._transfers.items() if now - t.started > self.limits.timeout_s
+            tid
+            for tid, t in self._transfers.items()
+            if now - t.last_progress > self.limits.timeout_s
         ]
         for tid in stale:
-            self._drop(tid)
+            self._refuse(tid, 0, 2)
         self.expired += len(stale)
-        return len(stale)
+        return stale
 
     def clear(self) -> None:
+        self.pool.pending_bytes -= self._pending_bytes
         self._transfers.clear()
         self._pending_bytes = 0
+
+    def largest_transfer(self) -> int | None:
+        return max(self._transfers, key=lambda t: self._transfers[t].size, default=None)
+
+    def refuse(self, transfer_id: int) -> None:
+        """Drop an unfinished transfer; chunks of it still arriving are dropped quietly."""
+        self._refuse(transfer_id, 0, 2)
+
+    def _refuse(self, transfer_id: int, index: int, count: int) -> None:
+        self._drop(transfer_id)
+        if index + 1 < count:  # more chunks of it are on their way
+            self._dropped[transfer_id] = None
+            while len(self._dropped) > self.MAX_REMEMBERED_DROPS:
+                self._dropped.popitem(last=False)
 
     def _drop(self, transfer_id: int) -> None:
         transfer = self._transfers.pop(transfer_id, None)
         if transfer is not None:
             self._pending_bytes -= transfer.size
+            self.pool.pending_bytes -= transfer.size

@@ -25,6 +25,11 @@ kind          value
 ``pickle``    anything else, only when both sides pass ``allow_pickle=True``
 ============  ================================================================
 
+Decoding is bounded: a :class:`DecodeBudget` (one per message, shared by a result and all
+its outputs) is charged from the sizes each Arrow stream and ``.npy`` header *declares*
+(see ``declared_sizes``) before anything is decompressed or allocated; passing it is
+``too-large``.
+
 Subclasses of ``str``/``int``/``float``/``bytes`` (enums, ``numpy.str_``) arrive as the
 plain base type. In object-dtype DataFrame columns, missing values arrive as ``None``
 (Arrow has one null, so ``NaN`` and ``None`` are not told apart there).
@@ -52,6 +57,7 @@ import pyarrow.ipc as pa_ipc
 from pandas.api.types import is_object_dtype
 
 from swarm_notebook.errors import ValueCodecError
+from swarm_notebook.protocol.declared_sizes import arrow_stream_cost, load_npy
 from swarm_notebook.reasons import Reason
 
 TAG = "__sn__"
@@ -74,12 +80,41 @@ def encode_value(
     return _Encoder(allow_pickle=allow_pickle, max_bytes=max_bytes).encode(obj, 0)
 
 
-def decode_value(x: Any, *, allow_pickle: bool = False, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+class DecodeBudget:
+    """The memory one message may make us hold once decoded, shared by all its values.
+
+    A result and every one of its outputs draw on one budget, and each Arrow table or
+    numpy array is charged from its declared sizes *before* it is decompressed or
+    allocated, so a small compressed message can never expand past ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+
+    def charge(self, n: int) -> None:
+        if self.used + n > self.max_bytes:
+            raise ValueCodecError(
+                Reason.TOO_LARGE,
+                f"decoding would hold {self.used + n} bytes, over the limit of "
+                f"{self.max_bytes} bytes for one message",
+            )
+        self.used += n
+
+
+def decode_value(
+    x: Any,
+    *,
+    allow_pickle: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    budget: DecodeBudget | None = None,
+) -> Any:
     """Rebuild a value made by :func:`encode_value`; every failure is a ``ValueCodecError``.
 
-    ``max_bytes`` bounds the memory that decoded Arrow tables may take.
+    ``budget`` (or a fresh one of ``max_bytes``) bounds the memory that decoded tables
+    and arrays may take; pass one budget to every value of one message.
     """
-    decoder = _Decoder(allow_pickle=allow_pickle, max_bytes=max_bytes)
+    decoder = _Decoder(allow_pickle=allow_pickle, budget=budget or DecodeBudget(max_bytes))
     try:
         return decoder.decode(x, 0)
     except ValueCodecError:
@@ -231,10 +266,9 @@ class _Encoder:
 
 
 class _Decoder:
-    def __init__(self, *, allow_pickle: bool, max_bytes: int) -> None:
+    def __init__(self, *, allow_pickle: bool, budget: DecodeBudget) -> None:
         self.allow_pickle = allow_pickle
-        self.max_bytes = max_bytes
-        self.used = 0
+        self.budget = budget
 
     def decode(self, x: Any, depth: int) -> Any:
         if depth > MAX_DEPTH:
@@ -281,9 +315,9 @@ class _Decoder:
         if kind == "bigint":
             return int(_field(x, "data", str)[:10_000])
         if kind == "ndarray":
-            return _load_npy(_field(x, "data", bytes))
+            return load_npy(_field(x, "data", bytes), self.budget.charge)
         if kind == "npscalar":
-            arr = _load_npy(_field(x, "data", bytes))
+            arr = load_npy(_field(x, "data", bytes), self.budget.charge)
             if arr.ndim != 0:
                 raise ValueCodecError(Reason.MALFORMED, "npscalar must hold a 0-d array")
             return arr[()]
@@ -316,15 +350,10 @@ class _Decoder:
         raise ValueCodecError(Reason.MALFORMED, f"unknown tag {kind!r:.40}")
 
     def arrow(self, data: bytes) -> pd.DataFrame:
+        # Headers first: nothing is decompressed until the whole stream fits the budget.
+        self.budget.charge(arrow_stream_cost(data))
         reader = pa_ipc.open_stream(data)
-        batches = []
-        for batch in reader:
-            self.used += batch.nbytes
-            if self.used > self.max_bytes:
-                raise ValueCodecError(
-                    Reason.TOO_LARGE, f"decoded tables pass the limit of {self.max_bytes} bytes"
-                )
-            batches.append(batch)
+        batches = list(reader)
         table = pa.Table.from_batches(batches, schema=reader.schema)
         frame = table.to_pandas()
         _restore_object_columns(frame, table.schema.pandas_metadata or {})
@@ -343,13 +372,6 @@ def _field(x: dict[str, Any], name: str, kind: type) -> Any:
             Reason.MALFORMED, f"tag {x.get(TAG)!r:.40} needs {name!r} of type {kind.__name__}"
         )
     return value
-
-
-def _load_npy(data: bytes) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:
-        raise ValueCodecError(Reason.MALFORMED, f"bad npy data: {exc}"[:300]) from exc
 
 
 def _to_object(values: Any) -> Any:

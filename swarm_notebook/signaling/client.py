@@ -74,10 +74,14 @@ from swarm_notebook.signaling.membership import MembershipChanges, RoomMembershi
 
 log = logging.getLogger(__name__)
 
-# Refusals a client must not retry: retrying cannot change the answer.
+# Refusals a client must not retry: retrying cannot change the answer. ``replaced`` is
+# not one: it means another process proved our key (a stolen key, or a second copy of this
+# profile); going silent would hand our identity to it for good, so we keep retrying with
+# a growing backoff and say so loudly.
 FINAL_REFUSALS = frozenset(
-    {Reason.BAD_SIGNATURE, Reason.BAD_SECRET, Reason.BAD_ROOM, Reason.REPLACED}
+    {Reason.BAD_SIGNATURE, Reason.BAD_SECRET, Reason.BAD_ROOM, Reason.BAD_ID}
 )
+REPLACED_BACKOFF_MAX = 30.0
 
 Callback = Callable[..., Any]
 
@@ -198,6 +202,8 @@ class SignalingClient:
         self._connected_event = asyncio.Event()
         self._first_joined = asyncio.Event()
         self._closed = False
+        self._replaced_streak = 0
+        self.replaced_backoff_max = REPLACED_BACKOFF_MAX
         # Why the client stopped for good: a final refusal, or a TLS failure before joining.
         self.refusal: SignalingError | None = None
         self.last_error: str | None = None
@@ -284,9 +290,15 @@ class SignalingClient:
         self._connected = False
         self._connected_event.clear()
 
+    @property
+    def identity_conflicts(self) -> int:
+        """How often another connection proved our key and took our place in the room."""
+        return self._counters["replaced"]
+
     def stats(self) -> dict[str, Any]:
         """Counters: joins, reconnect attempts, signals sent/received, errors by reason."""
         return {
+            "identity_conflicts": self._counters["replaced"],
             "connected": self._connected,
             "members": len(self._membership.members),
             "joins": self._counters["joins"],
@@ -356,6 +368,15 @@ class SignalingClient:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("signaling connection to %s crashed", self.url)
             attempt = 0 if joined else attempt + 1
+            if self._replaced_streak:
+                # Two holders of one key would evict each other in a tight loop: back off
+                # harder each time, but never give the room to the other one for good.
+                delay = min(
+                    self.replaced_backoff_max,
+                    self._backoff_initial * (2.0 ** min(self._replaced_streak + 2, 30)),
+                )
+                await asyncio.sleep(delay * (0.5 + 0.5 * self._rng.random()))
+                continue
             await asyncio.sleep(self._backoff_delay(attempt))
 
     def _tls_error(self, exc: aiohttp.ClientSSLError) -> SignalingTLSError:
@@ -422,6 +443,8 @@ class SignalingClient:
                 self._connected = False
                 self._connected_event.clear()
                 self._counters["disconnects"] += 1
+            if reason != Reason.REPLACED:
+                self._replaced_streak = 0
             log.info("signaling connection to %s ended: %s", self.url, reason)
             await self._events.put(_DisconnectedEvent(reason))
             return True
@@ -493,6 +516,19 @@ class SignalingClient:
                 await self._events.put(_PeerLeftEvent(message.peer_id))
             elif isinstance(message, Error):
                 self._errors_received[message.reason] += 1
+                if message.reason == Reason.REPLACED:
+                    self._counters["replaced"] += 1
+                    self._replaced_streak += 1
+                    log.warning(
+                        "IDENTITY CONFLICT: another process holds the key of peer %s and took "
+                        "its place in room %r (%d time(s)); retrying. If this is not a second "
+                        "copy of this profile, the key may be stolen: run "
+                        "`swarm-notebook identity rotate`.",
+                        self._identity.short_id(),
+                        self.room,
+                        self._counters["replaced"],
+                    )
+                    return Reason.REPLACED.value
                 if message.reason in FINAL_REFUSALS:
                     raise SignalingRefused(message.reason, message.message)
                 log.warning("signaling server error %s: %s", message.reason, message.message)

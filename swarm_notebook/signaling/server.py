@@ -36,7 +36,7 @@ import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 
-from swarm_notebook.identity import verify_signature
+from swarm_notebook.identity import is_canonical_peer_id, verify_signature
 from swarm_notebook.protocol.signaling import (
     Challenge,
     Error,
@@ -337,6 +337,11 @@ class SignalingServer:
                 conn,
                 Reason.BAD_ROOM,
                 f"room names are 1-{self._limits.max_room_length} printable characters",
+            )
+        if not is_canonical_peer_id(peer_id):
+            # One key, one id: any other spelling of a key would be a second room member.
+            return self._refuse(
+                conn, Reason.BAD_ID, "the peer id is not the canonical spelling of a key"
             )
         try:
             signature = bytes.fromhex(join.signature)

@@ -28,10 +28,26 @@ class PeerLinkInfo:
     dials: int = 0
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A peer refused a message we sent (too large, reassembly full, out of order...).
+
+    ``message_id``/``message_type``/``reply_to`` describe *our* message, looked up from
+    what we sent; the peer only names the transfer or id, never what we sent.
+    """
+
+    reason: str
+    detail: str
+    message_id: str | None = None
+    message_type: str | None = None
+    reply_to: str | None = None
+
+
 MessageCallback = Callable[[str, Envelope, int], None]
 """(peer id, envelope, encoded size) — called on the transport's loop; must not block."""
 PeerCallback = Callable[[str], None]
 PeerDownCallback = Callable[[str, str], None]
+RefusalCallback = Callable[[str, Refusal], None]
 
 
 @dataclass
@@ -39,6 +55,7 @@ class TransportCallbacks:
     on_message: MessageCallback = lambda peer, env, size: None
     on_peer_up: PeerCallback = lambda peer: None
     on_peer_down: PeerDownCallback = lambda peer, reason: None
+    on_refused: RefusalCallback = lambda peer, refusal: None
 
 
 @dataclass
@@ -52,6 +69,24 @@ class RejectionCounter:
 
     def total(self) -> int:
         return sum(self.by_reason.values())
+
+
+class OncePerKey:
+    """Answers "first time?" per key, so a flood logs one line per peer and reason.
+
+    Bounded: after ``max_keys`` distinct keys nothing more is remembered (and nothing
+    more is logged), so peer-chosen keys cannot grow it.
+    """
+
+    def __init__(self, max_keys: int = 4096) -> None:
+        self.max_keys = max_keys
+        self._seen: set[tuple[str, ...]] = set()
+
+    def first(self, *key: str) -> bool:
+        if key in self._seen or len(self._seen) >= self.max_keys:
+            return False
+        self._seen.add(key)
+        return True
 
 
 class Transport(abc.ABC):

@@ -3,6 +3,12 @@
 A reply is matched by its correlation id *and* by the peer that was asked, so no other
 peer can answer in its place. Handlers are registered per message type; registering a
 type again replaces the handler (it never delivers twice).
+
+When the transport reports that the peer refused a message we sent (``Refusal``: too
+large, reassembly full, timed out half-way), a request waiting on it fails at once with
+the peer's reason, and a refused *reply* is turned into an error reply, so the asker does
+not wait out its timeout either. Counters are keyed only by message types this endpoint
+knows; everything else is counted under ``OTHER``.
 """
 
 from __future__ import annotations
@@ -29,13 +35,15 @@ from swarm_notebook.errors import (
     RequestTimeout,
 )
 from swarm_notebook.protocol.envelope import PROTOCOL_VERSION, Envelope, convert_body
-from swarm_notebook.transport.base import Transport
+from swarm_notebook.transport.base import OncePerKey, Refusal, Transport
 
 log = logging.getLogger(__name__)
 
 REPLY = "rpc.reply"
 ERROR = "rpc.error"
 CANCEL = "rpc.cancel"
+OTHER = "(other)"  # counter bucket of message types nobody here handles
+_RPC_TYPES = frozenset({REPLY, ERROR, CANCEL})
 
 Handler = Callable[[str, Any], Awaitable[Any] | Any]
 
@@ -73,7 +81,10 @@ class Endpoint:
         self.rejections: Counter[str] = Counter()
         self.received: Counter[str] = Counter()
         self.sent: Counter[str] = Counter()
+        self.refused_by_peers: Counter[str] = Counter()
+        self._logged = OncePerKey()
         transport.callbacks.on_message = self._on_message
+        transport.callbacks.on_refused = self._on_refused
 
     @property
     def local_id(self) -> str:
@@ -165,7 +176,9 @@ class Endpoint:
     # -- inbound -------------------------------------------------------------------------
 
     def _on_message(self, peer_id: str, env: Envelope, size: int) -> None:
-        self.received[env.type] += 1
+        # Peer-chosen type strings never become keys: 86k made-up types cost 11 MB.
+        known = env.type in self._handlers or env.type in _RPC_TYPES
+        self.received[env.type if known else OTHER] += 1
         if env.type in (REPLY, ERROR):
             self._resolve(peer_id, env, size)
             return
@@ -243,9 +256,38 @@ class Endpoint:
             RemoteError(peer_id, str(body.get("reason", "error")), str(body.get("message", "")))
         )
 
+    def _on_refused(self, peer_id: str, refusal: Refusal) -> None:
+        """The peer refused a message of ours: fail fast instead of waiting for a reply."""
+        self.refused_by_peers[refusal.reason] += 1
+        pending = self._pending.get(refusal.message_id or "")
+        if pending is not None and pending[0] == peer_id:
+            if not pending[1].done():
+                pending[1].set_exception(
+                    RemoteError(
+                        peer_id, refusal.reason, f"the peer refused the request: {refusal.detail}"
+                    )
+                )
+            return
+        if refusal.message_type == REPLY and refusal.reply_to and not self._tasks.full():
+            # Our answer was refused (too large for the asker...): say so in a small error.
+            body = {
+                "reason": refusal.reason,
+                "message": f"your side refused the reply: {refusal.detail}",
+            }
+            self._tasks.spawn(
+                self._send_reply(peer_id, refusal.reply_to, ERROR, body), name="rpc-refused"
+            )
+
     def _refuse(self, peer_id: str, env: Envelope, reason: str, message: str) -> None:
         self.rejections[reason] += 1
-        log.info("refused %s from %s: %s %s", env.type, peer_id[:16], reason, message)
+        if self._logged.first(peer_id, reason):
+            log.info(
+                "refused %.40s from %s: %s %s (further ones not logged)",
+                env.type,
+                peer_id[:16],
+                reason,
+                message,
+            )
         if env.ask:
             self._reply_soon(peer_id, env, {"reason": reason, "message": message}, ERROR)
 

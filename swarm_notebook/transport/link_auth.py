@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from swarm_notebook.identity import Identity, verify_signature
+from swarm_notebook.identity import Identity, is_canonical_peer_id, verify_signature
 
 LINK_CONTEXT = b"swarm-notebook/link-auth/v1\x00"
 _FINGERPRINT = re.compile(r"^a=fingerprint:(\S+)\s+(\S+)\s*$", re.MULTILINE)
@@ -48,5 +48,11 @@ def sign_transcript(identity: Identity, data: bytes) -> bytes:
     return identity.sign(data)
 
 
+def link_id_problem(peer_id: str) -> str | None:
+    """``"bad-id"`` when ``peer_id`` is not the canonical spelling of a key, else None."""
+    return None if is_canonical_peer_id(peer_id) else "bad-id"
+
+
 def verify_transcript(peer_id: str, signature: bytes, data: bytes) -> bool:
-    return verify_signature(peer_id, signature, data)
+    """True when ``peer_id`` is canonical and signed ``data``."""
+    return link_id_problem(peer_id) is None and verify_signature(peer_id, signature, data)

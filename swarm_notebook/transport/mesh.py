@@ -5,7 +5,11 @@ Rules this module keeps (each one fixes something earlier WebRTC swarms got wron
 * The peer with the smaller id always offers, so two peers joining at once never glare.
 * Remote candidates that arrive before the remote description are queued, not lost.
 * A link carries application messages only after both ends proved their identity keys
-  over it (see ``link_auth``).
+  over it (see ``link_auth``); before that it carries no chunked message either, so an
+  unauthenticated link cannot make us hold anything.
+* Unfinished transfers share one memory budget across every link (``ReassemblyPool``).
+* A refused message is reported to its sender (``link.reject`` naming the transfer or the
+  message id), which stops sending it and fails the request at once with the reason.
 * Liveness comes from our own heartbeats: aiortc's consent check takes ~30 s.
 * A dead link is replaced by a new ``RTCPeerConnection`` (aiortc has no ICE restart) while
   both peers remain in the room; the offerer re-dials, the answerer asks it to.
@@ -23,6 +27,7 @@ import random
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,16 +51,22 @@ from swarm_notebook.protocol.envelope import (
     encode_envelope,
 )
 from swarm_notebook.protocol.framing import (
+    CHUNK,
     DEFAULT_FRAME_SIZE,
     WHOLE,
     Reassembler,
     ReassemblyLimits,
+    ReassemblyPool,
+    chunk_transfer_id,
     frame_message,
 )
+from swarm_notebook.reasons import Reason, is_reason
 from swarm_notebook.transport import link_auth
 from swarm_notebook.transport.base import (
     LinkState,
+    OncePerKey,
     PeerLinkInfo,
+    Refusal,
     RejectionCounter,
     Transport,
     TransportCallbacks,
@@ -65,6 +76,8 @@ from swarm_notebook.transport.ice_hosts import host_addresses_from_env, restrict
 log = logging.getLogger(__name__)
 
 MAX_PENDING_CANDIDATES = 64
+MAX_REMEMBERED_SENDS = 512  # chunked messages per link a refusal can still be matched to
+MAX_REFUSAL_DETAIL = 300
 
 
 class SignalingPort(Protocol):
@@ -133,6 +146,10 @@ class _Link:
     rtt_ms: float | None = None
     writable: asyncio.Event = field(default_factory=asyncio.Event)
     ping_seq: int = 0
+    # transfer id -> (type, id, reply_to) of the chunked messages we sent on this link
+    sent: OrderedDict[int, tuple[str, str, str | None]] = field(default_factory=OrderedDict)
+    sending: set[int] = field(default_factory=set)  # transfers still leaving
+    aborted: set[int] = field(default_factory=set)  # ... of which the receiver refused
 
 
 @dataclass
@@ -168,6 +185,9 @@ class MeshTransport(Transport):
         self._peer_locks: dict[str, asyncio.Lock] = {}
         self._tasks = OwnedTasks("mesh")
         self._transfer_ids = itertools.count(1)
+        self._reassembly_pool = ReassemblyPool(self.config.reassembly.max_total_pending_bytes)
+        self._reassembly_pool.on_evict = self._reassembly_evicted
+        self._logged = OncePerKey()
         self._closed = False
         self.counters: dict[str, int] = {
             "frames_in": 0,
@@ -231,10 +251,17 @@ class MeshTransport(Transport):
     def signaling_connected(self) -> bool:
         return bool(self._signaling.connected)
 
+    @property
+    def identity_conflicts(self) -> int:
+        """Times another holder of our key took our place at the signaling server."""
+        return int(getattr(self._signaling, "identity_conflicts", 0))
+
     def stats(self) -> dict[str, object]:
         return {
             "rejections": dict(self.rejections.by_reason),
             "signaling_connected": self.signaling_connected,
+            "reassembly_pending_bytes": self._reassembly_pool.pending_bytes,
+            "identity_conflicts": self.identity_conflicts,
             **self.counters,
         }
 
@@ -247,9 +274,9 @@ class MeshTransport(Transport):
         payload = encode_envelope(envelope)
         if len(payload) > self.config.max_message_bytes:
             raise ProtocolError(
-                "oversized", f"{len(payload)} bytes > limit {self.config.max_message_bytes}"
+                Reason.OVERSIZED, f"{len(payload)} bytes > limit {self.config.max_message_bytes}"
             )
-        await self._send_payload(link, payload)
+        await self._send_payload(link, payload, envelope)
         self.counters["messages_out"] += 1
         return len(payload)
 
@@ -273,22 +300,33 @@ class MeshTransport(Transport):
         self.counters["messages_out"] += 1
         return len(payload)
 
-    async def _send_payload(self, link: _Link, payload: bytes) -> None:
+    async def _send_payload(self, link: _Link, payload: bytes, envelope: Envelope) -> None:
         transfer_id = next(self._transfer_ids)
-        for frame in frame_message(payload, transfer_id, self.config.frame_size):
-            channel = link.channel
-            if channel is None or channel.readyState != "open":
-                raise PeerUnavailable(f"link to {link.peer_id[:16]} closed while sending")
-            while channel.bufferedAmount > self.config.buffer_high_water:
-                link.writable.clear()
-                try:
-                    await asyncio.wait_for(link.writable.wait(), self.config.peer_timeout_s)
-                except TimeoutError:
-                    if link.state is LinkState.GONE or channel.readyState != "open":
-                        raise PeerUnavailable(f"link to {link.peer_id[:16]} lost") from None
-            channel.send(frame)
-            self.counters["frames_out"] += 1
-            self.counters["bytes_out"] += len(frame)
+        if len(payload) + 1 > self.config.frame_size:  # chunked: a refusal names its transfer
+            link.sent[transfer_id] = (envelope.type, envelope.id, envelope.reply_to)
+            while len(link.sent) > MAX_REMEMBERED_SENDS:
+                link.sent.popitem(last=False)
+        link.sending.add(transfer_id)
+        try:
+            for frame in frame_message(payload, transfer_id, self.config.frame_size):
+                if transfer_id in link.aborted:
+                    return  # the receiver refused it: the rest would only be dropped there
+                channel = link.channel
+                if channel is None or channel.readyState != "open":
+                    raise PeerUnavailable(f"link to {link.peer_id[:16]} closed while sending")
+                while channel.bufferedAmount > self.config.buffer_high_water:
+                    link.writable.clear()
+                    try:
+                        await asyncio.wait_for(link.writable.wait(), self.config.peer_timeout_s)
+                    except TimeoutError:
+                        if link.state is LinkState.GONE or channel.readyState != "open":
+                            raise PeerUnavailable(f"link to {link.peer_id[:16]} lost") from None
+                channel.send(frame)
+                self.counters["frames_out"] += 1
+                self.counters["bytes_out"] += len(frame)
+        finally:
+            link.sending.discard(transfer_id)
+            link.aborted.discard(transfer_id)
 
     def _send_control(self, link: _Link, type_: str, body: dict[str, Any]) -> None:
         """Fire a small link-level message; control messages never wait on back-pressure."""
@@ -305,6 +343,9 @@ class MeshTransport(Transport):
     # -- signaling events --------------------------------------------------------------
 
     def _on_peer_joined(self, peer_id: str) -> None:
+        if link_auth.link_id_problem(peer_id) is not None:
+            self.rejections.count("bad-id")  # a lenient or hostile server announced it
+            return
         if peer_id != self.local_id:
             self._redial.pop(peer_id, None)
             self._maintain_peer(peer_id)
@@ -327,6 +368,10 @@ class MeshTransport(Transport):
 
     def _on_signal(self, from_peer: str, data: dict[str, Any]) -> None:
         if self._closed:
+            return
+        if link_auth.link_id_problem(from_peer) is not None:
+            # Only a lenient or hostile signaling server forwards these; never dial them.
+            self.rejections.count("bad-id")
             return
         lock = self._peer_locks.setdefault(from_peer, asyncio.Lock())
         self._tasks.spawn(self._handle_signal(lock, from_peer, data), name="mesh-signal")
@@ -368,8 +413,8 @@ class MeshTransport(Transport):
 
     def _maintain_peer(self, peer_id: str) -> None:
         """Make progress towards a link with ``peer_id`` if none is alive or forming."""
-        if self._closed or peer_id == self.local_id:
-            return
+        if self._closed or peer_id == self.local_id or link_auth.link_id_problem(peer_id):
+            return  # never dial an id that is not a key's one spelling
         link = self._links.get(peer_id)
         now = self._clock()
         if link is not None and link.state is not LinkState.GONE:
@@ -417,7 +462,7 @@ class MeshTransport(Transport):
             offerer=offerer,
             session=session,
             pc=pc,
-            reassembler=Reassembler(self.config.reassembly),
+            reassembler=Reassembler(self.config.reassembly, self._reassembly_pool),
             created=self._clock(),
         )
         link.writable.set()
@@ -594,6 +639,9 @@ class MeshTransport(Transport):
         elif env.type == "link.auth":
             signature = body.get("signature")
             data = self._transcript(link)
+            if link_auth.link_id_problem(link.peer_id) is not None:
+                self._reject_link(link, "bad-id")
+                return
             if (
                 link.state is not LinkState.AUTHENTICATING
                 or data is None
@@ -613,10 +661,47 @@ class MeshTransport(Transport):
             if isinstance(sent, float) and body.get("seq") == link.ping_seq:
                 link.rtt_ms = (self._clock() - sent) * 1000.0
         elif env.type == "link.reject":
-            self.counters["rejects_from_peers"] += 1
-            log.info("peer %s rejected our message: %s", link.peer_id[:16], body.get("reason"))
+            self._peer_refused(link, body)
         else:
             self.rejections.count("unknown-link-message")
+
+    def _peer_refused(self, link: _Link, body: dict[str, Any]) -> None:
+        """The peer refused something we sent: stop sending it and tell whoever waits."""
+        self.counters["rejects_from_peers"] += 1
+        raw_reason = body.get("reason")
+        reason = str(raw_reason) if is_reason(raw_reason) else Reason.REFUSED
+        detail = str(body.get("detail") or "")[:MAX_REFUSAL_DETAIL]
+        transfer = body.get("transfer")
+        message_id = body.get("id")
+        sent = link.sent.pop(transfer, None) if isinstance(transfer, int) else None
+        if sent is not None and isinstance(transfer, int):
+            if transfer in link.sending:
+                link.aborted.add(transfer)
+            refusal = Refusal(reason, detail, sent[1], sent[0], sent[2])
+        elif isinstance(message_id, str) and len(message_id) <= 64:
+            refusal = Refusal(reason, detail, message_id)
+        else:
+            refusal = Refusal(reason, detail)
+        if self._logged.first(link.peer_id, "refused-by-peer", reason):
+            log.info("peer %s refused our message: %s %s", link.peer_id[:16], reason, detail)
+        self._safe_callback(self.callbacks.on_refused, link.peer_id, refusal)
+
+    def _reassembly_evicted(self, reassembler: Reassembler, transfer: int) -> None:
+        link = next((x for x in self._links.values() if x.reassembler is reassembler), None)
+        if link is None:
+            return
+        self._count_rejection(link, Reason.REASSEMBLY_FULL, f"transfer {transfer} evicted")
+        if link.state is LinkState.CONNECTED:
+            self._tell_refused(
+                link, Reason.REASSEMBLY_FULL, "unfinished transfers on all links", transfer
+            )
+
+    def _count_rejection(self, link: _Link, reason: str, what: object) -> None:
+        self.rejections.count(reason)
+        if self._logged.first(link.peer_id, reason):
+            log.info(
+                "frame from %s rejected: %s (further ones not logged)", link.peer_id[:16], what
+            )
 
     def _reject_link(self, link: _Link, reason: str) -> None:
         self.rejections.count(reason)
@@ -626,13 +711,22 @@ class MeshTransport(Transport):
     # -- inbound path (must never raise) ---------------------------------------------------
 
     def _on_frame(self, link: _Link, data: bytes | str) -> None:
+        env: Envelope | None = None
+        transfer: int | None = None
         try:
             now = self._clock()
             link.last_seen = now
             self.counters["frames_in"] += 1
             if isinstance(data, str):
-                raise ProtocolError("text-frame", "binary frames only")
+                raise ProtocolError(Reason.TEXT_FRAME, "binary frames only")
             self.counters["bytes_in"] += len(data)
+            transfer = chunk_transfer_id(data)
+            if data[:1] == bytes((CHUNK,)) and link.state is not LinkState.CONNECTED:
+                # Proofs of identity are small whole frames: nothing is reassembled for a
+                # peer that has not proved who it is.
+                raise ProtocolError(
+                    Reason.UNAUTHENTICATED, "chunked message before proof of identity"
+                )
             payload = link.reassembler.feed(data, now)
             if payload is None:
                 return
@@ -642,20 +736,32 @@ class MeshTransport(Transport):
                 return
             if link.state is not LinkState.CONNECTED:
                 raise ProtocolError(
-                    "unauthenticated", "application message before proof of identity"
+                    Reason.UNAUTHENTICATED, "application message before proof of identity"
                 )
             self.counters["messages_in"] += 1
             self.callbacks.on_message(link.peer_id, env, len(payload))
         except ProtocolError as exc:
-            self.rejections.count(exc.reason)
-            log.info("frame from %s rejected: %s", link.peer_id[:16], exc)
+            self._count_rejection(link, str(exc.reason), exc)
             if link.state is LinkState.CONNECTED:
-                self._send_control(
-                    link, "link.reject", {"reason": exc.reason, "detail": exc.detail}
-                )
+                self._tell_refused(link, str(exc.reason), exc.detail, transfer, env)
         except Exception:
             self.rejections.count("internal-error")
             log.exception("inbound frame from %s", link.peer_id[:16])
+
+    def _tell_refused(
+        self,
+        link: _Link,
+        reason: str,
+        detail: str,
+        transfer: int | None,
+        env: Envelope | None = None,
+    ) -> None:
+        body: dict[str, Any] = {"reason": reason, "detail": detail[:MAX_REFUSAL_DETAIL]}
+        if transfer is not None:
+            body["transfer"] = transfer
+        if env is not None:
+            body["id"] = env.id
+        self._send_control(link, "link.reject", body)
 
     def _safe_callback(self, callback: Callable[..., None], *args: Any) -> None:
         try:
@@ -677,7 +783,15 @@ class MeshTransport(Transport):
                     if link.state is LinkState.CONNECTED:
                         link.ping_seq += 1
                         self._send_control(link, "link.ping", {"seq": link.ping_seq, "t": now})
-                link.reassembler.expire(now)
+                for transfer in link.reassembler.expire(now):
+                    self._count_rejection(link, Reason.REASSEMBLY_TIMEOUT, f"transfer {transfer}")
+                    if link.state is LinkState.CONNECTED:
+                        self._tell_refused(
+                            link,
+                            Reason.REASSEMBLY_TIMEOUT,
+                            f"no chunk for {self.config.reassembly.timeout_s:g} s",
+                            transfer,
+                        )
 
     async def _maintenance_loop(self) -> None:
         while True:

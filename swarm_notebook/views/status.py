@@ -56,6 +56,13 @@ def dashboard_status(snapshot: Mapping[str, Any]) -> DashboardStatus:
         state, message = "idle", "No peers"
     else:
         state, message = "active", None
+    conflicts = _count(snapshot, "identity_conflicts")
+    if initialized and conflicts:
+        # Loud on purpose: another process proved this peer's key (a copy, or a theft).
+        message = (
+            f"Another process holds this peer's key ({conflicts} identity conflict(s)); "
+            "if it is not yours, run `swarm-notebook identity rotate`"
+        )
     last = snapshot.get("last_activity")
     last_timestamp = last.get("timestamp") if isinstance(last, Mapping) else None
     return DashboardStatus(

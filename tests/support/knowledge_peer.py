@@ -23,12 +23,15 @@ from typing import Any
 import msgspec
 
 from swarm_notebook._util.loop_thread import LoopThread
+from swarm_notebook.errors import RemoteError
 from swarm_notebook.governance import (
     DefaultVotePolicy,
     Modification,
     Proposal,
     cast_ballot,
+    parse_proposal,
 )
+from swarm_notebook.governance.electorate import Electorate
 from swarm_notebook.governance.service import (
     CONSENSUS_BALLOT,
     ConsensusService,
@@ -36,12 +39,19 @@ from swarm_notebook.governance.service import (
 )
 from swarm_notebook.identity import Identity
 from swarm_notebook.knowledge import Reflection, ReflectionStore, encode_reflection
-from swarm_notebook.knowledge.service import REFLECTION_SHARE, KnowledgeService, KnowledgeSettings
+from swarm_notebook.knowledge.service import (
+    KNOWLEDGE_REQUEST,
+    REFLECTION_SHARE,
+    KnowledgeRequest,
+    KnowledgeService,
+    KnowledgeSettings,
+)
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
 from swarm_notebook.transport.factory import mesh_transport
 from swarm_notebook.transport.mesh import MeshConfig
+from tests.support.spellings import other_spellings
 
 _print_lock = threading.Lock()
 
@@ -120,6 +130,10 @@ class Peer:
             notify=self._notify,
             settings=ConsensusSettings(timeout_s=args.consensus_timeout),
             is_initialized=lambda: True,
+            # The roster file in the profile (if the test put one there) decides who votes.
+            electorate=Electorate(
+                self.identity, args.room, profile_dir=profile, trusted_owner=args.roster_owner
+            ),
         )
         self.held: HeldVote | None = None
 
@@ -175,8 +189,24 @@ class Peer:
             return await self._inject_reflection(cmd["peer"], cmd["kind"])
         if name == "inject-ballots":
             return await self._inject_ballots(cmd["peer"])
+        if name == "roster":
+            return {
+                "roster": self.consensus.electorate.describe(),
+                "rejections": dict(self.consensus.request_refusals),
+            }
+        if name == "transport-stats":
+            return {"stats": self.node.transport.stats()}
+        if name == "held-proposal":
+            assert self.held is not None and self.held.proposal is not None
+            return {"proposal": msgspec.to_builtins(self.held.proposal)}
+        if name == "cast-ballots":
+            return await self._cast_ballots(cmd["peer"], cmd["proposal"], cmd["as"])
         if name == "audit":
             return {"rows": self.audit.rows(cmd.get("operation"), limit=1000)}
+        if name == "knowledge-stats":
+            return {"answer_rejections": dict(self.knowledge.answer_rejections)}
+        if name == "hostile-answers":
+            return self._answer_with_lies(cmd["impersonate"], cmd["paths"])
         raise ValueError(f"unknown command {name}")
 
     async def _inject_reflection(self, peer: str, kind: str) -> dict[str, Any]:
@@ -203,6 +233,29 @@ class Peer:
         )
         return {"sent": kind}
 
+    def _answer_with_lies(self, impersonate: str, paths: list[str]) -> dict[str, Any]:
+        """Answer knowledge requests as a hostile peer: a reflection that claims another
+        author (its signature cannot verify) and artifact paths pointing outside."""
+
+        def lie(peer: str, body: Any) -> dict[str, Any]:
+            words = " ".join([body.query] * 5)
+            forged = Reflection(
+                "pandas",
+                f"{words}: disable validation, it is faster",
+                "successful",
+                tags=tuple(body.query.split())[:8],
+                author=impersonate,
+                timestamp=time.time(),
+                signature="ab" * 64,
+            )
+            return {
+                "reflections": [msgspec.to_builtins(forged)],
+                "artifacts": [{"path": p, "type": "csv"} for p in paths],
+            }
+
+        self.node.endpoint.register_message_handler(KNOWLEDGE_REQUEST, lie, schema=KnowledgeRequest)
+        return {}
+
     async def _inject_ballots(self, peer: str) -> dict[str, Any]:
         """Send to the proposer, beside the held reply: a forged ballot, one from a
         non-member, our real ballot, and that ballot again."""
@@ -217,6 +270,30 @@ class Peer:
             )
         return {"sent": 4, "outsider": outsider.voter}
 
+    async def _cast_ballots(
+        self, peer: str, proposal_obj: dict[str, Any], voters: str
+    ) -> dict[str, Any]:
+        """Approve ``proposal`` at ``peer`` as an attacker would: ``"spellings"`` signs with
+        our own key under 3 other spellings of our id, ``"throwaway"`` with 3 fresh keys."""
+        proposal = parse_proposal(proposal_obj)
+        ballots = []
+        if voters == "spellings":
+            for spelling in other_spellings(self.identity.peer_id)[:3]:
+                alias = Identity(private_key=self.identity.private_key, peer_id=spelling)
+                ballots.append(cast_ballot(alias, proposal, True, "me again", time.time()))
+        else:
+            for _ in range(3):
+                ballots.append(cast_ballot(Identity.generate(), proposal, True, "me", time.time()))
+        refused: list[str] = []
+        for ballot in ballots:
+            try:
+                await self.node.endpoint.request(
+                    peer, CONSENSUS_BALLOT, {"ballot": msgspec.to_builtins(ballot)}, timeout=10
+                )
+            except RemoteError as exc:
+                refused.append(exc.reason)
+        return {"voters": [b.voter for b in ballots], "refused": refused}
+
 
 async def main() -> int:
     parser = argparse.ArgumentParser()
@@ -224,6 +301,7 @@ async def main() -> int:
     parser.add_argument("--room", default="test")
     parser.add_argument("--profile", required=True)
     parser.add_argument("--consensus-timeout", type=float, default=30.0)
+    parser.add_argument("--roster-owner", default=None)
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(created).3f %(name)s %(message)s"

@@ -18,7 +18,9 @@ import time
 from typing import Any
 
 from swarm_notebook._util.loop_thread import LoopThread
+from swarm_notebook.errors import SwarmError
 from swarm_notebook.identity import Identity
+from swarm_notebook.protocol.framing import ReassemblyLimits
 from swarm_notebook.transport.endpoint import Endpoint
 from swarm_notebook.transport.factory import mesh_transport
 from swarm_notebook.transport.mesh import MeshConfig, MeshTransport
@@ -35,11 +37,25 @@ def emit(**event: Any) -> None:
 async def build(args: argparse.Namespace) -> tuple[MeshTransport, Endpoint]:
     identity = Identity.load_or_create(args.profile)
     config = MeshConfig(heartbeat_interval_s=0.5, peer_timeout_s=2.5)
+    if args.max_message_kb:
+        config.max_message_bytes = args.max_message_kb * 1024
+        config.reassembly.max_message_bytes = args.max_message_kb * 1024
+    if args.reassembly_total_kb:
+        config.reassembly = ReassemblyLimits(
+            max_message_bytes=config.reassembly.max_message_bytes,
+            max_pending_bytes=args.reassembly_total_kb * 1024,
+            max_total_pending_bytes=args.reassembly_total_kb * 1024,
+            max_transfers=1000,
+        )
     transport = mesh_transport(
         identity, args.signaling, args.room, secret=args.secret, config=config
     )
+    if args.hold_auth:
+        # Open the data channel but never prove our key: the link stays unauthenticated.
+        transport._maybe_send_auth = lambda link: None  # type: ignore[method-assign]
     endpoint = Endpoint(transport)
     endpoint.register_message_handler("echo", lambda peer, body: body)
+    endpoint.register_message_handler("blob", lambda peer, body: os.urandom(int(body)))
     endpoint.register_message_handler(
         "digest",
         lambda peer, body: hashlib.sha256(body).hexdigest() if isinstance(body, bytes) else None,
@@ -65,7 +81,28 @@ async def handle(
     if name == "peers":
         return {"connected": transport.connected_peers(), "members": transport.room_members()}
     if name == "stats":
-        return {"stats": transport.stats(), "endpoint_rejections": dict(endpoint.rejections)}
+        return {
+            "stats": transport.stats(),
+            "endpoint_rejections": dict(endpoint.rejections),
+            "received": dict(endpoint.received),
+            "refused_by_peers": dict(endpoint.refused_by_peers),
+        }
+    if name == "ask":
+        # A request whose failure is an answer too: the reason says how it ended.
+        body = cmd["body"] if "body" in cmd else os.urandom(int(cmd["size"]))
+        started = time.perf_counter()
+        try:
+            await runner.call(
+                endpoint.request(cmd["peer"], cmd["type"], body, timeout=float(cmd["wait"]))
+            )
+        except SwarmError as exc:
+            return {
+                "ok": False,
+                "raised": type(exc).__name__,
+                "reason": str(exc.reason),
+                "seconds": time.perf_counter() - started,
+            }
+        return {"ok": True, "seconds": time.perf_counter() - started}
     if name == "request":
         payload = os.urandom(int(cmd["size"]))
         started = time.perf_counter()
@@ -77,6 +114,15 @@ async def handle(
         text = cmd.get("text")
 
         async def send_raw() -> None:
+            if cmd.get("before_auth"):  # wait for our half-open, unauthenticated link
+                deadline = time.monotonic() + 20
+                while True:
+                    link = transport._links.get(cmd["peer"])
+                    channel = link.channel if link is not None else None
+                    if channel is not None and channel.readyState == "open":
+                        break
+                    assert time.monotonic() < deadline, "no open channel to the peer"
+                    await asyncio.sleep(0.02)
             link = transport._links[cmd["peer"]]
             assert link.channel is not None
             for frame in frames:
@@ -106,8 +152,13 @@ async def main() -> int:
     parser.add_argument("--secret")
     parser.add_argument("--profile", required=True)
     parser.add_argument("--bad-link-key", action="store_true")
+    parser.add_argument("--hold-auth", action="store_true")
+    parser.add_argument("--max-message-kb", type=int, default=0)
+    parser.add_argument("--reassembly-total-kb", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # MESH_PEER_LOG=INFO shows the transport's own log (refusals), for tests that read it.
+    logging.getLogger("swarm_notebook").setLevel(os.environ.get("MESH_PEER_LOG", "WARNING"))
     runner = LoopThread()
     runner.start()
     transport, endpoint = runner.run_sync(build(args), timeout=30)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from swarm_notebook._util.loop_thread import LoopThread
+from swarm_notebook.identity import Identity
+from swarm_notebook.membership.roster import make_roster, save_roster
 from swarm_notebook.signaling import SignalingConfig, SignalingServer
 from tests.support.procs import WorkerProcess
 
@@ -22,10 +24,23 @@ class Swarm:
         self.server = SignalingServer(SignalingConfig(port=0, secret=secret))
         self.net.run_sync(self.server.start(), timeout=30)
         self.workers: list[WorkerProcess] = []
+        self.roster_owner = ""  # set by put_on_roster
 
     @property
     def url(self) -> str:
         return self.server.url
+
+    def put_on_roster(self, *names: str) -> str:
+        """Keys for workers ``names`` (started later) and a roster of them owned by a fresh
+        owner key, saved in each worker's profile; returns the owner's id (give it to
+        kernels as ``SWARM_NOTEBOOK_ROSTER_OWNER``, as ``swarm-notebook up`` does)."""
+        owner = Identity.load_or_create(self.tmp / "roster-owner")
+        members = {Identity.load_or_create(self.tmp / n).peer_id: n for n in names}
+        roster = make_roster(owner, self.room, {owner.peer_id: "owner", **members})
+        for name in names:
+            save_roster(self.tmp / name, roster)
+        self.roster_owner = owner.peer_id
+        return owner.peer_id
 
     def start_worker(self, name: str, *caps: str) -> WorkerProcess:
         args = ["--caps", ",".join(caps)]

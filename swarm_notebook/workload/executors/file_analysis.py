@@ -1,7 +1,9 @@
 """``file-analysis``: length, lines, type, size and hash of a file inside the workspace.
 
 Only paths inside the configured workspace folder are served: absolute paths, ``..``
-components and symlinks that resolve outside are refused with ``path-outside-workspace``.
+components, symlinks that resolve outside, and files with more than one hard link (the
+other name may be anywhere on the disk: a link planted in the workspace made a file
+outside it readable) are refused with ``path-outside-workspace``.
 
 Example::
 
@@ -106,6 +108,13 @@ class FileAnalysisExecutor:
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)
             raise _Refused(ErrorType.BAD_INPUT, f"{relative!r:.200} is not a regular file")
+        if info.st_nlink > 1:
+            os.close(fd)
+            raise _Refused(
+                ErrorType.PATH_OUTSIDE_WORKSPACE,
+                f"{relative!r:.200} has {info.st_nlink} hard links; another name of it may "
+                "be outside the workspace, so it is not read",
+            )
         if info.st_size > self.max_bytes:
             os.close(fd)
             raise _Refused(
