@@ -314,6 +314,26 @@ async def test_a_budget_spent_queued_fails_fast_without_killing_a_child(
     assert (await pool.run({"code": "1"}, CTX_A))["success"]
 
 
+def sandboxes_with(marker: str) -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.process_iter(["name", "cmdline"])
+        if p.info["name"] == "bwrap" and marker in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+async def test_closing_while_sandboxes_start_leaves_none_behind() -> None:
+    # An unusual limit marks this pool's bwrap command lines: --memory-limit-mb 488.
+    sandbox = PythonSandboxPool(size=2, memory_limit_mb=520)
+    marker = "--memory-limit-mb 488"
+    starting = asyncio.create_task(sandbox.start())
+    await wait_until(lambda: len(sandboxes_with(marker)) >= 2, 30, "bwrap started")
+    starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+    await sandbox.close()
+    await wait_until(lambda: sandboxes_with(marker) == [], 10, "no sandbox left")
+
+
 # -- Finding 4: one peer's files never reach another peer's task -------------------------
 
 

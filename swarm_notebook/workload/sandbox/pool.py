@@ -181,11 +181,7 @@ class _Worker:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.init_pid, signal.SIGKILL)
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+        _kill_tree(self.proc.pid)
 
     async def terminate(self) -> None:
         """Kill and wait until the child and its sandbox are gone."""
@@ -193,10 +189,8 @@ class _Worker:
         try:
             await asyncio.wait_for(self.proc.wait(), 10.0)
         except TimeoutError:
-            # bwrap did not exit after its pid 1 died: end it too (its --die-with-parent
-            # init goes with it).
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+            # bwrap did not exit after its pid 1 died: end it and whatever it started.
+            _kill_tree(self.proc.pid)
             await self.proc.wait()
 
     async def exchange(self, request: bytes, max_reply_bytes: int) -> bytes:
@@ -597,7 +591,7 @@ class PythonSandboxPool:
             reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
         except BaseException:
             parent_sock.close()
-            proc.kill()
+            _kill_tree(proc.pid)
             await proc.wait()
             raise
         worker = _Worker(proc, parent_sock, reader, writer)
@@ -682,6 +676,26 @@ class PythonSandboxPool:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, its process group and its descendants.
+
+    Needed while a sandbox is still being set up: bwrap's namespace init then waits for
+    its parent to write its uid map, and killing bwrap alone left it waiting forever
+    (seen with bwrap 0.8: its --die-with-parent was not armed yet).
+    """
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    for proc in descendants:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def _child_env(scratch: str, python_dirs: tuple[str, ...]) -> dict[str, str]:
