@@ -133,6 +133,23 @@ async def test_task_code_cannot_reach_the_owner_keys_home_or_network(
         assert worker.problems() == []
 
 
+async def test_sandboxes_die_with_a_killed_worker(server: SignalingServer, tmp_path: Path) -> None:
+    worker = await WorkerProcess.start(server.url, "die", str(tmp_path / "w"), *PY_CAPS)
+    parent = psutil.Process(worker.proc.pid)
+    inside: list[psutil.Process] = []
+
+    def warm() -> bool:
+        inside[:] = [p for p in parent.children(recursive=True) if p.name() != "bwrap"]
+        return len(inside) >= 2  # the pool's children, inside their sandboxes
+
+    await wait_until(warm, 30, "warm sandboxes")
+    tree = parent.children(recursive=True)
+    worker.kill()
+    await worker.stop()
+    _, alive = await asyncio.to_thread(psutil.wait_procs, tree, 10)
+    assert alive == [], alive
+
+
 async def test_worker_refuses_python_execution_without_bubblewrap(tmp_path: Path) -> None:
     # PATH without bwrap stands for a machine where it is not installed.
     proc = await asyncio.create_subprocess_exec(
