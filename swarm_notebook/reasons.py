@@ -107,6 +107,7 @@ class Reason(StrEnum):
     TIMEOUT = "timeout"
     CANCELED = "canceled"
     MEMORY_LIMIT = "memory-limit"
+    PROCESS_LIMIT = "process-limit"
     REMOTE_EXCEPTION = "remote-exception"
     SYNTAX_ERROR = "syntax-error"
     MISSING_PACKAGE = "missing-package"

@@ -52,6 +52,12 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 20.0) -> No
         await asyncio.sleep(0.01)
 
 
+# Inside a sandbox every child is pid 2 of its own namespace: this names the process instead.
+PROCESS_TOKEN = (
+    "__import__('builtins').__dict__.setdefault('token', __import__('os').urandom(8).hex())"
+)
+
+
 def sandbox_pids(pool: PythonSandboxPool) -> list[int]:
     return list(pool.stats()["pids"])
 
@@ -233,44 +239,30 @@ async def test_output_is_bounded_and_unencodable_values_are_explained(
 async def test_pool_runs_size_tasks_at_once_and_bounds_the_queue() -> None:
     sandbox = PythonSandboxPool(size=2, memory_limit_mb=512, max_queue=1)
     await sandbox.start()
-    gate = asyncio.Event()
-    connected: list[asyncio.StreamWriter] = []
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connected.append(writer)
-        await gate.wait()
-        writer.write(b"go")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    blocker = (
-        f"import socket\ns = socket.create_connection(('127.0.0.1', {port}))\ns.recv(2).decode()\n"
-    )
+    # The sandbox has no network: the test releases the tasks with a file it puts into
+    # each child's working directory through /proc/<pid>/cwd.
+    blocker = "import os, time\nwhile not os.path.exists('go'):\n    time.sleep(0.005)\n'go'\n"
     try:
         running = [asyncio.create_task(sandbox.run({"code": blocker}, CTX)) for _ in range(2)]
-        await eventually(lambda: len(connected) == 2)  # both run at once: concurrency = 2
-        assert sandbox.stats()["busy"] == 2
+        await eventually(lambda: sandbox.stats()["busy"] == 2)  # both run at once
         queued = asyncio.create_task(sandbox.run({"code": "'third'"}, CTX))
         await eventually(lambda: sandbox.stats()["queued"] == 1)
         with pytest.raises(TaskRefused) as info:
             await sandbox.run({"code": "'fourth'"}, CTX)
         assert info.value.reason == "busy"
-        gate.set()
+        for pid in sandbox_pids(sandbox):
+            await asyncio.to_thread(Path(f"/proc/{pid}/cwd/go").write_text, "", "utf-8")
         results = await asyncio.gather(*running, queued)
         assert [decode_value(r["value"]) for r in results] == ["go", "go", "third"]
     finally:
-        server.close()
-        await server.wait_closed()
         await sandbox.close()
 
 
 async def test_max_tasks_per_worker_gives_each_task_a_fresh_process() -> None:
     sandbox = PythonSandboxPool(size=1, memory_limit_mb=512, max_tasks_per_worker=1)
     try:
-        first = await sandbox.run({"code": "import os\nos.getpid()"}, CTX)
-        second = await sandbox.run({"code": "import os\nos.getpid()"}, CTX)
+        first = await sandbox.run({"code": PROCESS_TOKEN}, CTX)
+        second = await sandbox.run({"code": PROCESS_TOKEN}, CTX)
         assert decode_value(first["value"]) != decode_value(second["value"])
     finally:
         await sandbox.close()
@@ -539,8 +531,8 @@ def test_requirements_for_task_types() -> None:
 
 
 async def test_a_child_never_runs_code_for_a_second_peer(pool: PythonSandboxPool) -> None:
-    plant = {"code": "import json\njson.planted = 'by peer-a'\nimport os\nos.getpid()"}
-    peek = {"code": "import json, os\n(getattr(json, 'planted', None), os.getpid())"}
+    plant = {"code": f"import json\njson.planted = 'by peer-a'\n{PROCESS_TOKEN}"}
+    peek = {"code": f"import json\n(getattr(json, 'planted', None), {PROCESS_TOKEN})"}
     first = await pool.run(plant, TaskContext("t-a1", "peer-a"))
     planted_pid = decode_value(first["value"])
     # The same peer keeps its warm child and its state (like a kernel of its own).

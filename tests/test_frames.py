@@ -36,6 +36,7 @@ PEER_DTYPES = {
     "ice_server": "string",
     "bytes_in": "int64",
     "bytes_out": "int64",
+    "isolation": "string",
 }
 
 TASK_DTYPES = {

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from swarm_notebook.cli.ice_args import add_ice_arguments, mesh_with_ice
 from swarm_notebook.coordinator.config import DEFAULT_SIGNALING, CoordinatorConfig
-from swarm_notebook.errors import IceConfigError, SignalingError
-from swarm_notebook.workload.executors.capabilities import ExecutorConfig
+from swarm_notebook.errors import IceConfigError, SandboxUnavailable, SignalingError
+from swarm_notebook.workload.executors.capabilities import ExecutorConfig, check_isolation
 from swarm_notebook.workload.policy import TaskPolicy
+from swarm_notebook.workload.sandbox.bwrap import ISOLATION_NONE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm-model", default=None)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--memory-limit-mb", type=int, default=1024)
+    parser.add_argument(
+        "--unsafe-no-isolation",
+        action="store_true",
+        help="run other peers' Python without the bubblewrap sandbox, with your user rights "
+        "(they can read your files and keys); only where bwrap cannot run and every peer "
+        "is trusted. The agent card and dashboard show it (docs/sandbox.md)",
+    )
     parser.add_argument(
         "--max-input-mb", type=float, default=64.0, help="largest task input accepted from a peer"
     )
@@ -92,6 +100,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         llm_model=args.llm_model,
         sandbox_size=args.concurrency,
         sandbox_memory_limit_mb=args.memory_limit_mb,
+        unsafe_no_isolation=args.unsafe_no_isolation,
     )
     allowed = frozenset(p.strip() for p in args.allow_from.split(",")) if args.allow_from else None
     return CoordinatorConfig(
@@ -124,6 +133,8 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        # Before connecting: a worker that cannot isolate must not join and then fail.
+        await check_isolation(config.executors)
         coordinator = await join(
             args.room,
             signaling=args.signaling,
@@ -131,13 +142,20 @@ async def serve(args: argparse.Namespace) -> int:
             profile=args.profile,
             config=config,
         )
-    except IceConfigError as exc:
-        print(f"swarm-notebook worker: {exc.message}", file=sys.stderr)
+    except (IceConfigError, SandboxUnavailable) as exc:
+        print(f"swarm-notebook worker: {exc.message}", file=sys.stderr, flush=True)
         return 2
     stats = coordinator.get_stats()
+    if stats.get("isolation") == ISOLATION_NONE:
+        print(
+            "WARNING: --unsafe-no-isolation: other peers' code runs with your user rights",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"READY peer_id={coordinator.peer_id} room={args.room} "
-        f"capabilities={','.join(stats['capabilities']) or '-'}",
+        f"capabilities={','.join(stats['capabilities']) or '-'} "
+        f"isolation={stats.get('isolation') or '-'}",
         flush=True,
     )
     watchdog = (

@@ -169,7 +169,7 @@ class SwarmCoordinator:
             "max_input_bytes": self.config.policy.max_input_bytes,
             "max_queue": self.config.max_queue,
         }
-        self.node.advertise(capabilities, self.config.concurrency, limits)
+        self.node.advertise(capabilities, self.config.concurrency, limits, self.isolation or "")
         self.initialized = True
         self.init_count += 1
         self.stats.touch("init")
@@ -317,6 +317,13 @@ class SwarmCoordinator:
 
     # -- views -------------------------------------------------------------------------
 
+    @property
+    def isolation(self) -> str | None:
+        """How this peer runs other peers' Python ("bubblewrap", "none"), None if it does not."""
+        pool = self.executors.get("python-computation")
+        isolation = getattr(pool, "isolation", None)
+        return isolation if isinstance(isolation, str) else None
+
     def get_stats(self) -> dict[str, Any]:
         peers = []
         for view in self.node.peers():
@@ -341,6 +348,7 @@ class SwarmCoordinator:
                     "ice_server": link.ice_server if link else None,
                     "bytes_in": link.bytes_in if link else 0,
                     "bytes_out": link.bytes_out if link else 0,
+                    "isolation": (view.card.isolation or None) if view.card else None,
                 }
             )
         s = self.stats
@@ -351,6 +359,7 @@ class SwarmCoordinator:
             "connected_peers": len(self.node.connected_peers()),
             "total_peers": len(self.node.peers()),
             "capabilities": self.node.capabilities,
+            "isolation": self.isolation,
             "peers": peers,
             "total_tasks": s.total_tasks,
             "tasks_completed": s.tasks_completed,

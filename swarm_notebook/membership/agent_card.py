@@ -30,6 +30,9 @@ class AgentCard(msgspec.Struct, frozen=True):
     seq: int
     issued_at: float
     signature: bytes = b""
+    # How this peer runs other peers' Python: "bubblewrap", "none" (the owner chose
+    # --unsafe-no-isolation) or "" (it does not run Python for peers). Signed like the rest.
+    isolation: str = ""
 
     def signed_payload(self) -> bytes:
         unsigned = msgspec.structs.replace(self, signature=b"")
@@ -53,6 +56,7 @@ def make_card(
     concurrency: int,
     limits: dict[str, int],
     seq: int,
+    isolation: str = "",
 ) -> AgentCard:
     card = AgentCard(
         peer_id=identity.peer_id,
@@ -63,6 +67,7 @@ def make_card(
         limits=dict(limits),
         seq=seq,
         issued_at=time.time(),
+        isolation=isolation,
     )
     return msgspec.structs.replace(card, signature=identity.sign(card.signed_payload()))
 
@@ -81,6 +86,8 @@ def verify_card(card: AgentCard, sender: str) -> AgentCard:
         raise CardError(Reason.BAD_CARD, "too many or malformed capabilities")
     if not 1 <= card.concurrency <= 1024:
         raise CardError(Reason.BAD_CARD, f"concurrency {card.concurrency}")
+    if len(card.isolation) > MAX_CAPABILITY_LENGTH:
+        raise CardError(Reason.BAD_CARD, "malformed isolation")
     if not verify_signature(card.peer_id, card.signature, card.signed_payload()):
         raise CardError(Reason.BAD_SIGNATURE, "agent card signature does not verify")
     return card

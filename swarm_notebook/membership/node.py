@@ -124,7 +124,11 @@ class SwarmNode:
     # -- own card and load -----------------------------------------------------------------
 
     def advertise(
-        self, capabilities: list[str], concurrency: int, limits: dict[str, int]
+        self,
+        capabilities: list[str],
+        concurrency: int,
+        limits: dict[str, int],
+        isolation: str = "",
     ) -> AgentCard:
         """Sign a new card and send it to every connected peer."""
         self._capabilities = sorted(set(capabilities))
@@ -139,6 +143,7 @@ class SwarmNode:
             concurrency=concurrency,
             limits=self._limits,
             seq=self._seq,
+            isolation=isolation,
         )
         self._load = LoadReport(self._load.in_flight, self._load.queued, concurrency)
         for peer in self.transport.connected_peers():

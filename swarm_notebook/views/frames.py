@@ -130,6 +130,8 @@ def peers_frame(snapshot: Mapping[str, Any]) -> pd.DataFrame:
             "ice_server": _text(peer.get("ice_server") for peer in peers),
             "bytes_in": pd.Series(_column(peers, "bytes_in", "peer", _count), dtype="int64"),
             "bytes_out": pd.Series(_column(peers, "bytes_out", "peer", _count), dtype="int64"),
+            # How the peer isolates other peers' code: bubblewrap, none (unsafe) or empty.
+            "isolation": _text(peer.get("isolation") for peer in peers),
         }
     )
 

@@ -122,6 +122,7 @@ class TaskServer:
         )
         self._queued += 1
         self._report()
+        arrived = time.monotonic()
         has_slot = False
         try:
             async with self._slots:
@@ -135,7 +136,8 @@ class TaskServer:
                 ctx = TaskContext(
                     task_id=request.task_id,
                     delegator=peer_id,
-                    timeout_s=request.timeout,
+                    # Time spent waiting for a slot counts against the task's budget.
+                    timeout_s=_remaining(request.timeout, arrived),
                     allow_pickle=self.policy.allows_pickle(peer_id),
                 )
                 run = asyncio.ensure_future(self._run(executor, request, ctx))
@@ -254,3 +256,9 @@ class TaskServer:
                 await executor.close()
             except Exception:
                 log.exception("closing executor %s", executor.task_type)
+
+
+def _remaining(budget: float | None, since: float) -> float | None:
+    if budget is None:
+        return None
+    return max(budget - (time.monotonic() - since), 0.0)

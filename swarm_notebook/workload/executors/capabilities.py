@@ -18,6 +18,7 @@ import aiohttp
 from dulwich.errors import NotGitRepository
 from dulwich.repo import Repo
 
+from swarm_notebook.errors import SandboxUnavailable
 from swarm_notebook.workload.executors.base import Executor
 from swarm_notebook.workload.executors.code_generation import (
     CodeGenerationExecutor,
@@ -33,6 +34,11 @@ from swarm_notebook.workload.messages import (
     PYTHON_EXECUTION,
     REQUIREMENTS,
     requirements_for_task_type,
+)
+from swarm_notebook.workload.sandbox.bwrap import (
+    ISOLATION_BUBBLEWRAP,
+    ISOLATION_NONE,
+    bubblewrap_problem,
 )
 from swarm_notebook.workload.sandbox.pool import PythonSandboxPool
 
@@ -50,11 +56,14 @@ __all__ = [
     "requirements_for_task_type",
 ]
 
+
 @dataclass(frozen=True, slots=True)
 class ExecutorConfig:
     """What the owner enabled on this peer. Nothing runs for peers unless listed here."""
 
     python_execution: bool = False  # explicit owner opt-in to run other peers' code
+    # Run other peers' code with the owner's rights where bubblewrap cannot isolate it.
+    unsafe_no_isolation: bool = False
     workspace: Path | None = None
     git_repo: Path | None = None
     llm_endpoint: str | None = None  # e.g. "http://127.0.0.1:11434" (Ollama)
@@ -69,9 +78,14 @@ class ExecutorConfig:
 
 
 async def detect_capabilities(config: ExecutorConfig) -> list[str]:
-    """Capabilities this peer can really serve now (the LLM endpoint is probed)."""
+    """Capabilities this peer can really serve now (the LLM endpoint is probed).
+
+    Raises ``SandboxUnavailable`` (why, and how to fix it) when Python execution is on
+    but bubblewrap cannot isolate it here and the owner did not accept running unisolated.
+    """
     caps: list[str] = []
     if config.python_execution:
+        await check_isolation(config)
         caps.append(PYTHON_EXECUTION)
     if config.workspace is not None and config.workspace.is_dir():
         caps.append(FILE_MANAGEMENT)
@@ -94,6 +108,7 @@ def build_executors(
     executors: dict[str, Executor] = {}
     if PYTHON_EXECUTION in caps and config.python_execution:
         executors["python-computation"] = PythonSandboxPool(
+            isolation=isolation_mode(config),
             size=config.sandbox_size,
             memory_limit_mb=config.sandbox_memory_limit_mb,
             default_timeout_s=config.sandbox_default_timeout_s,
@@ -108,6 +123,19 @@ def build_executors(
             config.llm_endpoint, config.llm_model, config.llm_api_key, config.llm_timeout_s
         )
     return executors
+
+
+def isolation_mode(config: ExecutorConfig) -> str:
+    return ISOLATION_NONE if config.unsafe_no_isolation else ISOLATION_BUBBLEWRAP
+
+
+async def check_isolation(config: ExecutorConfig) -> None:
+    """Refuse Python execution that bubblewrap cannot isolate, unless the owner opted out."""
+    if config.unsafe_no_isolation:
+        return
+    problem = await asyncio.to_thread(bubblewrap_problem)
+    if problem is not None:
+        raise SandboxUnavailable(f"python-execution refused: {problem}")
 
 
 async def close_executors(executors: Mapping[str, Executor]) -> None:

@@ -1,6 +1,7 @@
 """Entry point of one sandbox child process.
 
-Started as ``python -m swarm_notebook.workload.sandbox.child --fd N``.
+Started by the pool as ``python -I -c <bootstrap> --fd N ...`` (see ``bwrap.bootstrap_code``),
+normally inside bubblewrap; isolated mode keeps every working directory off ``sys.path``.
 
 The child imports numpy, pandas and pyarrow once, then serves tasks one at a time over a
 private socket (length-prefixed msgpack frames) inherited from the parent. stdin/stdout
@@ -15,8 +16,9 @@ touch, so a 512 MB ``RLIMIT_AS`` breaks the first pyarrow allocation while a 512
 into a ``MemoryError``. The parent adds an RSS watchdog for what ``RLIMIT_DATA`` does not
 count (shared mappings).
 
-This is resource isolation, not a security boundary: code runs with the owner's user
-rights, which is why Python execution is an explicit owner opt-in.
+The security boundary is the bubblewrap sandbox around this process (see
+``sandbox/bwrap.py`` and docs/sandbox.md), not anything in here: task code runs in this
+process and can change it. What this module limits only protects the task's own peer.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import io
 import linecache
 import os
 import resource
+import shutil
 import socket
 import struct
 import sys
@@ -274,7 +277,22 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(3)
 
 
-def serve(sock: socket.socket, max_frame_bytes: int) -> None:
+def wipe(folders: list[str]) -> None:
+    """Empty the scratch folders, so files (RAM, in a tmpfs) do not outlive their task."""
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+
+
+def serve(sock: socket.socket, max_frame_bytes: int, scratch: list[str] | None = None) -> None:
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder()
     runner = TaskRunner()
@@ -290,6 +308,7 @@ def serve(sock: socket.socket, max_frame_bytes: int) -> None:
         if payload is None:
             return
         response = runner.run(decoder.decode(payload))
+        wipe(scratch or [])
         try:
             frame = encoder.encode(response)
         except MemoryError:
@@ -311,6 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--memory-limit-mb", type=int, default=0)
     parser.add_argument("--max-frame-bytes", type=int, default=256 * 1024 * 1024)
+    parser.add_argument(
+        "--max-tasks-per-uid",
+        type=int,
+        default=0,
+        help="RLIMIT_NPROC (processes and threads); only meaningful in a user namespace",
+    )
+    parser.add_argument("--wipe", action="append", default=[], help="scratch emptied per task")
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     parent_pid = os.getppid()
@@ -325,11 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.memory_limit_mb > 0:
             limit = args.memory_limit_mb * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+        if args.max_tasks_per_uid > 0:
+            # Counted per uid of this sandbox's own user namespace, so set here, after
+            # bwrap made it; the owner's other processes do not count against it.
+            nproc = args.max_tasks_per_uid
+            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     except Exception as exc:
         message = f"sandbox start failed: {type(exc).__name__}: {exc}"
         send_frame(sock, msgspec.msgpack.encode({"ready": False, "error": message[:1000]}))
         return 2
-    serve(sock, args.max_frame_bytes)
+    serve(sock, args.max_frame_bytes, args.wipe)
     return 0
 
 

@@ -7,12 +7,17 @@ value of the last expression and the requested outputs (all encoded with
 :mod:`swarm_notebook.protocol.values`, decoded only inside the child). A child that passes
 the wall-clock timeout or the memory limit, or dies for any reason, is replaced.
 
-Each task gets a fresh namespace, but a child serves many tasks: modules a task changes
-stay changed for later tasks on that child. ``max_tasks_per_worker=1`` gives every task a
-fresh process (at the cost of a ~0.3 s respawn). Children run in a scratch folder owned by
-the pool (removed on ``close()``), see only an allow-listed environment (no API keys), and
-share the owner's user rights: this bounds resources, it is not a security boundary, which
-is why running other peers' code is an explicit owner opt-in.
+Each task gets a fresh namespace, but a child serves many tasks for one delegating peer
+only: modules a task changes stay changed for that peer's later tasks on that child.
+``max_tasks_per_worker=1`` gives every task a fresh process (at the cost of a respawn).
+
+With ``isolation="bubblewrap"`` (the default) every child runs in its own bubblewrap
+sandbox (:mod:`swarm_notebook.workload.sandbox.bwrap`): new user, pid, ipc, uts and network
+namespaces, read-only Python and system files, a private size-capped ``/tmp`` (its working
+directory and scratch) and ``/dev/shm``, no view of the owner's home. A task's leftover
+processes are found by listing the sandbox's own ``/proc`` and end with its pid namespace.
+``isolation="none"`` (the owner's ``--unsafe-no-isolation``) runs children with the
+owner's user rights, bounded in resources only. See docs/sandbox.md.
 
 Example::
 
@@ -52,14 +57,24 @@ from swarm_notebook.workload.executors.base import (
     failure,
     parse_task_data,
 )
+from swarm_notebook.workload.sandbox.bwrap import (
+    ISOLATION_BUBBLEWRAP,
+    ISOLATION_NONE,
+    SCRATCH,
+    SandboxLayout,
+    bootstrap_code,
+    bubblewrap_problem,
+    package_dir,
+)
 from swarm_notebook.workload.sandbox.child import FRAME_HEADER
 
-SANDBOX_MODULE = "swarm_notebook.workload.sandbox.child"
 MIN_MEMORY_LIMIT_MB = 384  # numpy + pandas + pyarrow alone take ~150-300 MB of data segment
 MAX_NAMES = 256
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # The child gets only these variables: remote code must not read the owner's API keys.
-_ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "VIRTUAL_ENV")
+_ENV_ALLOWLIST = ("LANG", "LC_ALL", "LC_CTYPE", "TZ")
+# Threads count against RLIMIT_NPROC: room for pyarrow's and BLAS's pools per process.
+_THREADS_PER_PROCESS = 8
 # One BLAS thread per child: the pool size is the concurrency knob on a shared machine.
 _THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -73,7 +88,12 @@ class PythonTaskData(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class _Worker:
-    """One child process and the parent's end of its socket."""
+    """One child process (inside its sandbox, if any) and the parent's end of its socket.
+
+    ``proc`` is what the pool started: bubblewrap or the bare interpreter. ``pid`` is the
+    interpreter as this process sees it; ``init_pid`` is pid 1 of the sandbox's pid
+    namespace, whose death takes every process of the sandbox with it.
+    """
 
     def __init__(
         self,
@@ -85,6 +105,7 @@ class _Worker:
         self.proc = proc
         self.sock = sock
         self.pid = proc.pid
+        self.init_pid: int | None = None
         self.reader = reader
         self.writer = writer
         self.tasks_done = 0
@@ -93,7 +114,36 @@ class _Worker:
         # a child never runs code for a second peer (see ``_take_idle``).
         self.owner: str | None = None
         self.memory_killed = False
+        self.process_killed = False
+        self.scratch: str | None = None  # unsafe mode's per-child folder, removed at exit
         self.ps = psutil.Process(proc.pid)
+
+    def enter_sandbox(self) -> None:
+        """Find the interpreter inside bubblewrap: bwrap -> pid 1 (bwrap's init) -> python."""
+        init = psutil.Process(self.proc.pid).children()[0]
+        python = init.children()[0]
+        self.init_pid, self.pid, self.ps = init.pid, python.pid, python
+
+    def sandbox_processes(self) -> int | None:
+        """How many processes live in this child's pid namespace (None: not sandboxed/gone).
+
+        The sandbox's own /proc lists exactly its namespace, so this costs one small
+        directory read instead of a scan of every process on the machine.
+        """
+        if self.init_pid is None:
+            return None
+        try:
+            return sum(1 for e in os.scandir(f"/proc/{self.pid}/root/proc") if e.name.isdigit())
+        except FileNotFoundError:
+            return None
+        except OSError:
+            pass
+        # Where the kernel refuses that view (ptrace rules), count the slow way: every
+        # process of the namespace descends from its pid 1.
+        try:
+            return 1 + len(psutil.Process(self.init_pid).children(recursive=True))
+        except psutil.Error:
+            return None
 
     @property
     def alive(self) -> bool:
@@ -119,13 +169,29 @@ class _Worker:
         self.writer.write(payload)
 
     def kill(self) -> None:
-        """SIGKILL the child's whole process group: whatever the task forked dies too."""
-        if self.proc.returncode is None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
+        """SIGKILL the child and whatever the task started.
+
+        Sandboxed: kill pid 1 of its pid namespace; the kernel then kills every process
+        in it (``setsid`` and double-fork children too) before bwrap, which waits for
+        pid 1, exits. Not sandboxed: the process group, which a ``setsid`` escapes.
+        """
+        if self.proc.returncode is not None:
+            return
+        if self.init_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.init_pid, signal.SIGKILL)
+            return
+        _kill_tree(self.proc.pid)
+
+    async def terminate(self) -> None:
+        """Kill and wait until the child and its sandbox are gone."""
+        self.kill()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10.0)
+        except TimeoutError:
+            # bwrap did not exit after its pid 1 died: end it and whatever it started.
+            _kill_tree(self.proc.pid)
+            await self.proc.wait()
 
     async def exchange(self, request: bytes, max_reply_bytes: int) -> bytes:
         self.send_frame(request)
@@ -163,11 +229,21 @@ class PythonSandboxPool:
         startup_timeout_s: float = 60.0,
         memory_poll_interval_s: float = 0.2,
         python: str = sys.executable,
+        isolation: str = ISOLATION_BUBBLEWRAP,
+        max_processes: int = 64,
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
         if memory_limit_mb < MIN_MEMORY_LIMIT_MB:
             raise ValueError(f"memory_limit_mb must be at least {MIN_MEMORY_LIMIT_MB}")
+        if isolation not in (ISOLATION_BUBBLEWRAP, ISOLATION_NONE):
+            raise ValueError(f"isolation must be {ISOLATION_BUBBLEWRAP!r} or {ISOLATION_NONE!r}")
+        if max_processes < 2:
+            raise ValueError("max_processes must be at least 2 (bwrap's init and Python)")
+        self.isolation = isolation
+        self.max_processes = max_processes
+        # /tmp and /dev/shm are RAM: their caps come out of the memory limit, not on top.
+        self.tmpfs_mb = max(8, memory_limit_mb // 32)
         self.size = size
         self.memory_limit_mb = memory_limit_mb
         self.default_timeout_s = default_timeout_s
@@ -203,8 +279,11 @@ class PythonSandboxPool:
             "crashes": 0,
             "spawn_failures": 0,
             "recycled_for_isolation": 0,
+            "process_kills": 0,
+            "leftover_processes_killed": 0,
         }
         self._last_spawn_error: str | None = None
+        self._layout: SandboxLayout | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -215,6 +294,13 @@ class PythonSandboxPool:
                 return
             if self._closed:
                 raise SandboxUnavailable("pool is closed")
+            if self.isolation == ISOLATION_BUBBLEWRAP:
+                problem = await asyncio.to_thread(bubblewrap_problem)
+                if problem is not None:
+                    raise SandboxUnavailable(problem)
+                self._layout = SandboxLayout.for_this_python(
+                    tmp_mb=self.tmpfs_mb, shm_mb=self.tmpfs_mb, python=self.python
+                )
             self._workdir = Path(tempfile.mkdtemp(prefix="swarm-sandbox-"))
             results = await asyncio.gather(
                 *(self._spawn() for _ in range(self.size)), return_exceptions=True
@@ -251,6 +337,7 @@ class PythonSandboxPool:
         busy = sum(1 for w in self._workers if w.busy)
         return {
             "size": self.size,
+            "isolation": self.isolation,
             "busy": busy,
             "idle": len(self._idle),
             "queued": self._waiting,
@@ -293,6 +380,11 @@ class PythonSandboxPool:
         budget = ctx.timeout_s if ctx.timeout_s is not None else None
         run_timeout = min(task.timeout or self.default_timeout_s, self.max_timeout_s)
         self._counters["tasks"] += 1
+        if budget is not None and budget <= 0:
+            # Spent queued before it got here: starting it would only cost a child.
+            self._counters["failed"] += 1
+            self._counters["timeouts"] += 1
+            return failure(ErrorType.TIMEOUT, "the task's time budget ran out while it was queued")
         worker = await self._acquire(budget, ctx.delegator)
         if worker is None:
             self._counters["failed"] += 1
@@ -394,7 +486,9 @@ class PythonSandboxPool:
             )
             result: dict[str, Any] = self._decoder.decode(frame)
         except TimeoutError:
-            worker.kill()
+            await worker.terminate()
+            if worker.process_killed:
+                return self._process_failure()
             self._counters["timeouts"] += 1
             return failure(
                 ErrorType.TIMEOUT,
@@ -405,6 +499,8 @@ class PythonSandboxPool:
             await worker.proc.wait()
             if worker.memory_killed:
                 return self._memory_failure()
+            if worker.process_killed:
+                return self._process_failure()
             self._counters["crashes"] += 1
             return failure(
                 ErrorType.WORKER_CRASHED,
@@ -422,11 +518,25 @@ class PythonSandboxPool:
             recycle = recycle or worker.tasks_done >= self.max_tasks_per_worker
         if result.get("error_type") == ErrorType.MEMORY_LIMIT:
             self._counters["memory_kills"] += 1
+        leftovers = worker.sandbox_processes()
+        if leftovers is not None and leftovers > 2:
+            # Processes the task started outlive it only inside a sandbox we now tear
+            # down: nothing of a task runs after its result is sent.
+            self._counters["leftover_processes_killed"] += leftovers - 2
+            recycle = True
         if recycle or self._closed:
-            worker.kill()  # its monitor reaps it and starts a fresh one
+            await worker.terminate()  # its monitor starts a fresh one
         else:
             self._release(worker)
         return result
+
+    def _process_failure(self) -> dict[str, Any]:
+        self._counters["process_kills"] += 1
+        return failure(
+            ErrorType.PROCESS_LIMIT,
+            f"the task started more than {self.max_processes} processes; its sandbox was "
+            "killed and replaced",
+        )
 
     def _memory_failure(self) -> dict[str, Any]:
         self._counters["memory_kills"] += 1
@@ -438,25 +548,38 @@ class PythonSandboxPool:
 
     # -- children --------------------------------------------------------------------
 
+    def _command(self, fd: int) -> tuple[list[str], dict[str, str], str]:
+        """argv, environment and working directory of one child."""
+        args = ["--fd", str(fd), "--max-frame-bytes", str(self.max_request_bytes)]
+        assert self._workdir is not None
+        if self._layout is not None:
+            data_mb = self.memory_limit_mb - 2 * self.tmpfs_mb
+            nproc = self.max_processes * _THREADS_PER_PROCESS
+            args += ["--memory-limit-mb", str(data_mb), "--max-tasks-per-uid", str(nproc)]
+            args += ["--wipe", SCRATCH, "--wipe", "/dev/shm"]
+            inside = _child_env(SCRATCH, self._layout.python_dirs)
+            # bwrap's own environment is readable at /proc/1/environ inside: keep it bare.
+            argv = self._layout.argv(args, inside)
+            return argv, {"PATH": "/usr/bin:/bin"}, str(self._workdir)
+        # Unsafe mode: still one scratch folder per child, never on sys.path (-I).
+        scratch = tempfile.mkdtemp(prefix="child-", dir=self._workdir)
+        args += ["--memory-limit-mb", str(self.memory_limit_mb), "--wipe", scratch]
+        bootstrap = bootstrap_code(str(package_dir().parent))
+        env = _child_env(scratch, ())
+        return [self.python, "-I", "-c", bootstrap, *args], env, scratch
+
     async def _spawn(self) -> _Worker:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            argv, env, cwd = self._command(child_sock.fileno())
             proc = await asyncio.create_subprocess_exec(
-                self.python,
-                "-m",
-                SANDBOX_MODULE,
-                "--fd",
-                str(child_sock.fileno()),
-                "--memory-limit-mb",
-                str(self.memory_limit_mb),
-                "--max-frame-bytes",
-                str(self.max_request_bytes),
+                *argv,
                 pass_fds=(child_sock.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
-                cwd=str(self._workdir),
-                env=_child_env(),
+                cwd=cwd,
+                env=env,
                 start_new_session=True,  # a Ctrl-C meant for the kernel must not hit tasks
             )
         except BaseException:
@@ -468,20 +591,25 @@ class PythonSandboxPool:
             reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
         except BaseException:
             parent_sock.close()
-            proc.kill()
+            _kill_tree(proc.pid)
             await proc.wait()
             raise
         worker = _Worker(proc, parent_sock, reader, writer)
+        worker.scratch = cwd if self._layout is None else None
         try:
             frame = await asyncio.wait_for(worker.read_frame(64 * 1024), self.startup_timeout_s)
             hello = self._decoder.decode(frame)
             if not (isinstance(hello, dict) and hello.get("ready")):
                 error = hello.get("error") if isinstance(hello, dict) else None
                 raise SandboxUnavailable(str(error or "sandbox process did not start"))
+            if self._layout is not None:
+                worker.enter_sandbox()
         except BaseException as exc:
             worker.kill()
             await proc.wait()
             writer.close()
+            if isinstance(exc, psutil.Error | IndexError):
+                raise SandboxUnavailable(f"sandbox processes not found: {exc}") from exc
             if isinstance(exc, (TimeoutError, asyncio.IncompleteReadError, ConnectionError)):
                 raise SandboxUnavailable(
                     f"sandbox process {worker.exit_description()} before it was ready"
@@ -499,6 +627,8 @@ class PythonSandboxPool:
         await worker.proc.wait()
         worker.writer.close()
         self._workers.discard(worker)
+        if worker.scratch is not None:
+            shutil.rmtree(worker.scratch, ignore_errors=True)
         if self._closed:
             return
         backoff = 0.5
@@ -521,12 +651,18 @@ class PythonSandboxPool:
             return
 
     async def _watch_memory(self) -> None:
-        """Kill a busy child whose RSS passes the limit (what RLIMIT_DATA cannot see)."""
+        """Kill a busy child past its RSS limit (what RLIMIT_DATA cannot see) or its
+        process limit (RLIMIT_NPROC does not bind where the owner is root)."""
         limit = (self.memory_limit_mb + 64) * 1024 * 1024
         while True:
             await asyncio.sleep(self.memory_poll_interval_s)
             for worker in list(self._workers):
                 if not worker.busy:
+                    continue
+                processes = worker.sandbox_processes()
+                if processes is not None and processes > self.max_processes:
+                    worker.process_killed = True
+                    worker.kill()
                     continue
                 try:
                     rss = worker.ps.memory_info().rss
@@ -542,11 +678,34 @@ class PythonSandboxPool:
         task.add_done_callback(self._background.discard)
 
 
-def _child_env() -> dict[str, str]:
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, its process group and its descendants.
+
+    Needed while a sandbox is still being set up: bwrap's namespace init then waits for
+    its parent to write its uid map, and killing bwrap alone left it waiting forever
+    (seen with bwrap 0.8: its --die-with-parent was not armed yet).
+    """
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    for proc in descendants:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def _child_env(scratch: str, python_dirs: tuple[str, ...]) -> dict[str, str]:
+    """Allow-listed variables only: no owner HOME, no API keys, no PYTHONPATH."""
     env = {k: os.environ[k] for k in _ENV_ALLOWLIST if k in os.environ}
     env.update(_THREAD_ENV)
-    package_root = str(Path(__file__).resolve().parents[3])
-    existing = os.environ.get("PYTHONPATH")
-    env["PYTHONPATH"] = package_root if not existing else f"{package_root}{os.pathsep}{existing}"
-    env["HOME"] = tempfile.gettempdir()
+    bins = [f"{d}/bin" for d in python_dirs if os.path.isdir(f"{d}/bin")]
+    if python_dirs:
+        env["PATH"] = os.pathsep.join([*bins, "/usr/local/bin", "/usr/bin", "/bin"])
+    else:
+        env["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")
+    env["HOME"] = env["TMPDIR"] = scratch
     return env
