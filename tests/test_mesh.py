@@ -9,9 +9,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from swarm_notebook.identity import Identity
 from swarm_notebook.protocol.envelope import PROTOCOL_VERSION, Envelope, encode_envelope
 from swarm_notebook.protocol.framing import frame_message
+from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling import SignalingConfig, SignalingServer
+from swarm_notebook.transport.factory import mesh_transport
+from swarm_notebook.transport.mesh import MeshConfig
 from tests.support.procs import PeerProcess, child_processes
 
 pytestmark = pytest.mark.timeout(240)
@@ -247,3 +251,44 @@ async def test_network_keeps_serving_while_the_main_thread_blocks(
         assert not [e for e in a.events[mark:] if e.get("event") == "peer_down"]
     finally:
         await stop_all(peers)
+
+
+async def test_dial_to_a_departed_peer_fails_at_once_with_unknown_peer(
+    server: SignalingServer, tmp_path: Path
+) -> None:
+    """The server's ``unknown-peer`` answer ends a dial at once.
+
+    Our membership view keeps a departed peer for ``departure_grace`` (60 s here) and the
+    connect timeout is longer still, so without the server's answer the redial to the
+    killed peer would sit in CONNECTING for a minute.
+    """
+    (departing,) = await start_peers(server.url, tmp_path, 1)
+    peer_id: str = departing.peer_id  # type: ignore[attr-defined]
+    identity = Identity.generate()
+    while identity.peer_id > peer_id:  # we must be the offerer, the side that redials
+        identity = Identity.generate()
+    config = MeshConfig(
+        heartbeat_interval_s=0.3, peer_timeout_s=1.5, connect_timeout_s=120, redial_initial_s=0.1
+    )
+    local = mesh_transport(identity, server.url, "test", config=config, departure_grace=60)
+    up, down, dial_failed = asyncio.Event(), asyncio.Event(), asyncio.Future[str]()
+    local.callbacks.on_peer_up = lambda peer: up.set()
+    local.callbacks.on_peer_down = lambda peer, reason: down.set()
+
+    def failed(peer: str, reason: str) -> None:
+        if peer == peer_id and not dial_failed.done():
+            dial_failed.set_result(reason)
+
+    local.callbacks.on_dial_failed = failed
+    try:
+        await local.start()
+        await asyncio.wait_for(up.wait(), 30)
+        departing.kill()
+        await asyncio.wait_for(down.wait(), 10)
+        assert peer_id in local.room_members(), "still a member during the grace period"
+        reason = await asyncio.wait_for(dial_failed, 15)
+        assert reason.startswith(Reason.UNKNOWN_PEER) and peer_id[:16] in reason, reason
+        assert local.stats()["dials_failed"] >= 1
+    finally:
+        await local.close()
+        await departing.stop()

@@ -64,6 +64,8 @@ class TransportCallbacks:
     on_peer_up: PeerCallback = lambda peer: None
     on_peer_down: PeerDownCallback = lambda peer, reason: None
     on_refused: RefusalCallback = lambda peer, refusal: None
+    # A link that never came up failed: (peer id, reason), e.g. the peer left the room.
+    on_dial_failed: PeerDownCallback = lambda peer, reason: None
 
 
 @dataclass

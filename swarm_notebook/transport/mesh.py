@@ -97,11 +97,21 @@ class SignalingPort(Protocol):
     async def send_signal(self, to: str, data: dict[str, Any]) -> None: ...
 
 
-SignalingFactory = Callable[
-    [Callable[[str, dict[str, Any]], Any], Callable[[str], Any], Callable[[str], Any]],
-    SignalingPort,
-]
-"""Builds a signaling client given (on_signal, on_peer_joined, on_peer_left)."""
+class SignalingEvents(Protocol):
+    """What a signaling client reports to the mesh; ``MeshTransport`` implements it.
+
+    Each method runs on the mesh's loop and must not block.
+    """
+
+    def signal_received(self, from_peer: str, data: dict[str, Any]) -> None: ...
+    def peer_joined(self, peer_id: str) -> None: ...
+    def peer_left(self, peer_id: str) -> None: ...
+    def signal_undeliverable(self, peer_id: str) -> None: ...
+    def set_issued_ice_servers(self, servers: list[dict[str, Any]]) -> None: ...
+
+
+SignalingFactory = Callable[[SignalingEvents], SignalingPort]
+"""Builds a signaling client that reports its events to the given listener."""
 
 
 @dataclass
@@ -198,9 +208,7 @@ class MeshTransport(Transport):
         self.callbacks = TransportCallbacks()
         self.rejections = RejectionCounter()
         self._clock = clock
-        self._signaling = signaling_factory(
-            self._on_signal, self._on_peer_joined, self._on_peer_left
-        )
+        self._signaling = signaling_factory(self)
         self._links: dict[str, _Link] = {}
         self._redial: dict[str, _Redial] = {}
         self._peer_locks: dict[str, asyncio.Lock] = {}
@@ -222,6 +230,7 @@ class MeshTransport(Transport):
             "messages_out": 0,
             "dials": 0,
             "links_lost": 0,
+            "dials_failed": 0,
             "rejects_from_peers": 0,
             "ice_servers_issued": 0,
             "host_only_dials": 0,
@@ -411,7 +420,7 @@ class MeshTransport(Transport):
 
     # -- signaling events --------------------------------------------------------------
 
-    def _on_peer_joined(self, peer_id: str) -> None:
+    def peer_joined(self, peer_id: str) -> None:
         if link_auth.link_id_problem(peer_id) is not None:
             self.rejections.count("bad-id")  # a lenient or hostile server announced it
             return
@@ -419,7 +428,7 @@ class MeshTransport(Transport):
             self._redial.pop(peer_id, None)
             self._maintain_peer(peer_id)
 
-    def _on_peer_left(self, peer_id: str) -> None:
+    def peer_left(self, peer_id: str) -> None:
         # Leaving signaling says nothing about the link: a peer whose signaling socket
         # dropped may still be perfectly reachable. Heartbeats decide whether it is gone.
         link = self._links.get(peer_id)
@@ -427,15 +436,16 @@ class MeshTransport(Transport):
             self._fail_link(link, "peer left the room")
 
     def signal_undeliverable(self, peer_id: str) -> None:
-        """Signaling could not reach ``peer_id``: a link still forming to it cannot finish.
+        """The server says ``peer_id`` is not in the room: a link forming to it cannot finish.
 
-        Without this, a dial to a peer that just left would wait out the connect timeout.
+        Our membership view keeps a departed peer for a grace period, so without this a
+        dial to it would wait out the connect timeout.
         """
         link = self._links.get(peer_id)
         if link is not None and link.state is LinkState.CONNECTING:
-            self._fail_link(link, "peer not in the room")
+            self._fail_link(link, f"{Reason.UNKNOWN_PEER}: peer {peer_id[:16]} is not in the room")
 
-    def _on_signal(self, from_peer: str, data: dict[str, Any]) -> None:
+    def signal_received(self, from_peer: str, data: dict[str, Any]) -> None:
         if self._closed:
             return
         if link_auth.link_id_problem(from_peer) is not None:
@@ -920,6 +930,10 @@ class MeshTransport(Transport):
             self.counters["links_lost"] += 1
             log.info("link to %s lost: %s", link.peer_id[:16], reason)
             self._safe_callback(self.callbacks.on_peer_down, link.peer_id, reason)
+        else:
+            self.counters["dials_failed"] += 1
+            log.info("link to %s not formed: %s", link.peer_id[:16], reason)
+            self._safe_callback(self.callbacks.on_dial_failed, link.peer_id, reason)
         if not self._closed:
             self._tasks.spawn(self._close_pc(link), name="mesh-close-pc")
             if redial and link.peer_id in self._signaling.members:
