@@ -114,7 +114,7 @@ def test_link_auth_refuses_a_non_canonical_id_even_with_a_valid_signature() -> N
         offer_fingerprints="sha-256 AA",
         answer_fingerprints="sha-256 BB",
     )
-    signature = link_auth.sign_transcript(me, data)
+    signature = me.sign(data)
     assert link_auth.link_id_problem(upper) == "bad-id"
     assert not link_auth.verify_transcript(upper, signature, data)
     assert link_auth.verify_transcript(me.peer_id, signature, data)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from swarm_notebook.identity import Identity, is_canonical_peer_id, verify_signature
+from swarm_notebook.identity import is_canonical_peer_id, verify_signature
 
 LINK_CONTEXT = b"swarm-notebook/link-auth/v1\x00"
 _FINGERPRINT = re.compile(r"^a=fingerprint:(\S+)\s+(\S+)\s*$", re.MULTILINE)
@@ -42,10 +42,6 @@ def transcript(
         answer_fingerprints,
     ]
     return LINK_CONTEXT + "\x00".join(fields).encode()
-
-
-def sign_transcript(identity: Identity, data: bytes) -> bytes:
-    return identity.sign(data)
 
 
 def link_id_problem(peer_id: str) -> str | None:

@@ -157,10 +157,6 @@ class MemoryTransport(Transport):
         self.network._deliver(self.room, self.local_id, peer_id, payload)
         return len(payload)
 
-    def inject_raw(self, peer_id: str, payload: bytes) -> None:
-        """Deliver arbitrary bytes to ``peer_id`` as if this peer had sent them (fuzzing)."""
-        self.network._deliver(self.room, self.local_id, peer_id, payload)
-
     def _receive(self, src: str, payload: bytes) -> None:
         if src not in self._connected:
             self.rejections.count("unauthenticated")
