@@ -74,15 +74,6 @@ def parse_task_data(data: Any, schema: type[T]) -> T:
         raise TaskRefused(ErrorType.BAD_INPUT, str(exc)[:300]) from exc
 
 
-def clip_text(text: str, limit: int) -> str:
-    """Keep the head and tail of ``text`` within ``limit`` characters, saying what was cut."""
-    if len(text) <= limit:
-        return text
-    keep = max(limit // 2 - 40, 0)
-    cut = len(text) - 2 * keep
-    return f"{text[:keep]}\n... [{cut} characters cut] ...\n{text[len(text) - keep :]}"
-
-
 async def execute_task(
     executors: Mapping[str, Executor], task_type: str, data: Any, ctx: TaskContext
 ) -> dict[str, Any]:

@@ -44,6 +44,8 @@ from typing import Any
 
 import msgspec
 
+from swarm_notebook._util.text import clip_text
+
 CELL_FILENAME = "<remote-cell>"
 FRAME_HEADER = struct.Struct("!I")
 MAX_TRACEBACK_CHARS = 32_000
@@ -251,20 +253,13 @@ def _exception_result(exc: BaseException) -> dict[str, Any]:
         "success": False,
         "error_type": "remote-exception",
         "error": error[:MAX_ERROR_CHARS],
-        "traceback": _clip(text, MAX_TRACEBACK_CHARS),
+        "traceback": clip_text(text, MAX_TRACEBACK_CHARS),
     }
-
-
-def _clip(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    keep = limit // 2
-    return f"{text[:keep]}\n... [{len(text) - 2 * keep} characters cut] ...\n{text[-keep:]}"
 
 
 def _safe_repr(value: Any) -> str:
     try:
-        return _clip(repr(value), MAX_REPR_CHARS)
+        return clip_text(repr(value), MAX_REPR_CHARS)
     except Exception as exc:
         return f"<repr failed: {type(exc).__name__}>"
 
