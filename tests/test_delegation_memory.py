@@ -26,6 +26,7 @@ from swarm_notebook.errors import (
 from swarm_notebook.identity import Identity
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
+from swarm_notebook.workload.executors.base import TaskContext
 from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 from swarm_notebook.workload.policy import TaskPolicy
 
@@ -258,3 +259,73 @@ async def test_a_local_refusal_raises_like_a_peers(tmp_path: Path, workspace: Pa
         with pytest.raises(TaskRefused) as err:
             await alone.delegate_task("file-analysis", {"path": 5})
         assert err.value.reason == Reason.BAD_INPUT and err.value.peer == alone.local_id
+
+
+class CrashingExecutor:
+    """A file-analysis executor with a bug in it (our code, not the user's)."""
+
+    task_type = "file-analysis"
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def run(self, data: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        self.runs += 1
+        raise KeyError("a bug in the executor")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_an_executor_crash_is_retried_on_another_peer_but_a_user_error_is_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "a.txt").write_text("x\ny\n")
+    serving = CoordinatorConfig(
+        executors=ExecutorConfig(workspace=workspace, python_execution=True, sandbox_size=1)
+    )
+    net = MemoryNetwork()
+    peers = []
+    for name, cfg in (("asker", CoordinatorConfig()), ("buggy", serving), ("sound", serving)):
+        identity = Identity.generate()
+        transport = MemoryTransport(identity, net, "room")
+        peers.append(SwarmCoordinator(identity, transport, cfg, tmp_path / name, EventBus()))
+    asker, buggy, sound = peers
+    for p in peers:
+        await p.start()
+    crashing = CrashingExecutor()
+    await buggy.executors["file-analysis"].close()
+    buggy.executors["file-analysis"] = crashing
+    try:
+        # Routing is random among idle peers: delegate until the buggy peer was tried first.
+        results = []
+        while crashing.runs == 0 and len(results) < 40:
+            results.append(await asker.delegate_task("file-analysis", {"path": "a.txt"}))
+        assert crashing.runs >= 1, "the buggy peer was never chosen"
+        assert all(r["success"] and r["peer"] == sound.local_id for r in results)
+        retried = [r for r in results if r["attempts"] == 2]
+        assert len(retried) == crashing.runs
+        assert buggy.task_server.refusals["internal-error"] == crashing.runs
+        served = [r for r in buggy.task_records() if r["role"] == "served"]
+        assert served and all(
+            r["state"] == "failed" and r["error"].startswith("internal-error") for r in served
+        )
+        crash_logs = [r for r in caplog.records if "crashed on task" in r.getMessage()]
+        assert crash_logs and all(r.exc_info for r in crash_logs), "logged with its traceback"
+
+        # The user's own exception is a result, reported once, on the first peer tried.
+        user = await asker.delegate_task("python-computation", {"code": "raise ValueError('mine')"})
+        assert not user["success"] and user["error_type"] == "remote-exception"
+        assert user["attempts"] == 1 and "mine" in user["error"]
+        python_served = [
+            r
+            for p in (buggy, sound)
+            for r in p.task_records()
+            if r["role"] == "served" and r["type"] == "python-computation"
+        ]
+        assert len(python_served) == 1
+    finally:
+        for p in peers:
+            await p.leave()

@@ -34,8 +34,8 @@ from swarm_notebook.workload.executors import (
     build_executors,
     close_executors,
     detect_capabilities,
-    execute_task,
     requirements_for_task_type,
+    run_executor,
 )
 from swarm_notebook.workload.sandbox.pool import PythonSandboxPool
 from tests.support.openai_standin import STANDIN_MODEL, OpenAIStandin, standin_reply
@@ -218,10 +218,9 @@ async def test_missing_package_and_bad_input_are_clear(pool: PythonSandboxPool) 
         await pool.run({"code": "1", "outputs": ["not valid"]}, CTX)
     missing = await pool.run({"code": "x = 1", "outputs": ["y"]}, CTX)
     assert missing["error_type"] == "missing-output" and "y" in missing["error"]
-    via_dispatch = await execute_task({"python-computation": pool}, "python-computation", {}, CTX)
-    assert via_dispatch["error_type"] == "bad-input" and via_dispatch["rejected"]
-    unknown = await execute_task({"python-computation": pool}, "mine-bitcoin", {}, CTX)
-    assert unknown["error_type"] == "unknown-task-type"
+    with pytest.raises(TaskRefused) as via_dispatch:  # the one path lets refusals through
+        await run_executor(pool, {}, CTX)
+    assert via_dispatch.value.reason == "bad-input"
 
 
 async def test_output_is_bounded_and_unencodable_values_are_explained(

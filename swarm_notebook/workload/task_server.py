@@ -2,6 +2,10 @@
 
 Refusals carry a reason code (policy, capacity, shutdown). Load is reported as it
 changes, and on shutdown unfinished tasks are handed back so the delegator retries them.
+Every task runs through ``run_executor``: an executor that crashes is refused with
+``internal-error`` (counted, logged with its traceback) and the delegator retries it on
+another peer; input the executor refuses is refused with the executor's reason; a
+failure of the user's own work is a result, and is not retried.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ from typing import Any
 
 import msgspec
 
-from swarm_notebook.errors import HandlerRefusal, NoCapablePeerError, TaskRefused
+from swarm_notebook.errors import DelegationError, HandlerRefusal, NoCapablePeerError, TaskRefused
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
 from swarm_notebook.reasons import Reason
-from swarm_notebook.workload.executors.base import Executor, TaskContext
+from swarm_notebook.workload.executors.base import Executor, TaskContext, run_executor
 from swarm_notebook.workload.messages import (
     REQUIREMENTS,
     TASK_EXECUTION,
@@ -147,6 +151,10 @@ class TaskServer:
                 finally:
                     self._running.discard(run)
                     self._in_flight -= 1
+        except HandlerRefusal as exc:
+            # Our executor crashed: not the delegator's fault, so refuse and let it retry.
+            self._end(record, "failed", f"{exc.reason}: {exc.message}")
+            raise self._refuse(peer_id, request, exc.reason, exc.message) from exc
         except asyncio.CancelledError:
             self._end(record, "canceled", "canceled")
             if self._draining:
@@ -188,8 +196,7 @@ class TaskServer:
         self, executor: Executor, request: TaskRequest, ctx: TaskContext
     ) -> dict[str, Any]:
         data = request.data if isinstance(request.data, dict) else {}
-        # A TaskRefused from the executor propagates: nothing ran, so it is no result.
-        return await executor.run(data, ctx)
+        return await run_executor(executor, data, ctx)
 
     def _tell_working(self, peer_id: str, task_id: str) -> None:
         body = msgspec.to_builtins(TaskStatus(task_id=task_id, state="working"))
@@ -220,7 +227,11 @@ class TaskServer:
     async def run_local(
         self, task_id: str, task_type: str, data: Any, timeout: float
     ) -> dict[str, Any]:
-        """Run one of our own tasks here (the opt-in fallback when no peer can)."""
+        """Run one of our own tasks here (the opt-in fallback when no peer can).
+
+        A crash of the executor raises ``DelegationError`` with reason ``internal-error``:
+        there is no other peer to retry on.
+        """
         executor = self.executors.get(task_type)
         if executor is None:
             raise NoCapablePeerError(
@@ -230,7 +241,11 @@ class TaskServer:
             task_id=task_id, delegator=self.node.local_id, timeout_s=timeout, allow_pickle=True
         )
         request = TaskRequest(task_id=task_id, type=task_type, data=data, timeout=timeout)
-        return await self._run(executor, request, ctx)
+        try:
+            return await self._run(executor, request, ctx)
+        except HandlerRefusal as exc:
+            self.refusals[exc.reason] = self.refusals.get(exc.reason, 0) + 1
+            raise DelegationError(exc.reason, exc.message) from exc
 
     async def drain(self, grace_s: float) -> int:
         """Stop taking tasks; let running ones finish for ``grace_s``, then hand the rest back.

@@ -14,8 +14,8 @@ from swarm_notebook.workload.executors.base import (
     Executor,
     TaskContext,
     TaskRefused,
-    execute_task,
     failure,
+    run_executor,
 )
 
 if TYPE_CHECKING:
@@ -56,9 +56,9 @@ __all__ = [
     "build_executors",
     "close_executors",
     "detect_capabilities",
-    "execute_task",
     "failure",
     "requirements_for_task_type",
+    "run_executor",
 ]
 
 

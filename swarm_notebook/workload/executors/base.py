@@ -9,14 +9,14 @@ human message) and ``error_type`` (a :class:`~swarm_notebook.reasons.Reason`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
-from swarm_notebook.errors import TaskRefused
+from swarm_notebook.errors import HandlerRefusal, TaskRefused
 from swarm_notebook.reasons import Reason
 
 T = TypeVar("T")
@@ -74,25 +74,25 @@ def parse_task_data(data: Any, schema: type[T]) -> T:
         raise TaskRefused(ErrorType.BAD_INPUT, str(exc)[:300]) from exc
 
 
-async def execute_task(
-    executors: Mapping[str, Executor], task_type: str, data: Any, ctx: TaskContext
-) -> dict[str, Any]:
-    """The blueprint's ``executeTask``: run a task with the executor for its type.
+async def run_executor(executor: Executor, data: Any, ctx: TaskContext) -> dict[str, Any]:
+    """Run one task with ``executor``: the one path every served and local task takes.
 
-    Always returns a result dict: an unknown type, refused input, or a bug in an executor
-    becomes ``success: False`` with a reason code, never an exception for the caller.
+    * The executor's result dict comes back as it is; a failure while running the user's
+      work (their exception, a timeout, a missing file) is in it, and is not retried.
+    * ``TaskRefused`` (input the executor refuses before running it, e.g. ``bad-input``)
+      propagates: the serving side answers with that refusal.
+    * Anything else the executor raises is a bug in our code, not the user's error. It is
+      logged with its traceback and raised as ``HandlerRefusal`` with reason
+      ``internal-error``, which the serving side counts and the delegator retries on
+      another peer (within ``max_attempts``).
     """
-    executor = executors.get(task_type)
-    if executor is None:
-        known = ", ".join(sorted(executors)) or "none"
-        return failure(
-            ErrorType.UNKNOWN_TASK_TYPE,
-            f"this peer does not run {task_type!r:.80} tasks (it runs: {known})",
-        )
     try:
         return await executor.run(data, ctx)
-    except TaskRefused as exc:
-        return failure(exc.reason, exc.message, rejected=True)
+    except (TaskRefused, asyncio.CancelledError):
+        raise
     except Exception as exc:
-        _log.exception("executor %s failed on task %s", task_type, ctx.task_id)
-        return failure(ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:300])
+        _log.exception("executor %s crashed on task %s", executor.task_type, ctx.task_id)
+        raise HandlerRefusal(
+            Reason.INTERNAL_ERROR,
+            f"the {executor.task_type} executor crashed: {type(exc).__name__}: {exc}"[:300],
+        ) from exc
