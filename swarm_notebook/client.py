@@ -23,10 +23,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import swarm_notebook.environment as environment
 from swarm_notebook._util.loop_thread import LoopThread
 from swarm_notebook.coordinator.config import (
+    DEFAULT_ROOM,
     DEFAULT_SIGNALING,
-    ROSTER_OWNER_ENV,
     CoordinatorConfig,
 )
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
@@ -499,7 +500,7 @@ class Coordinator:
 
 
 async def join(
-    room: str = "default",
+    room: str = DEFAULT_ROOM,
     *,
     signaling: str = DEFAULT_SIGNALING,
     capabilities: list[str] | None = None,
@@ -547,7 +548,8 @@ async def join(
         config,
         ca_file,
     )
-    cfg.roster_owner = roster_owner or cfg.roster_owner or os.environ.get(ROSTER_OWNER_ENV) or None
+    from_env = os.environ.get(environment.ROSTER_OWNER)
+    cfg.roster_owner = roster_owner or cfg.roster_owner or from_env or None
     identity = Identity.load_or_create(profile_dir)
     events = EventBus()
     runner = LoopThread()

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import swarm_notebook
+from swarm_notebook.cli.main import build_parser as cli_parser
+from swarm_notebook.coordinator.config import DEFAULT_ROOM
+from swarm_notebook.notebook.magics import build_parser
 from swarm_notebook.signaling import SignalingServer
+from tests.support.procs import WorkerProcess
 
 
 async def test_lone_peer_status_sharing_rules_and_fallback(
@@ -53,3 +59,28 @@ async def test_lone_peer_status_sharing_rules_and_fallback(
     assert err.value.reason == swarm_notebook.Reason.NOT_JOINED_SWARM
     with pytest.raises(swarm_notebook.NotJoinedError):
         c.submit_task("python-computation", {"code": "1"})
+
+
+async def test_a_default_worker_and_a_default_join_meet(
+    server: SignalingServer, tmp_path: Path
+) -> None:
+    """Every entry point defaults to the same room, so defaults alone find each other."""
+    assert build_parser({}).parse_args(["join"]).room == DEFAULT_ROOM
+    for command in ("up", "worker"):
+        assert cli_parser([command]).parse_args([command]).room == DEFAULT_ROOM
+    worker = await WorkerProcess.start(server.url, None, str(tmp_path / "w"), name="w")
+    c = await swarm_notebook.join(signaling=server.url, profile=tmp_path / "me")
+    try:
+        joined = asyncio.Event()
+
+        def peer_joined(payload: dict[str, Any]) -> None:
+            if payload["peer_id"] == worker.peer_id:
+                joined.set()
+
+        c.on("swarm:peer-joined", peer_joined)
+        if worker.peer_id not in set(c.peers_frame().query("state == 'connected'").peer_id):
+            await asyncio.wait_for(joined.wait(), 30)
+        assert c.get_stats()["connected_peers"] == 1
+    finally:
+        await c.leave()
+        assert await worker.stop() == 0

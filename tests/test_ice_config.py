@@ -12,11 +12,10 @@ import pytest
 from aiortc import RTCIceTransportPolicy
 
 import swarm_notebook
+import swarm_notebook.environment as environment
 from swarm_notebook.errors import IceConfigError, UsageError
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.ice_config import (
-    ICE_POLICY_ENV,
-    ICE_SERVERS_ENV,
     IceServer,
     parse_servers,
     resolve,
@@ -79,17 +78,17 @@ def test_precedence_argument_then_environment_then_profile_file(tmp_path: Path) 
     (tmp_path / "ice.json").write_text(
         json.dumps({"ice_servers": [{"urls": "stun:file.example"}, TURN], "ice_policy": "relay"})
     )
-    env = {ICE_SERVERS_ENV: json.dumps([{"urls": "stun:env.example"}])}
+    env = {environment.ICE_SERVERS: json.dumps([{"urls": "stun:env.example"}])}
     from_file = resolve(environ={}, profile_dir=tmp_path)
     assert [s.url for s in from_file.servers] == ["stun:file.example", TURN["urls"]]
     assert from_file.servers_source.endswith("ice.json") and from_file.policy == "relay"
     # relay from the file with only STUN would never link: that is refused up front.
     with pytest.raises(IceConfigError, match="needs a TURN server"):
         resolve(environ=env, profile_dir=tmp_path)
-    env[ICE_POLICY_ENV] = "all"
+    env[environment.ICE_POLICY] = "all"
     from_env = resolve(environ=env, profile_dir=tmp_path)
     assert [s.url for s in from_env.servers] == ["stun:env.example"]
-    assert (from_env.servers_source, from_env.policy) == (f"${ICE_SERVERS_ENV}", "all")
+    assert (from_env.servers_source, from_env.policy) == (f"${environment.ICE_SERVERS}", "all")
     explicit = resolve([TURN], "relay", environ=env, profile_dir=tmp_path)
     assert [s.url for s in explicit.servers] == [TURN["urls"]]
     assert (explicit.servers_source, explicit.policy_source) == ("argument", "argument")
@@ -100,9 +99,9 @@ def test_precedence_argument_then_environment_then_profile_file(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("env", "words"),
     [
-        ({ICE_SERVERS_ENV: "[{"}, "not JSON"),
-        ({ICE_SERVERS_ENV: json.dumps([{"urls": "turn:x"}])}, "needs 'username'"),
-        ({ICE_POLICY_ENV: "direct"}, "must be one of all, relay"),
+        ({environment.ICE_SERVERS: "[{"}, "not JSON"),
+        ({environment.ICE_SERVERS: json.dumps([{"urls": "turn:x"}])}, "needs 'username'"),
+        ({environment.ICE_POLICY: "direct"}, "must be one of all, relay"),
     ],
 )
 def test_bad_environment_names_the_variable(env: dict[str, str], words: str) -> None:
@@ -130,7 +129,7 @@ def test_rtc_configuration_is_explicit_and_carries_the_policy() -> None:
 async def test_join_with_a_bad_setting_fails_at_start_not_with_a_silent_no_link(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(ICE_SERVERS_ENV, json.dumps([{"urls": "turn:t.example"}]))
+    monkeypatch.setenv(environment.ICE_SERVERS, json.dumps([{"urls": "turn:t.example"}]))
     # Nothing listens on this port: reaching the network would be a SignalingTimeout.
     with pytest.raises(IceConfigError, match="needs 'username' and 'credential'"):
         await swarm_notebook.join("lab", signaling="ws://127.0.0.1:9/ws", profile=tmp_path)
@@ -203,10 +202,10 @@ def test_up_hands_its_ice_flags_to_every_started_peer_as_environment() -> None:
          "--ice-policy", "relay"]
     )  # fmt: skip
     env = up.ice_environment(args)
-    assert json.loads(env[ICE_SERVERS_ENV]) == [
+    assert json.loads(env[environment.ICE_SERVERS]) == [
         {"urls": "turn:t.example:3478", "username": "u", "credential": "c"}
     ]
-    assert env[ICE_POLICY_ENV] == "relay"
+    assert env[environment.ICE_POLICY] == "relay"
     assert up.ice_environment(parser.parse_args([])) == {}
     with pytest.raises(IceConfigError):
         up.ice_environment(parser.parse_args(["--ice-server", "turn:t.example"]))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import swarm_notebook.environment as environment
 from swarm_notebook.errors import IdentityError
 from swarm_notebook.identity import (
     Identity,
@@ -15,7 +16,7 @@ from swarm_notebook.identity import (
     public_key_from_peer_id,
     verify_signature,
 )
-from swarm_notebook.identity.keys import KEY_FILE, PROFILE_ENV
+from swarm_notebook.identity.keys import KEY_FILE
 
 
 def test_key_is_created_once_with_owner_only_permissions(tmp_path: Path) -> None:
@@ -66,5 +67,5 @@ def test_loose_permissions_are_tightened_on_load(tmp_path: Path) -> None:
 
 
 def test_profile_folder_comes_from_the_environment(tmp_path: Path) -> None:
-    assert default_profile_dir({PROFILE_ENV: str(tmp_path / "x")}) == tmp_path / "x"
+    assert default_profile_dir({environment.PROFILE: str(tmp_path / "x")}) == tmp_path / "x"
     assert default_profile_dir({}).name == "default"

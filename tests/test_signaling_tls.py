@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+import swarm_notebook.environment as environment
 from swarm_notebook.errors import SignalingTLSError
 from swarm_notebook.identity import Identity
 from swarm_notebook.signaling import SignalingClient, SignalingConfig, SignalingServer
-from swarm_notebook.signaling.client import CA_FILE_ENV
 
 WAIT = 10.0
 
@@ -133,7 +133,7 @@ async def test_cli_serves_wss_and_clients_that_trust_the_cert_join_and_relay(
     pair = Pair()
     a = SignalingClient(cli_server, "lab", Identity.generate(), ca_file=str(cert.certfile))
     # The documented way for join() and workers: the environment variable.
-    monkeypatch.setenv(CA_FILE_ENV, str(cert.certfile))
+    monkeypatch.setenv(environment.CA_FILE, str(cert.certfile))
     b = SignalingClient(cli_server, "lab", Identity.generate(), on_signal=pair.on_signal)
     try:
         await a.start(timeout=WAIT)
@@ -169,7 +169,7 @@ async def test_ssl_cert_file_is_honoured_too(cert: Cert, monkeypatch: pytest.Mon
 async def test_an_untrusted_certificate_is_a_clear_error_not_a_hang(
     trust: str, tmp_path: Path, cert: Cert, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(CA_FILE_ENV, raising=False)
+    monkeypatch.delenv(environment.CA_FILE, raising=False)
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     served = make_cert(tmp_path, "no-ip", ip=False) if trust == "name-mismatch" else cert
     ca_file = {
@@ -187,7 +187,7 @@ async def test_an_untrusted_certificate_is_a_clear_error_not_a_hang(
         assert refused.value.reason == "untrusted-certificate"
         assert client.stats()["connect_attempts"] == 1
         message = refused.value.message
-        assert server.url in message and CA_FILE_ENV in message
+        assert server.url in message and environment.CA_FILE in message
         if trust == "name-mismatch":
             assert "not valid for '127.0.0.1'" in message and "subject alternative" in message
         else:
@@ -256,7 +256,7 @@ async def test_worker_and_notebook_delegate_through_a_wss_server(
     from swarm_notebook.client import join
     from tests.support.procs import WorkerProcess
 
-    monkeypatch.delenv(CA_FILE_ENV, raising=False)
+    monkeypatch.delenv(environment.CA_FILE, raising=False)
     worker = await WorkerProcess.start(
         cli_server,
         "tls",
@@ -294,7 +294,7 @@ async def test_worker_and_notebook_delegate_through_a_wss_server(
 async def test_a_worker_that_does_not_trust_the_certificate_exits_with_the_fix(
     cli_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(CA_FILE_ENV, raising=False)
+    monkeypatch.delenv(environment.CA_FILE, raising=False)
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -315,4 +315,4 @@ async def test_a_worker_that_does_not_trust_the_certificate_exits_with_the_fix(
     assert proc.returncode == 1 and b"READY" not in stdout
     last = stderr.decode().strip().splitlines()[-1]
     assert last.startswith("swarm-notebook worker: untrusted-certificate: "), last
-    assert CA_FILE_ENV in last and "Traceback" not in stderr.decode()
+    assert environment.CA_FILE in last and "Traceback" not in stderr.decode()

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import swarm_notebook.environment as environment
 from swarm_notebook.bench import (
     TqdmProgress,
     UnknownSuiteError,
@@ -20,7 +21,6 @@ from swarm_notebook.bench import (
     run_suites,
     select_suites,
 )
-from swarm_notebook.transport.ice_hosts import ICE_HOSTS_ENV
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     # Every peer of the bench lives on this machine: keep ICE on loopback (children inherit).
-    os.environ.setdefault(ICE_HOSTS_ENV, "127.0.0.1")
+    os.environ.setdefault(environment.ICE_HOSTS, "127.0.0.1")
     report = run_suites(chosen, quick=args.quick, progress=TqdmProgress(sys.stderr))
     print(render_table(report))
     if args.json is not None:

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import swarm_notebook.environment as environment
 from swarm_notebook.cli.ice_args import add_ice_arguments, mesh_with_ice
 from swarm_notebook.coordinator.config import DEFAULT_SIGNALING
 from swarm_notebook.errors import IceConfigError
@@ -20,11 +21,11 @@ from swarm_notebook.views.doctor import Check, diagnose, render
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--signaling", default=os.environ.get("SWARM_NOTEBOOK_SIGNALING")
+    parser.add_argument("--signaling", default=os.environ.get(environment.SIGNALING)
                         or DEFAULT_SIGNALING)  # fmt: skip
     parser.add_argument(
         "--secret",
-        default=os.environ.get("SWARM_NOTEBOOK_SECRET"),
+        default=os.environ.get(environment.SECRET),
         help="room secret, to see the ICE servers the signaling server issues",
     )
     parser.add_argument(

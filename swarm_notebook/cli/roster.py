@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from swarm_notebook.coordinator.config import DEFAULT_ROOM
 from swarm_notebook.errors import SwarmError, UsageError
 from swarm_notebook.identity import Identity, default_profile_dir, require_canonical
 from swarm_notebook.membership.roster import (
@@ -31,7 +32,7 @@ from swarm_notebook.reasons import Reason
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--room", default="default")
+    parser.add_argument("--room", default=DEFAULT_ROOM)
     parser.add_argument("--profile", type=Path, default=None, help="profile folder (the owner's)")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = sub.add_parser("add", help="put a peer on the roster (creates it, owned by you)")

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 
+import swarm_notebook.environment as environment
 from swarm_notebook.errors import UsageError
 from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling.config import DEFAULT_PORT, SignalingConfig, SignalingLimits
@@ -25,8 +26,6 @@ from swarm_notebook.signaling.quotas import QuotaLimits
 from swarm_notebook.signaling.server import SignalingServer
 from swarm_notebook.signaling.turn_credentials import TurnConfig
 
-SECRET_ENV = "SWARM_NOTEBOOK_SIGNAL_SECRET"
-TURN_SECRET_ENV = "SWARM_NOTEBOOK_TURN_SECRET"
 _DEFAULT_LIMITS = SignalingLimits()
 _DEFAULT_QUOTAS = QuotaLimits()
 
@@ -36,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     parser.add_argument(
         "--secret",
-        default=os.environ.get(SECRET_ENV),
-        help=f"secret every room requires (default: ${SECRET_ENV})",
+        default=os.environ.get(environment.SIGNAL_SECRET),
+        help=f"secret every room requires (default: ${environment.SIGNAL_SECRET})",
     )
     parser.add_argument(
         "--room-secret",
@@ -63,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     ice.add_argument(
         "--turn-secret",
-        default=os.environ.get(TURN_SECRET_ENV),
-        help=f"coturn's static-auth-secret (default: ${TURN_SECRET_ENV})",
+        default=os.environ.get(environment.TURN_SECRET),
+        help=f"coturn's static-auth-secret (default: ${environment.TURN_SECRET})",
     )
     ice.add_argument(
         "--turn-ttl", type=float, default=3600.0, help="seconds issued TURN credentials live"

@@ -29,18 +29,18 @@ from typing import Any
 import aiohttp
 import psutil
 
+import swarm_notebook.environment as environment
 from swarm_notebook.cli.ice_args import add_ice_arguments, mesh_with_ice
+from swarm_notebook.coordinator.config import DEFAULT_ROOM
 from swarm_notebook.errors import IceConfigError, RosterError, StartupError
 from swarm_notebook.identity import Identity
 from swarm_notebook.membership.roster import Roster, load_roster, make_roster, save_roster
 from swarm_notebook.signaling.config import DEFAULT_PORT, SignalingConfig
 from swarm_notebook.signaling.server import SignalingServer
-from swarm_notebook.transport.ice_config import ICE_POLICY_ENV, ICE_SERVERS_ENV
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DIR = "~/swarm-notebook"
-DEFAULT_ROOM = "local"
 DEFAULT_LAB_PORT = 8888
 FIRST_NOTEBOOK = "quickstart.ipynb"
 WORKER_READY_TIMEOUT_S = 90.0
@@ -78,9 +78,9 @@ def ice_environment(args: argparse.Namespace) -> dict[str, str]:
     mesh = mesh_with_ice(args)
     env: dict[str, str] = {}
     if mesh.ice_servers is not None:
-        env[ICE_SERVERS_ENV] = json.dumps(mesh.ice_servers)
+        env[environment.ICE_SERVERS] = json.dumps(mesh.ice_servers)
     if mesh.ice_policy is not None:
-        env[ICE_POLICY_ENV] = mesh.ice_policy
+        env[environment.ICE_POLICY] = mesh.ice_policy
     return env
 
 
@@ -233,7 +233,7 @@ async def start_worker(
             "--caps", "python-execution", "--profile", str(profile), "--name", name,
             "--grace", str(WORKER_GRACE_S / 2), "--exit-with-parent",
             stdout=asyncio.subprocess.PIPE, stderr=log_file,
-            env={**env, "SWARM_NOTEBOOK_SECRET": secret}, start_new_session=True,
+            env={**env, environment.SECRET: secret}, start_new_session=True,
         )  # fmt: skip
     child = Child(name, proc)
     assert proc.stdout is not None
@@ -419,11 +419,11 @@ async def start_all(
     session = {
         # Every kernel (each example notebook has its own key) trusts that owner and gets
         # the roster from the workers, so its proposals go to the roster.
-        "SWARM_NOTEBOOK_ROSTER_OWNER": roster.owner,
-        "SWARM_NOTEBOOK_SIGNALING": server.url,
-        "SWARM_NOTEBOOK_ROOM": args.room,
-        "SWARM_NOTEBOOK_SECRET": secret,
-        "SWARM_NOTEBOOK_ICE_HOSTS": "127.0.0.1",  # everything here is on this machine
+        environment.ROSTER_OWNER: roster.owner,
+        environment.SIGNALING: server.url,
+        environment.ROOM: args.room,
+        environment.SECRET: secret,
+        environment.ICE_HOSTS: "127.0.0.1",  # everything here is on this machine
         **getattr(args, "ice_env", {}),
     }
     env = {**os.environ, **session, "PYTHONUNBUFFERED": "1"}
@@ -470,7 +470,7 @@ async def start_all(
     copied = prepare_workdir(workdir)
     if copied:
         say(f"notebooks  copied {', '.join(copied)} to {workdir}")
-    lab_env = {**env, "SWARM_NOTEBOOK_PROFILE": str(state / "notebooks")}
+    lab_env = {**env, environment.PROFILE: str(state / "notebooks")}
     lab, url = await start_lab(
         workdir,
         args.lab_port,

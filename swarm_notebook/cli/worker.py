@@ -14,8 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
+import swarm_notebook.environment as environment
 from swarm_notebook.cli.ice_args import add_ice_arguments, mesh_with_ice
-from swarm_notebook.coordinator.config import DEFAULT_SIGNALING, CoordinatorConfig
+from swarm_notebook.coordinator.config import DEFAULT_ROOM, DEFAULT_SIGNALING, CoordinatorConfig
 from swarm_notebook.errors import IceConfigError, SandboxUnavailable, SignalingError
 from swarm_notebook.workload.executors.capabilities import ExecutorConfig, check_isolation
 from swarm_notebook.workload.policy import TaskPolicy
@@ -23,17 +24,17 @@ from swarm_notebook.workload.sandbox.bwrap import ISOLATION_NONE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--room", default="default")
+    parser.add_argument("--room", default=DEFAULT_ROOM)
     parser.add_argument("--signaling", default=DEFAULT_SIGNALING)
     parser.add_argument(
         "--secret",
-        default=os.environ.get("SWARM_NOTEBOOK_SECRET"),
+        default=os.environ.get(environment.SECRET),
         help="room secret if the server requires one "
-        "(default $SWARM_NOTEBOOK_SECRET; the variable keeps it out of ps)",
+        f"(default ${environment.SECRET}; the variable keeps it out of ps)",
     )
     parser.add_argument(
         "--ca-file",
-        default=os.environ.get("SWARM_NOTEBOOK_CA_FILE"),
+        default=os.environ.get(environment.CA_FILE),
         help="PEM certificate to trust for a wss:// signaling server, e.g. its self-signed"
         " one (default $SWARM_NOTEBOOK_CA_FILE, then the system's authorities)",
     )
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="worker")
     parser.add_argument(
         "--roster-owner",
-        default=os.environ.get("SWARM_NOTEBOOK_ROSTER_OWNER"),
+        default=os.environ.get(environment.ROSTER_OWNER),
         help="peer id of the room owner whose signed roster decides who votes (default "
         "$SWARM_NOTEBOOK_ROSTER_OWNER, else the owner of the roster file in the profile)",
     )

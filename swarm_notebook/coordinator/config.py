@@ -13,14 +13,13 @@ from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 from swarm_notebook.workload.policy import TaskPolicy
 
 DEFAULT_SIGNALING = "ws://127.0.0.1:8765/ws"
-# The room owner whose roster to trust when none is given (``swarm-notebook up`` sets it
-# for its kernels, so every notebook votes under the roster it made).
-ROSTER_OWNER_ENV = "SWARM_NOTEBOOK_ROSTER_OWNER"
+# One room for every entry point (join(), %swarm join, worker, up): defaults meet.
+DEFAULT_ROOM = "default"
 
 
 @dataclass
 class CoordinatorConfig:
-    room: str = "default"
+    room: str = DEFAULT_ROOM
     signaling: str = DEFAULT_SIGNALING
     secret: str | None = None
     # PEM bundle to trust for a wss:// signaling server (e.g. its self-signed certificate);

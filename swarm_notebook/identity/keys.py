@@ -24,10 +24,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+import swarm_notebook.environment as environment
 from swarm_notebook.errors import IdentityError
 from swarm_notebook.reasons import Reason
 
-PROFILE_ENV = "SWARM_NOTEBOOK_PROFILE"
 KEY_FILE = "identity.pem"
 PEER_ID_LENGTH = 52
 BACKUP_SUFFIX = ".old"
@@ -36,7 +36,7 @@ BACKUP_SUFFIX = ".old"
 def default_profile_dir(env: dict[str, str] | None = None) -> Path:
     """The profile folder: ``$SWARM_NOTEBOOK_PROFILE`` or ``~/.swarm_notebook/default``."""
     environ = os.environ if env is None else env
-    override = environ.get(PROFILE_ENV)
+    override = environ.get(environment.PROFILE)
     if override:
         return Path(override).expanduser()
     return Path.home() / ".swarm_notebook" / "default"

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
+import swarm_notebook.environment as environment
+from swarm_notebook.coordinator.config import DEFAULT_ROOM
 from swarm_notebook.errors import (
     AttemptsExhausted,
     DelegationError,
@@ -52,10 +54,6 @@ if TYPE_CHECKING:
 
 TASK_TYPE = "python-computation"
 PYTHON_EXECUTION = "python-execution"
-ENV_SIGNALING = "SWARM_NOTEBOOK_SIGNALING"
-ENV_ROOM = "SWARM_NOTEBOOK_ROOM"
-ENV_SECRET = "SWARM_NOTEBOOK_SECRET"
-DEFAULT_ROOM = "local"
 SUBCOMMANDS = ("join", "status", "peers", "tasks", "dashboard", "doctor", "leave", "roster")
 
 
@@ -99,9 +97,9 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=MagicArgumentParser)
     sub.required = True
     join = sub.add_parser("join", help="join a room")
-    join.add_argument("room", nargs="?", default=env.get(ENV_ROOM) or DEFAULT_ROOM)
-    join.add_argument("--signaling", default=env.get(ENV_SIGNALING) or None)
-    join.add_argument("--secret", default=env.get(ENV_SECRET) or None)
+    join.add_argument("room", nargs="?", default=env.get(environment.ROOM) or DEFAULT_ROOM)
+    join.add_argument("--signaling", default=env.get(environment.SIGNALING) or None)
+    join.add_argument("--secret", default=env.get(environment.SECRET) or None)
     join.add_argument(
         "--caps",
         type=lambda s: [c.strip() for c in s.split(",") if c.strip()],

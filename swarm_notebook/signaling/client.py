@@ -48,6 +48,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+import swarm_notebook.environment as environment
 from swarm_notebook.errors import (
     SignalingError,
     SignalingRefused,
@@ -89,7 +90,6 @@ REPLACED_BACKOFF_MAX = 30.0
 
 Callback = Callable[..., Any]
 
-CA_FILE_ENV = "SWARM_NOTEBOOK_CA_FILE"
 # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
 _NAME_MISMATCH = frozenset({62, 64})
 
@@ -186,7 +186,7 @@ class SignalingClient:
         ca_file: str | None = None,
     ) -> None:
         self.url = url
-        self._ca_file = ca_file or os.environ.get(CA_FILE_ENV) or None
+        self._ca_file = ca_file or os.environ.get(environment.CA_FILE) or None
         self.room = room
         self._identity = identity
         self._secret = secret
@@ -413,7 +413,7 @@ class SignalingClient:
                 Reason.UNTRUSTED_CERTIFICATE,
                 f"the TLS certificate of {self.url} is not issued for the host in that URL"
                 f" ({why}): connect by a name the certificate lists, or reissue it with this"
-                f" name as a subject alternative name ({CA_FILE_ENV} trusts a certificate,"
+                f" name as a subject alternative name ({environment.CA_FILE} trusts a certificate,"
                 " it cannot change the names it is valid for)",
             )
         trust = (
@@ -424,8 +424,8 @@ class SignalingClient:
         return SignalingTLSError(
             Reason.UNTRUSTED_CERTIFICATE,
             f"cannot verify the TLS certificate of {self.url} ({why}): {trust}. If the server"
-            f" uses a self-signed certificate, trust it with {CA_FILE_ENV}=/path/to/cert.pem"
-            " (or ca_file=... / --ca-file)",
+            f" uses a self-signed certificate, trust it with {environment.CA_FILE}="
+            "/path/to/cert.pem (or ca_file=... / --ca-file)",
         )
 
     def _backoff_delay(self, attempt: int) -> float:
@@ -665,5 +665,5 @@ def tls_context(url: str, ca_file: str | None) -> ssl.SSLContext | None:
         return ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise SignalingTLSError(
-            Reason.TLS_FAILED, f"cannot load the CA file {ca_file!r} ({CA_FILE_ENV}): {exc}"
+            Reason.TLS_FAILED, f"cannot load the CA file {ca_file!r} ({environment.CA_FILE}): {exc}"
         ) from exc

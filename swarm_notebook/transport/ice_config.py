@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import swarm_notebook.environment as environment
 from swarm_notebook.errors import IceConfigError
 from swarm_notebook.reasons import Reason
 
-ICE_SERVERS_ENV = "SWARM_NOTEBOOK_ICE_SERVERS"
-ICE_POLICY_ENV = "SWARM_NOTEBOOK_ICE_POLICY"
 PROFILE_FILE = "ice.json"
 POLICIES = ("all", "relay")
 
@@ -206,14 +205,14 @@ def servers_from_urls(
 
 
 def _env_servers(environ: Mapping[str, str]) -> tuple[IceServer, ...] | None:
-    raw = environ.get(ICE_SERVERS_ENV, "").strip()
+    raw = environ.get(environment.ICE_SERVERS, "").strip()
     if not raw:
         return None
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise _bad(f"${ICE_SERVERS_ENV}", f"not JSON: {exc}") from None
-    return parse_servers(value, f"${ICE_SERVERS_ENV}")
+        raise _bad(f"${environment.ICE_SERVERS}", f"not JSON: {exc}") from None
+    return parse_servers(value, f"${environment.ICE_SERVERS}")
 
 
 def _profile_settings(profile_dir: Path | None) -> tuple[Any, Any, str]:
@@ -253,18 +252,18 @@ def resolve(
     if servers is not None:
         chosen_servers, servers_source = parse_servers(list(servers), "ice_servers"), "argument"
     elif (from_env := _env_servers(env)) is not None:
-        chosen_servers, servers_source = from_env, f"${ICE_SERVERS_ENV}"
+        chosen_servers, servers_source = from_env, f"${environment.ICE_SERVERS}"
     elif file_servers is not None:
         chosen_servers = parse_servers(file_servers, f"{file_source}: ice_servers")
         servers_source = file_source
     chosen_policy: IcePolicy = "all"
     policy_source = "default"
-    env_policy = env.get(ICE_POLICY_ENV, "").strip()
+    env_policy = env.get(environment.ICE_POLICY, "").strip()
     if policy is not None:
         chosen_policy, policy_source = parse_policy(policy, "ice_policy"), "argument"
     elif env_policy:
-        chosen_policy = parse_policy(env_policy, f"${ICE_POLICY_ENV}")
-        policy_source = f"${ICE_POLICY_ENV}"
+        chosen_policy = parse_policy(env_policy, f"${environment.ICE_POLICY}")
+        policy_source = f"${environment.ICE_POLICY}"
     elif file_policy is not None:
         chosen_policy = parse_policy(file_policy, f"{file_source}: ice_policy")
         policy_source = file_source

@@ -13,12 +13,13 @@ from collections.abc import Callable, Sequence
 
 import aioice.ice
 
-ICE_HOSTS_ENV = "SWARM_NOTEBOOK_ICE_HOSTS"
+import swarm_notebook.environment as environment
+
 _original: Callable[[bool, bool], list[str]] = aioice.ice.get_host_addresses
 
 
 def host_addresses_from_env(environ: dict[str, str] | None = None) -> list[str] | None:
-    value = (os.environ if environ is None else environ).get(ICE_HOSTS_ENV, "").strip()
+    value = (os.environ if environ is None else environ).get(environment.ICE_HOSTS, "").strip()
     return [a.strip() for a in value.split(",") if a.strip()] or None
 
 

@@ -18,9 +18,10 @@ from typing import Any
 
 import aiohttp
 
+import swarm_notebook.environment as environment
 from swarm_notebook.errors import SignalingError
 from swarm_notebook.identity import Identity
-from swarm_notebook.signaling.client import CA_FILE_ENV, SignalingClient, tls_context
+from swarm_notebook.signaling.client import SignalingClient, tls_context
 from swarm_notebook.transport.ice_config import IceServer, IceSettings, parse_servers
 from swarm_notebook.transport.ice_probe import (
     ProbeResult,
@@ -45,7 +46,7 @@ async def check_signaling(url: str, timeout: float = 5.0, ca_file: str | None = 
     ``ca_file`` (default ``$SWARM_NOTEBOOK_CA_FILE``) trusts a self-signed certificate.
     """
     try:
-        context = tls_context(url, ca_file or os.environ.get(CA_FILE_ENV) or None)
+        context = tls_context(url, ca_file or os.environ.get(environment.CA_FILE) or None)
     except SignalingError as exc:
         return Check("signaling", False, exc.message, "give a readable PEM file")
     try:
@@ -58,7 +59,7 @@ async def check_signaling(url: str, timeout: float = 5.0, ca_file: str | None = 
     except aiohttp.ClientConnectorCertificateError as exc:
         return Check("signaling", False, f"{url}: TLS certificate not valid: {exc}",
                      "fix the server's certificate (it must match the host name), or trust a"
-                     f" self-signed one with --ca-file / ${CA_FILE_ENV}")  # fmt: skip
+                     f" self-signed one with --ca-file / ${environment.CA_FILE}")  # fmt: skip
     except (ssl.SSLError, aiohttp.ClientSSLError) as exc:
         return Check("signaling", False, f"{url}: TLS failed: {exc}", "check the wss:// setup")
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:

@@ -151,12 +151,14 @@ class WorkerProcess:
     async def start(
         cls,
         signaling: str,
-        room: str,
+        room: str | None,
         profile: str,
         *args: str,
         name: str = "worker",
         timeout: float = 60,
     ) -> WorkerProcess:
+        """Start a worker in ``room`` (``None``: the worker's own default room)."""
+        rooms = ["--room", room] if room is not None else []
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -164,8 +166,7 @@ class WorkerProcess:
             "worker",
             "--signaling",
             signaling,
-            "--room",
-            room,
+            *rooms,
             "--profile",
             profile,
             "--name",
