@@ -112,8 +112,10 @@ function loadBar(load) {
   return h("div", { cls: "swarm-nb-load", title: `load ${Math.round(fraction * 100)}%` }, [fill]);
 }
 
-function peerRow(peer) {
-  const state = ["connected", "connecting", "gone"].includes(peer.state) ? peer.state : "gone";
+// peerStates: the Python PeerState names, from the model's "states" trait.
+function peerRow(peer, peerStates) {
+  // A state this page does not know is drawn like a peer that is gone.
+  const state = peerStates.includes(peer.state) ? peer.state : "gone";
   const rtt = Number(peer.rtt_ms);
   return h("div", { cls: "swarm-nb-peer", testid: "peer-row" }, [
     h("div", { cls: "swarm-nb-peer-head" }, [
@@ -161,10 +163,11 @@ function swarmStatus(snapshot) {
   ]);
 }
 
-function peersList(snapshot) {
+function peersList(snapshot, peerStates) {
   const peers = list(snapshot.peers);
   if (peers.length === 0) return h("div", { cls: "swarm-nb-muted", text: "No peers connected" });
-  return h("div", {}, [h("div", { cls: "swarm-nb-scroll" }, peers.map(peerRow)), more(snapshot, "peers")]);
+  const rows = peers.map((peer) => peerRow(peer, peerStates));
+  return h("div", {}, [h("div", { cls: "swarm-nb-scroll" }, rows), more(snapshot, "peers")]);
 }
 
 function tasksInFlight(snapshot) {
@@ -310,6 +313,7 @@ export default {
     function render() {
       const snapshot = model.get("snapshot") || {};
       const status = model.get("status") || {};
+      const peerStates = list((model.get("states") || {}).peer);
       const scroller = root.querySelector(".swarm-nb-scroll");
       const scrollTop = scroller ? scroller.scrollTop : 0;
       const peers = list(snapshot.peers);
@@ -324,7 +328,7 @@ export default {
           statCard("Patterns", count(snapshot.patterns_shared), "stat-patterns", "pattern"),
         ]),
         section("status", "Swarm Status", swarmStatus(snapshot)),
-        snapshot.initialized ? section("peers", `Connected Peers (${peers.length})`, peersList(snapshot)) : "",
+        snapshot.initialized ? section("peers", `Connected Peers (${peers.length})`, peersList(snapshot, peerStates)) : "",
         activity(snapshot),
         section("tasks", `Tasks in Flight (${list(snapshot.tasks_in_flight).length})`, tasksInFlight(snapshot)),
         section("consensus", "Latest Consensus", consensus(snapshot)),

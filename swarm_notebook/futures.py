@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from swarm_notebook.errors import RemoteTaskError, UsageError
 from swarm_notebook.reasons import Reason
+from swarm_notebook.workload.records import TaskState
 from swarm_notebook.workload.source import ARGS_NAME, KWARGS_NAME, ShippedFunction, ship_function
 
 PYTHON_COMPUTATION = "python-computation"
@@ -92,11 +93,11 @@ class TaskFuture(concurrent.futures.Future[Any]):
     def state(self) -> str:
         """``submitted``, ``working``, ``completed``, ``failed``, ``canceled``..."""
         if self.cancelled():
-            return "canceled"
+            return TaskState.CANCELED
         if self._reply is not None:
-            return str(self._reply.get("state") or "completed")
+            return str(self._reply.get("state") or TaskState.COMPLETED)
         record = self._submitter.task_record(self.task_id)
-        return str(record["state"]) if record else "submitted"
+        return str(record["state"]) if record else TaskState.SUBMITTED
 
     @property
     def peer(self) -> str | None:

@@ -20,6 +20,7 @@ import pytest
 from comm.base_comm import BaseComm
 
 from swarm_notebook.errors import SwarmError, UsageError
+from swarm_notebook.membership.node import PeerState
 from swarm_notebook.notebook.widget import (
     DashboardSource,
     DisplayLimits,
@@ -28,6 +29,7 @@ from swarm_notebook.notebook.widget import (
     static_asset,
 )
 from swarm_notebook.views.status import dashboard_status, success_rate
+from swarm_notebook.workload.records import TaskState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,7 +167,12 @@ async def test_initial_state_travels_with_comm_open(
     assert state["status"]["state"] == "disabled"
     assert state["status"]["success_rate"] == 75
     assert state["busy"] is False
-    assert state["_esm"] == (REPO / "js" / "widget.js").read_text()
+    # The JS draws states from this one list, sent by Python, and keeps no copy of its own.
+    assert state["states"] == {"peer": list(PeerState), "task": list(TaskState)}
+    assert state["states"]["peer"] == ["connecting", "connected", "gone"]
+    js = (REPO / "js" / "widget.js").read_text()
+    assert not any(f'"{s}"' in js for s in PeerState if s != PeerState.GONE)
+    assert state["_esm"] == js
     assert state["_css"] == (REPO / "js" / "widget.css").read_text()
     await dashboard.aclose()
 

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import msgspec
@@ -26,10 +27,18 @@ LOAD = "swarm.load"
 LOAD_REPORT_INTERVAL_S = 0.05
 
 
+class PeerState(StrEnum):
+    """A peer's link as the swarm sees it; the dashboard's JavaScript receives this list."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    GONE = "gone"
+
+
 @dataclass
 class PeerView:
     peer_id: str
-    state: str = "connecting"
+    state: PeerState = PeerState.CONNECTING
     card: AgentCard | None = None
     load: LoadReport | None = None
     outstanding: int = 0
@@ -189,7 +198,7 @@ class SwarmNode:
 
     def _peer_up(self, peer_id: str) -> None:
         view = self._view(peer_id)
-        view.state = "connected"
+        view.state = PeerState.CONNECTED
         view.connected_since = time.time()
         view.last_change = time.time()
         self._tasks.spawn(self._send_card(peer_id), name="send-card")
@@ -197,7 +206,7 @@ class SwarmNode:
 
     def _peer_down(self, peer_id: str, reason: str) -> None:
         view = self._view(peer_id)
-        view.state = "gone"
+        view.state = PeerState.GONE
         view.last_change = time.time()
         view.outstanding = 0
         self.endpoint.fail_pending_for(peer_id, reason)

@@ -18,8 +18,10 @@ import anywidget
 import traitlets
 
 from swarm_notebook.errors import SwarmError, UsageError
+from swarm_notebook.membership.node import PeerState
 from swarm_notebook.reasons import Reason
 from swarm_notebook.views.status import dashboard_status
+from swarm_notebook.workload.records import TaskState
 
 PACKAGE_STATIC_DIR = Path(__file__).resolve().parent / "static"
 REPO_JS_DIR = Path(__file__).resolve().parents[2] / "js"
@@ -129,6 +131,8 @@ class SwarmDashboard(anywidget.AnyWidget):
     snapshot = traitlets.Dict().tag(sync=True)
     status = traitlets.Dict().tag(sync=True)
     busy = traitlets.Bool(False).tag(sync=True)
+    # The state names the front end styles, sent once so the JS keeps no copy of them.
+    states = traitlets.Dict().tag(sync=True)
 
     def __init__(
         self,
@@ -165,7 +169,11 @@ class SwarmDashboard(anywidget.AnyWidget):
         self._error: dict[str, str] | None = None
         self._counters = {"pushes": 0, "unchanged": 0, "errors": 0, "rejected_messages": 0}
         shown = self._read_source() or {}
-        super().__init__(snapshot=shown, status=self._status_for(shown))
+        super().__init__(
+            snapshot=shown,
+            status=self._status_for(shown),
+            states={"peer": [str(s) for s in PeerState], "task": [str(s) for s in TaskState]},
+        )
         self._last_push = loop.time()
         self.on_msg(self._handle_message)
         self._unsubscribe = source.on_change(self._source_changed)

@@ -17,17 +17,17 @@ from typing import Any
 import pandas as pd
 
 from swarm_notebook.errors import FrameInputError
+from swarm_notebook.membership.node import PeerState
 from swarm_notebook.reasons import Reason
 from swarm_notebook.views.status import success_rate
+from swarm_notebook.workload.records import TaskState
 
 TEXT = pd.StringDtype()
 UTC_TIME = pd.DatetimeTZDtype(unit="ns", tz="UTC")
 DURATION = "timedelta64[ns]"
 
-PEER_STATE = pd.CategoricalDtype(["connecting", "connected", "gone"])
-TASK_STATE = pd.CategoricalDtype(
-    ["submitted", "working", "completed", "failed", "canceled", "rejected"], ordered=True
-)
+PEER_STATE = pd.CategoricalDtype([str(s) for s in PeerState])
+TASK_STATE = pd.CategoricalDtype([str(s) for s in TaskState], ordered=True)
 RISK = pd.CategoricalDtype(["low", "medium", "high"], ordered=True)
 
 STAT_COUNTERS = (

@@ -34,7 +34,7 @@ from swarm_notebook.errors import (
 )
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.agent_card import LoadReport
-from swarm_notebook.membership.node import SwarmNode
+from swarm_notebook.membership.node import PeerState, SwarmNode
 from swarm_notebook.membership.routing import choose_peer
 from swarm_notebook.reasons import Reason
 from swarm_notebook.workload.messages import (
@@ -46,7 +46,7 @@ from swarm_notebook.workload.messages import (
     TaskStatus,
     requirements_for_task_type,
 )
-from swarm_notebook.workload.records import TaskLog, TaskRecord
+from swarm_notebook.workload.records import TaskLog, TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ class Delegator:
         record = self.tasks.get(status.task_id)
         if record is None or record.peer != peer_id or record.done:
             return  # only the peer running the task may report on it
-        if status.state == "working" and record.state == "submitted":
-            record.state = "working"
+        if status.state == TaskState.WORKING and record.state is TaskState.SUBMITTED:
+            record.state = TaskState.WORKING
             record.started_at = time.time()
             self.notify("task:working", record.as_dict())
 
@@ -161,21 +161,23 @@ class Delegator:
         try:
             result = await self._attempts(record, requirements, data, timeout, peer, max_attempts)
         except asyncio.CancelledError:
-            self._finish(record, "canceled", "canceled by the caller")
+            self._finish(record, TaskState.CANCELED, "canceled by the caller")
             raise
         except DelegationTimeout as exc:
-            self._finish(record, "failed", str(exc))
+            self._finish(record, TaskState.FAILED, str(exc))
             raise
         except (DelegationError, UsageError) as exc:
-            self._finish(record, "rejected", str(exc))
+            self._finish(record, TaskState.REJECTED, str(exc))
             raise
         except Exception as exc:
             # Whatever went wrong, the task still ends exactly once, and says why.
-            self._finish(record, "failed", f"{type(exc).__name__}: {exc}")
+            self._finish(record, TaskState.FAILED, f"{type(exc).__name__}: {exc}")
             raise
         success = bool(result.get("success"))
         self._finish(
-            record, "completed" if success else "failed", None if success else result.get("error")
+            record,
+            TaskState.COMPLETED if success else TaskState.FAILED,
+            None if success else result.get("error"),
         )
         return record, result
 
@@ -211,7 +213,7 @@ class Delegator:
                 target = candidate
             record.peer = target
             record.attempts += 1
-            record.state = "submitted"
+            record.state = TaskState.SUBMITTED
             view = self.node.peer(target)
             if view is not None:
                 view.outstanding += 1
@@ -297,7 +299,7 @@ class Delegator:
         seen = [
             f"{v.peer_id[:16]} ({', '.join(v.capabilities) or 'no capabilities'})"
             for v in self.node.peers()
-            if v.state == "connected"
+            if v.state is PeerState.CONNECTED
         ]
         detail = "; connected peers: " + ", ".join(seen) if seen else "; no peers are connected"
         return NoCapablePeerError(
@@ -309,7 +311,7 @@ class Delegator:
         assert self._local_runner is not None
         record.peer = self.node.local_id
         record.attempts += 1
-        record.state = "working"
+        record.state = TaskState.WORKING
         record.started_at = time.time()
         try:
             result: dict[str, Any] = await self._local_runner(record.id, record.type, data, timeout)
@@ -318,17 +320,17 @@ class Delegator:
             raise TaskRefused(exc.reason, exc.message, self.node.local_id) from exc
         return result
 
-    def _finish(self, record: TaskRecord, state: str, error: str | None) -> None:
+    def _finish(self, record: TaskRecord, state: TaskState, error: str | None) -> None:
         if record.done:
             return  # exactly once
         record.state = state
         record.error = error
         record.finished_at = time.time()
         if record.started_at is None:
-            record.started_at = record.finished_at if state == "completed" else None
-        if state == "completed":
+            record.started_at = record.finished_at if state is TaskState.COMPLETED else None
+        if state is TaskState.COMPLETED:
             self.stats.tasks_completed += 1
-        elif state == "canceled":
+        elif state is TaskState.CANCELED:
             self.stats.tasks_canceled += 1
         else:
             self.stats.tasks_failed += 1

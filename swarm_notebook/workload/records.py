@@ -5,9 +5,24 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-TERMINAL_STATES = frozenset({"completed", "failed", "canceled", "rejected"})
+
+class TaskState(StrEnum):
+    """Where a task is; the dashboard's JavaScript receives this list in its initial state."""
+
+    SUBMITTED = "submitted"
+    WORKING = "working"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    REJECTED = "rejected"
+
+
+TERMINAL_STATES = frozenset(
+    {TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELED, TaskState.REJECTED}
+)
 MAX_TASK_RECORDS = 10_000
 
 
@@ -17,7 +32,7 @@ class TaskRecord:
     type: str
     role: str  # "delegated" (we asked) or "served" (we ran it for a peer)
     peer: str | None = None
-    state: str = "submitted"
+    state: TaskState = TaskState.SUBMITTED
     submitted_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None

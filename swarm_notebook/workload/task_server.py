@@ -31,7 +31,7 @@ from swarm_notebook.workload.messages import (
     TaskStatus,
 )
 from swarm_notebook.workload.policy import TaskPolicy
-from swarm_notebook.workload.records import TaskLog, TaskRecord
+from swarm_notebook.workload.records import TaskLog, TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class TaskServer:
                 self._queued -= 1
                 self._in_flight += 1
                 self._report()
-                record.state = "working"
+                record.state = TaskState.WORKING
                 record.started_at = time.time()
                 self._tell_working(peer_id, request.task_id)
                 ctx = TaskContext(
@@ -153,10 +153,10 @@ class TaskServer:
                     self._in_flight -= 1
         except HandlerRefusal as exc:
             # Our executor crashed: not the delegator's fault, so refuse and let it retry.
-            self._end(record, "failed", f"{exc.reason}: {exc.message}")
+            self._end(record, TaskState.FAILED, f"{exc.reason}: {exc.message}")
             raise self._refuse(peer_id, request, exc.reason, exc.message) from exc
         except asyncio.CancelledError:
-            self._end(record, "canceled", "canceled")
+            self._end(record, TaskState.CANCELED, "canceled")
             if self._draining:
                 # Handed back: the delegator retries it on another peer.
                 raise self._refuse(
@@ -169,21 +169,20 @@ class TaskServer:
         except TaskRefused as exc:
             # The executor refused the input before running it: a refusal on the wire, like
             # the policy's, so the delegator retries or stops by the reason.
-            self._end(record, "rejected", exc.message)
+            self._end(record, TaskState.REJECTED, exc.message)
             raise self._refuse(peer_id, request, exc.reason, exc.message) from exc
         finally:
             if not has_slot:
                 self._queued -= 1
             self._report()
         success = bool(result.get("success"))
-        self._end(
-            record, "completed" if success else "failed", None if success else result.get("error")
-        )
+        state = TaskState.COMPLETED if success else TaskState.FAILED
+        self._end(record, state, None if success else result.get("error"))
         self.stats.tasks_served += 1
         self.audit(
             "delegation-received",
             peer=peer_id,
-            outcome="completed" if success else "failed",
+            outcome=state,
             detail={
                 "task_id": request.task_id,
                 "type": request.type,
@@ -199,7 +198,7 @@ class TaskServer:
         return await run_executor(executor, data, ctx)
 
     def _tell_working(self, peer_id: str, task_id: str) -> None:
-        body = msgspec.to_builtins(TaskStatus(task_id=task_id, state="working"))
+        body = msgspec.to_builtins(TaskStatus(task_id=task_id, state=TaskState.WORKING))
         send = self.node.endpoint.send(peer_id, TASK_STATUS, body)
         task = asyncio.ensure_future(send)
         self._status_tasks.add(task)
@@ -210,7 +209,7 @@ class TaskServer:
         if not task.cancelled() and task.exception() is not None:
             log.debug("task status not delivered: %s", task.exception())
 
-    def _end(self, record: TaskRecord, state: str, error: str | None) -> None:
+    def _end(self, record: TaskRecord, state: TaskState, error: str | None) -> None:
         if record.done:
             return
         record.state = state
