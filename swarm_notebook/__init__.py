@@ -28,10 +28,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from swarm_notebook import errors as _errors
+from swarm_notebook._util.version import __version__
 from swarm_notebook.errors import *  # noqa: F403  (the error tree is part of the surface)
 from swarm_notebook.reasons import Reason
-
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from swarm_notebook.client import Coordinator

@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from swarm_notebook import __version__
 from swarm_notebook._util.tasks import OwnedTasks
+from swarm_notebook._util.version import __version__
 from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.events import EventBus
 from swarm_notebook.errors import NotJoinedError, RosterError, TaskInputError, ValueCodecError
