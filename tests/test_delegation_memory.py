@@ -268,13 +268,14 @@ class CrashingExecutor:
 
     def __init__(self) -> None:
         self.runs = 0
+        self.closes = 0
 
     async def run(self, data: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         self.runs += 1
         raise KeyError("a bug in the executor")
 
     async def close(self) -> None:
-        pass
+        self.closes += 1
 
 
 async def test_an_executor_crash_is_retried_on_another_peer_but_a_user_error_is_not(
@@ -329,3 +330,5 @@ async def test_an_executor_crash_is_retried_on_another_peer_but_a_user_error_is_
     finally:
         for p in peers:
             await p.leave()
+    # The coordinator owns its executors and closes each one once.
+    assert crashing.closes == 1

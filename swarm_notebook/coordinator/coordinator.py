@@ -185,6 +185,7 @@ class SwarmCoordinator:
         await self.knowledge.close()
         await self.consensus.close()
         await self.task_server.close()
+        # init() builds the executors, so this is the one place that closes them.
         await close_executors(self.executors)
         await self.node.close()
         self.reflections.close()

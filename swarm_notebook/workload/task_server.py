@@ -263,13 +263,10 @@ class TaskServer:
         return 0
 
     async def close(self) -> None:
+        """Cancel what is still running; the executors belong to the coordinator, which
+        closes them."""
         for task in [*self._running, *self._status_tasks]:
             task.cancel()
-        for executor in set(self.executors.values()):
-            try:
-                await executor.close()
-            except Exception:
-                log.exception("closing executor %s", executor.task_type)
 
 
 def _remaining(budget: float | None, since: float) -> float | None:

@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ from swarm_notebook.workload.sandbox.bwrap import (
     bubblewrap_problem,
 )
 from swarm_notebook.workload.sandbox.pool import PythonSandboxPool
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CODE_GENERATION",
@@ -139,9 +142,12 @@ async def check_isolation(config: ExecutorConfig) -> None:
 
 
 async def close_executors(executors: Mapping[str, Executor]) -> None:
-    """Close every executor (children reaped, sessions closed)."""
-    for executor in executors.values():
-        await executor.close()
+    """Close every executor (children reaped, sessions closed); one failing stops no other."""
+    for task_type, executor in executors.items():
+        try:
+            await executor.close()
+        except Exception:
+            log.exception("closing the %s executor failed", task_type)
 
 
 def _configured(config: ExecutorConfig) -> set[str]:
