@@ -36,6 +36,7 @@ from typing import Any
 
 import msgspec
 
+from swarm_notebook._util.ratelimit import TokenBuckets
 from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook.errors import (
     ConsensusError,
@@ -64,7 +65,6 @@ from swarm_notebook.governance import (
     unavailable_result,
 )
 from swarm_notebook.governance.electorate import Electorate
-from swarm_notebook.knowledge.gate import TokenBuckets
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode

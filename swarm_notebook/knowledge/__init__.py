@@ -1,7 +1,7 @@
 """Knowledge: signed reflections, their SQLite store, the gate for shared ones, ranking."""
 
 from swarm_notebook.errors import ReflectionRejected
-from swarm_notebook.knowledge.gate import GateConfig, SharedReflectionGate, TokenBuckets
+from swarm_notebook.knowledge.gate import GateConfig, SharedReflectionGate
 from swarm_notebook.knowledge.ranking import (
     KnowledgeMerge,
     merge_knowledge,
@@ -35,7 +35,6 @@ __all__ = [
     "ReflectionStore",
     "SharedReflectionGate",
     "StoredReflection",
-    "TokenBuckets",
     "content_hash",
     "encode_reflection",
     "fts5_available",

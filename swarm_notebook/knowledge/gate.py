@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from swarm_notebook._util.ratelimit import TokenBuckets
 from swarm_notebook.errors import ReflectionRejected
 from swarm_notebook.knowledge.reflections import (
     DEFAULT_LIMITS,
@@ -46,44 +47,6 @@ class GateConfig:
     replay_memory: int = 10_000
     require_author_is_sender: bool = True
     limits: ReflectionLimits = field(default_factory=lambda: DEFAULT_LIMITS)
-
-
-@dataclass
-class _Bucket:
-    tokens: float
-    updated: float
-
-
-class TokenBuckets:
-    """Per-key token buckets with an explicit clock; at most ``max_keys`` are tracked.
-
-    The least recently used key is forgotten first (it then starts with a full bucket,
-    which is no more than a new peer gets).
-    """
-
-    def __init__(self, rate_per_s: float, burst: float, max_keys: int) -> None:
-        if rate_per_s <= 0 or burst < 1 or max_keys < 1:
-            raise ValueError("rate_per_s > 0, burst >= 1 and max_keys >= 1 are required")
-        self._rate = rate_per_s
-        self._burst = burst
-        self._max_keys = max_keys
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
-
-    def take(self, key: str, now: float) -> bool:
-        """Spend one token for ``key``; False when its bucket is empty."""
-        bucket = self._buckets.pop(key, None)
-        if bucket is None:
-            bucket = _Bucket(tokens=self._burst, updated=now)
-        elapsed = max(0.0, now - bucket.updated)
-        bucket.tokens = min(self._burst, bucket.tokens + elapsed * self._rate)
-        bucket.updated = max(bucket.updated, now)
-        self._buckets[key] = bucket
-        while len(self._buckets) > self._max_keys:
-            self._buckets.popitem(last=False)
-        if bucket.tokens < 1.0:
-            return False
-        bucket.tokens -= 1.0
-        return True
 
 
 class SharedReflectionGate:

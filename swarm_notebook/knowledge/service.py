@@ -31,6 +31,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from swarm_notebook._util.ratelimit import TokenBuckets
 from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook.errors import (
     HandlerRefusal,
@@ -46,7 +47,6 @@ from swarm_notebook.knowledge import (
     Reflection,
     ReflectionStore,
     SharedReflectionGate,
-    TokenBuckets,
     content_hash,
     encode_reflection,
     merge_knowledge_detailed,

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
+from swarm_notebook._util.ratelimit import TokenBucket
 from swarm_notebook.protocol.signaling import encode
-from swarm_notebook.signaling.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 

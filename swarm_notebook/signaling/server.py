@@ -36,6 +36,7 @@ import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 
+from swarm_notebook._util.ratelimit import TokenBucket
 from swarm_notebook.identity import is_canonical_peer_id, verify_signature
 from swarm_notebook.protocol.signaling import (
     Challenge,
@@ -56,7 +57,6 @@ from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling.config import SignalingConfig
 from swarm_notebook.signaling.connection import Connection
 from swarm_notebook.signaling.quotas import AddressQuotas, address_key
-from swarm_notebook.signaling.ratelimit import TokenBucket
 from swarm_notebook.signaling.rooms import RoomRegistry
 from swarm_notebook.signaling.turn_credentials import TurnIssuer
 

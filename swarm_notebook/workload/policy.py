@@ -6,14 +6,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from swarm_notebook._util.ratelimit import TokenBuckets
 from swarm_notebook.errors import TaskRefused
 from swarm_notebook.reasons import Reason
 
-
-@dataclass
-class _Bucket:
-    tokens: float
-    updated: float
+MAX_TRACKED_PEERS = 10_000  # bounded: a forgotten peer only starts again with a full bucket
 
 
 @dataclass
@@ -34,7 +31,7 @@ class TaskPolicy:
     burst: float = 10000.0
     trusted_pickle_peers: frozenset[str] = frozenset()
     clock: Callable[[], float] = time.monotonic
-    _buckets: dict[str, _Bucket] = field(default_factory=dict, repr=False)
+    _buckets: TokenBuckets | None = field(default=None, repr=False)
 
     def check(self, peer_id: str, task_type: str, input_bytes: int) -> None:
         if self.allowed_peers is not None and peer_id not in self.allowed_peers:
@@ -53,17 +50,11 @@ class TaskPolicy:
         self._take_token(peer_id)
 
     def _take_token(self, peer_id: str) -> None:
-        now = self.clock()
-        bucket = self._buckets.get(peer_id)
-        if bucket is None:
-            if len(self._buckets) > 10_000:
-                self._buckets.clear()  # bounded: forgetting old peers only refills them
-            bucket = self._buckets[peer_id] = _Bucket(self.burst, now)
-        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate_per_s)
-        bucket.updated = now
-        if bucket.tokens < 1:
+        if self._buckets is None:
+            # Built on first use, so limits set after construction still apply.
+            self._buckets = TokenBuckets(self.rate_per_s, self.burst, MAX_TRACKED_PEERS, self.clock)
+        if not self._buckets.take(peer_id):
             raise TaskRefused(Reason.RATE_LIMITED, f"more than {self.rate_per_s:g} tasks/s")
-        bucket.tokens -= 1
 
     def allows_pickle(self, peer_id: str) -> bool:
         return peer_id in self.trusted_pickle_peers
