@@ -363,8 +363,8 @@ class Coordinator:
     async def share_success_pattern(self, reflection: dict[str, Any]) -> int:
         """Share a successful reflection with every peer; returns how many it reached.
 
-        As in the blueprint only ``outcome == "successful"`` is shared; anything else is
-        stored locally, reaches no peer, and says so with a warning.
+        Only ``outcome == "successful"`` is shared; anything else is stored locally,
+        reaches no peer, and says so with a warning.
         """
         outcome = reflection.get("outcome") if isinstance(reflection, dict) else None
         if outcome != "successful":

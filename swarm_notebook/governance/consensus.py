@@ -1,6 +1,6 @@
 """Signed proposals, signed ballots, and a tally anyone can re-check.
 
-The original swarm never counted a vote and trusted every peer's claimed id. Here:
+Every vote is counted and every claimed id is checked:
 
 * a ``Proposal`` is signed by its proposer and fixes the electorate (``members``), the
   quorum rule and a deadline. In a room with a roster, ``members`` is the roster (less
@@ -13,9 +13,10 @@ The original swarm never counted a vote and trusted every peer's claimed id. Her
   the embedded roster (``electorate: "roster"``) or that the room was open
   (``electorate: "open"``; a high-risk approval never verifies in an open room).
 
-Timeouts fail closed (``consensus: False, reason: "timeout"``). The one fail-open rule
-is the blueprint's: when there is no swarm to ask, ``unavailable_result()`` says
-``consensus: True, reason: "swarm-not-available"`` — switchable to fail closed.
+Timeouts fail closed (``consensus: False, reason: "timeout"``). The one fail-open rule:
+when there is no swarm to ask, ``unavailable_result()`` says
+``consensus: True, reason: "swarm-not-available"``, so a lone notebook is not blocked;
+it can be switched to fail closed.
 All functions are pure; time is always passed in as ``now`` (epoch seconds).
 """
 
@@ -588,7 +589,7 @@ class Tally:
 def unavailable_result(fail_closed: bool = False) -> dict[str, Any]:
     """The result when there is no swarm to ask (not started, or no peer connected).
 
-    Blueprint rule: ``consensus: True`` with reason ``"swarm-not-available"``, so a lone
+    ``consensus: True`` with reason ``"swarm-not-available"``, so a lone
     notebook is not blocked; ``fail_closed=True`` returns ``consensus: False`` with the
     same reason. Such a result carries no ballots and never passes ``verify_consensus``.
     """

@@ -5,9 +5,8 @@ not (the quorum is over the roster; peers off the roster never vote, their ballo
 ``non-member``). In an *open* room (no roster), the authenticated peers connected when
 the proposal is made, and a high-risk proposal is refused with ``no-roster``: new keys
 cost nothing, so an open room cannot be trusted with what matters.
-The proposer does not vote on its own change (the blueprint asks peers to approve a
-risky modification; a proposer's self-approval would let a two-peer swarm pass
-anything by itself).
+The proposer does not vote on its own change (peers approve a risky modification; a
+proposer's self-approval would let a two-peer swarm pass anything by itself).
 
 Wire messages (all bodies schema-checked):
 

@@ -1,7 +1,6 @@
 """Admission of reflections shared by peers (the blueprint's ``reflection-share`` handler).
 
-The original swarm stored whatever any peer sent under any claimed id. Here a received
-reflection must pass, in order: the sender's rate limit, schema and size limits, the
+A received reflection must pass, in order: the sender's rate limit, schema and size limits, the
 "only successful lessons are shared" rule, a freshness window, its author's signature
 (and by default author == authenticated sender), and replay detection by content hash.
 Each refusal raises ``ReflectionRejected`` and is counted by reason.

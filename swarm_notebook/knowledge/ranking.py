@@ -1,10 +1,9 @@
 """Merging knowledge answers from the local store and from peers.
 
-The original ``queryKnowledge`` only searched locally. Here the local hits and every
-peer's answer are validated, de-duplicated by content hash, attributed to everyone who
-returned them, and ranked: reflections whose author's signature verifies always come
-before unverified ones (a forged author must never rank first), then by how many query
-keywords they match.
+The local hits and every peer's answer are validated, de-duplicated by content hash,
+attributed to everyone who returned them, and ranked: reflections whose author's signature
+verifies always come before unverified ones (a forged author must never rank first), then
+by how many query keywords they match.
 """
 
 from __future__ import annotations

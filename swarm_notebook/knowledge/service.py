@@ -1,5 +1,5 @@
 """Knowledge on the swarm: sharing successful reflections, admitting peers' ones, and
-answering / asking ``query_knowledge`` (the blueprint's steps 6 and 7, network half).
+answering / asking ``query_knowledge`` (the network half; ranking is in ``ranking``).
 
 Wire messages (all bodies schema-checked):
 
@@ -284,9 +284,9 @@ class KnowledgeService:
     async def share_success_pattern(self, reflection: dict[str, Any]) -> int:
         """Sign ``reflection`` as ours, keep it locally and send it to every connected peer.
 
-        Returns the number of peers reached. Only ``outcome == "successful"`` is shared
-        (as in the blueprint); anything else, or a swarm that is not initialised, is
-        stored locally and reaches 0 peers. Malformed input raises ``ReflectionRejected``.
+        Returns the number of peers reached. Only ``outcome == "successful"`` is shared;
+        anything else, or a swarm that is not initialised, is stored locally and reaches 0
+        peers. Malformed input raises ``ReflectionRejected``.
 
         >>> await coordinator.share_success_pattern({"category": "io",
         ...     "description": "read_parquet(columns=[...]) reads only what you need",

@@ -1,9 +1,8 @@
 """Append-only audit log of swarm operations on SQLite.
 
 SQLite itself refuses UPDATE and DELETE on the log (triggers raise), so a bug or a
-careless query cannot rewrite history through this connection or any other. The
-blueprint asks that every swarm operation be recorded; these are the operations the
-coordinator records (``KNOWN_OPERATIONS``).
+careless query cannot rewrite history through this connection or any other. Every
+swarm operation is recorded; ``KNOWN_OPERATIONS`` lists them.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Any
 
 @dataclass
 class CoordinationStats:
-    """The blueprint's counters, moved by real events only."""
+    """The counters ``get_stats()`` reports, moved by real events only."""
 
     total_tasks: int = 0
     tasks_completed: int = 0

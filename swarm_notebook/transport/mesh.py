@@ -1,6 +1,6 @@
 """Full-mesh peer links over aiortc data channels.
 
-Rules this module keeps (each one fixes something earlier WebRTC swarms got wrong):
+Rules this module keeps (each one avoids a known way WebRTC meshes fail):
 
 * The peer with the smaller id always offers, so two peers joining at once never glare.
 * Remote candidates that arrive before the remote description are queued, not lost.

@@ -1,4 +1,4 @@
-"""Summary of a coordinator snapshot for dashboards (the blueprint's ``getStatus()``)."""
+"""Summary of a coordinator snapshot for dashboards (what ``get_status()`` returns)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _count(snapshot: Mapping[str, Any], key: str) -> int:
 def success_rate(snapshot: Mapping[str, Any]) -> int:
     """Percentage of delegated tasks that completed, rounded; 100 when none ran yet.
 
-    Same rule as the blueprint, so an empty swarm does not read as failing:
+    An empty swarm does not read as failing:
 
     >>> success_rate({"total_tasks": 4, "tasks_completed": 3})
     75
@@ -41,7 +41,7 @@ def success_rate(snapshot: Mapping[str, Any]) -> int:
 
 
 def dashboard_status(snapshot: Mapping[str, Any]) -> DashboardStatus:
-    """Summarise a coordinator snapshot the way the blueprint's ``getStatus()`` does.
+    """Summarise a coordinator snapshot: state, primary and secondary metric, message.
 
     >>> dashboard_status({"initialized": True, "connected_peers": 2, "total_tasks": 5})["state"]
     'active'

@@ -136,7 +136,7 @@ class FileAnalysisExecutor:
             binary = True
         return {
             "length": len(text),
-            "lines": text.count("\n") + 1,  # as the blueprint: content.split('\n').length
+            "lines": text.count("\n") + 1,  # like len(text.split("\n")): "a\n" has 2
             "type": PurePosixPath(relative).suffix.lstrip("."),
             "size_bytes": len(content),
             "sha256": hashlib.sha256(content).hexdigest(),
