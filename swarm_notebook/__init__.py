@@ -11,8 +11,8 @@ The names, exactly (``tests/test_surface.py`` holds ``__all__`` to this list):
     join use current wait_for_peers verify_consensus
     Coordinator NotebookVoter
     TaskFuture SwarmExecutor as_completed wait
-    CoordinatorConfig ExecutorConfig TaskPolicy DelegationSettings ConsensusSettings
-    KnowledgeSettings MeshConfig
+    CoordinatorConfig ExecutorConfig TaskPolicy DelegationConfig ConsensusConfig
+    KnowledgeConfig MeshConfig
     Reason __version__ load_ipython_extension unload_ipython_extension
     every error class of ``swarm_notebook.errors`` (its ``__all__``)
 
@@ -36,11 +36,11 @@ if TYPE_CHECKING:
     from swarm_notebook.client import Coordinator
     from swarm_notebook.coordinator.config import CoordinatorConfig
     from swarm_notebook.futures import SwarmExecutor, TaskFuture, as_completed, wait
-    from swarm_notebook.governance.service import ConsensusSettings
-    from swarm_notebook.knowledge.service import KnowledgeSettings
+    from swarm_notebook.governance.service import ConsensusConfig
+    from swarm_notebook.knowledge.service import KnowledgeConfig
     from swarm_notebook.notebook.voter import NotebookVoter
     from swarm_notebook.transport.mesh import MeshConfig
-    from swarm_notebook.workload.delegator import DelegationSettings
+    from swarm_notebook.workload.delegator import DelegationConfig
     from swarm_notebook.workload.executors.capabilities import ExecutorConfig
     from swarm_notebook.workload.policy import TaskPolicy
 
@@ -51,9 +51,9 @@ _LAZY = {
     "CoordinatorConfig": "swarm_notebook.coordinator.config",
     "ExecutorConfig": "swarm_notebook.workload.executors.capabilities",
     "TaskPolicy": "swarm_notebook.workload.policy",
-    "DelegationSettings": "swarm_notebook.workload.delegator",
-    "ConsensusSettings": "swarm_notebook.governance.service",
-    "KnowledgeSettings": "swarm_notebook.knowledge.service",
+    "DelegationConfig": "swarm_notebook.workload.delegator",
+    "ConsensusConfig": "swarm_notebook.governance.service",
+    "KnowledgeConfig": "swarm_notebook.knowledge.service",
     "MeshConfig": "swarm_notebook.transport.mesh",
     "TaskFuture": "swarm_notebook.futures",
     "SwarmExecutor": "swarm_notebook.futures",
@@ -62,12 +62,12 @@ _LAZY = {
 }
 
 __all__ = [
-    "ConsensusSettings",
+    "ConsensusConfig",
     "Coordinator",
     "CoordinatorConfig",
-    "DelegationSettings",
+    "DelegationConfig",
     "ExecutorConfig",
-    "KnowledgeSettings",
+    "KnowledgeConfig",
     "MeshConfig",
     "NotebookVoter",
     "Reason",

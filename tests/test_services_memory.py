@@ -35,16 +35,16 @@ from swarm_notebook.governance.electorate import Electorate
 from swarm_notebook.governance.service import (
     CONSENSUS_BALLOT,
     CONSENSUS_PROPOSAL,
+    ConsensusConfig,
     ConsensusService,
-    ConsensusSettings,
 )
 from swarm_notebook.identity import Identity
 from swarm_notebook.knowledge import Reflection, ReflectionStore, encode_reflection, sign_reflection
 from swarm_notebook.knowledge.service import (
     KNOWLEDGE_REQUEST,
     REFLECTION_SHARE,
+    KnowledgeConfig,
     KnowledgeService,
-    KnowledgeSettings,
     scan_artifacts,
 )
 from swarm_notebook.ledger.audit import AuditLog
@@ -129,7 +129,7 @@ async def swarm(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     made: list[Peer] = []
 
     async def make(
-        n: int, *, room: str = "lab", consensus: ConsensusSettings | None = None
+        n: int, *, room: str = "lab", consensus: ConsensusConfig | None = None
     ) -> list[Peer]:
         peers = []
         for _ in range(n):
@@ -148,7 +148,7 @@ async def swarm(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
                 audit=audit,
                 stats=stats,
                 notify=events,
-                settings=KnowledgeSettings(peer_timeout_s=0.5),
+                settings=KnowledgeConfig(peer_timeout_s=0.5),
                 workspace=folder / "workspace",
                 is_initialized=reader(initialized),
             )
@@ -157,7 +157,7 @@ async def swarm(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
                 audit=audit,
                 stats=stats,
                 notify=events,
-                settings=consensus or ConsensusSettings(timeout_s=5.0),
+                settings=consensus or ConsensusConfig(timeout_s=5.0),
                 is_initialized=reader(initialized),
             )
             await node.start()
@@ -579,7 +579,7 @@ async def test_forged_duplicate_and_non_member_ballots_are_ignored_and_reported(
 async def test_timeout_gives_consensus_false_with_reason_timeout(
     swarm: Callable[..., Any],
 ) -> None:
-    a, b, c = await swarm(3, consensus=ConsensusSettings(timeout_s=0.4))
+    a, b, c = await swarm(3, consensus=ConsensusConfig(timeout_s=0.4))
     b.consensus.vote_policy = HeldVote()
     c.consensus.vote_policy = HeldVote()
     started = time.monotonic()
@@ -593,7 +593,7 @@ async def test_timeout_gives_consensus_false_with_reason_timeout(
 
 
 async def test_quorum_rules_and_no_quorum_when_members_refuse(swarm: Callable[..., Any]) -> None:
-    a, b, c = await swarm(3, consensus=ConsensusSettings(quorum="unanimous"))
+    a, b, c = await swarm(3, consensus=ConsensusConfig(quorum="unanimous"))
     c.consensus.vote_policy = HeldVote(approve=False)
     c.consensus.vote_policy.release.set()
     result = await a.consensus.request_modification_consensus({"file_path": "x.py", "code": "1"})

@@ -12,7 +12,7 @@ from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
 from swarm_notebook.coordinator.events import EventBus
 from swarm_notebook.governance.consensus import verify_consensus
-from swarm_notebook.governance.service import ConsensusSettings
+from swarm_notebook.governance.service import ConsensusConfig
 from swarm_notebook.identity import Identity
 from swarm_notebook.membership.roster import make_roster, save_roster
 from swarm_notebook.notebook.voter import NotebookVoter
@@ -37,7 +37,7 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[SwarmCoordinator, SwarmCoo
     )
     for name, identity in identities.items():
         save_roster(tmp_path / name, roster)
-        config = CoordinatorConfig(consensus=ConsensusSettings(timeout_s=10))
+        config = CoordinatorConfig(consensus=ConsensusConfig(timeout_s=10))
         transport = MemoryTransport(identity, net, "room")
         peers.append(SwarmCoordinator(identity, transport, config, tmp_path / name, EventBus()))
     for p in peers:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from swarm_notebook.governance.service import ConsensusSettings
-from swarm_notebook.knowledge.service import KnowledgeSettings
+from swarm_notebook.governance.service import ConsensusConfig
+from swarm_notebook.knowledge.service import KnowledgeConfig
 from swarm_notebook.transport.mesh import MeshConfig
-from swarm_notebook.workload.delegator import DelegationSettings
+from swarm_notebook.workload.delegator import DelegationConfig
 from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 from swarm_notebook.workload.policy import TaskPolicy
 
@@ -37,8 +37,8 @@ class CoordinatorConfig:
     capabilities: list[str] | None = None
     executors: ExecutorConfig = field(default_factory=ExecutorConfig)
     policy: TaskPolicy = field(default_factory=TaskPolicy)
-    delegation: DelegationSettings = field(default_factory=DelegationSettings)
-    consensus: ConsensusSettings = field(default_factory=ConsensusSettings)
-    knowledge: KnowledgeSettings = field(default_factory=KnowledgeSettings)
+    delegation: DelegationConfig = field(default_factory=DelegationConfig)
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     drain_grace_s: float = 30.0

@@ -54,7 +54,7 @@ DEFAULT_CORE_FILES: tuple[str, ...] = (
     "conftest.py",
 )
 """Glob patterns of paths whose change is high risk, unless a room sets its own
-(``ConsensusSettings.core_files``)."""
+(``ConsensusConfig.core_files``)."""
 DOC_SUFFIXES = (".md", ".rst", ".txt", ".ipynb")
 MAX_PATH_LENGTH = 1024
 MAX_CODE_BYTES = 1024 * 1024

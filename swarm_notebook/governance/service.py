@@ -81,7 +81,7 @@ Notify = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
-class ConsensusSettings:
+class ConsensusConfig:
     timeout_s: float = 30.0
     quorum: str = "majority"  # "majority" | "unanimous" | "threshold:K"
     # The blueprint answers ``consensus: True`` when the swarm is unavailable; set this to
@@ -107,7 +107,7 @@ class RosterMessage(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def quorum_rule(setting: str) -> Quorum:
-    """The rule named by ``ConsensusSettings.quorum``: ``"majority"`` (strict majority),
+    """The rule named by ``ConsensusConfig.quorum``: ``"majority"`` (strict majority),
     ``"unanimous"`` or ``"threshold:K"``.
 
     >>> quorum_rule("threshold:2").spec
@@ -150,7 +150,7 @@ class ConsensusService:
         audit: AuditLog,
         stats: CoordinationStats,
         notify: Notify,
-        settings: ConsensusSettings,
+        settings: ConsensusConfig,
         is_initialized: Callable[[], bool],
         max_open_proposals: int = 32,
         max_concurrent_votes: int = 16,
@@ -232,7 +232,7 @@ class ConsensusService:
 
         With no swarm (not initialised, or no connected peer) the answer is the
         blueprint's fallback ``consensus: True, reason: "swarm-not-available"``, or
-        ``False`` with ``ConsensusSettings.fail_closed``. A malformed modification
+        ``False`` with ``ConsensusConfig.fail_closed``. A malformed modification
         raises ``ModificationRejected``; too many open proposals raise ``ConsensusError``.
         """
         if self._closed:

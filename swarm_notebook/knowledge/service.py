@@ -82,7 +82,7 @@ Notify = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
-class KnowledgeSettings:
+class KnowledgeConfig:
     peer_timeout_s: float = 3.0
     limit: int = 10
 
@@ -230,7 +230,7 @@ class KnowledgeService:
         audit: AuditLog,
         stats: CoordinationStats,
         notify: Notify,
-        settings: KnowledgeSettings,
+        settings: KnowledgeConfig,
         workspace: Path | None,
         is_initialized: Callable[[], bool],
         gate_config: GateConfig | None = None,

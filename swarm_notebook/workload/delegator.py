@@ -54,7 +54,7 @@ Notify = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
-class DelegationSettings:
+class DelegationConfig:
     max_attempts: int = 3
     default_timeout_s: float = 60.0
     reply_grace_s: float = 10.0
@@ -70,7 +70,7 @@ class Delegator:
         tasks: TaskLog,
         stats: CoordinationStats,
         notify: Notify,
-        settings: DelegationSettings,
+        settings: DelegationConfig,
         local_runner: Callable[[str, str, Any, float], Any] | None = None,
         rng: random.Random | None = None,
     ) -> None:

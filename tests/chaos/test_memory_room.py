@@ -19,7 +19,7 @@ import pytest
 from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
 from swarm_notebook.coordinator.events import EventBus
-from swarm_notebook.governance.service import ConsensusSettings
+from swarm_notebook.governance.service import ConsensusConfig
 from swarm_notebook.identity import Identity
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
 from swarm_notebook.workload.executors.capabilities import ExecutorConfig
@@ -72,7 +72,7 @@ async def test_200_peer_room_converges_delegates_and_decides(tmp_path: Path) -> 
             room="big",
             capabilities=[],
             # Everyone must vote for this proposal to pass: all 199 ballots are counted.
-            consensus=ConsensusSettings(timeout_s=60, quorum="unanimous"),
+            consensus=ConsensusConfig(timeout_s=60, quorum="unanimous"),
         )
 
     peers: list[SwarmCoordinator] = []

@@ -34,17 +34,17 @@ from swarm_notebook.governance import (
 from swarm_notebook.governance.electorate import Electorate
 from swarm_notebook.governance.service import (
     CONSENSUS_BALLOT,
+    ConsensusConfig,
     ConsensusService,
-    ConsensusSettings,
 )
 from swarm_notebook.identity import Identity
 from swarm_notebook.knowledge import Reflection, ReflectionStore, encode_reflection
 from swarm_notebook.knowledge.service import (
     KNOWLEDGE_REQUEST,
     REFLECTION_SHARE,
+    KnowledgeConfig,
     KnowledgeRequest,
     KnowledgeService,
-    KnowledgeSettings,
 )
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
@@ -119,7 +119,7 @@ class Peer:
             audit=self.audit,
             stats=self.stats,
             notify=self._notify,
-            settings=KnowledgeSettings(peer_timeout_s=3.0),
+            settings=KnowledgeConfig(peer_timeout_s=3.0),
             workspace=profile / "workspace",
             is_initialized=lambda: True,
         )
@@ -128,7 +128,7 @@ class Peer:
             audit=self.audit,
             stats=self.stats,
             notify=self._notify,
-            settings=ConsensusSettings(timeout_s=args.consensus_timeout),
+            settings=ConsensusConfig(timeout_s=args.consensus_timeout),
             is_initialized=lambda: True,
             # The roster file in the profile (if the test put one there) decides who votes.
             electorate=Electorate(
