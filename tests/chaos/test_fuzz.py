@@ -57,6 +57,7 @@ from swarm_notebook.protocol.signaling import (
     encode,
     join_payload,
 )
+from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling import SignalingConfig, SignalingServer
 from swarm_notebook.transport.endpoint import Endpoint
 from swarm_notebook.transport.factory import mesh_transport
@@ -367,7 +368,11 @@ async def member_of(server: ThreadedServer, room: str) -> aiohttp.ClientWebSocke
 
 
 # Refusals after which the server closes the socket (the others keep it open).
-CLOSING_REASONS = frozenset({"malformed", "too-large", "bad-room", "bad-signature"})
+# The reasons the server closes a socket for (after saying so): a frame it cannot read, a
+# room name it refuses, a join that does not prove its key or spells its id wrongly.
+CLOSING_REASONS = frozenset(
+    {Reason.MALFORMED, Reason.TOO_LARGE, Reason.BAD_ROOM, Reason.BAD_SIGNATURE, Reason.BAD_ID}
+)
 
 
 def forwarded_as_is(sent: bytes) -> bool:
