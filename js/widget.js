@@ -139,8 +139,49 @@ function peerRow(peer, peerStates) {
           ? h("span", { cls: "swarm-nb-muted", text: `${rtt.toFixed(1)} ms` })
           : null,
       ]),
+      linkFacts(peer),
     ]),
   ]);
+}
+
+function megabytes(n) {
+  return `${(count(n) / 1e6).toFixed(1)} MB`;
+}
+
+// How the link reaches the peer (host / srflx / relay, via which server), what crossed it,
+// and whether the peer runs others' code without isolation: the facts doctor reports.
+function linkFacts(peer) {
+  const facts = [];
+  if (peer.route) {
+    const via = peer.ice_server ? ` via ${text(peer.ice_server)}` : "";
+    facts.push(
+      h("span", {
+        cls: `swarm-nb-chip swarm-nb-route--${text(peer.route)}`,
+        testid: "peer-route",
+        text: `${text(peer.route)}${via}`,
+      }),
+    );
+  }
+  if (peer.bytes_in || peer.bytes_out) {
+    facts.push(
+      h("span", {
+        cls: "swarm-nb-muted",
+        testid: "peer-bytes",
+        text: `↓ ${megabytes(peer.bytes_in)} ↑ ${megabytes(peer.bytes_out)}`,
+      }),
+    );
+  }
+  if (peer.isolation === "none") {
+    facts.push(
+      h("span", {
+        cls: "swarm-nb-badge swarm-nb-unsafe",
+        testid: "peer-unsafe",
+        text: "runs code without isolation",
+        title: "this peer's owner passed --unsafe-no-isolation",
+      }),
+    );
+  }
+  return facts.length ? h("div", { cls: "swarm-nb-peer-link" }, facts) : null;
 }
 
 function swarmStatus(snapshot) {

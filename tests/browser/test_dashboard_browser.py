@@ -80,7 +80,9 @@ source.update(
           "load": 0.9, "in_flight": 2, "concurrency": 2, "rtt_ms": 0.43}},
         {{"id": "PEERB" + "C" * 47, "name": "bob-workstation",
           "capabilities": ["python-execution", "git-vfs"], "state": "connected",
-          "load": 0.25, "in_flight": 0, "concurrency": 4, "rtt_ms": 1.2}},
+          "load": 0.25, "in_flight": 0, "concurrency": 4, "rtt_ms": 1.2,
+          "route": "relay", "ice_server": "turn:turn.example.org:3478",
+          "bytes_in": 5_300_000, "bytes_out": 1_200_000, "isolation": "none"}},
         {{"id": "PEERC" + "D" * 47, "capabilities": [], "state": "connecting",
           "load": 0.0, "in_flight": 0, "concurrency": 1, "rtt_ms": None}},
     ],
@@ -136,6 +138,11 @@ def test_dashboard_renders_updates_escapes_and_initializes(lab: LabServer, page:
     expect(view.get_by_test_id("peer-count")).to_have_text("2 / 3")
     expect(view.get_by_test_id("peer-row")).to_have_count(3)
     expect(view.get_by_test_id("peer-row").nth(1)).to_contain_text("bob-workstation")
+    bob = view.get_by_test_id("peer-row").nth(1)
+    expect(bob.get_by_test_id("peer-route")).to_have_text("relay via turn:turn.example.org:3478")
+    expect(bob.get_by_test_id("peer-bytes")).to_have_text("↓ 5.3 MB ↑ 1.2 MB")
+    expect(bob.get_by_test_id("peer-unsafe")).to_have_text("runs code without isolation")
+    expect(view.get_by_test_id("peer-route")).to_have_count(1)  # only links that report one
 
     # Peer-supplied markup is shown as text and never becomes elements.
     evil_row = view.get_by_test_id("peer-row").first
