@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from swarm_notebook import errors as _errors
 from swarm_notebook._util.version import __version__
+from swarm_notebook.environment import DEFAULT_ROOM
 from swarm_notebook.errors import *  # noqa: F403  (the error tree is part of the surface)
 from swarm_notebook.reasons import Reason
 
@@ -88,7 +89,7 @@ __all__ = [
 ]
 
 
-async def join(room: str = "default", **kwargs: Any) -> Coordinator:
+async def join(room: str = DEFAULT_ROOM, **kwargs: Any) -> Coordinator:
     """Join a room; see ``swarm_notebook.client.join`` for the options."""
     from swarm_notebook.client import join as _join
 

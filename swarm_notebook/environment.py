@@ -45,6 +45,11 @@ TURN_SECRET = "SWARM_NOTEBOOK_TURN_SECRET"
 ROSTER_OWNER = "SWARM_NOTEBOOK_ROSTER_OWNER"
 CA_FILE = "SWARM_NOTEBOOK_CA_FILE"
 
+# What the room and signaling variables fall back to: the same everywhere (join(),
+# %swarm join, swarm-notebook worker and up), so default peers always meet.
+DEFAULT_ROOM = "default"
+DEFAULT_SIGNALING = "ws://127.0.0.1:8765/ws"
+
 ALL = (
     SIGNALING,
     ROOM,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from swarm_notebook.environment import DEFAULT_ROOM, DEFAULT_SIGNALING
 from swarm_notebook.governance.service import ConsensusConfig
 from swarm_notebook.knowledge.service import KnowledgeConfig
 from swarm_notebook.transport.mesh import MeshConfig
@@ -12,9 +13,7 @@ from swarm_notebook.workload.delegator import DelegationConfig
 from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 from swarm_notebook.workload.policy import TaskPolicy
 
-DEFAULT_SIGNALING = "ws://127.0.0.1:8765/ws"
 # One room for every entry point (join(), %swarm join, worker, up): defaults meet.
-DEFAULT_ROOM = "default"
 
 
 @dataclass

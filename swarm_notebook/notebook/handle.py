@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from swarm_notebook.errors import WaitTimeout, short_id
+from swarm_notebook.workload.records import TaskState
 
 if TYPE_CHECKING:
     from swarm_notebook.client import Coordinator
 
-RUNNING_STATES = ("starting", "submitted", "working")
+# "starting": submitted here, not yet recorded on the network thread.
+RUNNING_STATES = ("starting", TaskState.SUBMITTED, TaskState.WORKING)
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,9 @@ class TaskHandle:
 
     def _final_state(self) -> str:
         if self._run.future.cancelled():
-            return "canceled"
+            return TaskState.CANCELED
         if self._run.future.exception() is not None:
-            return "failed"
-        return "completed" if self._run.future.result().get("success") else "failed"
+            return TaskState.FAILED
+        if self._run.future.result().get("success"):
+            return TaskState.COMPLETED
+        return TaskState.FAILED

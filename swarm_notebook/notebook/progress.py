@@ -14,6 +14,7 @@ import sys
 from typing import Any, Protocol, TextIO
 
 from swarm_notebook.notebook.handle import RemoteRun, TaskProgress
+from swarm_notebook.workload.records import TaskState
 
 TICK_S = 0.25
 COLOURS = {"running": "#0891b2", "ok": "#16a34a", "failed": "#dc2626"}
@@ -65,7 +66,7 @@ def summary(progress: TaskProgress, state: str, label: str) -> ProgressLine:
     """
     attempts = f"{progress.attempts} attempt{'s' if progress.attempts != 1 else ''}"
     where = f" on {progress.where}" if progress.peer else ""
-    mark, tone = ("✔", "ok") if state == "completed" else ("✖", "failed")
+    mark, tone = ("✔", "ok") if state == TaskState.COMPLETED else ("✖", "failed")
     return ProgressLine(
         f"{mark} {label} {state}{where} in {progress.elapsed_s:.2f} s ({attempts})", tone
     )
