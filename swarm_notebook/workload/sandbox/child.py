@@ -158,13 +158,17 @@ class TaskRunner:
             }
         allow_pickle = bool(req.get("allow_pickle", False))
         max_result = int(req.get("max_result_bytes", values.DEFAULT_MAX_BYTES))
+        # One budget for all inputs together, charged from declared sizes before anything
+        # is allocated: many small compressed inputs cannot add up past the limit.
+        budget = values.DecodeBudget(max_result)
         try:
             inputs = {
-                name: values.decode_value(v, allow_pickle=allow_pickle, max_bytes=max_result)
+                name: values.decode_value(v, allow_pickle=allow_pickle, budget=budget)
                 for name, v in req.get("inputs", {}).items()
             }
         except values.ValueCodecError as exc:
-            return {"success": False, "error_type": "bad-input", "error": f"input: {exc}"}
+            kind = "too-large" if exc.reason == "too-large" else "bad-input"
+            return {"success": False, "error_type": kind, "error": f"input: {exc}"}
         code = req["code"]
         try:
             body, last = _compile_cell(code)
