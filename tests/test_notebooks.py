@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
+import psutil
 import pytest
 from nbclient import NotebookClient
 
@@ -77,8 +78,15 @@ def outputs_text(notebook: nbformat.NotebookNode) -> list[str]:
 
 
 def live_children(swarm: Swarm) -> list[Any]:
-    workers = {w.proc.pid for w in swarm.workers}
-    return [p for p in child_processes() if p.pid not in workers and p.ppid() not in workers]
+    """Our processes other than the workers and their sandboxes (bwrap nests them deeper)."""
+    theirs = set()
+    for worker in swarm.workers:
+        theirs.add(worker.proc.pid)
+        try:
+            theirs.update(p.pid for p in psutil.Process(worker.proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return [p for p in child_processes() if p.pid not in theirs]
 
 
 def test_quickstart(swarm: Swarm, tmp_path: Path) -> None:

@@ -66,7 +66,8 @@ async def test_the_person_decides_and_their_reason_is_on_the_signed_ballot(
     card = next(iter(voter.cards.values()))
     header, _rationale, code, buttons, status = card.children
     # Peer-supplied text is shown as text: the target's markup stays literal.
-    assert "<script>mesh.py" in header.value and "high risk" in header.value
+    # An ordinary code change (not a core path of the room): medium risk, asked in an open room.
+    assert "<script>mesh.py" in header.value and "medium risk" in header.value
     assert code.value == RISKY["code"] and code.disabled
     approve, reject, _reason = buttons.children
     reject.click()  # nothing may change after the first answer

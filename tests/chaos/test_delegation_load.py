@@ -34,7 +34,7 @@ TASKS = int(os.environ.get("SWARM_CHAOS_TASKS", "5000"))
 # so every worker also holds a queue of tasks a kill can hit.
 WINDOW = int(os.environ.get("SWARM_CHAOS_WINDOW", "96"))
 SLOW_EVERY = 100  # every 100th task sleeps, so a kill can catch a task mid-execution
-SLOW_SECONDS = 0.5
+SLOW_SECONDS = 1.0
 PY_CAPS = ("--caps", "python-execution")
 
 
@@ -180,14 +180,16 @@ async def test_5000_tasks_two_workers_killed_every_task_ends_exactly_once(
         running = executing_slow_task()
         assert running is not None
         peer = running["peer"]
+        victim = by_id[peer]
+        sandboxes = [p.pid for p in psutil.Process(victim.proc.pid).children(recursive=True)]
+        victim.kill()  # at once: the slow task must still be running when the worker dies
+        # The delegator needs seconds to notice the death, so its records still show what
+        # it had counted on that worker.
         open_records = [
             r
             for r in c.task_records()
             if r["role"] == "delegated" and r["state"] in ("submitted", "working")
         ]
-        victim = by_id[peer]
-        sandboxes = [p.pid for p in psutil.Process(victim.proc.pid).children(recursive=True)]
-        victim.kill()
         ids = [r["id"] for r in open_records if r["peer"] == peer]
         killed.append({"peer": peer, "running": running["id"], "ids": ids, "sandboxes": sandboxes})
 
