@@ -2,50 +2,27 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from swarm_notebook.signaling import SignalingServer
 from swarm_notebook.views.doctor import check_signaling, link_checks, render
+from tests.support.certs import self_signed_cert
 
 
 def self_signed(directory: Path, for_loopback: bool = False) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not-this-host.example")])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = x509.CertificateBuilder()
-    if for_loopback:
-        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-        builder = builder.add_extension(san, critical=False)
-    cert = (
-        builder.subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .sign(key, hashes.SHA256())
+    """Valid for 127.0.0.1 when ``for_loopback``, else only for another host's name."""
+    return self_signed_cert(
+        directory,
+        "cert",
+        common_name="not-this-host.example",
+        dns=(),
+        ips=("127.0.0.1",) if for_loopback else (),
     )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 @pytest.fixture(params=[False, True], ids=["other-host", "loopback"])

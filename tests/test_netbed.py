@@ -28,6 +28,7 @@ from tests.support.netbed_peers import (
     STUN2,
     TURN,
     TURN_TCP,
+    TURNS,
     NsWorker,
     Pair,
     child_env,
@@ -128,6 +129,44 @@ async def test_relay_only_policy_uses_relay_candidates_on_both_ends(
     assert row["ice_server"] == TURN
     reply = await pair.joiner.call("delegate", mb=0)
     assert reply["success"]
+
+
+async def test_turn_over_tls_relays_for_a_network_that_blocks_udp(
+    bed: tuple[NetBed, Path], pair: Pair, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    net, work = bed
+    username, credential = rest_credentials("worker")
+    # turns: on a TLS port, its certificate checked against coturn's address; the worker
+    # trusts coturn's self-signed certificate the standard way (SSL_CERT_FILE).
+    pair.worker = await NsWorker.start(
+        net, net.host_a, room(request), tmp_path / "w",
+        "--ice-server", TURNS, "--ice-username", username, "--ice-credential", credential,
+        "--ice-policy", "relay",
+        env={"SSL_CERT_FILE": str(work / "coturn.pem")},
+    )  # fmt: skip
+    pair.joiner = await start_joiner(
+        net, net.host_c, room(request), tmp_path / "j",
+        ice_servers=[turn_entry("joiner")], ice_policy="relay",
+    )  # fmt: skip
+    row = await pair.link()
+    assert (row["local_candidate"], row["remote_candidate"]) == ("relay", "relay"), row
+    reply = await pair.joiner.call("delegate", mb=1)
+    assert reply["success"] and reply["value"] == 2**20, reply
+
+
+async def test_doctor_allocates_over_turns_only_when_the_certificate_is_trusted(
+    bed: tuple[NetBed, Path], tmp_path: Path
+) -> None:
+    net, work = bed
+    username, credential = rest_credentials("doctor")
+    args = ("--ice-server", TURNS, "--ice-username", username, "--ice-credential", credential)
+    code, out = await doctor(net, net.host_a, "--profile", str(tmp_path / "a"), *args)
+    assert code == 1 and f"FAIL {TURNS}" in out, out  # coturn's self-signed cert: untrusted
+    code, out = await doctor(
+        net, net.host_a, "--profile", str(tmp_path / "b"), *args,
+        env={"SSL_CERT_FILE": str(work / "coturn.pem")},
+    )  # fmt: skip
+    assert f"ok   {TURNS}" in out, out
 
 
 async def test_an_unreachable_first_stun_server_is_rotated_past(
@@ -239,14 +278,16 @@ async def test_5_mb_delegation_completes_over_100_ms_delay_and_2_percent_loss(
     print(f"5 MB over 100 ms + 2 % loss: {reply['seconds']:.1f} s")
 
 
-async def doctor(net: NetBed, ns: str, *args: str, port: int = PLAIN_PORT) -> tuple[int, str]:
+async def doctor(
+    net: NetBed, ns: str, *args: str, port: int = PLAIN_PORT, env: dict[str, str] | None = None
+) -> tuple[int, str]:
     argv = [
         sys.executable, "-m", "swarm_notebook.cli.main", "doctor",
         "--signaling", signaling_url(port), *args,
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *net.command(ns, argv), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=child_env(),
+        stderr=asyncio.subprocess.PIPE, env={**child_env(), **(env or {})},
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert b"Traceback" not in err, err.decode()

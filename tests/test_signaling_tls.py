@@ -8,8 +8,6 @@ record them and guess the room secret offline.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -19,15 +17,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 import swarm_notebook.environment as environment
 from swarm_notebook.errors import SignalingTLSError
 from swarm_notebook.identity import Identity
 from swarm_notebook.signaling import SignalingClient, SignalingConfig, SignalingServer
+from tests.support.certs import self_signed_cert
 
 WAIT = 10.0
 
@@ -40,34 +35,7 @@ class Cert:
 
 def make_cert(folder: Path, name: str, *, ip: bool = True) -> Cert:
     """A self-signed certificate for ``localhost`` (and 127.0.0.1 unless ``ip=False``)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
-    if ip:
-        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = folder / f"{name}.pem", folder / f"{name}.key"
-    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return Cert(certfile, keyfile)
+    return Cert(*self_signed_cert(folder, name, ips=("127.0.0.1",) if ip else ()))
 
 
 @pytest.fixture

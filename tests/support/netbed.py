@@ -37,6 +37,7 @@ HOST_A_IP = "10.1.0.2"
 HOST_B_IP = "10.2.0.2"
 HOST_C_IP = "10.3.0.2"
 TURN_PORT = 3478
+TURNS_PORT = 5349
 NFQ_DELAY = str(Path(__file__).with_name("nfq_delay.py"))
 
 
@@ -227,9 +228,23 @@ def netbed() -> Iterator[NetBed]:
         bed.close()
 
 
-def coturn_config(directory: Path, secret: str, *, listen: str = INET_IP) -> Path:
-    """A coturn config: REST-API auth with a static secret, UDP and TCP, no TLS, no CLI."""
+def coturn_config(
+    directory: Path,
+    secret: str,
+    *,
+    listen: str = INET_IP,
+    tls: tuple[Path, Path] | None = None,
+) -> Path:
+    """A coturn config: REST-API auth with a static secret, UDP and TCP, no CLI.
+
+    With ``tls`` (certificate, key) it also serves TURN over TLS on ``TURNS_PORT``.
+    """
     path = directory / "turnserver.conf"
+    tls_lines = (
+        f"tls-listening-port={TURNS_PORT}\ncert={tls[0]}\npkey={tls[1]}\n"
+        if tls is not None
+        else "no-tls\n"
+    )
     path.write_text(
         textwrap.dedent(
             f"""\
@@ -244,7 +259,6 @@ def coturn_config(directory: Path, secret: str, *, listen: str = INET_IP) -> Pat
             realm=netbed
             fingerprint
             no-cli
-            no-tls
             no-dtls
             no-multicast-peers
             userdb={directory / "turndb"}
@@ -254,5 +268,6 @@ def coturn_config(directory: Path, secret: str, *, listen: str = INET_IP) -> Pat
             no-stdout-log
             """
         )
+        + tls_lines
     )
     return path

@@ -18,7 +18,8 @@ from typing import Any
 
 from swarm_notebook.signaling.turn_credentials import turn_password
 from tests.support import netbed
-from tests.support.netbed import INET_IP, INET_IP2, TURN_PORT, NetBed
+from tests.support.certs import self_signed_cert
+from tests.support.netbed import INET_IP, INET_IP2, TURN_PORT, TURNS_PORT, NetBed
 from tests.support.procs import REPO, PeerProcess
 
 TURN_SECRET = "netbed-static-auth-secret"
@@ -27,6 +28,7 @@ STUN2 = f"stun:{INET_IP2}:{TURN_PORT}"
 DEAD_STUN = f"stun:{INET_IP}:3999"  # nothing listens there
 TURN_TCP = f"turn:{INET_IP}:{TURN_PORT}?transport=tcp"
 TURN = f"turn:{INET_IP}:{TURN_PORT}"
+TURNS = f"turns:{INET_IP}:{TURNS_PORT}?transport=tcp"  # coturn's certificate: see running_bed
 PLAIN_PORT, ISSUING_PORT = 8765, 8766
 LINK_TIMEOUT = 30.0
 
@@ -178,7 +180,10 @@ def running_bed(work: Path) -> Iterator[NetBed]:
     started: list[Background] = []
     with netbed.netbed() as net:
         try:
-            conf = netbed.coturn_config(work, TURN_SECRET)
+            # TURN over TLS needs a certificate peers trust: one made for coturn's address,
+            # trusted by a peer through SSL_CERT_FILE (turns_trust()).
+            tls = self_signed_cert(work, "coturn", dns=(), ips=(INET_IP,))
+            conf = netbed.coturn_config(work, TURN_SECRET, tls=tls)
             started.append(
                 Background(net.command(net.inet, ["turnserver", "-c", str(conf)]), work / "t.log")
             )

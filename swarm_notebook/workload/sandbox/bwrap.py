@@ -100,12 +100,14 @@ class SandboxLayout:
         ]
         for key, value in sorted(env.items()):
             args += ["--setenv", key, value]
+        # The private /tmp comes first: bwrap applies mounts in order, so a Python that lives
+        # under /tmp (a virtualenv in a CI clone, say) is bound on top of it, not hidden.
+        args += ["--size", str(self.tmp_bytes), "--tmpfs", SCRATCH]
         args += system_binds()
         for path in self.python_dirs:
             args += ["--ro-bind", path, path]
         args += ["--ro-bind", self.package, f"{PACKAGE_MOUNT}/swarm_notebook"]
         args += ["--proc", "/proc", "--dev", "/dev"]
-        args += ["--size", str(self.tmp_bytes), "--tmpfs", SCRATCH]
         args += ["--size", str(self.shm_bytes), "--tmpfs", "/dev/shm"]
         args += ["--chdir", SCRATCH, "--", self.python, "-I", "-c", bootstrap_code()]
         return args + child_args
@@ -164,3 +166,8 @@ def bubblewrap_problem() -> str | None:
         why = done.stderr.decode(errors="replace").strip()[:300] or f"exit {done.returncode}"
         return f"bubblewrap cannot create a sandbox here ({why}): {_FIX_HINT}"
     return None
+
+
+def bound_under_scratch(paths: tuple[str, ...]) -> list[str]:
+    """The read-only binds that sit inside the sandbox's /tmp: the per-task wipe keeps them."""
+    return [p for p in paths if p.startswith(SCRATCH + "/")]

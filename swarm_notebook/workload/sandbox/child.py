@@ -276,14 +276,23 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(3)
 
 
-def wipe(folders: list[str]) -> None:
-    """Empty the scratch folders, so files (RAM, in a tmpfs) do not outlive their task."""
+def wipe(folders: list[str], keep: frozenset[str] = frozenset()) -> None:
+    """Empty the scratch folders, so files (RAM, in a tmpfs) do not outlive their task.
+
+    ``keep`` are read-only binds inside a scratch folder (the interpreter, when it lives
+    under /tmp): they and the folders leading to them stay; everything else goes.
+    """
     for folder in folders:
         try:
             entries = list(os.scandir(folder))
         except OSError:
             continue
         for entry in entries:
+            if entry.path in keep:
+                continue
+            if any(k.startswith(entry.path + "/") for k in keep):
+                wipe([entry.path], keep)
+                continue
             with contextlib.suppress(OSError):
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path, ignore_errors=True)
@@ -291,7 +300,12 @@ def wipe(folders: list[str]) -> None:
                     os.unlink(entry.path)
 
 
-def serve(sock: socket.socket, max_frame_bytes: int, scratch: list[str] | None = None) -> None:
+def serve(
+    sock: socket.socket,
+    max_frame_bytes: int,
+    scratch: list[str] | None = None,
+    keep: frozenset[str] = frozenset(),
+) -> None:
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder()
     runner = TaskRunner()
@@ -307,7 +321,7 @@ def serve(sock: socket.socket, max_frame_bytes: int, scratch: list[str] | None =
         if payload is None:
             return
         response = runner.run(decoder.decode(payload))
-        wipe(scratch or [])
+        wipe(scratch or [], keep)
         try:
             frame = encoder.encode(response)
         except MemoryError:
@@ -336,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         help="RLIMIT_NPROC (processes and threads); only meaningful in a user namespace",
     )
     parser.add_argument("--wipe", action="append", default=[], help="scratch emptied per task")
+    parser.add_argument(
+        "--keep", action="append", default=[], help="a read-only bind inside a scratch folder"
+    )
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     parent_pid = os.getppid()
@@ -359,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         message = f"sandbox start failed: {type(exc).__name__}: {exc}"
         send_frame(sock, msgspec.msgpack.encode({"ready": False, "error": message[:1000]}))
         return 2
-    serve(sock, args.max_frame_bytes, args.wipe)
+    serve(sock, args.max_frame_bytes, args.wipe, frozenset(args.keep))
     return 0
 
 

@@ -63,6 +63,7 @@ from swarm_notebook.workload.sandbox.bwrap import (
     SCRATCH,
     SandboxLayout,
     bootstrap_code,
+    bound_under_scratch,
     bubblewrap_problem,
     package_dir,
 )
@@ -557,6 +558,8 @@ class PythonSandboxPool:
             nproc = self.max_processes * _THREADS_PER_PROCESS
             args += ["--memory-limit-mb", str(data_mb), "--max-tasks-per-uid", str(nproc)]
             args += ["--wipe", SCRATCH, "--wipe", "/dev/shm"]
+            for path in bound_under_scratch(self._layout.python_dirs):
+                args += ["--keep", path]
             inside = _child_env(SCRATCH, self._layout.python_dirs)
             # bwrap's own environment is readable at /proc/1/environ inside: keep it bare.
             argv = self._layout.argv(args, inside)
