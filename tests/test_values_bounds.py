@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -196,3 +199,20 @@ def test_one_forged_length_never_allocates_past_the_budget(
 def test_plain_values_round_trip_under_a_shared_budget(value: Any) -> None:
     budget = DecodeBudget(MB)
     assert decode_value(encode_value(value), budget=budget) == value
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_forged_arrow_offsets_never_abort_the_process(seed: int) -> None:
+    # Found by a clean-clone CI run: a forged slice offset passed the size checks and the
+    # pandas conversion aborted the process (Check failed: Slice offset ... greater than
+    # array length). Without full validation each of these seeds aborts within 3,300 inputs.
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.support.arrow_fuzz_child", str(seed), "3300"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok 3300"

@@ -355,6 +355,10 @@ class _Decoder:
         reader = pa_ipc.open_stream(data)
         batches = list(reader)
         table = pa.Table.from_batches(batches, schema=reader.schema)
+        # The IPC reader checks framing, not contents: offsets and lengths a peer forged
+        # would let the native pandas conversion read out of bounds (it aborted the whole
+        # process under fuzzing). A full validation turns that into ArrowInvalid first.
+        table.validate(full=True)
         frame = table.to_pandas()
         _restore_object_columns(frame, table.schema.pandas_metadata or {})
         raw_extra = (table.schema.metadata or {}).get(_META_KEY)
