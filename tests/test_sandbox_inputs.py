@@ -17,7 +17,7 @@ LIMIT = 1_000_000
 
 @pytest.fixture
 async def pool() -> AsyncIterator[PythonSandboxPool]:
-    sandbox = PythonSandboxPool(size=1, memory_limit_mb=512, max_result_bytes=LIMIT)
+    sandbox = PythonSandboxPool(size=1, memory_limit_mb=512, max_input_decode_bytes=LIMIT)
     await sandbox.start()
     try:
         yield sandbox
@@ -39,3 +39,22 @@ async def test_inputs_that_fit_alone_but_not_together_are_refused_too_large(
     assert "over the limit" in many["error"]
     after = await pool.run({"code": "6 * 7"}, CTX)  # the child keeps serving
     assert decode_value(after["value"]) == 42
+
+
+async def test_a_40_mb_frame_input_fits_the_default_budget() -> None:
+    # Found by the benchmark: a budget tied to the 64 MB result limit refused a 50 MB frame
+    # (decoding costs about twice its size); the default follows the memory limit instead.
+    import pandas as pd
+
+    frame = pd.DataFrame({c: np.random.default_rng(0).random(1_250_000) for c in "abcd"})
+    sandbox = PythonSandboxPool(size=1, memory_limit_mb=1024)
+    await sandbox.start()
+    try:
+        result = await sandbox.run(
+            {"code": "len(df)", "inputs": {"df": encode_value(frame)}},
+            CTX,
+        )
+        assert result["success"], result
+        assert decode_value(result["value"]) == len(frame)
+    finally:
+        await sandbox.close()

@@ -160,7 +160,7 @@ class TaskRunner:
         max_result = int(req.get("max_result_bytes", values.DEFAULT_MAX_BYTES))
         # One budget for all inputs together, charged from declared sizes before anything
         # is allocated: many small compressed inputs cannot add up past the limit.
-        budget = values.DecodeBudget(max_result)
+        budget = values.DecodeBudget(int(req.get("max_input_decode_bytes", max_result)))
         try:
             inputs = {
                 name: values.decode_value(v, allow_pickle=allow_pickle, budget=budget)

@@ -223,6 +223,7 @@ class PythonSandboxPool:
         max_timeout_s: float = 600.0,
         max_output_bytes: int = 1_000_000,
         max_result_bytes: int = 64 * 1024 * 1024,
+        max_input_decode_bytes: int | None = None,
         max_request_bytes: int = 64 * 1024 * 1024,
         max_code_chars: int = 1_000_000,
         max_queue: int = 32,
@@ -251,6 +252,9 @@ class PythonSandboxPool:
         self.max_timeout_s = max_timeout_s
         self.max_output_bytes = max_output_bytes
         self.max_result_bytes = max_result_bytes
+        # What a task's inputs may take once decoded (all together): half the memory limit
+        # by default, so an input that would not fit is refused as too-large, not a crash.
+        self.max_input_decode_bytes = max_input_decode_bytes or memory_limit_mb * 2**20 // 2
         self.max_request_bytes = max_request_bytes
         self.max_code_chars = max_code_chars
         self.max_queue = max_queue
@@ -361,6 +365,7 @@ class PythonSandboxPool:
                 "allow_pickle": ctx.allow_pickle,
                 "max_output_bytes": self.max_output_bytes,
                 "max_result_bytes": self.max_result_bytes,
+                "max_input_decode_bytes": self.max_input_decode_bytes,
             }
         )
         if len(request) > self.max_request_bytes:
