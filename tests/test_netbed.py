@@ -66,16 +66,46 @@ def room(request: pytest.FixtureRequest) -> str:
     return request.node.name[:60]
 
 
-async def test_cone_nats_with_stun_link_via_server_reflexive_candidates(
-    bed: tuple[NetBed, Path], pair: Pair, request: pytest.FixtureRequest, tmp_path: Path
+async def stun_pair(
+    net: NetBed, pair: Pair, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    net, _ = bed
+    """A CLI worker behind cone NAT A and a join() peer behind cone NAT C, both with STUN."""
     pair.worker = await NsWorker.start(
         net, net.host_a, room(request), tmp_path / "w", "--ice-server", STUN
     )
     pair.joiner = await start_joiner(
         net, net.host_c, room(request), tmp_path / "j", ice_servers=[{"urls": STUN}]
     )
+
+
+async def relay_only_pair(
+    net: NetBed,
+    pair: Pair,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    worker_turn: str,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Both ends on ``--ice-policy relay``: the worker through ``worker_turn``, the joiner
+    through coturn over UDP, each with its own REST credentials."""
+    username, credential = rest_credentials("worker")
+    pair.worker = await NsWorker.start(
+        net, net.host_a, room(request), tmp_path / "w",
+        "--ice-server", worker_turn, "--ice-username", username, "--ice-credential", credential,
+        "--ice-policy", "relay",
+        env=env or {},
+    )  # fmt: skip
+    pair.joiner = await start_joiner(
+        net, net.host_c, room(request), tmp_path / "j",
+        ice_servers=[turn_entry("joiner")], ice_policy="relay",
+    )  # fmt: skip
+
+
+async def test_cone_nats_with_stun_link_via_server_reflexive_candidates(
+    bed: tuple[NetBed, Path], pair: Pair, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    net, _ = bed
+    await stun_pair(net, pair, request, tmp_path)
     row = await pair.link()
     assert row["route"] == "srflx", row
     assert row["ice_server"] == STUN
@@ -112,17 +142,8 @@ async def test_relay_only_policy_uses_relay_candidates_on_both_ends(
     bed: tuple[NetBed, Path], pair: Pair, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     net, _ = bed
-    username, credential = rest_credentials("worker")
     # The worker reaches coturn over TCP (networks that block UDP), the joiner over UDP.
-    pair.worker = await NsWorker.start(
-        net, net.host_a, room(request), tmp_path / "w",
-        "--ice-server", TURN_TCP, "--ice-username", username, "--ice-credential", credential,
-        "--ice-policy", "relay",
-    )  # fmt: skip
-    pair.joiner = await start_joiner(
-        net, net.host_c, room(request), tmp_path / "j",
-        ice_servers=[turn_entry("joiner")], ice_policy="relay",
-    )  # fmt: skip
+    await relay_only_pair(net, pair, request, tmp_path, TURN_TCP)
     row = await pair.link()
     # Both cone NATs would allow srflx: relay on both ends is the policy's doing.
     assert (row["local_candidate"], row["remote_candidate"]) == ("relay", "relay"), row
@@ -135,19 +156,11 @@ async def test_turn_over_tls_relays_for_a_network_that_blocks_udp(
     bed: tuple[NetBed, Path], pair: Pair, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     net, work = bed
-    username, credential = rest_credentials("worker")
     # turns: on a TLS port, its certificate checked against coturn's address; the worker
     # trusts coturn's self-signed certificate the standard way (SSL_CERT_FILE).
-    pair.worker = await NsWorker.start(
-        net, net.host_a, room(request), tmp_path / "w",
-        "--ice-server", TURNS, "--ice-username", username, "--ice-credential", credential,
-        "--ice-policy", "relay",
-        env={"SSL_CERT_FILE": str(work / "coturn.pem")},
-    )  # fmt: skip
-    pair.joiner = await start_joiner(
-        net, net.host_c, room(request), tmp_path / "j",
-        ice_servers=[turn_entry("joiner")], ice_policy="relay",
-    )  # fmt: skip
+    await relay_only_pair(
+        net, pair, request, tmp_path, TURNS, env={"SSL_CERT_FILE": str(work / "coturn.pem")}
+    )
     row = await pair.link()
     assert (row["local_candidate"], row["remote_candidate"]) == ("relay", "relay"), row
     reply = await pair.joiner.call("delegate", mb=1)
@@ -226,12 +239,7 @@ async def test_uplink_cut_is_noticed_within_5_s_and_link_recovers_within_3_s(
     bed: tuple[NetBed, Path], pair: Pair, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     net, _ = bed
-    pair.worker = await NsWorker.start(
-        net, net.host_a, room(request), tmp_path / "w", "--ice-server", STUN
-    )
-    pair.joiner = await start_joiner(
-        net, net.host_c, room(request), tmp_path / "j", ice_servers=[{"urls": STUN}]
-    )
+    await stun_pair(net, pair, request, tmp_path)
     await pair.link()
     # Cut one side, then the other: one of the two cut sides is the offerer (the smaller
     # id), whose re-dials during the outage can gather only host candidates.
@@ -258,12 +266,7 @@ async def test_5_mb_delegation_completes_over_100_ms_delay_and_2_percent_loss(
     bed: tuple[NetBed, Path], pair: Pair, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     net, _ = bed
-    pair.worker = await NsWorker.start(
-        net, net.host_a, room(request), tmp_path / "w", "--ice-server", STUN
-    )
-    pair.joiner = await start_joiner(
-        net, net.host_c, room(request), tmp_path / "j", ice_servers=[{"urls": STUN}]
-    )
+    await stun_pair(net, pair, request, tmp_path)
     await pair.link()
     helper = net.add_delay(net.router_a, 100.0)
     net.add_loss(net.router_a, 0.02)
