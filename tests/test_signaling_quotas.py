@@ -39,6 +39,7 @@ from swarm_notebook.signaling import (
     SignalingServer,
 )
 from swarm_notebook.signaling.quotas import AddressQuotas, QuotaLimits, address_key
+from tests.support.signal_cli import cli_signal_server
 
 WAIT = 10.0
 HONEST = "127.0.0.1"  # SignalingClient's own source address on loopback
@@ -421,31 +422,8 @@ async def test_cli_flags_set_the_quotas_of_a_server_in_its_own_process(
     sources: Callable[[str], Source], clients: Any
 ) -> None:
     """``swarm-notebook signal`` with quota flags, guessed at from another process's view."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "swarm_notebook.cli.main",
-        "signal",
-        "--port",
-        "0",
-        "--secret",
-        "s3cret",
-        "--secret-failures",
-        "2",
-        "--lockout",
-        "30",
-        "--peers-per-room-per-address",
-        "2",
-        "--log-level",
-        "WARNING",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(30):
-            line = (await proc.stdout.readline()).decode()
-        url = line.rsplit(" ", 1)[1].strip()
+    flags = ("--secret", "s3cret", "--secret-failures", "2", "--lockout", "30")
+    async with cli_signal_server(*flags, "--peers-per-room-per-address", "2") as (url, _):
         attacker = sources(ATTACKER)
         guesses = [reason_of((await attacker.join(url, "lab", secret=g))[1]) for g in "abc"]
         assert guesses == ["bad-secret", "bad-secret", "locked-out"]
@@ -474,10 +452,6 @@ async def test_cli_flags_set_the_quotas_of_a_server_in_its_own_process(
             ATTACKER: {"bad-secret": 2, "locked-out": 2},
             HONEST: {"too-many-peers-from-address": 1},
         }
-    finally:
-        proc.terminate()
-        async with asyncio.timeout(30):
-            await proc.wait()
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from swarm_notebook.errors import SignalingTLSError
 from swarm_notebook.identity import Identity
 from swarm_notebook.signaling import SignalingClient, SignalingConfig, SignalingServer
 from tests.support.certs import self_signed_cert
+from tests.support.signal_cli import cli_signal_server
 
 WAIT = 10.0
 
@@ -67,32 +68,10 @@ async def round_trip(a: SignalingClient, b: SignalingClient, pair: Pair, tag: st
 @pytest.fixture
 async def cli_server(cert: Cert) -> AsyncIterator[str]:
     """``swarm-notebook signal --certfile --keyfile`` in its own process; yields its URL."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "swarm_notebook.cli.main",
-        "signal",
-        "--port",
-        "0",
-        "--certfile",
-        str(cert.certfile),
-        "--keyfile",
-        str(cert.keyfile),
-        "--log-level",
-        "WARNING",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(30):
-            line = (await proc.stdout.readline()).decode()
+    flags = ("--certfile", str(cert.certfile), "--keyfile", str(cert.keyfile))
+    async with cli_signal_server(*flags) as (url, line):
         assert line.startswith("signaling server listening on wss://127.0.0.1:"), line
-        yield line.rsplit(" ", 1)[1].strip()
-    finally:
-        proc.terminate()
-        async with asyncio.timeout(30):
-            await proc.wait()
+        yield url
 
 
 async def test_cli_serves_wss_and_clients_that_trust_the_cert_join_and_relay(
