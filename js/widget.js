@@ -46,7 +46,7 @@ function clock(timestamp) {
   return new Date(seconds * 1000).toLocaleTimeString();
 }
 
-function chips(values, emptyText = "None") {
+function chips(values, emptyText = "no capabilities") {
   const items = list(values);
   if (items.length === 0) return h("span", { cls: "swarm-nb-muted", text: emptyText });
   return h(
@@ -365,7 +365,7 @@ export default {
         errorBanner(status) || "",
         h("div", { cls: "swarm-nb-stats" }, [
           statCard("Tasks", count(snapshot.total_tasks), "stat-tasks", "active"),
-          statCard("Success", `${count(status.success_rate)}%`, "stat-success", "success"),
+          statCard("Success", status.success_rate == null ? "-" : `${count(status.success_rate)}%`, "stat-success", "success"),
           statCard("Patterns", count(snapshot.patterns_shared), "stat-patterns", "pattern"),
         ]),
         section("status", "Swarm Status", swarmStatus(snapshot)),

@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import getpass
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -44,6 +45,7 @@ from swarm_notebook.futures import gather as gather_results
 from swarm_notebook.futures import submit as submit_function
 from swarm_notebook.identity import Identity, default_profile_dir
 from swarm_notebook.reasons import Reason
+from swarm_notebook.signaling.url import check_listening, normalize_url
 from swarm_notebook.transport.factory import mesh_transport
 from swarm_notebook.transport.ice_config import resolve as resolve_ice
 from swarm_notebook.workload.executors.capabilities import PYTHON_EXECUTION
@@ -129,6 +131,16 @@ class Coordinator:
         return self._core.local_id
 
     @property
+    def name(self) -> str:
+        """The name other peers see on this peer's agent card."""
+        return self._core.node.name
+
+    @property
+    def signaling(self) -> str:
+        """The signaling server's URL, as used (``ws://host:port`` gains ``/ws``)."""
+        return self._core.config.signaling
+
+    @property
     def room(self) -> str:
         """The room this coordinator joined."""
         return self._core.config.room
@@ -202,7 +214,8 @@ class Coordinator:
 
         Events: ``swarm:reflection-shared``, ``swarm:reflection-integrated``,
         ``swarm:consensus-result``, ``swarm:peer-joined``, ``swarm:peer-left``,
-        ``task:submitted|working|completed|failed|canceled|rejected``, ``stats:changed``.
+        ``task:submitted|waiting|working|completed|failed|canceled|rejected``
+        (``waiting``: no capable peer's card has arrived yet), ``stats:changed``.
         """
         return self._events.on(event, callback)
 
@@ -426,6 +439,9 @@ class Coordinator:
 
     def set_vote_policy(self, policy: Any) -> None:
         """Decide this peer's ballots with ``policy.decide(proposal, modification)``."""
+        bind_names = getattr(policy, "bind_names", None)
+        if callable(bind_names):
+            bind_names(self.peer_name)  # a voter that shows proposers by their card's name
         self._core.consensus.vote_policy = policy
 
     # -- views -------------------------------------------------------------------------
@@ -463,12 +479,18 @@ class Coordinator:
     def tasks_frame(self, role: str | None = "delegated") -> pd.DataFrame:
         """One row per task (``role=None`` adds the tasks this peer served for others).
 
+        ``peer`` is the name on the peer's card, ``peer_id`` its full id.
+
         >>> c.tasks_frame()[["peer", "state", "duration"]]  # doctest: +SKIP
         """
         from swarm_notebook.views.frames import tasks_frame
 
         records = self.task_records()
-        return tasks_frame(r for r in records if role is None or r.get("role") == role)
+        names = {p["id"]: p.get("name") for p in self.get_stats()["peers"]}
+        names[self.peer_id] = self.name
+        return tasks_frame(
+            (r for r in records if role is None or r.get("role") == role), peer_names=names
+        )
 
     def stats_frame(self) -> pd.DataFrame:
         """The counters as a one-row frame, with the success rate."""
@@ -515,8 +537,12 @@ async def join(
     config: CoordinatorConfig | None = None,
     ca_file: str | Path | None = None,
     roster_owner: str | None = None,
+    name: str | None = None,
 ) -> Coordinator:
     """Join ``room`` through the signaling server and initialise the coordinator.
+
+    ``name`` is what other peers see (default: your user name and, in a notebook, the
+    notebook's name, e.g. ``alice/analysis``).
 
     Running other peers' code is off unless ``allow_remote_code=True`` or
     ``"python-execution"`` is listed in ``capabilities``. A ``wss://`` server's certificate
@@ -548,6 +574,10 @@ async def join(
         config,
         ca_file,
     )
+    if name:
+        cfg.name = name
+    elif cfg.name == CoordinatorConfig.name:
+        cfg.name = default_peer_name(os.environ)
     from_env = os.environ.get(environment.ROSTER_OWNER)
     cfg.roster_owner = roster_owner or cfg.roster_owner or from_env or None
     identity = Identity.load_or_create(profile_dir)
@@ -556,6 +586,8 @@ async def join(
     runner.start()
 
     async def build() -> SwarmCoordinator:
+        # Nothing listening is said at once, with how to get a server, not after 10 s.
+        await check_listening(cfg.signaling)
         transport = mesh_transport(
             identity, cfg.signaling, room, secret=cfg.secret, config=cfg.mesh, ca_file=cfg.ca_file
         )
@@ -575,6 +607,22 @@ async def join(
     return Coordinator(runner, core, events)
 
 
+def default_peer_name(env: Mapping[str, str]) -> str:
+    """``user/notebook`` in a Jupyter kernel, else ``user/python``.
+
+    >>> default_peer_name({"USER": "alice", "JPY_SESSION_NAME": "/home/alice/Analysis.ipynb"})
+    'alice/Analysis'
+    """
+    user = env.get("USER") or env.get("LOGNAME")
+    if not user:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # no passwd entry (some containers)
+            user = "user"
+    notebook = env.get(environment.JUPYTER_SESSION_NAME)
+    return f"{user}/{Path(notebook).stem if notebook else 'python'}"
+
+
 def _resolve_config(
     room: str,
     signaling: str,
@@ -591,7 +639,7 @@ def _resolve_config(
     ca_file: str | Path | None = None,
 ) -> tuple[CoordinatorConfig, Path]:
     cfg = dataclasses.replace(config) if config is not None else CoordinatorConfig()
-    cfg.room, cfg.signaling = room, signaling
+    cfg.room, cfg.signaling = room, normalize_url(signaling)
     cfg.secret = secret if secret is not None else cfg.secret
     cfg.ca_file = str(Path(ca_file).expanduser()) if ca_file is not None else cfg.ca_file
     if capabilities is not None:

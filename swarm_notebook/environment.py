@@ -45,6 +45,9 @@ TURN_SECRET = "SWARM_NOTEBOOK_TURN_SECRET"
 ROSTER_OWNER = "SWARM_NOTEBOOK_ROSTER_OWNER"
 CA_FILE = "SWARM_NOTEBOOK_CA_FILE"
 
+# Not ours: Jupyter sets it in a kernel to the notebook's path; it names notebook peers.
+JUPYTER_SESSION_NAME = "JPY_SESSION_NAME"
+
 # What the room and signaling variables fall back to: the same everywhere (join(),
 # %swarm join, swarm-notebook worker and up), so default peers always meet.
 DEFAULT_ROOM = "default"

@@ -12,7 +12,8 @@ or on ``.reason``, never on the message text.
     │   ├── UnknownTaskTypeError   no task type of that name exists (ValueError)
     │   ├── TaskInputError         task data that cannot be sent as it is (ValueError)
     │   ├── UnknownSuiteError      ``bench --only`` named a suite that does not exist
-    │   └── IceConfigError         ICE servers / policy that cannot be used
+    │   ├── IceConfigError         ICE servers / policy that cannot be used
+    │   └── SignalingURLError      a signaling URL that cannot work (not ws:// or wss://)
     ├── IdentityError              a key file or peer id that cannot be used
     ├── ProtocolError              a frame or message that breaks the protocol (ValueError)
     │   └── ValueCodecError        a value that cannot be encoded or decoded safely
@@ -152,6 +153,10 @@ class SignalingTLSError(SignalingError):
 
     The message names the problem and the fix (e.g. trust a self-signed certificate
     with ``SWARM_NOTEBOOK_CA_FILE``)."""
+
+
+class SignalingURLError(UsageError, ValueError):
+    """A signaling URL that cannot work (not ``ws://`` / ``wss://``, no host, bad port)."""
 
 
 class SignalingTimeout(SignalingError, TimeoutError):
@@ -387,6 +392,7 @@ __all__ = [
     "SignalingError",
     "SignalingRefused",
     "SignalingTimeout",
+    "SignalingURLError",
     "SignalingUnavailable",
     "StartupError",
     "SwarmError",

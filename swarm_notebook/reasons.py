@@ -66,6 +66,7 @@ class Reason(StrEnum):
     SLOW_CONSUMER = "slow-consumer"
     ABUSE = "abuse"
     SIGNALING_UNREACHABLE = "signaling-unreachable"
+    BAD_SIGNALING_URL = "bad-signaling-url"  # not ws(s)://host:port/path, or no server there
     SHUTDOWN = "shutdown"  # the client is shutting down
     # -- links -------------------------------------------------------------------------
     AUTH_FAILED = "auth-failed"

@@ -26,6 +26,7 @@ from swarm_notebook.errors import (
 from swarm_notebook.identity import Identity
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
+from swarm_notebook.views.status import success_rate
 from swarm_notebook.workload.executors.base import TaskContext
 from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 from swarm_notebook.workload.policy import TaskPolicy
@@ -74,6 +75,9 @@ async def test_every_failure_ends_the_task_record_exactly_once(
     assert all(r["finished_at"] is not None for r in records)
     stats = asker.get_stats()
     assert (stats["total_tasks"], stats["tasks_completed"], stats["tasks_failed"]) == (3, 1, 2)
+    # Neither failure left this peer: they do not count against the swarm's success rate.
+    assert stats["tasks_not_sent"] == 2
+    assert success_rate(stats) == 100
 
 
 async def test_local_fallback_is_off_by_default_and_works_when_enabled(tmp_path: Path) -> None:
@@ -144,9 +148,7 @@ def workspace(tmp_path: Path) -> Path:
     return path
 
 
-async def test_results_come_back_refusals_and_misuse_raise(
-    tmp_path: Path, workspace: Path
-) -> None:
+async def test_results_come_back_refusals_and_misuse_raise(tmp_path: Path, workspace: Path) -> None:
     configs = {
         "asker": CoordinatorConfig(),
         "files": files_config(workspace),

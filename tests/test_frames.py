@@ -42,6 +42,7 @@ PEER_DTYPES = {
 TASK_DTYPES = {
     "type": "string",
     "peer": "string",
+    "peer_id": "string",
     "state": "category",
     "submitted_at": UTC,
     "started_at": UTC,
@@ -190,6 +191,8 @@ def test_stats_frame_one_row_with_success_rate() -> None:
         "total_tasks",
         "tasks_completed",
         "tasks_failed",
+        "tasks_canceled",
+        "tasks_not_sent",
         "patterns_shared",
         "consensus_requests",
         "knowledge_queries",
@@ -199,7 +202,7 @@ def test_stats_frame_one_row_with_success_rate() -> None:
     assert str(frame["success_rate"].dtype) == "float64"
     assert str(frame["last_activity"].dtype) == UTC
     empty = stats_frame({})
-    assert empty.loc[0, "success_rate"] == 100.0
+    assert pd.isna(empty.loc[0, "success_rate"])  # no task finished: no rate, not 100
     assert pd.isna(empty.loc[0, "last_activity"])
 
 

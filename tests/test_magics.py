@@ -268,10 +268,10 @@ def test_misuse_after_join_is_explained(joined: InteractiveShell, swarm: Swarm) 
 def test_requires_and_peer_pick_the_right_peer(joined: InteractiveShell, swarm: Swarm) -> None:
     w1 = swarm.workers[1]
     ok(joined.run_cell("%%swarm run --requires file-management --pull where\nwhere = 1\n"))
-    assert swarm_notebook.current().tasks_frame()["peer"].iloc[-1] == w1.peer_id
+    assert swarm_notebook.current().tasks_frame()["peer_id"].iloc[-1] == w1.peer_id
     w0 = swarm.workers[0]
     ok(joined.run_cell(f"%%swarm run --peer {w0.peer_id[:10]}\n2\n"))
-    assert swarm_notebook.current().tasks_frame()["peer"].iloc[-1] == w0.peer_id
+    assert swarm_notebook.current().tasks_frame()["peer_id"].iloc[-1] == w0.peer_id
 
 
 def test_peer_gone_mid_task(joined: InteractiveShell, swarm: Swarm) -> None:

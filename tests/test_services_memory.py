@@ -134,7 +134,8 @@ async def swarm(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         peers = []
         for _ in range(n):
             identity = Identity.generate()
-            node = SwarmNode(identity, MemoryTransport(identity, net, room))
+            node = SwarmNode(identity, MemoryTransport(identity, net, room), name=f"p{len(made)}")
+            node.advertise([], 1, {})  # a signed card with its name, sent as each link comes up
             folder = tmp_path / identity.peer_id[:12]
             (folder / "workspace").mkdir(parents=True)
             store = ReflectionStore(folder / "reflections.sqlite")
@@ -339,6 +340,9 @@ async def test_query_merges_peers_attributed_with_artifacts_and_partial_on_timeo
     assert by_text["pandas merge: validate one_to_one"]["from_peer"] == [b.id]
     assert by_text["pandas groupby with observed=True"]["from_peer"] == [c.id]
     assert by_text["polars is not pandas"]["from_peer"] == ["local"]
+    # Attributed by name too (from the signed cards), not only by 52-character keys.
+    assert by_text["pandas merge: validate one_to_one"]["from_peer_name"] == [b.node.name]
+    assert by_text["polars is not pandas"]["from_peer_name"] == [a.node.name]
     # Peers answer with successful lessons only; a failed one stays a local note.
     assert "pandas iterrows on 1e6 rows" not in by_text
     own = await b.knowledge.query_knowledge("iterrows")

@@ -157,7 +157,7 @@ async def test_source_matches_protocol(signal: Signal) -> None:
 async def test_initial_state_travels_with_comm_open(
     front_end: list[RecordingComm], signal: Signal
 ) -> None:
-    source = ScriptedSource(signal, total_tasks=4, tasks_completed=3)
+    source = ScriptedSource(signal, total_tasks=4, tasks_completed=3, tasks_failed=1)
     dashboard = SwarmDashboard(source)
     channel = channel_of(dashboard)
     msg_type, data, _, _ = channel.messages[0]
@@ -404,6 +404,6 @@ def test_dashboard_status_metrics_and_success_rate() -> None:
     assert status["secondary_metric"] == "3 tasks"
     assert status["last_activity"] == 1700000000.5
     assert status["success_rate"] == 67
-    assert success_rate({"total_tasks": 0}) == 100
-    assert success_rate({"total_tasks": 4, "tasks_completed": 0}) == 0
+    assert success_rate({"total_tasks": 0}) is None
+    assert success_rate({"total_tasks": 4, "tasks_completed": 0, "tasks_failed": 4}) == 0
     assert dashboard_status({})["last_activity"] is None

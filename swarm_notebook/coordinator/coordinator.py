@@ -366,6 +366,7 @@ class SwarmCoordinator:
             "tasks_completed": s.tasks_completed,
             "tasks_failed": s.tasks_failed,
             "tasks_canceled": s.tasks_canceled,
+            "tasks_not_sent": s.tasks_not_sent,
             "tasks_served": s.tasks_served,
             "patterns_shared": s.patterns_shared,
             "reflections_integrated": s.reflections_integrated,

@@ -24,6 +24,7 @@ EVENTS = (
     "swarm:peer-joined",
     "swarm:peer-left",
     "task:submitted",
+    "task:waiting",
     "task:working",
     "task:completed",
     "task:failed",

@@ -494,12 +494,26 @@ class KnowledgeService:
                 "rejected": len(merged.rejected),
             },
         )
+        # Names from signed agent cards, so people read "alice/analysis", not a key.
+        named: list[dict[str, Any]] = [
+            {**item, "from_peer_name": self._peer_name(item.get("from_peer"))}
+            for item in (*merged.items, *artifacts)
+        ]
         return {
-            "reflections": merged.items,
-            "artifacts": artifacts,
+            "reflections": named[: len(merged.items)],
+            "artifacts": named[len(merged.items) :],
             "peers": statuses,
             "rejected": merged.rejected,
         }
+
+    def _peer_name(self, peer: Any) -> Any:
+        """The card name of ``from_peer`` (a list of them when it is a list)."""
+        if isinstance(peer, list):
+            return [self._peer_name(p) for p in peer]
+        if peer == LOCAL:
+            return self.node.name
+        view = self.node.peer(peer) if isinstance(peer, str) else None
+        return view.card.name if view is not None and view.card is not None else None
 
     def _count_answer_rejection(self, peer: str, reason: str, message: str) -> None:
         self.answer_rejections[reason] += 1

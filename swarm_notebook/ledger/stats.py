@@ -14,6 +14,9 @@ class CoordinationStats:
     total_tasks: int = 0
     tasks_completed: int = 0
     tasks_failed: int = 0
+    # Failed before any peer was asked (bad input, no capable peer): counted in
+    # tasks_failed too, but not against the swarm's success rate.
+    tasks_not_sent: int = 0
     tasks_canceled: int = 0
     tasks_served: int = 0
     patterns_shared: int = 0

@@ -18,6 +18,17 @@ from swarm_notebook.reasons import Reason
 CARD_CONTEXT = b"swarm-notebook/agent-card/v1\x00"
 MAX_CAPABILITIES = 32
 MAX_CAPABILITY_LENGTH = 64
+MAX_NAME_LENGTH = 64
+
+
+def card_name(name: str) -> str:
+    """A name as a card carries it: one line, at most ``MAX_NAME_LENGTH`` characters.
+
+    >>> card_name("  alice/\nquickstart ")
+    'alice/ quickstart'
+    """
+    flat = " ".join(name.split())
+    return flat[:MAX_NAME_LENGTH] or "peer"
 
 
 class AgentCard(msgspec.Struct, frozen=True):
@@ -60,7 +71,7 @@ def make_card(
 ) -> AgentCard:
     card = AgentCard(
         peer_id=identity.peer_id,
-        name=name,
+        name=card_name(name),
         version=version,
         capabilities=sorted(set(capabilities)),
         concurrency=concurrency,
@@ -86,6 +97,8 @@ def verify_card(card: AgentCard, sender: str) -> AgentCard:
         raise CardError(Reason.BAD_CARD, "too many or malformed capabilities")
     if not 1 <= card.concurrency <= 1024:
         raise CardError(Reason.BAD_CARD, f"concurrency {card.concurrency}")
+    if len(card.name) > MAX_NAME_LENGTH or len(card.version) > MAX_CAPABILITY_LENGTH:
+        raise CardError(Reason.BAD_CARD, "name or version too long")
     if len(card.isolation) > MAX_CAPABILITY_LENGTH:
         raise CardError(Reason.BAD_CARD, "malformed isolation")
     if not verify_signature(card.peer_id, card.signature, card.signed_payload()):

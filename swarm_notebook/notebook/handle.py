@@ -36,6 +36,7 @@ class TaskProgress:
     attempts: int
     elapsed_s: float
     peer_name: str | None = None  # the name on the peer's agent card, e.g. "worker-1"
+    waiting: str | None = None  # what a task with no peer yet waits for
 
     @property
     def where(self) -> str:
@@ -100,6 +101,7 @@ class RemoteRun:
             int(record.get("attempts") or 0),
             self.elapsed(),
             self.coordinator.peer_name(peer),
+            record.get("waiting"),
         )
 
     def cancel(self) -> bool:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 import swarm_notebook.environment as environment
-from swarm_notebook.coordinator.config import DEFAULT_ROOM
+from swarm_notebook.coordinator.config import DEFAULT_ROOM, DEFAULT_SIGNALING
 from swarm_notebook.errors import (
     AttemptsExhausted,
     DelegationError,
@@ -54,7 +54,15 @@ if TYPE_CHECKING:
 
 TASK_TYPE = "python-computation"
 PYTHON_EXECUTION = "python-execution"
+CARD_WAIT_S = 10.0  # how long --requires waits for the cards of just-connected peers
 SUBCOMMANDS = ("join", "status", "peers", "tasks", "dashboard", "doctor", "leave", "roster")
+
+
+JOIN_DESCRIPTION = (
+    "Join a room of the swarm through its signaling server. No server yet? "
+    "`%swarm local 2` starts one with two workers from this kernel, or run "
+    "`swarm-notebook up` (or `swarm-notebook signal`) in a terminal."
+)
 
 
 class _HelpShown(Exception):
@@ -65,7 +73,8 @@ class MagicArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad flags as a ``UsageError`` instead of exiting."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(Reason.BAD_ARGUMENTS, f"{message}\nusage: {self.format_usage().strip()}")
+        # format_usage() already starts with "usage: ".
+        raise UsageError(Reason.BAD_ARGUMENTS, f"{message}\n{self.format_usage().strip()}")
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         if message:
@@ -96,10 +105,31 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
     parser = MagicArgumentParser(prog="%swarm", add_help=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=MagicArgumentParser)
     sub.required = True
-    join = sub.add_parser("join", help="join a room")
-    join.add_argument("room", nargs="?", default=env.get(environment.ROOM) or DEFAULT_ROOM)
-    join.add_argument("--signaling", default=env.get(environment.SIGNALING) or None)
-    join.add_argument("--secret", default=env.get(environment.SECRET) or None)
+    join = sub.add_parser("join", help="join a room", description=JOIN_DESCRIPTION)
+    join.add_argument(
+        "room",
+        nargs="?",
+        default=env.get(environment.ROOM) or DEFAULT_ROOM,
+        help=f"room to join (default: ${environment.ROOM}, else {DEFAULT_ROOM!r})",
+    )
+    join.add_argument(
+        "--signaling",
+        default=env.get(environment.SIGNALING) or None,
+        metavar="URL",
+        help=f"signaling server, ws://host:port[/ws] or wss://... (default: "
+        f"${environment.SIGNALING}, else {DEFAULT_SIGNALING})",
+    )
+    join.add_argument(
+        "--secret",
+        default=env.get(environment.SECRET) or None,
+        help=f"the room's secret, if its server wants one (default: ${environment.SECRET}; "
+        "the variable keeps it out of the notebook)",
+    )
+    join.add_argument(
+        "--name",
+        default=None,
+        help="the name other peers see (default: your user name and this notebook's name)",
+    )
     join.add_argument(
         "--caps",
         type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
@@ -158,6 +188,10 @@ class SwarmMagics(Magics):
         import os
 
         parser = build_parser(dict(os.environ))
+        if not line.strip() and cell is None:
+            # A bare %swarm is a question, not a mistake: answer with the help.
+            print(parser.format_help())
+            return None
         try:
             args = parser.parse_args(shlex.split(line))
         except _HelpShown:
@@ -179,7 +213,6 @@ class SwarmMagics(Magics):
     # -- line commands -----------------------------------------------------------------
 
     def _join(self, args: argparse.Namespace) -> None:
-        from swarm_notebook.coordinator.config import DEFAULT_SIGNALING
         from swarm_notebook.transport.ice_config import servers_from_urls
 
         signaling = args.signaling or DEFAULT_SIGNALING
@@ -191,16 +224,9 @@ class SwarmMagics(Magics):
         coordinator, missing = self.session.join(
             args.room, signaling=signaling, secret=args.secret, capabilities=args.caps,
             profile=args.profile, settle_s=args.settle,
-            ice_servers=ice_servers, ice_policy=args.ice_policy,
+            ice_servers=ice_servers, ice_policy=args.ice_policy, name=args.name,
         )  # fmt: skip
-        stats = coordinator.get_stats()
-        print(
-            f"joined room {args.room!r} as {short_id(coordinator.peer_id)} via {signaling}: "
-            f"{stats['connected_peers']} peer(s) connected"
-        )
-        for peer in stats["peers"]:
-            caps = ", ".join(peer["capabilities"]) or "no capabilities"
-            print(f"  {short_id(peer['id'])}  {peer['state']:<10} {caps}")
+        print_joined(coordinator, args.room, coordinator.signaling)
         if missing:
             print(
                 f"still connecting to {len(missing)} peer(s) after {args.settle:g} s: "
@@ -327,18 +353,27 @@ class SwarmMagics(Magics):
                     Reason.PEER_GONE, f"peer {args.peer!r} {what}.\n{describe_peers(connected)}"
                 )
             return str(live[0])
+        if not args.requires:
+            # The coordinator chooses, waiting (with a progress line) for a capable peer's
+            # card if the links are younger than their cards, and fails over.
+            return None
         needed = {PYTHON_EXECUTION, *args.requires}
         capable = [p for p in connected if needed <= set(p["capabilities"])]
+        if not capable:
+            from swarm_notebook.notebook.session import run_blocking
+
+            # Cards may still be on their way right after a join: wait for them (bounded).
+            run_blocking(coordinator.settle(CARD_WAIT_S), timeout=CARD_WAIT_S + 10)
+            connected = [p for p in coordinator.get_stats()["peers"] if p["state"] == "connected"]
+            capable = [p for p in connected if needed <= set(p["capabilities"])]
         if not capable:
             raise NoCapablePeerError(
                 Reason.NO_CAPABLE_PEER,
                 f"no connected peer offers {', '.join(sorted(needed))}.\n"
                 + describe_peers(connected),
             )
-        if args.requires:
-            # Extra requirements are the notebook's choice: pick the least-loaded such peer.
-            return str(min(capable, key=lambda p: (p["load"], p["id"]))["id"])
-        return None
+        # Extra requirements are the notebook's choice: pick the least-loaded such peer.
+        return str(min(capable, key=lambda p: (p["load"], p["id"]))["id"])
 
     def _finish(
         self,
@@ -397,6 +432,29 @@ class RemoteRepr:
         return self.text
 
 
+def peer_label(peer: dict[str, Any]) -> str:
+    """``name (id…)`` for a peer row of ``get_stats()``, the id alone without a card.
+
+    >>> peer_label({"id": "A" * 52, "name": "worker-1"})
+    'worker-1 (AAAAAAAAAAAAAAAA…)'
+    """
+    name = peer.get("name")
+    return f"{name} ({short_id(peer['id'])})" if name else short_id(peer["id"])
+
+
+def print_joined(coordinator: Coordinator, room: str, signaling: str) -> None:
+    """What ``%swarm join`` (and ``%swarm local``) says: who we are and who is there."""
+    stats = coordinator.get_stats()
+    me = coordinator.peer_name(coordinator.peer_id) or coordinator.name
+    print(
+        f"joined room {room!r} as {me} ({short_id(coordinator.peer_id)}) via {signaling}: "
+        f"{stats['connected_peers']} peer(s) connected"
+    )
+    for peer in stats["peers"]:
+        caps = ", ".join(peer["capabilities"]) or "no capabilities"
+        print(f"  {peer_label(peer)}  {peer['state']:<10} {caps}")
+
+
 def describe_peers(peers: list[dict[str, Any]]) -> str:
     """Connected peers and what they offer, for error messages.
 
@@ -409,7 +467,7 @@ def describe_peers(peers: list[dict[str, Any]]) -> str:
     lines = ["connected peers:"]
     for peer in peers:
         caps = ", ".join(peer["capabilities"]) or "no capabilities"
-        lines.append(f"  {short_id(peer['id'])}  {caps} (load {peer.get('load', 0):.0%})")
+        lines.append(f"  {peer_label(peer)}  {caps} (load {peer.get('load', 0):.0%})")
     return "\n".join(lines)
 
 

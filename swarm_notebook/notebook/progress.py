@@ -50,10 +50,13 @@ def describe(progress: TaskProgress, label: str) -> str:
 
     >>> describe(TaskProgress("t1", "P" * 52, "working", 1, 2.04), "python-computation")
     '⏳ python-computation on PPPPPPPPPPPPPPPP… · working · 2.0 s'
+    >>> describe(TaskProgress("t1", None, "submitted", 0, 0.3, None, "a card"), "run")
+    '⏳ run · waiting for a card · 0.3 s'
     """
     where = f" on {progress.where}" if progress.peer else ""
     retry = f" · attempt {progress.attempts}" if progress.attempts > 1 else ""
-    return f"⏳ {label}{where} · {progress.state}{retry} · {progress.elapsed_s:.1f} s"
+    state = f"waiting for {progress.waiting}" if progress.waiting else progress.state
+    return f"⏳ {label}{where} · {state}{retry} · {progress.elapsed_s:.1f} s"
 
 
 def summary(progress: TaskProgress, state: str, label: str) -> ProgressLine:

@@ -84,6 +84,7 @@ class SwarmSession:
         settle_s: float,
         ice_servers: list[dict[str, Any]] | None = None,
         ice_policy: str | None = None,
+        name: str | None = None,
     ) -> tuple[Coordinator, list[str]]:
         """Join ``room``; wait up to ``settle_s`` for the room's peers to connect.
 
@@ -106,6 +107,7 @@ class SwarmSession:
                     profile=profile,
                     ice_servers=ice_servers,
                     ice_policy=ice_policy,
+                    name=name,
                 )
             )
         except SignalingError as exc:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
 
+from swarm_notebook.errors import short_id
 from swarm_notebook.governance.consensus import Proposal
 from swarm_notebook.governance.risk import Modification
 from swarm_notebook.governance.votes import DefaultVotePolicy, VotePolicy
@@ -46,6 +48,12 @@ class NotebookVoter:
         self.panel = widgets.VBox([self.title])
         self.cards: dict[str, widgets.VBox] = {}
         self.asked = 0
+        # Set by ``Coordinator.set_vote_policy``: proposers shown by their card's name.
+        self.name_of: Callable[[str], str | None] | None = None
+
+    def bind_names(self, name_of: Callable[[str], str | None]) -> None:
+        """Show proposers by the name on their agent card (``set_vote_policy`` calls it)."""
+        self.name_of = name_of
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -60,7 +68,13 @@ class NotebookVoter:
             # Button callbacks run on the kernel's thread; the vote waits on the network loop.
             network_loop.call_soon_threadsafe(_settle, answer, (approve, reason))
 
-        self._kernel_loop.call_soon_threadsafe(self._show, proposal, modification, answered)
+        proposer = short_id(proposal.proposer)
+        name = self.name_of(proposal.proposer) if self.name_of is not None else None
+        if name:
+            proposer = f"{name} ({proposer})"
+        self._kernel_loop.call_soon_threadsafe(
+            self._show, proposal, modification, answered, proposer
+        )
         # Leave the fallback time to answer before the proposal itself expires.
         wait = max(0.0, min(self.timeout_s, proposal.deadline - time.time() - FALLBACK_MARGIN_S))
         try:
@@ -72,12 +86,14 @@ class NotebookVoter:
             self._kernel_loop.call_soon_threadsafe(self._close_card, proposal.id, approve, reason)
             return approve, reason
 
-    def _show(self, proposal: Proposal, modification: Modification, answered: Any) -> None:
+    def _show(
+        self, proposal: Proposal, modification: Modification, answered: Any, proposer: str
+    ) -> None:
         self.asked += 1
         self.title.value = f"Swarm proposals: {self.asked} asked"
         header = widgets.Label(
             value=f"{proposal.risk} risk · {modification.operation} {modification.file_path} "
-            f"· from {proposal.proposer[:16]}"
+            f"· from {proposer}"
         )
         rationale = widgets.Label(value=f"Why: {proposal.rationale or '(no rationale given)'}")
         code = widgets.Textarea(

@@ -76,6 +76,7 @@ from swarm_notebook.protocol.signaling import (
 from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling.membership import MembershipChanges, RoomMembership
 from swarm_notebook.signaling.turn_credentials import RENEW_AT_FRACTION
+from swarm_notebook.signaling.url import normalize_url, not_a_signaling_server
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class SignalingClient:
         wall_clock: Callable[[], float] = time.time,
         ca_file: str | None = None,
     ) -> None:
-        self.url = url
+        self.url = normalize_url(url)  # ws://host:port gets the server's /ws path
         self._ca_file = ca_file or os.environ.get(environment.CA_FILE) or None
         self.room = room
         self._identity = identity
@@ -381,6 +382,16 @@ class SignalingClient:
                     return
                 # Joined before: the server may be mid-renewal; keep trying, loudly.
                 log.error("signaling %s (retrying)", error.message)
+            except aiohttp.WSServerHandshakeError as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if self._counters["joins"] == 0 and exc.status in (404, 405):
+                    # Something answers HTTP there, but it is not a signaling endpoint:
+                    # waiting cannot fix the URL, so say what to type instead.
+                    self.refusal = not_a_signaling_server(self.url, exc.status)
+                    log.error("signaling %s", self.refusal.message)
+                    await self._events.put(_DisconnectedEvent(self.refusal.reason))
+                    return
+                log.info("signaling connection to %s failed: %s", self.url, self.last_error)
             except (aiohttp.ClientError, OSError, TimeoutError, SignalingError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.info("signaling connection to %s failed: %s", self.url, self.last_error)

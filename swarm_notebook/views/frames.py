@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from swarm_notebook.errors import FrameInputError
+from swarm_notebook.errors import FrameInputError, short_id
 from swarm_notebook.membership.node import PeerState
 from swarm_notebook.reasons import Reason
 from swarm_notebook.views.status import success_rate
@@ -34,6 +34,8 @@ STAT_COUNTERS = (
     "total_tasks",
     "tasks_completed",
     "tasks_failed",
+    "tasks_canceled",
+    "tasks_not_sent",
     "patterns_shared",
     "consensus_requests",
     "knowledge_queries",
@@ -154,8 +156,13 @@ def _state(dtype: pd.CategoricalDtype) -> Any:
     return convert
 
 
-def tasks_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+def tasks_frame(
+    records: Iterable[Mapping[str, Any]], peer_names: Mapping[str, str | None] | None = None
+) -> pd.DataFrame:
     """Delegated tasks indexed by task id, with UTC timestamps and a ``duration`` column.
+
+    ``peer`` is the peer's name from ``peer_names`` (its card), or its shortened id when
+    it has none; ``peer_id`` is the full id.
 
     ``state`` is an ordered category (submitted < working < completed < failed <
     canceled < rejected); ``duration`` is ``finished_at - started_at`` and NaT while a
@@ -178,7 +185,8 @@ def tasks_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     }
     columns = {
         "type": _text(_require(row, "type", "task", index) for index, row in enumerate(rows)),
-        "peer": _text(row.get("peer") for row in rows),
+        "peer": _text(_peer_label(row.get("peer"), peer_names or {}) for row in rows),
+        "peer_id": _text(row.get("peer") for row in rows),
         "state": pd.Series(_column(rows, "state", "task", _state(TASK_STATE)), dtype=TASK_STATE),
         **stamps,
         **{
@@ -191,6 +199,12 @@ def tasks_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     return _frame(columns, pd.Index(ids, dtype=TEXT, name="id"))
 
 
+def _peer_label(peer: Any, names: Mapping[str, str | None]) -> str | None:
+    if peer is None:
+        return None
+    return names.get(str(peer)) or short_id(str(peer))
+
+
 def _last_activity_timestamp(snapshot: Mapping[str, Any]) -> Any:
     last = snapshot.get("last_activity")
     return last.get("timestamp") if isinstance(last, Mapping) else None
@@ -199,14 +213,22 @@ def _last_activity_timestamp(snapshot: Mapping[str, Any]) -> Any:
 def stats_frame(snapshot: Mapping[str, Any]) -> pd.DataFrame:
     """The coordinator counters as a one-row frame, plus ``success_rate`` (percent).
 
-    >>> stats_frame({"total_tasks": 4, "tasks_completed": 3})["success_rate"].iloc[0]
+    ``success_rate`` counts only tasks a peer ran or refused (see ``success_rate``) and
+    is NaN while none has finished.
+
+    >>> stats_frame({"total_tasks": 4, "tasks_completed": 3, "tasks_failed": 1}
+    ...             )["success_rate"].iloc[0]
     np.float64(75.0)
     """
     columns = {
         name: pd.Series([_count(snapshot.get(name), name, "stats", 0)], dtype="int64")
         for name in STAT_COUNTERS
     }
-    columns["success_rate"] = pd.Series([float(success_rate(snapshot))], dtype="float64")
+    rate = success_rate(snapshot)
+    # NaN (not 100) before any task finished: an idle swarm has no success rate yet.
+    columns["success_rate"] = pd.Series(
+        [math.nan if rate is None else float(rate)], dtype="float64"
+    )
     columns["last_activity"] = _times(
         [_number(_last_activity_timestamp(snapshot), "last_activity", "stats", 0)]
     )

@@ -16,7 +16,7 @@ class DashboardStatus(TypedDict):
     secondary_metric: str
     last_activity: float | None
     message: str | None
-    success_rate: int
+    success_rate: int | None  # None (shown as "-"): no task has finished yet
 
 
 def _count(snapshot: Mapping[str, Any], key: str) -> int:
@@ -24,20 +24,35 @@ def _count(snapshot: Mapping[str, Any], key: str) -> int:
     return int(value)
 
 
-def success_rate(snapshot: Mapping[str, Any]) -> int:
-    """Percentage of delegated tasks that completed, rounded; 100 when none ran yet.
+def success_rate(snapshot: Mapping[str, Any]) -> int | None:
+    """Percentage of finished delegated tasks that completed, rounded; None before any.
 
-    An empty swarm does not read as failing:
+    Only tasks a peer was asked to run count: a user's cancel (``tasks_canceled``) and a
+    local error that never left this notebook (``tasks_not_sent``: bad input, no
+    capable peer) say nothing about the swarm. Shown as "-" while None.
 
-    >>> success_rate({"total_tasks": 4, "tasks_completed": 3})
+    >>> success_rate({"total_tasks": 4, "tasks_completed": 3, "tasks_failed": 1})
     75
-    >>> success_rate({"total_tasks": 0})
-    100
+    >>> success_rate({"total_tasks": 3, "tasks_completed": 1, "tasks_failed": 2,
+    ...               "tasks_not_sent": 2, "tasks_canceled": 5})
+    50
+    >>> success_rate({"total_tasks": 0}) is None
+    True
     """
-    total = _count(snapshot, "total_tasks")
-    if total <= 0:
-        return 100
-    return round(_count(snapshot, "tasks_completed") / total * 100)
+    completed = _count(snapshot, "tasks_completed")
+    failed = max(0, _count(snapshot, "tasks_failed") - _count(snapshot, "tasks_not_sent"))
+    if completed + failed <= 0:
+        return None
+    return round(completed / (completed + failed) * 100)
+
+
+def format_rate(rate: int | None) -> str:
+    """A success rate for people: ``"75 %"``, or ``"-"`` before any task finished.
+
+    >>> format_rate(None), format_rate(75)
+    ('-', '75 %')
+    """
+    return "-" if rate is None else f"{rate} %"
 
 
 def dashboard_status(snapshot: Mapping[str, Any]) -> DashboardStatus:

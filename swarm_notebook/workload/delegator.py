@@ -59,6 +59,9 @@ class DelegationConfig:
     default_timeout_s: float = 60.0
     reply_grace_s: float = 10.0
     run_locally_when_alone: bool = False
+    # Right after join() links are up before their agent cards arrive (0.2-0.6 s here):
+    # a task waits this long for a capable peer's card instead of failing at once.
+    card_wait_s: float = 10.0
 
 
 class Delegator:
@@ -164,10 +167,12 @@ class Delegator:
             self._finish(record, TaskState.CANCELED, "canceled by the caller")
             raise
         except DelegationTimeout as exc:
-            self._finish(record, TaskState.FAILED, str(exc))
+            self._finish(record, TaskState.FAILED, str(exc), sent=record.peer is not None)
             raise
         except (DelegationError, UsageError) as exc:
-            self._finish(record, TaskState.REJECTED, str(exc))
+            # Never sent: the caller's input, or nobody to send it to.
+            sent = record.peer is not None and not isinstance(exc, UsageError)
+            self._finish(record, TaskState.REJECTED, str(exc), sent=sent)
             raise
         except Exception as exc:
             # Whatever went wrong, the task still ends exactly once, and says why.
@@ -206,6 +211,8 @@ class Delegator:
                     raise DelegationTimeout(
                         f"no capable peer had room for the task within {timeout:g} s"
                     )
+                if candidate is None and await self._wait_for_cards(record, deadline):
+                    continue
                 if candidate is None:
                     if self._local_runner is not None and self.settings.run_locally_when_alone:
                         return await self._run_locally(record, data, timeout)
@@ -281,6 +288,32 @@ class Delegator:
             refusals,
         )
 
+    def cards_pending(self) -> list[str]:
+        """Room members we cannot judge yet: linked without a card, or not linked yet."""
+        connected = set(self.node.connected_peers())
+        pending = []
+        for peer in self.node.transport.room_members():
+            view = self.node.peer(peer)
+            if peer not in connected or view is None or view.card is None:
+                pending.append(peer)
+        return pending
+
+    async def _wait_for_cards(self, record: TaskRecord, deadline: float) -> bool:
+        """Wait (bounded) while a peer that may be capable has not sent its card.
+
+        True when something changed and the caller should choose again; False when
+        nothing is pending or the wait is over (then no capable peer is the answer).
+        """
+        limit = min(deadline, record.submitted_mono + self.settings.card_wait_s)
+        if not self.cards_pending() or time.monotonic() >= limit:
+            return False
+        record.waiting = "a capable peer's agent card"
+        self.notify("task:waiting", record.as_dict())
+        try:
+            return await self._wait_for_capacity(limit)
+        finally:
+            record.waiting = None
+
     def _choose(self, requirements: list[str], tried: list[str]) -> tuple[str | None, bool]:
         """(peer with room, whether any capable untried peer exists at all)."""
         candidates = [c for c in self.node.candidates() if c.peer_id not in tried]
@@ -320,7 +353,9 @@ class Delegator:
             raise TaskRefused(exc.reason, exc.message, self.node.local_id) from exc
         return result
 
-    def _finish(self, record: TaskRecord, state: TaskState, error: str | None) -> None:
+    def _finish(
+        self, record: TaskRecord, state: TaskState, error: str | None, *, sent: bool = True
+    ) -> None:
         if record.done:
             return  # exactly once
         record.state = state
@@ -334,5 +369,7 @@ class Delegator:
             self.stats.tasks_canceled += 1
         else:
             self.stats.tasks_failed += 1
+            if not sent:
+                self.stats.tasks_not_sent += 1
         self.stats.touch("task")
         self.notify(f"task:{state}", record.as_dict())

@@ -41,6 +41,9 @@ class TaskRecord:
     attempts: int = 0
     error: str | None = None
     tried_peers: list[str] = field(default_factory=list)
+    # What a task that has no peer yet waits for (progress lines say it), None otherwise.
+    waiting: str | None = None
+    submitted_mono: float = field(default_factory=time.monotonic)
 
     @property
     def done(self) -> bool:
