@@ -8,7 +8,7 @@ The names, exactly (``tests/test_surface.py`` holds ``__all__`` to this list):
 
 .. public-names
 
-    join use current wait_for_peers verify_consensus
+    join local use current wait_for_peers verify_consensus
     Coordinator NotebookVoter
     TaskFuture SwarmExecutor as_completed wait
     CoordinatorConfig ExecutorConfig TaskPolicy DelegationConfig ConsensusConfig
@@ -80,6 +80,7 @@ __all__ = [
     "current",
     "join",
     "load_ipython_extension",
+    "local",
     "unload_ipython_extension",
     "use",
     "verify_consensus",
@@ -94,6 +95,19 @@ async def join(room: str = DEFAULT_ROOM, **kwargs: Any) -> Coordinator:
     from swarm_notebook.client import join as _join
 
     return await _join(room, **kwargs)
+
+
+async def local(workers: int = 2, **kwargs: Any) -> Coordinator:
+    """Start a signaling server and ``workers`` sandboxed workers here, and join them.
+
+    The zero-configuration start (like Dask's ``Client()``); ``await c.leave()`` or the
+    kernel exiting stops them. Options: see ``swarm_notebook.launcher.local``.
+
+    >>> c = await swarm_notebook.local(workers=2)  # doctest: +SKIP
+    """
+    from swarm_notebook.launcher import local as _local
+
+    return await _local(workers, **kwargs)
 
 
 async def wait_for_peers(

@@ -19,7 +19,7 @@ import getpass
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -101,6 +101,8 @@ class Coordinator:
         self._core = core
         self._events = events
         self._closed = False
+        # Run after leaving, newest first (e.g. stop the local swarm local() started).
+        self._on_leave: list[Callable[[], Awaitable[None]]] = []
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -171,6 +173,12 @@ class Coordinator:
         self._closed = True
         self._events.close()
         await asyncio.to_thread(self._runner.stop)
+        while self._on_leave:
+            await self._on_leave.pop()()
+
+    def close_on_leave(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Await ``close()`` once this coordinator has left (``local()`` stops its swarm so)."""
+        self._on_leave.append(close)
 
     async def __aenter__(self) -> Coordinator:
         return self

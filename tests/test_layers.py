@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("views",),
     ("futures",),
     ("client",),
+    ("launcher",),
     ("notebook",),
     ("bench",),
     ("cli",),

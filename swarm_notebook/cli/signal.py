@@ -19,6 +19,7 @@ import signal
 import sys
 
 import swarm_notebook.environment as environment
+from swarm_notebook._util.orphan import stop_when_orphaned
 from swarm_notebook.errors import UsageError
 from swarm_notebook.reasons import Reason
 from swarm_notebook.signaling.config import DEFAULT_PORT, SignalingConfig, SignalingLimits
@@ -126,6 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quotas.add_argument(
         "--lockout-max", type=float, default=_DEFAULT_QUOTAS.lockout_max, help="longest lockout"
     )
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when the process that started this one dies "
+        "(used by `swarm_notebook.local()`, so a killed kernel leaves no server behind)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (stderr)")
 
 
@@ -176,18 +183,24 @@ def config_from_args(args: argparse.Namespace) -> SignalingConfig:
     )
 
 
-async def serve(config: SignalingConfig) -> None:
-    """Run the server until SIGINT or SIGTERM, then shut it down cleanly."""
+async def serve(config: SignalingConfig, exit_with_parent: bool = False) -> None:
+    """Run the server until SIGINT or SIGTERM (or its parent dies), then shut it down."""
     server = SignalingServer(config)
     await server.start()  # a certificate that cannot be loaded raises ValueError here
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    watchdog = (
+        asyncio.create_task(stop_when_orphaned(os.getppid(), stop)) if exit_with_parent else None
+    )
     try:
         print(f"signaling server listening on {server.url}", flush=True)
         await stop.wait()
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         await server.close()
@@ -209,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"swarm-notebook signal: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, args.exit_with_parent))
     except ValueError as exc:  # e.g. an unreadable certificate or key
         print(f"swarm-notebook signal: {exc}", file=sys.stderr)
         return 2

@@ -22,18 +22,17 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 
 import swarm_notebook.environment as environment
 from swarm_notebook.cli.ice_args import add_ice_arguments, mesh_with_ice
 from swarm_notebook.coordinator.config import DEFAULT_ROOM
 from swarm_notebook.errors import IceConfigError, RosterError, StartupError
 from swarm_notebook.identity import Identity
+from swarm_notebook.launcher import WORKER_GRACE_S, Child, say, start_worker
 from swarm_notebook.membership.roster import Roster, load_roster, make_roster, save_roster
 from swarm_notebook.signaling.config import DEFAULT_PORT, SignalingConfig
 from swarm_notebook.signaling.server import SignalingServer
@@ -43,10 +42,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR = "~/swarm-notebook"
 DEFAULT_LAB_PORT = 8888
 FIRST_NOTEBOOK = "quickstart.ipynb"
-WORKER_READY_TIMEOUT_S = 90.0
 LAB_READY_TIMEOUT_S = 120.0
 LAB_STOP_TIMEOUT_S = 30.0
-WORKER_GRACE_S = 20.0
 PACKAGE_EXAMPLES = Path(__file__).resolve().parents[1] / "notebook" / "examples"
 REPO_NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
@@ -106,10 +103,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
 # -- the work folder ------------------------------------------------------------------
 
 
@@ -146,51 +139,6 @@ def write_session_env(path: Path, env: dict[str, str]) -> None:
 # -- children -------------------------------------------------------------------------
 
 
-@dataclass
-class Child:
-    """A process ``up`` started in its own session (so a terminal's Ctrl-C reaches only
-    ``up``, which then stops its children in order)."""
-
-    name: str
-    proc: asyncio.subprocess.Process
-    info: dict[str, str] = field(default_factory=dict)
-    reader: asyncio.Task[None] | None = None
-
-    def tree(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    async def stop(self, timeout: float, group: bool = False) -> int:
-        """SIGTERM, wait, then SIGKILL whatever is left of its process tree."""
-        tree = self.tree()
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                if group:
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-                else:
-                    self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
-            except TimeoutError:
-                say(f"{self.name} did not stop within {timeout:g} s: killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                await self.proc.wait()
-        # Children in their own sessions (e.g. kernels) are not in the process group.
-        _, alive = await asyncio.to_thread(psutil.wait_procs, tree, 10)
-        for survivor in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                survivor.kill()
-        if self.reader is not None:
-            self.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.reader
-        return self.proc.returncode if self.proc.returncode is not None else -1
-
-
 async def start_signaling(host: str, port: int, secret: str) -> SignalingServer:
     """The server on ``port``, or on a free port if that one is taken (said aloud)."""
     server = SignalingServer(SignalingConfig(host=host, port=port, secret=secret))
@@ -203,55 +151,6 @@ async def start_signaling(host: str, port: int, secret: str) -> SignalingServer:
         await server.start()
         say(f"port {port} is busy; the signaling server uses port {server.port} instead")
     return server
-
-
-async def drain(stream: asyncio.StreamReader | None) -> None:
-    """Keep reading a child's stdout so it never blocks on a full pipe."""
-    if stream is None:
-        return
-    while await stream.readline():
-        pass
-
-
-async def start_worker(
-    index: int,
-    signaling: str,
-    room: str,
-    secret: str,
-    profile: Path,
-    log_path: Path,
-    env: dict[str, str],
-) -> Child:
-    name = f"local-worker-{index}"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log_file:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "swarm_notebook.cli.main", "worker",
-            # The secret travels in the environment (SWARM_NOTEBOOK_SECRET), not argv,
-            # where any local user could read it with ps.
-            "--room", room, "--signaling", signaling,
-            "--caps", "python-execution", "--profile", str(profile), "--name", name,
-            "--grace", str(WORKER_GRACE_S / 2), "--exit-with-parent",
-            stdout=asyncio.subprocess.PIPE, stderr=log_file,
-            env={**env, environment.SECRET: secret}, start_new_session=True,
-        )  # fmt: skip
-    child = Child(name, proc)
-    assert proc.stdout is not None
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), WORKER_READY_TIMEOUT_S)
-    except TimeoutError:
-        await child.stop(5)
-        raise StartupError(f"{name} did not start within {WORKER_READY_TIMEOUT_S:g} s") from None
-    except BaseException:  # stopped while starting: do not leave it behind
-        await asyncio.shield(child.stop(WORKER_GRACE_S))
-        raise
-    text = line.decode(errors="replace").strip()
-    if not text.startswith("READY"):
-        await child.stop(5)
-        raise StartupError(f"{name} did not start (see {log_path}): {text}")
-    child.info = dict(part.split("=", 1) for part in text.split()[1:] if "=" in part)
-    child.reader = asyncio.create_task(drain(proc.stdout))
-    return child
 
 
 def port_free(port: int) -> bool:

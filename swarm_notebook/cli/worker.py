@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import swarm_notebook.environment as environment
+from swarm_notebook._util.orphan import stop_when_orphaned
 from swarm_notebook.cli.ice_args import add_ice_arguments, mesh_with_ice
 from swarm_notebook.coordinator.config import DEFAULT_ROOM, DEFAULT_SIGNALING, CoordinatorConfig
 from swarm_notebook.errors import IceConfigError, SandboxUnavailable, SignalingError
@@ -160,7 +161,7 @@ async def serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     watchdog = (
-        asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
+        asyncio.create_task(stop_when_orphaned(os.getppid(), stop, _say))
         if args.exit_with_parent
         else None
     )
@@ -180,14 +181,6 @@ def _say(line: str) -> None:
         print(line, flush=True)
     except (BrokenPipeError, OSError):
         pass
-
-
-async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
-    # When the launcher dies the kernel re-parents us, and no event says so portably.
-    while os.getppid() == parent:  # noqa: ASYNC110
-        await asyncio.sleep(1.0)
-    stop.set()
-    _say("parent process gone")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -55,7 +55,17 @@ if TYPE_CHECKING:
 TASK_TYPE = "python-computation"
 PYTHON_EXECUTION = "python-execution"
 CARD_WAIT_S = 10.0  # how long --requires waits for the cards of just-connected peers
-SUBCOMMANDS = ("join", "status", "peers", "tasks", "dashboard", "doctor", "leave", "roster")
+SUBCOMMANDS = (
+    "join",
+    "local",
+    "status",
+    "peers",
+    "tasks",
+    "dashboard",
+    "doctor",
+    "leave",
+    "roster",
+)
 
 
 JOIN_DESCRIPTION = (
@@ -144,6 +154,15 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
     join.add_argument("--ice-username", default=None)
     join.add_argument("--ice-credential", default=None)
     join.add_argument("--ice-policy", choices=("all", "relay"), default=None)
+    local = sub.add_parser(
+        "local",
+        help="start a signaling server and N workers from this kernel, and join them",
+        description="The zero-configuration swarm: a signaling server and N sandboxed "
+        "workers as child processes of this kernel, a room secret made for them; "
+        "`%swarm leave` (or the kernel exiting) stops them all.",
+    )
+    local.add_argument("workers", nargs="?", type=int, default=2, help="workers (default 2)")
+    local.add_argument("--name", default=None, help="the name other peers see")
     for name, text in (
         ("status", "state and counters"),
         ("peers", "peers as a DataFrame"),
@@ -233,6 +252,11 @@ class SwarmMagics(Magics):
                 + ", ".join(short_id(m) for m in missing),
                 file=sys.stderr,
             )
+
+    def _local(self, args: argparse.Namespace) -> None:
+        coordinator = self.session.local(args.workers, name=args.name)
+        print_joined(coordinator, coordinator.room, coordinator.signaling)
+        print("local swarm: its server and workers stop with `%swarm leave` or this kernel")
 
     def _status(self, args: argparse.Namespace) -> Any:
         coordinator = self.session.require()

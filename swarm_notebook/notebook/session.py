@@ -124,6 +124,19 @@ class SwarmSession:
         missing = run_blocking(coordinator.settle(settle_s), timeout=settle_s + 10)
         return coordinator, missing
 
+    def local(self, workers: int, *, name: str | None = None) -> Coordinator:
+        """Start a local swarm (server and ``workers`` workers) from this kernel and join it."""
+        if self.coordinator is not None and self.coordinator.is_initialized:
+            raise UsageError(
+                Reason.ALREADY_JOINED,
+                f"already joined room {self.room!r}; run `%swarm leave` first",
+            )
+        from swarm_notebook.launcher import local
+
+        coordinator = run_blocking(local(workers, name=name))
+        self.coordinator, self.room = coordinator, coordinator.room
+        return coordinator
+
     def leave(self, timeout: float = LEAVE_TIMEOUT_S) -> bool:
         """Leave the swarm; False if there was nothing to leave."""
         coordinator, self.coordinator = self.coordinator, None

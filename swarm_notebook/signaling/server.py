@@ -59,10 +59,10 @@ from swarm_notebook.signaling.connection import Connection
 from swarm_notebook.signaling.quotas import AddressQuotas, address_key
 from swarm_notebook.signaling.rooms import RoomRegistry
 from swarm_notebook.signaling.turn_credentials import TurnIssuer
+from swarm_notebook.signaling.url import WS_PATH
 
 log = logging.getLogger(__name__)
 
-WS_PATH = "/ws"
 # Seconds a closing socket gets to flush its last frames before it is dropped.
 FLUSH_TIMEOUT = 2.0
 STRIKE_REFILL_PER_SECOND = 1.0
