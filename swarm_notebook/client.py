@@ -254,7 +254,13 @@ class Coordinator:
     # -- workload ----------------------------------------------------------------------
 
     async def delegate_task(
-        self, task_type: str, data: Any, *, timeout: float | None = None, peer: str | None = None
+        self,
+        task_type: str,
+        data: Any,
+        *,
+        timeout: float | None = None,
+        peer: str | None = None,
+        requires: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Run a task on the least-loaded capable peer; retries elsewhere if that peer fails.
 
@@ -272,12 +278,17 @@ class Coordinator:
           ``UnknownTaskTypeError``, ``TaskInputError`` (inputs that cannot be sent),
           ``NotJoinedError``.
 
+        ``requires={"pandas": ">=2.2"}`` admits only peers whose agent cards report
+        package versions that meet it (``NoCapablePeerError`` with reason
+        ``unmet-requirement`` says what each peer has). A peer whose numpy or pandas
+        major.minor differ from ours gets one ``EnvironmentMismatchWarning``, with its name.
+
         >>> r = await c.delegate_task("python-computation", {"code": "1 + 1"})  # doctest: +SKIP
         >>> r["success"], r["value"]                                           # doctest: +SKIP
         (True, 2)
         """
         return await self._call(
-            self._core.delegate_task(task_type, data, timeout=timeout, peer=peer)
+            self._core.delegate_task(task_type, data, timeout=timeout, peer=peer, requires=requires)
         )
 
     def submit_task(
@@ -288,6 +299,7 @@ class Coordinator:
         timeout: float | None = None,
         peer: str | None = None,
         max_attempts: int | None = None,
+        requires: Mapping[str, str] | None = None,
     ) -> SubmittedTask:
         """Start ``delegate_task`` on the network thread and return at once.
 
@@ -304,6 +316,7 @@ class Coordinator:
                 peer=peer,
                 task_id=task_id,
                 max_attempts=max_attempts,
+                requires=requires,
             )
         )
         return SubmittedTask(self, task_id, future)
@@ -318,6 +331,7 @@ class Coordinator:
         peer: str | None = None,
         timeout: float | None = None,
         retries: int | None = None,
+        requires: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on a capable peer; returns a ``TaskFuture`` at once.
@@ -327,13 +341,15 @@ class Coordinator:
         ``fut.result()`` gives the value, or raises ``RemoteTaskError`` with the remote
         traceback. ``retries`` bounds how many other peers may take over when a peer dies,
         times out or refuses; the function's own errors are never retried.
+        ``requires={"pandas": ">=2.2"}`` runs it only where those versions are installed.
 
         >>> fut = c.submit(total, df, column="v")   # doctest: +SKIP
         >>> await fut                               # doctest: +SKIP
         42.0
         """
         self._require_joined()
-        return submit_function(self, fn, args, kwargs, SubmitOptions(peer, timeout, retries))
+        options = SubmitOptions(peer, timeout, retries, requires)
+        return submit_function(self, fn, args, kwargs, options)
 
     def map(
         self,
@@ -343,6 +359,7 @@ class Coordinator:
         peer: str | None = None,
         timeout: float | None = None,
         retries: int | None = None,
+        requires: Mapping[str, str] | None = None,
     ) -> list[ItemFuture]:
         """``fn`` over the items (zipped like ``map``): one future per item, in order.
 
@@ -353,7 +370,7 @@ class Coordinator:
         [0, 1, 4]
         """
         self._require_joined()
-        options = SubmitOptions(peer, timeout, retries)
+        options = SubmitOptions(peer, timeout, retries, requires)
         return map_items(self, fn, iterables, options, chunksize)
 
     def gather(self, futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
@@ -361,7 +378,12 @@ class Coordinator:
         return gather_results(futures, timeout)
 
     def executor(
-        self, *, peer: str | None = None, timeout: float | None = None, retries: int | None = None
+        self,
+        *,
+        peer: str | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        requires: Mapping[str, str] | None = None,
     ) -> SwarmExecutor:
         """A ``concurrent.futures.Executor`` backed by this swarm.
 
@@ -369,7 +391,7 @@ class Coordinator:
         ...     list(pool.map(square, range(10)))
         """
         self._require_joined()
-        return SwarmExecutor(self, SubmitOptions(peer, timeout, retries))
+        return SwarmExecutor(self, SubmitOptions(peer, timeout, retries, requires))
 
     async def execute_task(self, task: dict[str, Any]) -> dict[str, Any]:
         """Run a task on this peer, as an incoming request would be run.

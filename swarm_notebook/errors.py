@@ -33,6 +33,7 @@ or on ``.reason``, never on the message text.
     │   └── DelegationTimeout      no capable peer had room in time (TimeoutError)
     ├── RemoteTaskError            a cell ran on a peer and raised; carries the remote traceback
     ├── WaitTimeout                peers or a task did not arrive in time (TimeoutError)
+    ├── EnvironmentMismatchWarning a peer's numpy / pandas major.minor differ (UserWarning)
     ├── SandboxUnavailable         the sandbox could not start
     ├── CardError                  an agent card that is not acceptable (ValueError)
     ├── RosterError                a room roster that cannot be used (ValueError)
@@ -157,6 +158,13 @@ class SignalingTLSError(SignalingError):
 
 class SignalingURLError(UsageError, ValueError):
     """A signaling URL that cannot work (not ``ws://`` / ``wss://``, no host, bad port)."""
+
+
+class EnvironmentMismatchWarning(SwarmError, UserWarning):
+    """A peer runs other major.minor versions of numpy or pandas than this one (once per peer).
+
+    A warning, not an error: the task ran; its results may differ from running here.
+    """
 
 
 class SignalingTimeout(SignalingError, TimeoutError):
@@ -374,6 +382,7 @@ __all__ = [
     "ConsensusError",
     "DelegationError",
     "DelegationTimeout",
+    "EnvironmentMismatchWarning",
     "FrameInputError",
     "HandlerRefusal",
     "IdentityError",

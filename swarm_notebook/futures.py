@@ -21,7 +21,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -51,6 +59,7 @@ class TaskSubmitter(Protocol):
         timeout: float | None = None,
         peer: str | None = None,
         max_attempts: int | None = None,
+        requires: Mapping[str, str] | None = None,
     ) -> StartedTask: ...
 
     def task_record(self, task_id: str) -> dict[str, Any] | None: ...
@@ -65,6 +74,7 @@ class SubmitOptions:
     peer: str | None = None
     timeout: float | None = None
     retries: int | None = None  # attempts on other peers after a peer fails (not user errors)
+    requires: Mapping[str, str] | None = None  # package versions, e.g. {"pandas": ">=2.2"}
 
     @property
     def max_attempts(self) -> int | None:
@@ -285,6 +295,7 @@ def _start(
         timeout=options.timeout,
         peer=options.peer,
         max_attempts=options.max_attempts,
+        requires=options.requires,
     )
     future = TaskFuture(submitter, task.task_id, function)
     future._attach(task.future)

@@ -67,6 +67,8 @@ class Reason(StrEnum):
     ABUSE = "abuse"
     SIGNALING_UNREACHABLE = "signaling-unreachable"
     BAD_SIGNALING_URL = "bad-signaling-url"  # not ws(s)://host:port/path, or no server there
+    VERSION_MISMATCH = "version-mismatch"  # a peer's numpy / pandas major.minor differ
+    UNMET_REQUIREMENT = "unmet-requirement"  # no peer has the package versions required
     SHUTDOWN = "shutdown"  # the client is shutting down
     # -- links -------------------------------------------------------------------------
     AUTH_FAILED = "auth-failed"

@@ -77,6 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--name", default="worker")
     parser.add_argument(
+        "--report-package",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a package whose installed version the agent card reports (repeatable), besides "
+        "python, numpy, pandas, pyarrow and scikit-learn; tasks pick peers by it with requires=",
+    )
+    parser.add_argument(
         "--roster-owner",
         default=os.environ.get(environment.ROSTER_OWNER),
         help="peer id of the room owner whose signed roster decides who votes (default "
@@ -119,6 +127,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         drain_grace_s=args.grace,
         roster_owner=args.roster_owner,
         mesh=mesh_with_ice(args),
+        report_packages=list(args.report_package),
     )
 
 

@@ -41,3 +41,6 @@ class CoordinatorConfig:
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     drain_grace_s: float = 30.0
+    # Packages whose versions this peer's card reports besides python, numpy, pandas,
+    # pyarrow and scikit-learn (worker --report-package).
+    report_packages: list[str] = field(default_factory=list)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,13 @@ from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook._util.version import __version__
 from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.events import EventBus
-from swarm_notebook.errors import NotJoinedError, RosterError, TaskInputError, ValueCodecError
+from swarm_notebook.errors import (
+    EnvironmentMismatchWarning,
+    NotJoinedError,
+    RosterError,
+    TaskInputError,
+    ValueCodecError,
+)
 from swarm_notebook.governance.electorate import Electorate
 from swarm_notebook.governance.service import ConsensusService
 from swarm_notebook.identity import Identity, require_canonical
@@ -27,6 +35,11 @@ from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
 from swarm_notebook.membership.roster import with_member, without_member
+from swarm_notebook.membership.versions import (
+    environment_report,
+    major_minor_differences,
+    parse_requires,
+)
 from swarm_notebook.protocol.values import DecodeBudget, decode_value, encode_value
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.base import Transport
@@ -72,6 +85,8 @@ class SwarmCoordinator:
         self.initialized = False
         self.init_count = 0
         self.executors: dict[str, Executor] = {}
+        self.environment: dict[str, str] = {}
+        self._environment_warned: set[str] = set()  # peers already warned about, once each
         self.delegator = Delegator(
             self.node,
             self.tasks,
@@ -169,7 +184,14 @@ class SwarmCoordinator:
             "max_input_bytes": self.config.policy.max_input_bytes,
             "max_queue": self.config.max_queue,
         }
-        self.node.advertise(capabilities, self.config.concurrency, limits, self.isolation or "")
+        self.environment = environment_report(self.config.report_packages)
+        self.node.advertise(
+            capabilities,
+            self.config.concurrency,
+            limits,
+            self.isolation or "",
+            environment=self.environment,
+        )
         self.initialized = True
         self.init_count += 1
         self.stats.touch("init")
@@ -218,6 +240,7 @@ class SwarmCoordinator:
         peer: str | None = None,
         task_id: str | None = None,
         max_attempts: int | None = None,
+        requires: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Delegate one task; the failure rule is ``client.Coordinator.delegate_task``'s."""
         if not self.initialized:
@@ -227,6 +250,7 @@ class SwarmCoordinator:
         requirements_for_task_type(task_type)
         if timeout is not None and not timeout > 0:
             raise TaskInputError(Reason.BAD_ARGUMENTS, f"timeout must be > 0 s, got {timeout!r}")
+        specs = parse_requires(requires)
         wire_data = self._encode_inputs(task_type, data)
         started = time.monotonic()
         record, result = await self.delegator.delegate(
@@ -236,6 +260,7 @@ class SwarmCoordinator:
             peer=peer,
             task_id=task_id,
             max_attempts=max_attempts,
+            requires=specs,
         )
         self.audit.record_quietly(
             "delegation-sent",
@@ -249,6 +274,9 @@ class SwarmCoordinator:
             },
         )
         result = self._decode_outputs(task_type, result, record.peer)
+        warning = self._environment_warning(record.peer)
+        if warning is not None:
+            result["environment_warning"] = warning
         result.update(
             task_id=record.id,
             peer=record.peer,
@@ -257,6 +285,27 @@ class SwarmCoordinator:
             duration_s=time.monotonic() - started,
         )
         return result
+
+    def _environment_warning(self, peer: str | None) -> str | None:
+        """Once per peer: numpy / pandas major.minor differ between it and us."""
+        if peer is None or peer in self._environment_warned:
+            return None
+        view = self.node.peer(peer)
+        if view is None or view.card is None:
+            return None
+        differences = major_minor_differences(self.environment, view.card.environment)
+        self._environment_warned.add(peer)
+        if not differences:
+            return None
+        text = (
+            f"peer {view.card.name} ({peer[:16]}) runs other versions: "
+            + "; ".join(differences)
+            + ". Results may differ from running here; pick peers with requires="
+            '{"pandas": "==X.Y.*"} if that matters.'
+        )
+        log.warning("%s", text)
+        warnings.warn(EnvironmentMismatchWarning(Reason.VERSION_MISMATCH, text), stacklevel=1)
+        return text
 
     def _encode_inputs(self, task_type: str, data: Any) -> Any:
         if task_type != "python-computation" or not isinstance(data, dict):
@@ -350,6 +399,7 @@ class SwarmCoordinator:
                     "bytes_in": link.bytes_in if link else 0,
                     "bytes_out": link.bytes_out if link else 0,
                     "isolation": (view.card.isolation or None) if view.card else None,
+                    "environment": dict(view.card.environment) if view.card else {},
                 }
             )
         s = self.stats
@@ -361,6 +411,7 @@ class SwarmCoordinator:
             "total_peers": len(self.node.peers()),
             "capabilities": self.node.capabilities,
             "isolation": self.isolation,
+            "environment": dict(self.environment),
             "peers": peers,
             "total_tasks": s.total_tasks,
             "tasks_completed": s.tasks_completed,

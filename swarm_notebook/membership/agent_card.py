@@ -13,6 +13,7 @@ import msgspec
 
 from swarm_notebook.errors import CardError
 from swarm_notebook.identity import Identity, is_canonical_peer_id, verify_signature
+from swarm_notebook.membership.versions import report_problem
 from swarm_notebook.reasons import Reason
 
 CARD_CONTEXT = b"swarm-notebook/agent-card/v1\x00"
@@ -44,6 +45,8 @@ class AgentCard(msgspec.Struct, frozen=True):
     # How this peer runs other peers' Python: "bubblewrap", "none" (the owner chose
     # --unsafe-no-isolation) or "" (it does not run Python for peers). Signed like the rest.
     isolation: str = ""
+    # What it runs: {"python": "3.11.9", "pandas": "2.2.3", ...} (membership/versions.py).
+    environment: dict[str, str] = msgspec.field(default_factory=dict)
 
     def signed_payload(self) -> bytes:
         unsigned = msgspec.structs.replace(self, signature=b"")
@@ -68,6 +71,7 @@ def make_card(
     limits: dict[str, int],
     seq: int,
     isolation: str = "",
+    environment: dict[str, str] | None = None,
 ) -> AgentCard:
     card = AgentCard(
         peer_id=identity.peer_id,
@@ -79,6 +83,7 @@ def make_card(
         seq=seq,
         issued_at=time.time(),
         isolation=isolation,
+        environment=dict(environment or {}),
     )
     return msgspec.structs.replace(card, signature=identity.sign(card.signed_payload()))
 
@@ -101,6 +106,9 @@ def verify_card(card: AgentCard, sender: str) -> AgentCard:
         raise CardError(Reason.BAD_CARD, "name or version too long")
     if len(card.isolation) > MAX_CAPABILITY_LENGTH:
         raise CardError(Reason.BAD_CARD, "malformed isolation")
+    problem = report_problem(card.environment)
+    if problem is not None:
+        raise CardError(Reason.BAD_CARD, f"environment: {problem}")
     if not verify_signature(card.peer_id, card.signature, card.signed_payload()):
         raise CardError(Reason.BAD_SIGNATURE, "agent card signature does not verify")
     return card

@@ -138,6 +138,7 @@ class SwarmNode:
         concurrency: int,
         limits: dict[str, int],
         isolation: str = "",
+        environment: dict[str, str] | None = None,
     ) -> AgentCard:
         """Sign a new card and send it to every connected peer."""
         self._capabilities = sorted(set(capabilities))
@@ -153,6 +154,7 @@ class SwarmNode:
             limits=self._limits,
             seq=self._seq,
             isolation=isolation,
+            environment=environment,
         )
         self._load = LoadReport(self._load.in_flight, self._load.queued, concurrency)
         for peer in self.transport.connected_peers():
@@ -253,6 +255,7 @@ class SwarmNode:
                 local_outstanding=v.outstanding,
                 concurrency=v.concurrency,
                 capacity=v.concurrency + int(v.card.limits.get("max_queue", 0)),
+                versions=v.card.environment,
             )
             for v in self._peers.values()
             if v.peer_id in connected and v.card is not None

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,7 @@ class Candidate:
     local_outstanding: int  # tasks we sent it that have not answered yet
     concurrency: int
     capacity: int = 1 << 30  # most tasks it accepts at once (running + queued)
+    versions: Mapping[str, str] = field(default_factory=dict)  # from its card
 
     @property
     def full(self) -> bool:

@@ -134,8 +134,16 @@ def peers_frame(snapshot: Mapping[str, Any]) -> pd.DataFrame:
             "bytes_out": pd.Series(_column(peers, "bytes_out", "peer", _count), dtype="int64"),
             # How the peer isolates other peers' code: bubblewrap, none (unsafe) or empty.
             "isolation": _text(peer.get("isolation") for peer in peers),
+            # What it runs, from its card: "python 3.11.9, numpy 2.1.3, pandas 2.2.3".
+            "versions": _text(_versions(peer.get("environment")) for peer in peers),
         }
     )
+
+
+def _versions(environment: Any) -> str | None:
+    if not isinstance(environment, Mapping) or not environment:
+        return None
+    return ", ".join(f"{name} {version}" for name, version in environment.items())
 
 
 def _count(value: Any, field: str, what: str, index: int) -> int:

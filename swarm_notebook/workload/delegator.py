@@ -13,11 +13,12 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from packaging.specifiers import SpecifierSet
 
 from swarm_notebook.errors import (
     AttemptsExhausted,
@@ -34,8 +35,9 @@ from swarm_notebook.errors import (
 )
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.agent_card import LoadReport
-from swarm_notebook.membership.node import PeerState, SwarmNode
+from swarm_notebook.membership.node import PeerState, PeerView, SwarmNode
 from swarm_notebook.membership.routing import choose_peer
+from swarm_notebook.membership.versions import unmet
 from swarm_notebook.reasons import Reason
 from swarm_notebook.workload.messages import (
     FINAL_REFUSALS,
@@ -62,6 +64,12 @@ class DelegationConfig:
     # Right after join() links are up before their agent cards arrive (0.2-0.6 s here):
     # a task waits this long for a capable peer's card instead of failing at once.
     card_wait_s: float = 10.0
+
+
+def _label(view: PeerView) -> str:
+    """``name id…`` for messages: the card's name when it has come, the id always."""
+    name = f"{view.card.name} " if view.card is not None else ""
+    return f"{name}{view.peer_id[:16]}"
 
 
 class Delegator:
@@ -144,11 +152,13 @@ class Delegator:
         peer: str | None = None,
         task_id: str | None = None,
         max_attempts: int | None = None,
+        requires: Mapping[str, SpecifierSet] | None = None,
     ) -> tuple[TaskRecord, dict[str, Any]]:
         """Run the task on a peer: returns what the peer reported, or raises.
 
         ``task_id`` lets a caller know the id before the task starts; ``max_attempts``
-        bounds how many peers may try it (default: the settings').
+        bounds how many peers may try it (default: the settings'); ``requires`` admits only
+        peers whose cards report package versions that meet it (``membership/versions.py``).
 
         Raises a ``DelegationError`` when no peer ran it and a ``UsageError`` for input
         refused before any peer saw it (see ``client.Coordinator.delegate_task``).
@@ -162,7 +172,9 @@ class Delegator:
         self.stats.touch("task")
         self.notify("task:submitted", record.as_dict())
         try:
-            result = await self._attempts(record, requirements, data, timeout, peer, max_attempts)
+            result = await self._attempts(
+                record, requirements, data, timeout, peer, max_attempts, requires or {}
+            )
         except asyncio.CancelledError:
             self._finish(record, TaskState.CANCELED, "canceled by the caller")
             raise
@@ -194,7 +206,11 @@ class Delegator:
         timeout: float,
         peer: str | None,
         max_attempts: int | None = None,
+        requires: Mapping[str, SpecifierSet] | None = None,
     ) -> dict[str, Any]:
+        specs = requires or {}
+        if peer is not None and specs:
+            self._check_named_peer(peer, specs)
         refusals: list[str] = []
         attempts = 1 if peer is not None else (max_attempts or self.settings.max_attempts)
         # Waiting for a free slot counts against the task's timeout, like a queue would.
@@ -203,7 +219,7 @@ class Delegator:
         while record.attempts < attempts:
             target = peer
             if target is None:
-                candidate, capable = self._choose(requirements, record.tried_peers)
+                candidate, capable = self._choose(requirements, record.tried_peers, specs)
                 if candidate is None and capable:
                     # Every capable peer is at its advertised capacity: wait, do not fail.
                     if await self._wait_for_capacity(deadline):
@@ -216,7 +232,7 @@ class Delegator:
                 if candidate is None:
                     if self._local_runner is not None and self.settings.run_locally_when_alone:
                         return await self._run_locally(record, data, timeout)
-                    raise self._no_peer_error(record.type, requirements, refusals)
+                    raise self._no_peer_error(record.type, requirements, refusals, specs)
                 target = candidate
             record.peer = target
             record.attempts += 1
@@ -314,23 +330,64 @@ class Delegator:
         finally:
             record.waiting = None
 
-    def _choose(self, requirements: list[str], tried: list[str]) -> tuple[str | None, bool]:
+    def _check_named_peer(self, peer: str, specs: Mapping[str, SpecifierSet]) -> None:
+        view = self.node.peer(peer)
+        report = view.card.environment if view is not None and view.card is not None else {}
+        missing = unmet(report, specs)
+        if missing:
+            raise NoCapablePeerError(
+                Reason.UNMET_REQUIREMENT,
+                f"peer {peer[:16]} does not meet requires: " + ", ".join(missing),
+            )
+
+    def _choose(
+        self,
+        requirements: list[str],
+        tried: list[str],
+        specs: Mapping[str, SpecifierSet] | None = None,
+    ) -> tuple[str | None, bool]:
         """(peer with room, whether any capable untried peer exists at all)."""
-        candidates = [c for c in self.node.candidates() if c.peer_id not in tried]
+        candidates = [
+            c
+            for c in self.node.candidates()
+            if c.peer_id not in tried and not (specs and unmet(c.versions, specs))
+        ]
         capable = [c for c in candidates if set(requirements) <= c.capabilities]
         chosen = choose_peer([c for c in capable if not c.full], requirements, rng=self._rng)
         return (chosen.peer_id if chosen else None), bool(capable)
 
     def _no_peer_error(
-        self, task_type: str, requirements: list[str], refusals: list[str]
+        self,
+        task_type: str,
+        requirements: list[str],
+        refusals: list[str],
+        specs: Mapping[str, SpecifierSet] | None = None,
     ) -> DelegationError:
         if refusals:
             return AttemptsExhausted(
                 f"no capable peer accepted the {task_type} task: " + "; ".join(refusals),
                 refusals,
             )
+        capable = [
+            v
+            for v in self.node.peers()
+            if v.state is PeerState.CONNECTED
+            and v.card
+            and set(requirements) <= set(v.capabilities)
+        ]
+        if specs and capable:
+            wanted = ", ".join(f"{name}{spec}" for name, spec in specs.items())
+            have = "; ".join(
+                f"{v.card.name} ({v.peer_id[:16]}): {', '.join(unmet(v.card.environment, specs))}"
+                for v in capable
+                if v.card is not None
+            )
+            return NoCapablePeerError(
+                Reason.UNMET_REQUIREMENT,
+                f"no connected peer offering {', '.join(requirements)} has {wanted}: {have}",
+            )
         seen = [
-            f"{v.peer_id[:16]} ({', '.join(v.capabilities) or 'no capabilities'})"
+            f"{_label(v)} ({', '.join(v.capabilities) or 'no capabilities'})"
             for v in self.node.peers()
             if v.state is PeerState.CONNECTED
         ]
