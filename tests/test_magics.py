@@ -242,6 +242,25 @@ def test_no_wait_returns_a_handle_and_lands_pulled_variables(joined: Interactive
         failing.result(timeout=60)
 
 
+def test_remote_traceback_line_numbers_are_the_cells(joined: InteractiveShell) -> None:
+    # Cell lines: 1 %%swarm run, 2 x = 1, 3 (blank), 4 the division.
+    error = failed(joined.run_cell("%%swarm run\nx = 1\n\nx / 0\n"))
+    assert isinstance(error, RemoteTaskError)
+    assert error.remote_traceback is not None and "line 4" in error.remote_traceback
+    assert "line 3" not in error.remote_traceback
+
+
+def test_no_wait_as_names_the_handle(joined: InteractiveShell) -> None:
+    handle = ok(joined.run_cell("%%swarm run --no-wait --as h7\n6 * 7\n"))
+    assert joined.user_ns["h7"] is handle and isinstance(handle, TaskHandle)
+    joined.run_cell("other = 1")  # another cell in between: the name still holds the handle
+    assert joined.user_ns["h7"].result(timeout=60) == 42
+    error = failed(joined.run_cell("%%swarm run --as h8\n1\n"))
+    assert isinstance(error, UsageError) and "--no-wait" in error.message
+    bad = failed(joined.run_cell("%%swarm run --no-wait --as 8h\n1\n"))
+    assert isinstance(bad, UsageError) and "variable name" in bad.message
+
+
 def test_misuse_after_join_is_explained(joined: InteractiveShell, swarm: Swarm) -> None:
     error = failed(joined.run_cell("%%swarm run --frobnicate\n1"))
     assert isinstance(error, UsageError) and "unrecognized arguments" in error.message

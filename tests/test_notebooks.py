@@ -102,6 +102,16 @@ def test_quickstart(swarm: Swarm, tmp_path: Path) -> None:
     assert not any(f"process {pid}\n" in run_output for pid in worker_pids)
     assert "completed" in next(t for t in texts if "duration" in t)  # tasks_frame
     assert "rows: 3" in everything  # the --no-wait handle was awaited
+    # The --no-wait cell shows one progress line, not "completed" above a handle that still
+    # read state=submitted. (Its update to the summary may come between cells, which nbclient
+    # does not record; tests/browser/test_quickstart_browser.py sees it in JupyterLab.)
+    no_wait = next(
+        text
+        for cell, text in zip(notebook.cells, texts, strict=True)
+        if cell.cell_type == "code" and "--no-wait" in cell.source
+    )
+    assert "python-computation on" in no_wait and "state=" not in no_wait
+    assert no_wait.count("python-computation on") == 2  # one line: its text and HTML faces
     assert "application/vnd.jupyter.widget-view+json" in str(notebook.cells)  # the dashboard
 
 
@@ -111,6 +121,7 @@ def test_knowledge(swarm: Swarm, tmp_path: Path) -> None:
     assert "shared with 3 peer(s)" in everything  # two workers and this notebook's peer
     assert "Vectorise groupby aggregations" in everything
     assert "answered" in everything
+    assert "from_peer_name" in everything and "w0" in everything  # answers by card name
 
 
 def test_governance(swarm: Swarm, tmp_path: Path) -> None:

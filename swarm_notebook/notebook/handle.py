@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from swarm_notebook.errors import WaitTimeout, short_id
 from swarm_notebook.workload.records import TaskState
@@ -109,6 +109,12 @@ class RemoteRun:
         return self._task.cancel()
 
 
+class LiveDisplay(Protocol):
+    """Where a handle shows itself in Jupyter: one line, kept current by its view."""
+
+    def show(self, progress: TaskProgress) -> None: ...
+
+
 class TaskHandle:
     """A task still running on a peer (what ``%%swarm run --no-wait`` gives back).
 
@@ -116,8 +122,8 @@ class TaskHandle:
     ``RemoteTaskError`` if it failed); pulled variables land in the namespace as soon as
     the task finishes, even if nobody asks for the result.
 
-    >>> handle = _                  # the cell's value after %%swarm run --no-wait  # doctest: +SKIP
-    >>> handle.done(), await handle                                                # doctest: +SKIP
+    >>> # %%swarm run --no-wait --as h   (the handle is also the cell's value)
+    >>> h.done(), await h                                    # doctest: +SKIP
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class TaskHandle:
         finish: Callable[[concurrent.futures.Future[dict[str, Any]]], Any],
         on_settled: Callable[[TaskHandle], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        display: Any = None,
     ) -> None:
         self._run = run
         self._finish = finish
@@ -136,6 +143,8 @@ class TaskHandle:
         self._landed = threading.Event()
         self._value: Any = None
         self._error: BaseException | None = None
+        # A LiveDisplay (Jupyter): showing the handle shows the line that ends "completed".
+        self._display: LiveDisplay | None = display if hasattr(display, "show") else None
         run.future.add_done_callback(self._task_ended)
 
     @property
@@ -217,6 +226,12 @@ class TaskHandle:
         if self._error is not None:
             raise self._error
         return self._value
+
+    def _ipython_display_(self) -> None:
+        if self._display is not None:
+            self._display.show(self.progress())
+        else:
+            print(repr(self))
 
     def __repr__(self) -> str:
         state = self.progress().state if not self.done() else self._final_state()

@@ -38,6 +38,7 @@ from swarm_notebook.errors import (
 from swarm_notebook.notebook.handle import RemoteRun, TaskHandle, TaskProgress
 from swarm_notebook.notebook.progress import (
     DisplayProgress,
+    HandleDisplay,
     ProgressLine,
     ProgressView,
     StreamProgress,
@@ -98,6 +99,12 @@ def _names(text: str) -> list[str]:
         if not name.isidentifier():
             raise argparse.ArgumentTypeError(f"{name!r} is not a Python variable name")
     return names
+
+
+def _name(text: str) -> str:
+    if not text.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Python variable name")
+    return text
 
 
 def _positive(text: str) -> float:
@@ -190,6 +197,14 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
     run.add_argument("--pull", type=_names, default=[], help="variables to bring back: x,y")
     run.add_argument("--timeout", type=_positive, default=None, help="seconds")
     run.add_argument("--no-wait", action="store_true", help="return a handle at once")
+    run.add_argument(
+        "--as",
+        dest="handle_name",
+        type=_name,
+        default=None,
+        metavar="NAME",
+        help="with --no-wait: also store the handle in this variable (e.g. --as h)",
+    )
     return parser
 
 
@@ -330,14 +345,20 @@ class SwarmMagics(Magics):
                 Reason.UNKNOWN_VARIABLE,
                 f"--push names variables that do not exist: {', '.join(missing)}",
             )
+        if args.handle_name and not args.no_wait:
+            raise UsageError(Reason.BAD_ARGUMENTS, "--as names the handle of --no-wait")
         peer = self._target(coordinator, args)
         data = {
-            "code": cell,
+            # The %%swarm line is line 1 of the cell: a blank first line keeps the remote
+            # traceback's line numbers those of the cell.
+            "code": "\n" + cell,
             "inputs": {name: user_ns[name] for name in args.push},
             "outputs": list(args.pull),
         }
         run = RemoteRun(coordinator, TASK_TYPE, data, timeout=args.timeout, peer=peer)
-        view = self._progress_view()
+        # --no-wait in Jupyter: the handle's own output is the one progress line, updated
+        # when the task ends (a separate line said "completed" above a stale handle).
+        view = self._progress_view(live_handle=args.no_wait)
 
         def finish(future: concurrent.futures.Future[dict[str, Any]]) -> Any:
             return self._finish(future, run, args, peer, view, quiet=args.no_wait)
@@ -347,16 +368,19 @@ class SwarmMagics(Magics):
                 loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None
-            return TaskHandle(run, finish, loop=loop)
+            handle = TaskHandle(run, finish, loop=loop, display=view)
+            if args.handle_name and self.shell is not None:
+                self.shell.user_ns[args.handle_name] = handle
+            return handle
         try:
             wait_with_progress(run, view)
         except KeyboardInterrupt:
             raise SwarmError(Reason.CANCELED, "interrupted: the task was canceled") from None
         return finish(run.future)
 
-    def _progress_view(self) -> ProgressView:
+    def _progress_view(self, *, live_handle: bool = False) -> ProgressView:
         if getattr(self.shell, "kernel", None) is not None:
-            return DisplayProgress(TASK_TYPE)
+            return HandleDisplay(TASK_TYPE) if live_handle else DisplayProgress(TASK_TYPE)
         return StreamProgress(TASK_TYPE)
 
     def _target(self, coordinator: Coordinator, args: argparse.Namespace) -> str | None:

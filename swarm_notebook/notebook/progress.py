@@ -96,6 +96,38 @@ class DisplayProgress:
             self._handle.update(line)
 
 
+class HandleDisplay:
+    """``--no-wait`` in Jupyter: the handle shows as one line, rewritten when the task ends.
+
+    Nothing is shown until the handle is displayed (the cell's value); then the line says
+    where the task is, and ``finish`` replaces it with the summary in place.
+    """
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._handle: Any = None
+        self.final: ProgressLine | None = None
+
+    def show(self, progress: TaskProgress) -> None:
+        from IPython.display import display
+
+        line = self.final or ProgressLine(describe(progress, self._label))
+        if self._handle is None:
+            self._handle = display(line, display_id=True)
+        else:
+            # Shown again (``h`` in a later cell): same display id, so finish() updates both.
+            self._handle.display(line)
+
+    def update(self, progress: TaskProgress) -> None:
+        if self._handle is not None and self.final is None:
+            self._handle.update(ProgressLine(describe(progress, self._label)))
+
+    def finish(self, line: ProgressLine) -> None:
+        self.final = line
+        if self._handle is not None:
+            self._handle.update(line)
+
+
 class StreamProgress:
     """Terminal IPython: rewrite one line while waiting (tty only), then print the summary."""
 
