@@ -20,6 +20,7 @@ from swarm_notebook.errors import (
     SignalingURLError,
     UsageError,
 )
+from swarm_notebook.identity import Identity
 from swarm_notebook.notebook.magics import build_parser
 from swarm_notebook.signaling import SignalingServer
 from swarm_notebook.signaling.url import normalize_url
@@ -108,6 +109,39 @@ async def test_delegate_right_after_join_waits_for_the_card(
     finally:
         for w in workers:
             assert await w.stop() == 0
+
+
+# -- leave, then join again in the same process ----------------------------------------
+
+
+async def test_leave_then_join_reconnects_at_once_whichever_side_dials(
+    server: SignalingServer, tmp_path: Path
+) -> None:
+    workers = await start_workers(server.url, "again", tmp_path, 1, "--caps", "python-execution")
+    worker = workers[0]
+    # The lower id dials: one notebook key below the worker's, one above, so both the
+    # offering and the answering side of the mesh rejoin.
+    profiles: dict[bool, Path] = {}
+    for i in range(64):
+        below = Identity.load_or_create(tmp_path / f"nb{i}").peer_id < worker.peer_id
+        profiles.setdefault(below, tmp_path / f"nb{i}")
+        if len(profiles) == 2:
+            break
+    assert len(profiles) == 2
+    try:
+        for profile in profiles.values():
+            for _ in range(2):  # join, work, leave; then the same again at once
+                c = await join("again", signaling=server.url, profile=profile)
+                try:
+                    # No settle: the bounded card wait is all the slack it gets (it was
+                    # 25-35 s of no-capable-peer after a rejoin).
+                    r = await c.delegate_task("python-computation", {"code": "1 + 1"})
+                    assert r["success"] and r["peer"] == worker.peer_id
+                finally:
+                    await c.leave()
+    finally:
+        assert await worker.stop() == 0
+        assert worker.problems() == []
 
 
 # -- names -------------------------------------------------------------------------------
