@@ -27,6 +27,7 @@ from swarm_notebook.signaling.url import normalize_url
 from swarm_notebook.views.frames import stats_frame, tasks_frame
 from swarm_notebook.views.status import dashboard_status, format_rate, success_rate
 from tests.support.procs import start_workers
+from tests.support.swarm import Swarm
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -235,3 +236,22 @@ def test_join_help_describes_room_signaling_secret_and_their_variables() -> None
         "%swarm local",
     ):
         assert words in text, words
+
+
+def test_join_output_names_us_and_the_peers(
+    tmp_path: Path, shell: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    swarm = Swarm(tmp_path / "swarm", room="named")  # its server runs on a loop of its own
+    try:
+        worker = swarm.start_worker("w0", "python-execution")
+        result = shell.run_cell(
+            f"%swarm join named --signaling {swarm.url} --profile {tmp_path / 'nb'} "
+            "--name alice/analysis"
+        )
+        assert result.error_in_exec is None, result.error_in_exec
+        out = capsys.readouterr().out
+        assert "as alice/analysis (" in out
+        assert f"w0 ({worker.peer_id[:16]}…)  connected  python-execution" in out
+        assert shell.run_cell("%swarm leave").error_in_exec is None
+    finally:
+        swarm.close()

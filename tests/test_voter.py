@@ -37,7 +37,7 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[SwarmCoordinator, SwarmCoo
     )
     for name, identity in identities.items():
         save_roster(tmp_path / name, roster)
-        config = CoordinatorConfig(consensus=ConsensusConfig(timeout_s=10))
+        config = CoordinatorConfig(name=name, consensus=ConsensusConfig(timeout_s=10))
         transport = MemoryTransport(identity, net, "room")
         peers.append(SwarmCoordinator(identity, transport, config, tmp_path / name, EventBus()))
     for p in peers:
@@ -105,3 +105,18 @@ async def test_no_answer_falls_back_to_the_default_policy_and_says_so(
     assert result["consensus"] is False
     reason = result["votes"][member.local_id]["reason"]
     assert reason.startswith("no answer from the notebook") and "eval" in reason
+
+
+async def test_the_ballot_names_the_proposer_by_its_card(
+    pair: tuple[SwarmCoordinator, SwarmCoordinator],
+) -> None:
+    proposer, member = pair
+    voter = NotebookVoter(timeout_s=8)
+    voter.bind_names(member.peer_name)  # what Coordinator.set_vote_policy does
+    member.consensus.vote_policy = voter
+    pending = asyncio.create_task(proposer.consensus.request_modification_consensus(RISKY))
+    await wait_for_card(voter, 1)
+    header = next(iter(voter.cards.values())).children[0]
+    assert f"from proposer ({proposer.local_id[:16]}…)" in header.value
+    next(iter(voter.cards.values())).children[3].children[0].click()
+    assert (await pending)["consensus"] is True
