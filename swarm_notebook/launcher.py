@@ -29,8 +29,10 @@ import psutil
 
 import swarm_notebook.environment as environment
 from swarm_notebook._util.loop_thread import LoopThread
+from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.errors import StartupError, UsageError
 from swarm_notebook.reasons import Reason
+from swarm_notebook.transport.mesh import MeshConfig
 from swarm_notebook.workload.executors.capabilities import PYTHON_EXECUTION
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ WORKER_GRACE_S = 20.0
 LOCAL_ROOM = "local"
 MAX_LOCAL_WORKERS = 16
 SIGNAL_READY_PREFIX = "signaling server listening on "
+LOOPBACK = "127.0.0.1"
 
 
 def say(text: str) -> None:
@@ -158,7 +161,7 @@ async def start_signal_process(secret: str, log_path: Path, env: dict[str, str])
     with log_path.open("ab") as log_file:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "swarm_notebook.cli.main", "signal",
-            "--host", "127.0.0.1", "--port", "0", "--exit-with-parent", "--log-level", "WARNING",
+            "--host", LOOPBACK, "--port", "0", "--exit-with-parent", "--log-level", "WARNING",
             stdout=asyncio.subprocess.PIPE, stderr=log_file,
             env={**env, environment.SIGNAL_SECRET: secret}, start_new_session=True,
         )  # fmt: skip
@@ -218,7 +221,7 @@ class LocalSwarm:
         logs = self.directory / "logs"
         env = {
             **os.environ,
-            environment.ICE_HOSTS: "127.0.0.1",  # every peer of it is on this machine
+            environment.ICE_HOSTS: LOOPBACK,  # every peer of it is on this machine
             "PYTHONUNBUFFERED": "1",
         }
         self.server = await start_signal_process(self.secret, logs / "signal.log", env)
@@ -297,9 +300,16 @@ async def local(
 
     swarm = LocalSwarm(workers, room=room)
     await swarm.start()
+    # Every peer of this swarm is on this machine: ICE offers loopback only, as its workers do.
+    config = CoordinatorConfig(mesh=MeshConfig(host_addresses=[LOOPBACK]))
     try:
         coordinator = await join(
-            room, signaling=swarm.url, secret=swarm.secret, name=name, profile=profile
+            room,
+            signaling=swarm.url,
+            secret=swarm.secret,
+            name=name,
+            profile=profile,
+            config=config,
         )
     except BaseException:
         await swarm.close()

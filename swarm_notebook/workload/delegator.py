@@ -305,12 +305,18 @@ class Delegator:
         )
 
     def cards_pending(self) -> list[str]:
-        """Room members we cannot judge yet: linked without a card, or not linked yet."""
+        """Room members we cannot judge yet: not linked yet, or linked without a card.
+
+        A peer whose link went down is not pending: nothing is on its way from it (if it
+        comes back, its new link and card wake the waiters).
+        """
         connected = set(self.node.connected_peers())
         pending = []
         for peer in self.node.transport.room_members():
             view = self.node.peer(peer)
-            if peer not in connected or view is None or view.card is None:
+            if view is None or view.state is PeerState.CONNECTING:
+                pending.append(peer)
+            elif peer in connected and view.card is None:
                 pending.append(peer)
         return pending
 
