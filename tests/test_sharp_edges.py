@@ -255,3 +255,12 @@ def test_join_output_names_us_and_the_peers(
         assert shell.run_cell("%swarm leave").error_in_exec is None
     finally:
         swarm.close()
+
+
+def test_swarm_join_with_no_server_says_how_to_get_one(shell: InteractiveShell) -> None:
+    url = f"ws://127.0.0.1:{free_port()}"  # bare, as people type it
+    started = time.monotonic()
+    error = shell.run_cell(f"%swarm join lab --signaling {url}").error_in_exec
+    assert time.monotonic() - started < 5.0
+    assert isinstance(error, SignalingUnavailable) and error.reason == "signaling-unreachable"
+    assert f"{url}/ws" in error.message and "%swarm local 2" in error.message
