@@ -25,8 +25,8 @@ MAX_NAME_LENGTH = 64
 def card_name(name: str) -> str:
     """A name as a card carries it: one line, at most ``MAX_NAME_LENGTH`` characters.
 
-    >>> card_name("  alice/\nquickstart ")
-    'alice/ quickstart'
+    >>> card_name("  alice/   quick\\tstart ")
+    'alice/ quick start'
     """
     flat = " ".join(name.split())
     return flat[:MAX_NAME_LENGTH] or "peer"

@@ -28,7 +28,7 @@ PYTHON = "python"
 KEY_PACKAGES = ("numpy", "pandas", "pyarrow", "scikit-learn")
 WARN_ON_MAJOR_MINOR = ("numpy", "pandas")
 # Import names people type for distributions named otherwise.
-ALIASES = {"sklearn": "scikit-learn", "py": PYTHON}
+ALIASES = {"sklearn": "scikit-learn"}
 MAX_REPORTED = 32
 MAX_NAME_LENGTH = 64
 MAX_VERSION_LENGTH = 64

@@ -33,7 +33,7 @@ def success_rate(snapshot: Mapping[str, Any]) -> int | None:
 
     >>> success_rate({"total_tasks": 4, "tasks_completed": 3, "tasks_failed": 1})
     75
-    >>> success_rate({"total_tasks": 3, "tasks_completed": 1, "tasks_failed": 2,
+    >>> success_rate({"total_tasks": 9, "tasks_completed": 1, "tasks_failed": 3,
     ...               "tasks_not_sent": 2, "tasks_canceled": 5})
     50
     >>> success_rate({"total_tasks": 0}) is None
