@@ -157,10 +157,22 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
     join.add_argument(
         "--settle", type=float, default=10.0, help="seconds to wait for the room's peers to connect"
     )
-    join.add_argument("--ice-server", action="append", default=[], metavar="URL")
-    join.add_argument("--ice-username", default=None)
-    join.add_argument("--ice-credential", default=None)
-    join.add_argument("--ice-policy", choices=("all", "relay"), default=None)
+    join.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help=f"a STUN or TURN server, stun:HOST:3478 / turn:HOST:3478 (repeatable; default: "
+        f"${environment.ICE_SERVERS}, else the profile's ice.json, else what the server issues)",
+    )
+    join.add_argument("--ice-username", default=None, help="TURN user name")
+    join.add_argument("--ice-credential", default=None, help="TURN password")
+    join.add_argument(
+        "--ice-policy",
+        choices=("all", "relay"),
+        default=None,
+        help=f"relay: only TURN-relayed links (default: ${environment.ICE_POLICY}, else all)",
+    )
     local = sub.add_parser(
         "local",
         help="start a signaling server and N workers from this kernel, and join them",
