@@ -264,3 +264,12 @@ def test_swarm_join_with_no_server_says_how_to_get_one(shell: InteractiveShell) 
     assert time.monotonic() - started < 5.0
     assert isinstance(error, SignalingUnavailable) and error.reason == "signaling-unreachable"
     assert f"{url}/ws" in error.message and "%swarm local 2" in error.message
+
+
+def test_the_progress_line_says_what_a_task_without_a_peer_waits_for() -> None:
+    from swarm_notebook.notebook.handle import TaskProgress
+    from swarm_notebook.notebook.progress import describe
+
+    waiting = TaskProgress("t1", None, "submitted", 0, 0.4, None, "a capable peer's agent card")
+    line = describe(waiting, "python-computation")
+    assert line == "⏳ python-computation · waiting for a capable peer's agent card · 0.4 s"
