@@ -155,9 +155,11 @@ async def measure_messaging(ctx: SuiteContext, cfg: SwarmBenchConfig) -> None:
 
 @asynccontextmanager
 async def _workers(
-    url: str, room: str, home: str, n: int
+    url: str, room: str, home: str, n: int, *, isolated: bool = True
 ) -> AsyncIterator[list[asyncio.subprocess.Process]]:
     procs = []
+    # The unisolated variant exists only to measure what the sandbox costs.
+    unsafe = [] if isolated else ["--unsafe-no-isolation"]
     try:
         for i in range(n):
             procs.append(
@@ -171,13 +173,14 @@ async def _workers(
                     "--room",
                     room,
                     "--profile",
-                    os.path.join(home, f"worker{i}"),
+                    os.path.join(home, f"{room}-worker{i}"),
                     "--caps",
                     "python-execution",
                     "--concurrency",
                     "2",
                     "--name",
-                    f"bench-worker{i}",
+                    f"bench-{room}-worker{i}",
+                    *unsafe,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.DEVNULL,
                 )
