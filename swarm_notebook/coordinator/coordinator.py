@@ -25,6 +25,7 @@ from swarm_notebook.knowledge.service import KnowledgeService
 from swarm_notebook.knowledge.store import ReflectionStore
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
+from swarm_notebook.ledger.transfer import TransferHistory
 from swarm_notebook.membership.node import SwarmNode
 from swarm_notebook.membership.roster import with_member, without_member
 from swarm_notebook.protocol.values import DecodeBudget, decode_value, encode_value
@@ -44,6 +45,9 @@ from swarm_notebook.workload.task_server import TaskServer
 
 log = logging.getLogger(__name__)
 AUDIT_FLUSH_INTERVAL_S = 0.25
+# The dashboard's transfer-rate sparkline: one sample a second, five minutes kept.
+TRANSFER_SAMPLE_INTERVAL_S = 1.0
+TRANSFER_SAMPLES_KEPT = 300
 
 
 class SwarmCoordinator:
@@ -112,6 +116,7 @@ class SwarmCoordinator:
                 identity, config.room, profile_dir=profile_dir, trusted_owner=config.roster_owner
             ),
         )
+        self.transfer = TransferHistory(TRANSFER_SAMPLES_KEPT)
         self._background = OwnedTasks("coordinator")
         self.node.add_listener(self._peer_changed)
 
@@ -124,6 +129,7 @@ class SwarmCoordinator:
     async def start(self) -> None:
         await self.node.start()
         self._background.spawn(self._flush_audit_periodically(), name="audit-flush")
+        self._background.spawn(self._sample_transfer_periodically(), name="transfer-sampler")
         await self.init()
 
     async def _flush_audit_periodically(self) -> None:
@@ -132,6 +138,16 @@ class SwarmCoordinator:
         while True:
             await asyncio.sleep(AUDIT_FLUSH_INTERVAL_S)
             self.audit.flush()
+
+    async def _sample_transfer_periodically(self) -> None:
+        # Sampled here, on the network loop, so the history has no holes while a cell
+        # blocks the kernel; the dashboard reads it whenever it next draws.
+        while True:
+            totals = self.node.transport.stats()
+            bytes_in, bytes_out = _total(totals, "bytes_in"), _total(totals, "bytes_out")
+            self.transfer.record(time.time(), bytes_in, bytes_out)
+            self.events.emit("transfer:sampled", None)
+            await asyncio.sleep(TRANSFER_SAMPLE_INTERVAL_S)
 
     async def init(self) -> list[str]:
         """Detect capabilities, (re)build executors and advertise a fresh agent card.
@@ -439,6 +455,10 @@ class SwarmCoordinator:
         ][:20]
         snapshot["latest_consensus"] = self.consensus.latest()
         snapshot["latest_reflections"] = self.knowledge.latest_reflections(5)
+        snapshot["transfer_rate"] = {
+            "interval_s": TRANSFER_SAMPLE_INTERVAL_S,
+            "samples": self.transfer.as_rows(),
+        }
         return snapshot
 
     def task_records(self) -> list[dict[str, Any]]:
@@ -515,3 +535,9 @@ class SwarmCoordinator:
         finally:
             unsubscribe()
         return pending()
+
+
+def _total(stats: dict[str, object], key: str) -> int:
+    """A byte total from transport stats; 0 for a transport that does not count it."""
+    value = stats.get(key, 0)
+    return value if isinstance(value, int) else 0

@@ -76,6 +76,7 @@ class DisplayLimits:
             "tasks_in_flight": 50,
             "latest_reflections": 20,
             "capabilities": 50,
+            "recent_tasks": 20,
         }
     )
     default_list_items: int = 100
@@ -236,6 +237,10 @@ class SwarmDashboard(anywidget.AnyWidget):
 
     def _status_for(self, shown: Mapping[str, Any]) -> dict[str, Any]:
         status: dict[str, Any] = dict(dashboard_status(shown))
+        summary = shown.get("task_summary")
+        if isinstance(summary, Mapping) and "success_rate" in summary:
+            # Counted from the task records: None (shown "-") until a task reached a peer.
+            status["success_rate"] = summary["success_rate"]
         status["error"] = self._error
         if self._error is not None:
             status["message"] = self._error["message"]
