@@ -7,10 +7,12 @@ const PEER_ID_CHARS = 16;
 const SVG_NS = "http://www.w3.org/2000/svg";
 // The task stream zooms to recent activity, never closer than this many seconds.
 const STREAM_MIN_SPAN_S = 10;
-const SPARK_MIN_SPAN_S = 60;
+const SPARK_MIN_SPAN_S = 30;
 // A finished task lasting a few milliseconds still gets a bar one can see and hover.
-const MIN_BAR_UNITS = 3;
+const MIN_BAR_UNITS = 6;
 const STREAM_UNITS = 1000;
+const ROW_UNITS = 10;
+const ROW_PX = 12;
 const SPARK_WIDTH = 300;
 const SPARK_HEIGHT = 40;
 // Below this rate the sparkline stays flat instead of magnifying heartbeats.
@@ -370,10 +372,11 @@ function laneLabel(lane) {
 function taskStream(stream, now, taskStates) {
   const lanes = list(stream && stream.lanes);
   const bars = list(stream && stream.bars);
+  const windowS = count(stream && stream.window_s) || 300;
   if (lanes.length === 0) {
-    return h("div", { cls: "swarm-nb-muted", text: "No tasks sent to peers in the last minutes" });
+    const minutes = Math.round(windowS / 60);
+    return h("div", { cls: "swarm-nb-muted", text: `No tasks ran on peers in the last ${minutes} min` });
   }
-  const windowS = count(stream.window_s) || 300;
   const earliest = Math.min(...bars.map((bar) => count(bar.start)));
   const span = Math.min(windowS, Math.max(STREAM_MIN_SPAN_S, now - earliest + 1));
   const x = (t) => Math.max(0, Math.min(STREAM_UNITS, ((t - (now - span)) / span) * STREAM_UNITS));
@@ -383,32 +386,49 @@ function taskStream(stream, now, taskStates) {
     if (Number.isInteger(lane) && lane >= 0 && lane < lanes.length) byLane[lane].push(bar);
   }
   const rows = lanes.map((lane, index) => {
-    const rects = byLane[index].map((bar) => {
+    // Tasks that overlap on one peer (its concurrency) stack in rows, like Dask's threads.
+    const slotEnds = [];
+    const placed = byLane[index]
+      .slice()
+      .sort((a, b) => count(a.start) - count(b.start))
+      .map((bar) => {
+        const running = bar.end === null || bar.end === undefined;
+        const start = x(count(bar.start));
+        const end = Math.max(start + MIN_BAR_UNITS, x(running ? now : count(bar.end)));
+        let slot = slotEnds.findIndex((busyUntil) => busyUntil <= start);
+        if (slot === -1) slot = slotEnds.push(0) - 1;
+        slotEnds[slot] = end;
+        return { bar, running, start, end, slot };
+      });
+    const slots = Math.max(1, slotEnds.length);
+    const rects = placed.map(({ bar, running, start, end, slot }) => {
       const state = taskStates.includes(bar.state) ? bar.state : "unknown";
-      const running = bar.end === null || bar.end === undefined;
-      const start = x(count(bar.start));
-      const end = x(running ? now : count(bar.end));
-      const rect = svg(
+      const took = running ? "running" : seconds(count(bar.end) - count(bar.start));
+      return svg(
         "rect",
         {
           class: `swarm-nb-ts-bar swarm-nb-ts--${state}`,
           x: start.toFixed(1),
-          y: 1,
-          width: Math.max(MIN_BAR_UNITS, end - start).toFixed(1),
-          height: 14,
-          rx: 1.5,
+          y: slot * ROW_UNITS + 1,
+          width: (end - start).toFixed(1),
+          height: ROW_UNITS - 2,
           "data-testid": "stream-bar",
           "data-state": state,
+          "vector-effect": "non-scaling-stroke",
         },
-        [svgTitle(`${text(bar.type)} ${shortId(bar.id)} · ${text(bar.state)}${running ? "" : ` · ${seconds(count(bar.end) - count(bar.start))}`}`)],
+        [svgTitle(`${text(bar.type)} ${shortId(bar.id)} · ${text(bar.state)} · ${took}`)],
       );
-      return rect;
     });
     const plot = svg(
       "svg",
-      { class: "swarm-nb-ts-plot", viewBox: `0 0 ${STREAM_UNITS} 16`, preserveAspectRatio: "none" },
+      {
+        class: "swarm-nb-ts-plot",
+        viewBox: `0 0 ${STREAM_UNITS} ${slots * ROW_UNITS}`,
+        preserveAspectRatio: "none",
+      },
       rects,
     );
+    plot.style.height = `${slots * ROW_PX}px`;
     const row = h("div", { cls: "swarm-nb-ts-lane", testid: "stream-lane" }, [laneLabel(lane), plot]);
     row.dataset.peer = text(lane.peer);
     return row;
