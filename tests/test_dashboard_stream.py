@@ -26,6 +26,7 @@ from swarm_notebook.notebook.widget import SwarmDashboard
 from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
 from swarm_notebook.views.task_stream import recent_tasks, task_stream, task_summary
 from swarm_notebook.workload.executors.capabilities import ExecutorConfig
+from swarm_notebook.workload.records import TaskLog, TaskRecord, TaskState
 from tests.test_widget import RecordingComm, Signal, channel_of
 
 pytestmark = pytest.mark.timeout(60)
@@ -244,3 +245,12 @@ async def test_dashboard_sends_task_stream_recent_tasks_and_transfer_rates(
         assert times == sorted(times)
     finally:
         await dashboard.aclose()
+
+
+def test_recent_records_are_bounded_and_keep_older_running_tasks() -> None:
+    log = TaskLog(limit=100)
+    for i in range(50):
+        log.add(TaskRecord(id=f"t{i}", type="x", role="delegated", state=TaskState.COMPLETED))
+    log.get("t3").state = TaskState.WORKING  # type: ignore[union-attr]
+    assert [r.id for r in log.recent(5)] == ["t3", "t45", "t46", "t47", "t48", "t49"]
+    assert [r.id for r in log.recent(100)] == [f"t{i}" for i in range(50)]

@@ -461,8 +461,10 @@ class SwarmCoordinator:
         }
         return snapshot
 
-    def task_records(self) -> list[dict[str, Any]]:
-        return [r.as_dict() for r in self.tasks.all()]
+    def task_records(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Every record, or (``limit``) the most recent ones and any still running."""
+        records = self.tasks.all() if limit is None else self.tasks.recent(limit)
+        return [r.as_dict() for r in records]
 
     def task_record(self, task_id: str) -> dict[str, Any] | None:
         record = self.tasks.get(task_id)

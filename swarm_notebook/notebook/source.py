@@ -11,7 +11,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from swarm_notebook.views.task_stream import recent_tasks, task_stream, task_summary
+from swarm_notebook.views.task_stream import (
+    STREAM_MAX_BARS,
+    recent_tasks,
+    task_stream,
+    task_summary,
+)
 
 if TYPE_CHECKING:
     from swarm_notebook.client import Coordinator
@@ -61,7 +66,9 @@ class CoordinatorSource:
     def dashboard_snapshot(self) -> dict[str, Any]:
         # After leave() this still reads the last state, marked not initialized (disabled).
         snapshot = self._coordinator.dashboard_snapshot()
-        return with_task_views(snapshot, self._coordinator.task_records(), self._clock())
+        # Bounded read: the stream shows at most this many bars, whatever the log holds.
+        records = self._coordinator.task_records(limit=STREAM_MAX_BARS)
+        return with_task_views(snapshot, records, self._clock())
 
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
         unsubscribes = [

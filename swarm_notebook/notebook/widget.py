@@ -238,9 +238,10 @@ class SwarmDashboard(anywidget.AnyWidget):
     def _status_for(self, shown: Mapping[str, Any]) -> dict[str, Any]:
         status: dict[str, Any] = dict(dashboard_status(shown))
         summary = shown.get("task_summary")
-        if isinstance(summary, Mapping) and "success_rate" in summary:
-            # Counted from the task records: None (shown "-") until a task reached a peer.
-            status["success_rate"] = summary["success_rate"]
+        if "tasks_not_sent" not in shown and isinstance(summary, Mapping):
+            # Counters that cannot tell local refusals from the swarm's failures: count
+            # the recent records instead (None, shown "-", until a task reached a peer).
+            status["success_rate"] = summary.get("success_rate")
         status["error"] = self._error
         if self._error is not None:
             status["message"] = self._error["message"]
