@@ -700,13 +700,24 @@ export default {
       if (marked || el.closest(".jupyter-widgets") === null) markDisconnected();
     }
 
+    // A kernel shut down (not restarted) closes no comm and fires no event: JupyterLab's
+    // widget manager then has no live kernel. Hosts without that property are skipped.
+    function kernelGone() {
+      const manager = model.widget_manager;
+      if (!manager || typeof manager !== "object" || !("kernel" in manager)) return false;
+      const kernel = manager.kernel;
+      return !kernel || kernel.isDisposed === true || kernel.status === "dead";
+    }
+
     render();
     const events = ["change:snapshot", "change:status", "change:busy"];
     for (const event of events) model.on(event, scheduleRender);
     model.on("comm_live_update", commLiveChanged);
     // Bars and samples move with time between kernel updates: redraw those two each second.
     const ticker = setInterval(() => {
-      if (!closed && !disconnected) drawLive();
+      if (closed || disconnected) return;
+      if (kernelGone()) markDisconnected();
+      else drawLive();
     }, 1000);
     return () => {
       closed = true;

@@ -207,3 +207,23 @@ def test_kernel_restart_shows_a_disconnected_panel(lab: LabServer, page: Page) -
     view.scroll_into_view_if_needed()
     screenshot(view, "dashboard-disconnected-panel")
     assert problems == [], problems
+
+
+def test_kernel_shutdown_shows_a_disconnected_panel(lab: LabServer, page: Page) -> None:
+    # A shut-down kernel closes no comm and fires no widget event (unlike a restart): the
+    # panel must notice by itself, before anyone clicks.
+    write_notebook(lab.root_dir, "shutdown.ipynb", [join_cell("shutdown")])
+    problems = watch_page(page, lab)
+    open_notebook(page, lab, "shutdown.ipynb")
+    select_first_cell(page)
+    run_cell_and_advance(page)
+    view = panel(page)
+    expect(view.get_by_test_id("status-state")).to_have_text("active", timeout=LONG_MS)
+
+    menu(page, "Kernel", "Shut Down Kernel")
+    expect(view.get_by_test_id("status-state")).to_have_text("disconnected", timeout=30_000)
+    expect(view.get_by_test_id("reconnect-help")).to_contain_text("%swarm dashboard")
+    expect(view.get_by_test_id("peer-row")).to_have_count(0)
+    view.get_by_test_id("init-button").click()
+    expect(view.get_by_test_id("reinitialize-unavailable")).to_be_visible()
+    assert problems == [], problems
