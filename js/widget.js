@@ -98,12 +98,6 @@ function statCard(label, value, testid, tone) {
   ]);
 }
 
-// None from the kernel (no task counted yet) reads "-", never a made-up 100 %.
-function percent(value) {
-  const n = Number(value);
-  return value === null || value === undefined || !Number.isFinite(n) ? "-" : `${Math.round(n)}%`;
-}
-
 function header(status) {
   const state = STATES.includes(status.state) || status.state === "disconnected" ? status.state : "disabled";
   return h("div", { cls: "swarm-nb-header" }, [
@@ -657,7 +651,7 @@ export default {
         errorBanner(status) || "",
         h("div", { cls: "swarm-nb-stats" }, [
           statCard("Tasks", count(snapshot.total_tasks), "stat-tasks", "active"),
-          statCard("Success", percent(status.success_rate), "stat-success", "success"),
+          statCard("Success", status.success_rate == null ? "-" : `${count(status.success_rate)}%`, "stat-success", "success"),
           statCard("Patterns", count(snapshot.patterns_shared), "stat-patterns", "pattern"),
         ]),
         section("status", "Swarm Status", swarmStatus(snapshot)),
