@@ -71,6 +71,7 @@ class SwarmCoordinator:
         self._decode_logged: set[tuple[str | None, str]] = set()
         self.stats = CoordinationStats()
         self.tasks = TaskLog()
+        self.transfer = TransferHistory(TRANSFER_SAMPLES_KEPT)
         self.audit = AuditLog(profile_dir / "audit.sqlite3")
         self.reflections = ReflectionStore(profile_dir / "reflections.sqlite3")
         self.initialized = False
@@ -116,7 +117,6 @@ class SwarmCoordinator:
                 identity, config.room, profile_dir=profile_dir, trusted_owner=config.roster_owner
             ),
         )
-        self.transfer = TransferHistory(TRANSFER_SAMPLES_KEPT)
         self._background = OwnedTasks("coordinator")
         self.node.add_listener(self._peer_changed)
 
