@@ -25,7 +25,7 @@ from swarm_notebook.knowledge.service import KnowledgeService
 from swarm_notebook.knowledge.store import ReflectionStore
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
-from swarm_notebook.ledger.transfer import TransferHistory
+from swarm_notebook.ledger.transfer import SAMPLE_INTERVAL_S, TransferHistory, byte_totals
 from swarm_notebook.membership.node import SwarmNode
 from swarm_notebook.membership.roster import with_member, without_member
 from swarm_notebook.protocol.values import DecodeBudget, decode_value, encode_value
@@ -45,9 +45,6 @@ from swarm_notebook.workload.task_server import TaskServer
 
 log = logging.getLogger(__name__)
 AUDIT_FLUSH_INTERVAL_S = 0.25
-# The dashboard's transfer-rate sparkline: one sample a second, five minutes kept.
-TRANSFER_SAMPLE_INTERVAL_S = 1.0
-TRANSFER_SAMPLES_KEPT = 300
 
 
 class SwarmCoordinator:
@@ -71,7 +68,7 @@ class SwarmCoordinator:
         self._decode_logged: set[tuple[str | None, str]] = set()
         self.stats = CoordinationStats()
         self.tasks = TaskLog()
-        self.transfer = TransferHistory(TRANSFER_SAMPLES_KEPT)
+        self.transfer = TransferHistory()
         self.audit = AuditLog(profile_dir / "audit.sqlite3")
         self.reflections = ReflectionStore(profile_dir / "reflections.sqlite3")
         self.initialized = False
@@ -143,11 +140,9 @@ class SwarmCoordinator:
         # Sampled here, on the network loop, so the history has no holes while a cell
         # blocks the kernel; the dashboard reads it whenever it next draws.
         while True:
-            totals = self.node.transport.stats()
-            bytes_in, bytes_out = _total(totals, "bytes_in"), _total(totals, "bytes_out")
-            self.transfer.record(time.time(), bytes_in, bytes_out)
+            self.transfer.record(time.time(), *byte_totals(self.node.transport.stats()))
             self.events.emit("transfer:sampled", None)
-            await asyncio.sleep(TRANSFER_SAMPLE_INTERVAL_S)
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     async def init(self) -> list[str]:
         """Detect capabilities, (re)build executors and advertise a fresh agent card.
@@ -456,7 +451,7 @@ class SwarmCoordinator:
         snapshot["latest_consensus"] = self.consensus.latest()
         snapshot["latest_reflections"] = self.knowledge.latest_reflections(5)
         snapshot["transfer_rate"] = {
-            "interval_s": TRANSFER_SAMPLE_INTERVAL_S,
+            "interval_s": SAMPLE_INTERVAL_S,
             "samples": self.transfer.as_rows(),
         }
         return snapshot
@@ -537,9 +532,3 @@ class SwarmCoordinator:
         finally:
             unsubscribe()
         return pending()
-
-
-def _total(stats: dict[str, object], key: str) -> int:
-    """A byte total from transport stats; 0 for a transport that does not count it."""
-    value = stats.get(key, 0)
-    return value if isinstance(value, int) else 0

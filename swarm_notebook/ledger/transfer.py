@@ -7,7 +7,25 @@ coordinator reads the totals once a second and this history turns them into rate
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+# The dashboard's transfer-rate sparkline: one sample a second, five minutes kept.
+SAMPLE_INTERVAL_S = 1.0
+SAMPLES_KEPT = 300
+
+
+def byte_totals(stats: Mapping[str, object]) -> tuple[int, int]:
+    """(bytes in, bytes out) from a transport's ``stats()``; 0 where it does not count.
+
+    >>> byte_totals({"bytes_in": 10, "bytes_out": 4}), byte_totals({})
+    ((10, 4), (0, 0))
+    """
+    bytes_in, bytes_out = stats.get("bytes_in"), stats.get("bytes_out")
+    return (
+        bytes_in if isinstance(bytes_in, int) else 0,
+        bytes_out if isinstance(bytes_out, int) else 0,
+    )
 
 
 @dataclass(frozen=True)
@@ -29,7 +47,7 @@ class TransferHistory:
     [TransferSample(timestamp=11.0, in_rate=2000.0, out_rate=500.0)]
     """
 
-    def __init__(self, limit: int = 300) -> None:
+    def __init__(self, limit: int = SAMPLES_KEPT) -> None:
         self._samples: deque[TransferSample] = deque(maxlen=limit)
         self._last: tuple[float, int, int] | None = None
 
