@@ -13,6 +13,8 @@ const MIN_BAR_UNITS = 6;
 const STREAM_UNITS = 1000;
 const ROW_UNITS = 10;
 const ROW_PX = 12;
+// A peer running many tasks at once gets this many rows at most; the rest overlap.
+const MAX_ROWS = 8;
 const SPARK_WIDTH = 300;
 const SPARK_HEIGHT = 40;
 // Below this rate the sparkline stays flat instead of magnifying heartbeats.
@@ -390,8 +392,8 @@ function taskStream(stream, now, taskStates) {
         const start = x(count(bar.start));
         const end = Math.max(start + MIN_BAR_UNITS, x(running ? now : count(bar.end)));
         let slot = slotEnds.findIndex((busyUntil) => busyUntil <= start);
-        if (slot === -1) slot = slotEnds.push(0) - 1;
-        slotEnds[slot] = end;
+        if (slot === -1) slot = slotEnds.length < MAX_ROWS ? slotEnds.push(0) - 1 : MAX_ROWS - 1;
+        slotEnds[slot] = Math.max(slotEnds[slot], end);
         return { bar, running, start, end, slot };
       });
     const slots = Math.max(1, slotEnds.length);
@@ -687,13 +689,6 @@ export default {
       });
     }
 
-    // ipywidgets fires this when the kernel restarts or dies (comm_live becomes false) and
-    // marks the view's node; a live comm is only ever announced before the view exists.
-    function commLiveChanged() {
-      const marked = el.closest(".jupyter-widgets-disconnected") !== null;
-      if (marked || el.closest(".jupyter-widgets") === null) markDisconnected();
-    }
-
     // A kernel shut down (not restarted) closes no comm and fires no event: JupyterLab's
     // widget manager then has no live kernel. Hosts without that property are skipped.
     function kernelGone() {
@@ -706,7 +701,9 @@ export default {
     render();
     const events = ["change:snapshot", "change:status", "change:busy"];
     for (const event of events) model.on(event, scheduleRender);
-    model.on("comm_live_update", commLiveChanged);
+    // ipywidgets fires this when the kernel restarts (comm_live becomes false); a live comm
+    // is only announced while the model is built, before any view, so here it means gone.
+    model.on("comm_live_update", markDisconnected);
     // Bars and samples move with time between kernel updates: redraw those two each second.
     const ticker = setInterval(() => {
       if (closed || disconnected) return;
@@ -717,7 +714,7 @@ export default {
       closed = true;
       clearInterval(ticker);
       for (const event of events) model.off(event, scheduleRender);
-      model.off("comm_live_update", commLiveChanged);
+      model.off("comm_live_update", markDisconnected);
       root.remove();
     };
   },
