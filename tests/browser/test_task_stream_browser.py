@@ -67,6 +67,17 @@ except Exception as error:  # the remote ZeroDivisionError
 print("doubled:", doubled)
 """
 
+RUNNING_CELL = """
+def nap(seconds):
+    import time
+
+    time.sleep(seconds)  # the task's own work: it must still run while the test looks
+    return seconds
+
+
+napping = c.submit(nap, 4.0)
+"""
+
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
@@ -115,7 +126,8 @@ def join_cell(profile: str) -> str:
 
 
 def test_task_stream_and_sparkline_show_real_tasks(lab: LabServer, page: Page) -> None:
-    write_notebook(lab.root_dir, "task_stream.ipynb", [join_cell("stream"), TASKS_CELL])
+    cells = [join_cell("stream"), TASKS_CELL, RUNNING_CELL, "await napping"]
+    write_notebook(lab.root_dir, "task_stream.ipynb", cells)
     problems = watch_page(page, lab)
     open_notebook(page, lab, "task_stream.ipynb")
     select_first_cell(page)
@@ -171,6 +183,13 @@ def test_task_stream_and_sparkline_show_real_tasks(lab: LabServer, page: Page) -
     view.scroll_into_view_if_needed()
     screenshot(view, "task-stream-dark-panel")
     set_theme(page, "JupyterLab Light")
+
+    # A task still running draws as an open bar that turns completed when it ends.
+    run_cell_and_advance(page)
+    expect(stream.locator('[data-state="working"]')).to_have_count(1, timeout=60_000)
+    run_cell_and_advance(page)
+    expect(stream.locator('[data-state="completed"]')).to_have_count(7, timeout=60_000)
+    expect(stream.locator('[data-state="working"]')).to_have_count(0)
     assert problems == [], problems
 
 
