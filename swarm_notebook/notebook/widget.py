@@ -120,7 +120,10 @@ def display_snapshot(snapshot: Mapping[str, Any], limits: DisplayLimits) -> dict
 
 
 class SwarmDashboard(anywidget.AnyWidget):
-    """Live panel of a swarm: stats, peers, tasks in flight, consensus and reflections.
+    """Live panel of a swarm: stats, peers, the task stream (a lane per peer, a bar per
+    task coloured by state), the transfer-rate sparkline, tasks in flight and recently
+    finished, consensus and reflections. After a kernel restart or shutdown the view says
+    it is disconnected and how to get a live panel again.
 
     >>> dashboard = SwarmDashboard(coordinator)  # doctest: +SKIP
     >>> dashboard  # doctest: +SKIP
