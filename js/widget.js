@@ -559,9 +559,15 @@ export default {
     // Set when the kernel side is gone (restart, shutdown): nothing can be sent any more.
     let disconnected = false;
     let reinitializeClicked = false;
-    // Kernel clock minus this page's clock, estimated when a snapshot arrives, so bars and
+    // Kernel clock minus this page's clock, estimated when live data arrives, so bars and
     // samples (kernel timestamps) slide left in real time between updates.
     let clockOffset = 0;
+
+    function liveChanged() {
+      const now = Number((model.get("live") || {}).now);
+      if (Number.isFinite(now)) clockOffset = now - Date.now() / 1000;
+      if (!closed && !disconnected) drawLive();
+    }
 
     function kernelNow() {
       return Date.now() / 1000 + clockOffset;
@@ -628,7 +634,8 @@ export default {
       const stream = root.querySelector('[data-testid="task-stream"]');
       if (stream) stream.replaceChildren(taskStream(snapshot.task_stream, kernelNow(), taskStates));
       const spark = root.querySelector('[data-testid="transfer"]');
-      if (spark) spark.replaceChildren(sparkline(snapshot.transfer_rate, kernelNow()));
+      const live = model.get("live") || {};
+      if (spark) spark.replaceChildren(sparkline(live.transfer_rate, kernelNow()));
     }
 
     function render() {
@@ -645,8 +652,6 @@ export default {
       const scrollTop = scroller ? scroller.scrollTop : 0;
       const peers = list(snapshot.peers);
       const last = snapshot.last_activity;
-      const streamNow = Number(snapshot.task_stream && snapshot.task_stream.now);
-      if (Number.isFinite(streamNow)) clockOffset = streamNow - Date.now() / 1000;
       root.dataset.state = STATES.includes(status.state) ? status.state : "disabled";
       root.replaceChildren(
         header(status),
@@ -698,9 +703,12 @@ export default {
       return !kernel || kernel.isDisposed === true || kernel.status === "dead";
     }
 
+    liveChanged();
     render();
     const events = ["change:snapshot", "change:status", "change:busy"];
     for (const event of events) model.on(event, scheduleRender);
+    // The rates change every second: redraw only the stream and the sparkline for them.
+    model.on("change:live", liveChanged);
     // ipywidgets fires this when the kernel restarts (comm_live becomes false); a live comm
     // is only announced while the model is built, before any view, so here it means gone.
     model.on("comm_live_update", markDisconnected);
@@ -715,6 +723,7 @@ export default {
       clearInterval(ticker);
       for (const event of events) model.off(event, scheduleRender);
       model.off("comm_live_update", markDisconnected);
+      model.off("change:live", liveChanged);
       root.remove();
     };
   },

@@ -7,6 +7,7 @@ coordinators over the in-memory network behind the real ``Coordinator`` facade, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def test_stream_has_a_lane_per_peer_and_a_bar_per_task_in_the_window() -> None:
     assert (bars["a1"]["lane"], bars["a1"]["state"], bars["a1"]["start"]) == (0, "completed", 800.0)
     assert (bars["b1"]["lane"], bars["b1"]["end"]) == (1, 852.5)
     assert bars["a2"]["end"] is None and bars["a2"]["state"] == "working"
-    assert stream["omitted"] == 0 and stream["now"] == 1000.0
+    assert stream["omitted"] == 0 and stream["window_s"] == 300
 
 
 def test_stream_keeps_only_the_newest_bars_and_counts_the_rest() -> None:
@@ -233,16 +234,24 @@ async def test_dashboard_sends_task_stream_recent_tasks_and_transfer_rates(
         assert dashboard.status["success_rate"] == 75
 
         # The sparkline: per-second samples from the transport's byte counters, some of
-        # them showing the bytes the four requests moved.
+        # them showing the bytes the requests moved; they travel in the "live" trait.
         def moved() -> bool:
-            rows = dashboard.snapshot.get("transfer_rate", {}).get("samples", [])
+            rows = dashboard.live.get("transfer_rate", {}).get("samples", [])
             return any(row[1] > 0 and row[2] > 0 for row in rows)
 
         await signal.until(moved, timeout=20)
-        transfer = dashboard.snapshot["transfer_rate"]
+        transfer = dashboard.live["transfer_rate"]
         assert transfer["interval_s"] == 1.0
         times = [row[0] for row in transfer["samples"]]
         assert times == sorted(times)
+        assert "transfer_rate" not in dashboard.snapshot
+
+        # A new sample each second re-sends the few rates, not the whole snapshot again.
+        lives, states = len(channel.updates("live")), len(channel.updates("snapshot"))
+        await signal.until(lambda: len(channel.updates("live")) >= lives + 2, timeout=20)
+        assert len(channel.updates("snapshot")) == states
+        now = dashboard.live["now"]
+        assert abs(now - time.time()) < 60 and now > times[-1] - 5
     finally:
         await dashboard.aclose()
 

@@ -35,7 +35,6 @@ class StreamBar(TypedDict):
 
 
 class TaskStream(TypedDict):
-    now: float
     window_s: float
     lanes: list[StreamLane]
     bars: list[StreamBar]
@@ -153,7 +152,6 @@ def task_stream(
     peers = sorted({str(r["peer"]) for _, r in shown}, key=lambda p: (names.get(p) or "~", p))
     lane_of = {peer: index for index, peer in enumerate(peers)}
     return TaskStream(
-        now=now,
         window_s=window_s,
         lanes=[StreamLane(peer=p, name=names.get(p)) for p in peers],
         bars=[

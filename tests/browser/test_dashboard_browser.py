@@ -103,7 +103,7 @@ source.update(
                          {{"category": "bug", "outcome": "failure",
                            "description": "retry on timeout", "shared_from": None,
                            "timestamp": now}}],
-    task_stream={{"now": now, "window_s": 300, "omitted": 0,
+    task_stream={{"window_s": 300, "omitted": 0,
                   "lanes": [{{"peer": {EVIL_PEER!r}, "name": "<b>evil lane</b>"}}],
                   "bars": [{{"id": "t1", "type": "<b>x</b>", "lane": 0, "state": "completed",
                              "start": now - 3, "end": now - 1}},
