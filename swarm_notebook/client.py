@@ -442,8 +442,9 @@ class Coordinator:
     def dashboard_snapshot(self) -> dict[str, Any]:
         return self._read(self._core.dashboard_snapshot)
 
-    def task_records(self) -> list[dict[str, Any]]:
-        return self._read(self._core.task_records)
+    def task_records(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Task records, oldest first; ``limit``: the most recent ones and any running."""
+        return self._read(lambda: self._core.task_records(limit))
 
     def task_record(self, task_id: str) -> dict[str, Any] | None:
         """One task's record (``state``, ``peer``, ``attempts``...), None if unknown."""

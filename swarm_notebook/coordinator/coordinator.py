@@ -25,6 +25,7 @@ from swarm_notebook.knowledge.service import KnowledgeService
 from swarm_notebook.knowledge.store import ReflectionStore
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
+from swarm_notebook.ledger.transfer import SAMPLE_INTERVAL_S, TransferHistory, byte_totals
 from swarm_notebook.membership.node import SwarmNode
 from swarm_notebook.membership.roster import with_member, without_member
 from swarm_notebook.protocol.values import DecodeBudget, decode_value, encode_value
@@ -67,6 +68,7 @@ class SwarmCoordinator:
         self._decode_logged: set[tuple[str | None, str]] = set()
         self.stats = CoordinationStats()
         self.tasks = TaskLog()
+        self.transfer = TransferHistory()
         self.audit = AuditLog(profile_dir / "audit.sqlite3")
         self.reflections = ReflectionStore(profile_dir / "reflections.sqlite3")
         self.initialized = False
@@ -124,6 +126,7 @@ class SwarmCoordinator:
     async def start(self) -> None:
         await self.node.start()
         self._background.spawn(self._flush_audit_periodically(), name="audit-flush")
+        self._background.spawn(self._sample_transfer_periodically(), name="transfer-sampler")
         await self.init()
 
     async def _flush_audit_periodically(self) -> None:
@@ -132,6 +135,14 @@ class SwarmCoordinator:
         while True:
             await asyncio.sleep(AUDIT_FLUSH_INTERVAL_S)
             self.audit.flush()
+
+    async def _sample_transfer_periodically(self) -> None:
+        # Sampled here, on the network loop, so the history has no holes while a cell
+        # blocks the kernel; the dashboard reads it whenever it next draws.
+        while True:
+            self.transfer.record(time.time(), *byte_totals(self.node.transport.stats()))
+            self.events.emit("transfer:sampled", None)
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     async def init(self) -> list[str]:
         """Detect capabilities, (re)build executors and advertise a fresh agent card.
@@ -439,10 +450,16 @@ class SwarmCoordinator:
         ][:20]
         snapshot["latest_consensus"] = self.consensus.latest()
         snapshot["latest_reflections"] = self.knowledge.latest_reflections(5)
+        snapshot["transfer_rate"] = {
+            "interval_s": SAMPLE_INTERVAL_S,
+            "samples": self.transfer.as_rows(),
+        }
         return snapshot
 
-    def task_records(self) -> list[dict[str, Any]]:
-        return [r.as_dict() for r in self.tasks.all()]
+    def task_records(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Every record, or (``limit``) the most recent ones and any still running."""
+        records = self.tasks.all() if limit is None else self.tasks.recent(limit)
+        return [r.as_dict() for r in records]
 
     def task_record(self, task_id: str) -> dict[str, Any] | None:
         record = self.tasks.get(task_id)

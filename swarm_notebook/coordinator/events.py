@@ -30,6 +30,7 @@ EVENTS = (
     "task:canceled",
     "task:rejected",
     "stats:changed",
+    "transfer:sampled",
 )
 
 
