@@ -267,25 +267,46 @@ class Coordinator:
         timeout: float | None = None,
         peer: str | None = None,
         max_attempts: int | None = None,
+        on_output: Callable[[str, str], Any] | None = None,
     ) -> SubmittedTask:
         """Start ``delegate_task`` on the network thread and return at once.
 
         Usable from synchronous code (a blocking cell, a magic, another thread); the
-        future follows ``delegate_task``'s failure rule.
+        future follows ``delegate_task``'s failure rule. ``on_output(stream, text)`` is
+        called with what the task prints while it runs (on the loop that called this, if
+        one is running; else on the swarm's thread, so keep it short).
         """
         self._require_joined()
         task_id = uuid.uuid4().hex
-        future = self._runner.submit(
-            self._core.delegate_task(
-                task_type,
-                data,
-                timeout=timeout,
-                peer=peer,
-                task_id=task_id,
-                max_attempts=max_attempts,
-            )
-        )
+        core = self._core
+        watcher = _on_callers_loop(on_output) if on_output is not None else None
+
+        async def run() -> dict[str, Any]:
+            # Watching starts before the task is sent, so no early output is missed.
+            unwatch = core.watch_output(task_id, watcher) if watcher is not None else None
+            try:
+                return await core.delegate_task(
+                    task_type,
+                    data,
+                    timeout=timeout,
+                    peer=peer,
+                    task_id=task_id,
+                    max_attempts=max_attempts,
+                )
+            finally:
+                if unwatch is not None:
+                    unwatch()
+
+        future = self._runner.submit(run())
         return SubmittedTask(self, task_id, future)
+
+    def task_output(self, task_id: str) -> dict[str, str] | None:
+        """What a running (or recent) delegated task printed so far, as it arrived.
+
+        >>> c.task_output(task.task_id)["stdout"]   # doctest: +SKIP
+        'epoch 1 loss 0.31\n'
+        """
+        return self._read(lambda: self._core.task_output(task_id))
 
     # -- futures (the API ipyparallel and Dask users know) -----------------------------
 
@@ -297,6 +318,7 @@ class Coordinator:
         peer: str | None = None,
         timeout: float | None = None,
         retries: int | None = None,
+        on_output: Callable[[str, str], Any] | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on a capable peer; returns a ``TaskFuture`` at once.
@@ -305,14 +327,17 @@ class Coordinator:
         the result travel through the safe codec (DataFrames as Arrow). ``await fut`` or
         ``fut.result()`` gives the value, or raises ``RemoteTaskError`` with the remote
         traceback. ``retries`` bounds how many other peers may take over when a peer dies,
-        times out or refuses; the function's own errors are never retried.
+        times out or refuses; the function's own errors are never retried. What it prints
+        shows in ``fut.stdout`` / ``fut.stderr`` while it runs, and goes to
+        ``on_output(stream, text)`` if given.
 
         >>> fut = c.submit(total, df, column="v")   # doctest: +SKIP
         >>> await fut                               # doctest: +SKIP
         42.0
         """
         self._require_joined()
-        return submit_function(self, fn, args, kwargs, SubmitOptions(peer, timeout, retries))
+        options = SubmitOptions(peer, timeout, retries, on_output)
+        return submit_function(self, fn, args, kwargs, options)
 
     def map(
         self,
@@ -322,18 +347,20 @@ class Coordinator:
         peer: str | None = None,
         timeout: float | None = None,
         retries: int | None = None,
+        progress: bool | None = None,
     ) -> list[ItemFuture]:
         """``fn`` over the items (zipped like ``map``): one future per item, in order.
 
         Items travel ``chunksize`` to a task (one message per chunk, not per item);
-        cancelling an item's future cancels its chunk.
+        cancelling an item's future cancels its chunk. ``progress`` shows one bar over
+        the items with a count per peer (default: in a notebook, not in scripts).
 
         >>> c.gather(c.map(square, range(1000), chunksize=100))[:3]   # doctest: +SKIP
         [0, 1, 4]
         """
         self._require_joined()
         options = SubmitOptions(peer, timeout, retries)
-        return map_items(self, fn, iterables, options, chunksize)
+        return map_items(self, fn, iterables, options, chunksize, progress)
 
     def gather(self, futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
         """The results of ``futures``, in order (blocks; raises the first error)."""
@@ -497,6 +524,25 @@ class Coordinator:
         from swarm_notebook.notebook.widget import SwarmDashboard
 
         return SwarmDashboard(CoordinatorSource(self))
+
+
+def _on_callers_loop(callback: Callable[[str, str], Any]) -> Callable[[str, str], None]:
+    """``callback`` moved to the loop running now (the kernel's), if there is one."""
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+
+    def forward(stream: str, text: str) -> None:
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(callback, stream, text)
+                return
+            except RuntimeError:
+                pass  # closed meanwhile: deliver here rather than lose it
+        callback(stream, text)
+
+    return forward
 
 
 async def join(

@@ -41,6 +41,7 @@ from swarm_notebook.notebook.progress import (
     ProgressLine,
     ProgressView,
     StreamProgress,
+    show_output,
     summary,
     wait_with_progress,
 )
@@ -364,14 +365,10 @@ class SwarmMagics(Magics):
             int(result.get("attempts") or 0), float(result.get("duration_s") or run.elapsed()),
             run.coordinator.peer_name(result.get("peer")),
         )  # fmt: skip
-        view.finish(summary(final, final.state, TASK_TYPE))
         if not quiet:
-            if result.get("stdout"):
-                sys.stdout.write(result["stdout"])
-                sys.stdout.flush()
-            if result.get("stderr"):
-                sys.stderr.write(result["stderr"])
-                sys.stderr.flush()
+            # What did not arrive live (the last batch, or all of it without streaming).
+            show_output(run.new_output(final=result), view)
+        view.finish(summary(final, final.state, TASK_TYPE))
         if not result.get("success"):
             raise RemoteTaskError(
                 result.get("peer"), result.get("task_id"), str(result.get("error")),

@@ -26,10 +26,13 @@ from swarm_notebook.workload.executors.base import Executor, TaskContext, run_ex
 from swarm_notebook.workload.messages import (
     REQUIREMENTS,
     TASK_EXECUTION,
+    TASK_OUTPUT,
     TASK_STATUS,
+    TaskOutput,
     TaskRequest,
     TaskStatus,
 )
+from swarm_notebook.workload.output import DEFAULT_INTERVAL_S, DEFAULT_MAX_BYTES, OutputRelay
 from swarm_notebook.workload.policy import TaskPolicy
 from swarm_notebook.workload.records import TaskLog, TaskRecord, TaskState
 
@@ -53,6 +56,8 @@ class TaskServer:
         concurrency: int,
         max_queue: int = 64,
         audit: Callable[..., object] = lambda *a, **k: None,
+        output_interval_s: float = DEFAULT_INTERVAL_S,
+        max_output_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.node = node
         self.executors = executors
@@ -63,6 +68,9 @@ class TaskServer:
         self.concurrency = concurrency
         self.max_queue = max_queue
         self.audit = audit
+        self.output_interval_s = output_interval_s
+        self.max_output_bytes = max_output_bytes
+        self.output_counters = {"messages": 0, "truncated_bytes": 0, "undelivered": 0}
         self._slots = asyncio.Semaphore(concurrency)
         self._in_flight = 0
         self._queued = 0
@@ -137,18 +145,26 @@ class TaskServer:
                 record.state = TaskState.WORKING
                 record.started_at = time.time()
                 self._tell_working(peer_id, request.task_id)
+                relay = self._relay(peer_id, request.task_id)
                 ctx = TaskContext(
                     task_id=request.task_id,
                     delegator=peer_id,
                     # Time spent waiting for a slot counts against the task's budget.
                     timeout_s=_remaining(request.timeout, arrived),
                     allow_pickle=self.policy.allows_pickle(peer_id),
+                    on_output=relay.push,
                 )
                 run = asyncio.ensure_future(self._run(executor, request, ctx))
                 self._running.add(run)
                 try:
                     result = await run
+                    # Output first: the delegator reads the result after the last batch.
+                    await relay.close()
+                except BaseException:
+                    relay.abort()
+                    raise
                 finally:
+                    self._count_output(relay)
                     self._running.discard(run)
                     self._in_flight -= 1
         except HandlerRefusal as exc:
@@ -196,6 +212,19 @@ class TaskServer:
     ) -> dict[str, Any]:
         data = request.data if isinstance(request.data, dict) else {}
         return await run_executor(executor, data, ctx)
+
+    def _relay(self, peer_id: str, task_id: str) -> OutputRelay:
+        async def send(message: TaskOutput) -> None:
+            await self.node.endpoint.send(peer_id, TASK_OUTPUT, msgspec.to_builtins(message))
+
+        return OutputRelay(
+            send, task_id, interval_s=self.output_interval_s, max_bytes=self.max_output_bytes
+        )
+
+    def _count_output(self, relay: OutputRelay) -> None:
+        self.output_counters["messages"] += relay.messages_sent
+        self.output_counters["truncated_bytes"] += relay.dropped
+        self.output_counters["undelivered"] += relay.send_failures
 
     def _tell_working(self, peer_id: str, task_id: str) -> None:
         body = msgspec.to_builtins(TaskStatus(task_id=task_id, state=TaskState.WORKING))

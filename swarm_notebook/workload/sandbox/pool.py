@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,9 @@ import psutil
 
 from swarm_notebook.errors import SandboxUnavailable
 from swarm_notebook.workload.executors.base import (
+    OUTPUT_STREAMS,
     ErrorType,
+    OutputSink,
     TaskContext,
     TaskRefused,
     failure,
@@ -71,6 +74,7 @@ from swarm_notebook.workload.sandbox.child import FRAME_HEADER
 
 MIN_MEMORY_LIMIT_MB = 384  # numpy + pandas + pyarrow alone take ~150-300 MB of data segment
 MAX_NAMES = 256
+MAX_OUTPUT_CHUNKS = 4096  # per frame from a child; the child sends one per stream switch
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # The child gets only these variables: remote code must not read the owner's API keys.
 _ENV_ALLOWLIST = ("LANG", "LC_ALL", "LC_CTYPE", "TZ")
@@ -116,6 +120,7 @@ class _Worker:
         self.owner: str | None = None
         self.memory_killed = False
         self.process_killed = False
+        self.bad_output_frames = 0
         self.scratch: str | None = None  # unsafe mode's per-child folder, removed at exit
         self.ps = psutil.Process(proc.pid)
 
@@ -194,10 +199,25 @@ class _Worker:
             _kill_tree(self.proc.pid)
             await self.proc.wait()
 
-    async def exchange(self, request: bytes, max_reply_bytes: int) -> bytes:
+    async def exchange(
+        self,
+        request: bytes,
+        max_reply_bytes: int,
+        decode: Callable[[bytes], Any],
+        on_output: OutputSink | None,
+    ) -> dict[str, Any]:
+        """Send one task; hand its output frames to ``on_output``; return the result."""
         self.send_frame(request)
         await self.writer.drain()
-        return await self.read_frame(max_reply_bytes)
+        while True:
+            message = decode(await self.read_frame(max_reply_bytes))
+            if not (isinstance(message, dict) and "output" in message):
+                return message
+            chunks = _output_chunks(message["output"])
+            if chunks is None:
+                self.bad_output_frames += 1
+            elif on_output is not None:
+                on_output(chunks)
 
     def exit_description(self) -> str:
         code = self.proc.returncode
@@ -233,6 +253,7 @@ class PythonSandboxPool:
         python: str = sys.executable,
         isolation: str = ISOLATION_BUBBLEWRAP,
         max_processes: int = 64,
+        output_interval_s: float = 0.1,
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
@@ -244,6 +265,8 @@ class PythonSandboxPool:
             raise ValueError("max_processes must be at least 2 (bwrap's init and Python)")
         self.isolation = isolation
         self.max_processes = max_processes
+        # Live output: at most one batch of what a task prints per interval.
+        self.output_interval_s = output_interval_s
         # /tmp and /dev/shm are RAM: their caps come out of the memory limit, not on top.
         self.tmpfs_mb = max(8, memory_limit_mb // 32)
         self.size = size
@@ -286,6 +309,7 @@ class PythonSandboxPool:
             "recycled_for_isolation": 0,
             "process_kills": 0,
             "leftover_processes_killed": 0,
+            "bad_output_frames": 0,
         }
         self._last_spawn_error: str | None = None
         self._layout: SandboxLayout | None = None
@@ -366,6 +390,8 @@ class PythonSandboxPool:
                 "max_output_bytes": self.max_output_bytes,
                 "max_result_bytes": self.max_result_bytes,
                 "max_input_decode_bytes": self.max_input_decode_bytes,
+                "stream_output": ctx.on_output is not None,
+                "output_interval_s": self.output_interval_s,
             }
         )
         if len(request) > self.max_request_bytes:
@@ -400,7 +426,7 @@ class PythonSandboxPool:
             )
         if budget is not None:
             run_timeout = min(run_timeout, max(budget - (time.monotonic() - started), 0.001))
-        result = await self._run_on(worker, request, run_timeout)
+        result = await self._run_on(worker, request, run_timeout, ctx.on_output)
         result["elapsed_s"] = time.monotonic() - started
         self._counters["succeeded" if result.get("success") else "failed"] += 1
         return result
@@ -485,12 +511,22 @@ class PythonSandboxPool:
         self._idle.append(worker)
         self._idle_changed.set()
 
-    async def _run_on(self, worker: _Worker, request: bytes, timeout: float) -> dict[str, Any]:
+    async def _run_on(
+        self,
+        worker: _Worker,
+        request: bytes,
+        timeout: float,
+        on_output: OutputSink | None = None,
+    ) -> dict[str, Any]:
         try:
-            frame = await asyncio.wait_for(
-                worker.exchange(request, self.max_result_bytes * 2), timeout
+            result = await asyncio.wait_for(
+                worker.exchange(
+                    request, self.max_result_bytes * 2, self._decoder.decode, on_output
+                ),
+                timeout,
             )
-            result: dict[str, Any] = self._decoder.decode(frame)
+            if not isinstance(result, dict):
+                raise ConnectionError("the sandbox answered with something that is not a result")
         except TimeoutError:
             await worker.terminate()
             if worker.process_killed:
@@ -518,6 +554,8 @@ class PythonSandboxPool:
             raise
         finally:
             worker.busy = False
+            self._counters["bad_output_frames"] += worker.bad_output_frames
+            worker.bad_output_frames = 0
         worker.tasks_done += 1
         recycle = bool(result.pop("recycle", False))
         if self.max_tasks_per_worker is not None:
@@ -684,6 +722,26 @@ class PythonSandboxPool:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _output_chunks(raw: Any) -> list[tuple[str, str]] | None:
+    """The ``[[stream, text], ...]`` of an output frame, or None if it is not that shape.
+
+    The child runs untrusted code that can write to its socket: check, do not assume.
+    """
+    if not isinstance(raw, list) or len(raw) > MAX_OUTPUT_CHUNKS:
+        return None
+    chunks: list[tuple[str, str]] = []
+    for item in raw:
+        if not (
+            isinstance(item, list)
+            and len(item) == 2
+            and item[0] in OUTPUT_STREAMS
+            and isinstance(item[1], str)
+        ):
+            return None
+        chunks.append((item[0], item[1]))
+    return chunks
 
 
 def _kill_tree(pid: int) -> None:
