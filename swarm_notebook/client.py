@@ -32,7 +32,13 @@ from swarm_notebook.coordinator.config import (
 )
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
 from swarm_notebook.coordinator.events import EventBus
-from swarm_notebook.errors import NotJoinedError, WaitTimeout
+from swarm_notebook.errors import (
+    NotJoinedError,
+    RemoteTaskError,
+    UsageError,
+    WaitTimeout,
+    short_id,
+)
 from swarm_notebook.futures import (
     ItemFuture,
     SubmitOptions,
@@ -44,6 +50,7 @@ from swarm_notebook.futures import gather as gather_results
 from swarm_notebook.futures import submit as submit_function
 from swarm_notebook.identity import Identity, default_profile_dir
 from swarm_notebook.reasons import Reason
+from swarm_notebook.sessions import RemoteSession
 from swarm_notebook.transport.factory import mesh_transport
 from swarm_notebook.transport.ice_config import resolve as resolve_ice
 from swarm_notebook.workload.executors.capabilities import PYTHON_EXECUTION
@@ -55,6 +62,7 @@ if TYPE_CHECKING:
     from swarm_notebook.views.doctor import Check
 
 T = TypeVar("T")
+PYTHON_COMPUTATION_TASK = "python-computation"
 
 
 class SubmittedTask:
@@ -99,6 +107,7 @@ class Coordinator:
         self._core = core
         self._events = events
         self._closed = False
+        self._sessions: dict[str, RemoteSession] = {}  # open sessions this peer owns
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -155,6 +164,9 @@ class Coordinator:
         """Finish or hand back running tasks, close every link, stop the network thread."""
         if self._closed:
             return
+        for session in list(self._sessions.values()):
+            # Free the peers' slots now rather than at their idle timeout.
+            await asyncio.to_thread(session.close, 10.0)
         await self._runner.call(self._core.leave())
         self._closed = True
         self._events.close()
@@ -361,6 +373,66 @@ class Coordinator:
         self._require_joined()
         options = SubmitOptions(peer, timeout, retries)
         return map_items(self, fn, iterables, options, chunksize, progress)
+
+    def session(
+        self,
+        name: str,
+        peer: str | None = None,
+        *,
+        idle_timeout: float | None = None,
+        timeout: float = 60.0,
+    ) -> RemoteSession:
+        """Open (or get back) the session ``name``: a namespace kept on one peer.
+
+        With ``peer`` it opens there, else on the least-loaded capable peer; it stays on
+        that peer. ``idle_timeout`` (seconds; the peer's default is 30 minutes, and the
+        peer caps it) ends it when unused. Blocks until it is open.
+
+        >>> s = c.session("train")                   # doctest: +SKIP
+        >>> s.run("x = 41").result(); s.run("x + 1").result()   # doctest: +SKIP
+        42
+        """
+        self._require_joined()
+        existing = self._sessions.get(name)
+        if existing is not None and existing.state == "open":
+            if peer is None or existing.peer == peer:
+                existing.check()
+                return existing
+            raise UsageError(
+                Reason.BAD_ARGUMENTS,
+                f"session {name!r} is open on {short_id(existing.peer)}; close it first",
+            )
+        data: dict[str, Any] = {"code": "", "session": name, "session_op": "open"}
+        if idle_timeout is not None:
+            data["idle_timeout"] = idle_timeout
+        task = self.submit_task(PYTHON_COMPUTATION_TASK, data, peer=peer, max_attempts=1)
+        try:
+            reply = task.future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            task.cancel()
+            raise WaitTimeout(f"session {name!r} did not open within {timeout:g} s") from None
+        if not reply.get("success"):
+            raise RemoteTaskError(
+                reply.get("peer"), task.task_id, str(reply.get("error")), None,
+                reply.get("error_type"), self.peer_name(reply.get("peer")),
+            )  # fmt: skip
+        session = RemoteSession(
+            self, name, str(reply["peer"]), reply.get("idle_timeout_s"), self._session_ended
+        )
+        self._sessions[name] = session
+        return session
+
+    def _session_ended(self, session: RemoteSession) -> None:
+        if self._sessions.get(session.name) is session:
+            del self._sessions[session.name]
+
+    def sessions(self) -> list[RemoteSession]:
+        """The sessions this notebook has open."""
+        return list(self._sessions.values())
+
+    def peer_connected(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` has a live, authenticated link to us right now."""
+        return self._read(lambda: peer_id in self._core.node.connected_peers())
 
     def gather(self, futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
         """The results of ``futures``, in order (blocks; raises the first error)."""

@@ -81,11 +81,15 @@ class SubmitOptions:
         return self.retries + 1
 
 
+Translate = Callable[[BaseException, "dict[str, Any] | None"], BaseException]
+
+
 class TaskFuture(concurrent.futures.Future[Any]):
     """One delegated call: awaitable, and a ``concurrent.futures.Future``."""
 
     def __init__(self, submitter: TaskSubmitter, task_id: str, function: str) -> None:
         super().__init__()
+        self.translate: Translate | None = None
         self.task_id = task_id
         self.function = function
         self._submitter = submitter
@@ -147,15 +151,18 @@ class TaskFuture(concurrent.futures.Future[Any]):
                 return
             exc = inner.exception()
             if exc is not None:
-                self.set_exception(exc)
+                self.set_exception(self._translated(exc, None))
                 return
             reply = inner.result()
             self._reply = reply
             outcome = self._outcome(reply)
             if isinstance(outcome, BaseException):
-                self.set_exception(outcome)
+                self.set_exception(self._translated(outcome, reply))
             else:
                 self.set_result(outcome)
+
+    def _translated(self, error: BaseException, reply: dict[str, Any] | None) -> BaseException:
+        return error if self.translate is None else self.translate(error, reply)
 
     def _outcome(self, reply: dict[str, Any]) -> Any:
         if reply.get("success"):
@@ -349,6 +356,20 @@ def _map_cell(shipped: ShippedFunction) -> str:
     head = "\n".join(shipped.imports)
     call = f"[{shipped.name}(*__item) for __item in {ARGS_NAME}]"
     return "\n\n".join(part for part in (head, shipped.source.rstrip(), call) if part) + "\n"
+
+
+def start_task(
+    submitter: TaskSubmitter,
+    function: str,
+    data: dict[str, Any],
+    options: SubmitOptions,
+    translate: Translate | None = None,
+) -> TaskFuture:
+    """Start one python-computation task and return its future (``translate`` maps its
+    failure to the error the caller should see, e.g. a lost session)."""
+    future = _start(submitter, function, data, options)
+    future.translate = translate
+    return future
 
 
 def _start(

@@ -49,6 +49,9 @@ class TaskContext:
     timeout_s: float | None = None
     allow_pickle: bool = False
     on_output: OutputSink | None = None
+    # Called once when a session this task opened ends (closed, expired, died): the
+    # serving side gives back the slot the session held.
+    on_session_end: Callable[[], None] | None = None
 
 
 @runtime_checkable

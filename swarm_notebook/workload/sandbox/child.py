@@ -192,6 +192,7 @@ class TaskRunner:
 
         self.values = values
         self.pipe = pipe
+        self.session_namespace: dict[str, Any] = {}
         self.baseline_threads = threading.active_count()
 
     def run(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -201,11 +202,13 @@ class TaskRunner:
             pipe.begin(float(req.get("output_interval_s", 0.1)))
         stdout = BoundedWriter(limit, "stdout", pipe)
         stderr = BoundedWriter(limit, "stderr", pipe)
-        namespace: dict[str, Any] = {}
+        # A session's tasks share one namespace for the life of this (dedicated) child.
+        persistent = bool(req.get("persistent"))
+        namespace: dict[str, Any] = self.session_namespace if persistent else {}
         try:
             result = self.execute(req, namespace, stdout, stderr)
         except MemoryError:
-            namespace.clear()
+            namespace.clear()  # a session loses its state too: the child is recycled
             gc.collect()
             result = {
                 "success": False,
@@ -219,10 +222,11 @@ class TaskRunner:
             stderr.close_stream()
             if pipe is not None:
                 pipe.finish()
-        namespace.clear()
+        if not persistent:
+            namespace.clear()
         result["stdout"] = stdout.getvalue()
         result["stderr"] = stderr.getvalue()
-        if threading.active_count() > self.baseline_threads:
+        if not persistent and threading.active_count() > self.baseline_threads:
             # A thread the task left running would write into the next task's capture.
             result["recycle"] = True
         return result
@@ -409,8 +413,10 @@ def serve(
         payload = recv_exact(sock, size)
         if payload is None:
             return
-        response = runner.run(decoder.decode(payload))
-        wipe(scratch or [], keep)
+        request = decoder.decode(payload)
+        response = runner.run(request)
+        if not request.get("persistent"):
+            wipe(scratch or [], keep)  # a session keeps its files for its next call
         try:
             frame = encoder.encode(response)
         except MemoryError:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import keyword
+import logging
 import math
 import os
 import re
@@ -42,10 +43,11 @@ import socket
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import psutil
@@ -72,6 +74,8 @@ from swarm_notebook.workload.sandbox.bwrap import (
 )
 from swarm_notebook.workload.sandbox.child import FRAME_HEADER
 
+_log = logging.getLogger(__name__)
+
 MIN_MEMORY_LIMIT_MB = 384  # numpy + pandas + pyarrow alone take ~150-300 MB of data segment
 MAX_NAMES = 256
 MAX_OUTPUT_CHUNKS = 4096  # per frame from a child; the child sends one per stream switch
@@ -90,6 +94,29 @@ class PythonTaskData(msgspec.Struct, forbid_unknown_fields=True):
     outputs: list[str] = msgspec.field(default_factory=list)
     timeout: float | None = None
     packages: list[str] = msgspec.field(default_factory=list)
+    # A session: a namespace kept in one dedicated child across tasks (see ``_session``).
+    session: str | None = None
+    session_op: Literal["open", "run", "close"] = "run"
+    idle_timeout: float | None = None
+
+
+SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_ENDED_SESSIONS = 256  # why recent sessions ended, to say so when they are used again
+
+
+@dataclass
+class _Session:
+    """A dedicated child whose namespace outlives its tasks, owned by one peer."""
+
+    name: str
+    owner: str
+    worker: _Worker
+    idle_timeout_s: float
+    on_end: Callable[[], None] | None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+    busy: bool = False
+    runs: int = 0
 
 
 class _Worker:
@@ -121,6 +148,7 @@ class _Worker:
         self.memory_killed = False
         self.process_killed = False
         self.bad_output_frames = 0
+        self.session: str | None = None  # a session's dedicated child: never pooled
         self.scratch: str | None = None  # unsafe mode's per-child folder, removed at exit
         self.ps = psutil.Process(proc.pid)
 
@@ -254,6 +282,9 @@ class PythonSandboxPool:
         isolation: str = ISOLATION_BUBBLEWRAP,
         max_processes: int = 64,
         output_interval_s: float = 0.1,
+        max_sessions: int | None = None,
+        session_idle_timeout_s: float = 1800.0,
+        max_session_idle_timeout_s: float = 24 * 3600.0,
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
@@ -267,6 +298,12 @@ class PythonSandboxPool:
         self.max_processes = max_processes
         # Live output: at most one batch of what a task prints per interval.
         self.output_interval_s = output_interval_s
+        # Sessions: children beyond the warm pool, each a slot of this peer while open.
+        self.max_sessions = size if max_sessions is None else max_sessions
+        self.session_idle_timeout_s = session_idle_timeout_s
+        self.max_session_idle_timeout_s = max_session_idle_timeout_s
+        self._sessions: dict[str, _Session] = {}
+        self._ended_sessions: OrderedDict[str, str] = OrderedDict()
         # /tmp and /dev/shm are RAM: their caps come out of the memory limit, not on top.
         self.tmpfs_mb = max(8, memory_limit_mb // 32)
         self.size = size
@@ -310,6 +347,9 @@ class PythonSandboxPool:
             "process_kills": 0,
             "leftover_processes_killed": 0,
             "bad_output_frames": 0,
+            "sessions_opened": 0,
+            "sessions_expired": 0,
+            "sessions_lost": 0,
         }
         self._last_spawn_error: str | None = None
         self._layout: SandboxLayout | None = None
@@ -372,8 +412,24 @@ class PythonSandboxPool:
             "queued": self._waiting,
             "pids": sorted(w.pid for w in self._workers if w.alive),
             "last_spawn_error": self._last_spawn_error,
+            "sessions": self.sessions(),
             **self._counters,
         }
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Open sessions: name, owner, runs, idle seconds, idle timeout."""
+        now = time.monotonic()
+        return [
+            {
+                "name": s.name,
+                "owner": s.owner,
+                "runs": s.runs,
+                "idle_s": 0.0 if s.busy else round(now - s.last_used, 1),
+                "idle_timeout_s": s.idle_timeout_s,
+                "pid": s.worker.pid,
+            }
+            for s in self._sessions.values()
+        ]
 
     # -- running a task --------------------------------------------------------------
 
@@ -392,6 +448,7 @@ class PythonSandboxPool:
                 "max_input_decode_bytes": self.max_input_decode_bytes,
                 "stream_output": ctx.on_output is not None,
                 "output_interval_s": self.output_interval_s,
+                "persistent": task.session is not None,
             }
         )
         if len(request) > self.max_request_bytes:
@@ -411,6 +468,8 @@ class PythonSandboxPool:
         started = time.monotonic()
         budget = ctx.timeout_s if ctx.timeout_s is not None else None
         run_timeout = min(task.timeout or self.default_timeout_s, self.max_timeout_s)
+        if task.session is not None:
+            return await self._session(task, request, ctx, run_timeout)
         self._counters["tasks"] += 1
         if budget is not None and budget <= 0:
             # Spent queued before it got here: starting it would only cost a child.
@@ -458,6 +517,16 @@ class PythonSandboxPool:
             if task.timeout is not None and not (math.isfinite(task.timeout) and task.timeout > 0):
                 raise TaskRefused(
                     ErrorType.BAD_INPUT, "timeout must be a positive number of seconds"
+                )
+            if task.session is not None and not SESSION_NAME.match(task.session):
+                raise TaskRefused(
+                    ErrorType.BAD_INPUT,
+                    f"session name {task.session!r:.70} must be 1-64 letters, digits, . _ -",
+                )
+            idle = task.idle_timeout
+            if idle is not None and not (math.isfinite(idle) and idle > 0):
+                raise TaskRefused(
+                    ErrorType.BAD_INPUT, "idle_timeout must be a positive number of seconds"
                 )
         except TaskRefused:
             self._counters["rejected"] += 1
@@ -569,8 +638,8 @@ class PythonSandboxPool:
             self._counters["leftover_processes_killed"] += leftovers - 2
             recycle = True
         if recycle or self._closed:
-            await worker.terminate()  # its monitor starts a fresh one
-        else:
+            await worker.terminate()  # its monitor starts a fresh one (a session ends)
+        elif worker.session is None:
             self._release(worker)
         return result
 
@@ -589,6 +658,123 @@ class PythonSandboxPool:
             f"the task passed this peer's memory limit of {self.memory_limit_mb} MB; the "
             "sandbox process was killed and replaced",
         )
+
+    # -- sessions --------------------------------------------------------------------
+
+    async def _session(
+        self, task: PythonTaskData, request: bytes, ctx: TaskContext, timeout: float
+    ) -> dict[str, Any]:
+        """Open, run in or close the session ``task.session`` (its owner only)."""
+        assert task.session is not None
+        name = task.session
+        session = self._sessions.get(name)
+        if session is not None and session.owner != ctx.delegator:
+            self._counters["rejected"] += 1
+            raise TaskRefused(
+                ErrorType.NOT_SESSION_OWNER,
+                f"session {name!r} on this peer belongs to another peer",
+            )
+        if task.session_op == "open":
+            if session is not None:
+                session.last_used = time.monotonic()
+                return {"success": True, "session": name, "reopened": True}
+            return await self._open_session(task, ctx)
+        if session is None:
+            why = self._ended_sessions.get(name, "no such session was opened here")
+            return failure(
+                ErrorType.SESSION_LOST,
+                f"session {name!r} is gone from this peer ({why}); sessions are never "
+                "re-created by themselves: open a new one",
+                session_lost=True,
+            )
+        if task.session_op == "close":
+            await self._end_session(session, "closed by its owner")
+            return {"success": True, "session": name, "closed": True}
+        async with session.lock:  # one task at a time in a namespace
+            session.busy = True
+            session.worker.busy = True
+            try:
+                result = await self._run_on(session.worker, request, timeout, ctx.on_output)
+            finally:
+                session.busy = False
+                session.last_used = time.monotonic()
+            session.runs += 1
+        if session.worker.proc.returncode is not None or not session.worker.alive:
+            await self._end_session(
+                session, f"its sandbox process ended ({result.get('error_type')})"
+            )
+            result["session_lost"] = True
+        return result
+
+    async def _open_session(self, task: PythonTaskData, ctx: TaskContext) -> dict[str, Any]:
+        assert task.session is not None
+        if len(self._sessions) >= self.max_sessions:
+            self._counters["rejected"] += 1
+            raise TaskRefused(
+                ErrorType.TOO_MANY_SESSIONS,
+                f"this peer keeps at most {self.max_sessions} sessions open",
+            )
+        try:
+            await self.start()
+            worker = await self._spawn()
+        except SandboxUnavailable as exc:
+            return failure(ErrorType.SANDBOX_UNAVAILABLE, f"cannot start a session: {exc}")
+        if task.session in self._sessions or self._closed:  # raced with another open
+            await worker.terminate()
+            worker.writer.close()
+            raise TaskRefused(ErrorType.BUSY, f"session {task.session!r} is being opened")
+        worker.session, worker.owner = task.session, ctx.delegator
+        self._workers.add(worker)  # the memory and process watchdog covers it too
+        idle = min(
+            task.idle_timeout or self.session_idle_timeout_s, self.max_session_idle_timeout_s
+        )
+        session = _Session(task.session, ctx.delegator, worker, idle, ctx.on_session_end)
+        self._sessions[task.session] = session
+        self._ended_sessions.pop(task.session, None)
+        self._counters["sessions_opened"] += 1
+        self._own(self._watch_session(session))
+        return {"success": True, "session": task.session, "idle_timeout_s": idle}
+
+    async def _watch_session(self, session: _Session) -> None:
+        """End the session when its child dies or it has been idle too long."""
+        exited = asyncio.ensure_future(session.worker.proc.wait())
+        try:
+            while self._sessions.get(session.name) is session:
+                idle_for = 0.0 if session.busy else time.monotonic() - session.last_used
+                remaining = max(session.idle_timeout_s - idle_for, 0.05)
+                done, _ = await asyncio.wait({exited}, timeout=remaining)
+                if done:
+                    await self._end_session(session, "its sandbox process exited")
+                    return
+                if not session.busy and (
+                    time.monotonic() - session.last_used >= session.idle_timeout_s
+                ):
+                    self._counters["sessions_expired"] += 1
+                    await self._end_session(
+                        session, f"it expired after {session.idle_timeout_s:g} s idle"
+                    )
+                    return
+        finally:
+            exited.cancel()
+
+    async def _end_session(self, session: _Session, why: str) -> None:
+        """Forget the session, kill its child, give its slot back (once)."""
+        if self._sessions.get(session.name) is not session:
+            return
+        del self._sessions[session.name]
+        self._ended_sessions[session.name] = why
+        while len(self._ended_sessions) > MAX_ENDED_SESSIONS:
+            self._ended_sessions.popitem(last=False)
+        if "closed" not in why and "expired" not in why:
+            self._counters["sessions_lost"] += 1
+        await session.worker.terminate()
+        session.worker.writer.close()
+        self._workers.discard(session.worker)
+        if session.on_end is not None:
+            try:
+                session.on_end()
+            except Exception:
+                _log.exception("session end callback failed")
 
     # -- children --------------------------------------------------------------------
 
