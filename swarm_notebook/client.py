@@ -581,6 +581,12 @@ class Coordinator:
 
         return consensus_frame(self._read(self._core.consensus.consensus_records))
 
+    def sessions_frame(self) -> pd.DataFrame:
+        """The sessions this notebook opened: name, peer, state, runs, idle timeout."""
+        from swarm_notebook.views.frames import sessions_frame
+
+        return sessions_frame(s.as_row() for s in self._sessions.values())
+
     def reflections_frame(self) -> pd.DataFrame:
         """Reflections in this peer's store, local and shared (``shared_from``)."""
         from swarm_notebook.views.frames import reflections_frame

@@ -103,8 +103,12 @@ def test_state_stays_across_calls_and_the_session_holds_a_slot(
     assert plain.result(timeout=60) == 1
     # Idle, the session still holds one of the worker's slots (the card says so).
     wait_until(lambda: in_flight(c, worker) == 1, 30, "the session's slot in the load")
+    frame = c.sessions_frame()
+    assert frame.loc[frame["name"] == "keep", "runs"].iloc[0] == 8
+    assert frame.loc[frame["name"] == "keep", "peer_name"].iloc[0] == "w0"
     s.close()
     assert s.state == "closed"
+    assert "keep" not in set(c.sessions_frame()["name"])
     wait_until(lambda: in_flight(c, worker) == 0, 30, "the slot to come back")
     with pytest.raises(swarm_notebook.SwarmError):
         s.run("1")
