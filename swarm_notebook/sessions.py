@@ -110,6 +110,8 @@ class RemoteSession:
     def data(self, code: str, inputs: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
         """The task data of one cell run in this session (for ``%%swarm run --session``)."""
         self.check()
+        with self._lock:
+            self.runs += 1
         return {
             "code": code,
             "inputs": inputs,
@@ -127,10 +129,7 @@ class RemoteSession:
     ) -> TaskFuture:
         data = self.data(str(data["code"]), dict(data.get("inputs") or {}), [])
         options = SubmitOptions(peer=self.peer, timeout=timeout, retries=0, on_output=on_output)
-        future = start_task(self._host, function, data, options, translate=self.translate)
-        with self._lock:
-            self.runs += 1
-        return future
+        return start_task(self._host, function, data, options, translate=self.translate)
 
     # -- state --------------------------------------------------------------------------
 
