@@ -14,14 +14,16 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import swarm_notebook
-from swarm_notebook.client import Coordinator
+from swarm_notebook.client import Coordinator, join
 from swarm_notebook.futures import SubmitOptions, map_items
+from swarm_notebook.notebook.session import run_blocking
 from tests.support.procs import child_processes
 from tests.support.swarm import Swarm
 
@@ -247,3 +249,34 @@ class FakeBar:
     def close(self) -> None:
         self.closed = True
 
+
+
+def test_only_the_peer_running_a_task_adds_to_its_output(
+    c: Coordinator, swarm: Swarm, tmp_path: Path
+) -> None:
+    forger = run_blocking(join(ROOM, signaling=swarm.url, profile=tmp_path / "forger"))
+    try:
+        wait_until(lambda: forger.peer_connected(c.peer_id), 30, "the forger's link")
+        fut = c.submit(chatty_then_wait, 1)
+        wait_until(lambda: fut.stdout == "line 0\n", 60, "the task's own output")
+
+        def send(body: Any) -> None:
+            endpoint = forger._core.node.endpoint
+            forger._runner.run_sync(endpoint.send(c.peer_id, "task-output", body), timeout=10)
+
+        def rejected(reason: str) -> int:
+            return int(c.get_stats()["rejections"].get(reason, 0))
+
+        before = {r: rejected(r) for r in ("not-running-there", "wrong-schema")}
+        send({"task_id": fut.task_id, "seq": 1, "chunks": [["stdout", "forged\n"]]})
+        send({"task_id": fut.task_id, "seq": 1, "chunks": [["stdin", "x"]]})
+        wait_until(
+            lambda: rejected("not-running-there") > before["not-running-there"]
+            and rejected("wrong-schema") > before["wrong-schema"],
+            30,
+            "both forged messages to be refused and counted",
+        )
+        assert fut.stdout == "line 0\n"
+        assert fut.cancel()
+    finally:
+        run_blocking(forger.leave(), timeout=60)

@@ -199,3 +199,13 @@ def test_swarm_run_session_keeps_variables_between_cells(
     plain = shell.run_cell("%%swarm run\n'acc' in globals()")
     assert plain.result is False
     swarm_notebook.current().session("cells").close()
+
+
+def test_a_peer_keeps_a_slot_for_ordinary_tasks(c: Coordinator, swarm: Swarm) -> None:
+    worker = swarm.workers[0].peer_id
+    s = c.session("only", peer=worker)
+    with pytest.raises(TaskRefused) as refused:
+        c.session("second", peer=worker)
+    assert refused.value.reason == "too-many-sessions"
+    assert c.submit(counter, 3, peer=worker).result(timeout=60) == 3  # still served
+    s.close()

@@ -298,8 +298,9 @@ class PythonSandboxPool:
         self.max_processes = max_processes
         # Live output: at most one batch of what a task prints per interval.
         self.output_interval_s = output_interval_s
-        # Sessions: children beyond the warm pool, each a slot of this peer while open.
-        self.max_sessions = size if max_sessions is None else max_sessions
+        # Sessions: children beyond the warm pool, each a slot of this peer while open; by
+        # default one slot always stays for ordinary tasks.
+        self.max_sessions = max(1, size - 1) if max_sessions is None else max_sessions
         self.session_idle_timeout_s = session_idle_timeout_s
         self.max_session_idle_timeout_s = max_session_idle_timeout_s
         self._sessions: dict[str, _Session] = {}
