@@ -107,7 +107,8 @@ class Coordinator:
         self._core = core
         self._events = events
         self._closed = False
-        self._sessions: dict[str, RemoteSession] = {}  # open sessions this peer owns
+        self._sessions: dict[str, RemoteSession] = {}  # sessions this peer opened
+        self._unwatch_peers: Callable[[], None] | None = None
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -167,6 +168,8 @@ class Coordinator:
         for session in list(self._sessions.values()):
             # Free the peers' slots now rather than at their idle timeout.
             await asyncio.to_thread(session.close, 10.0)
+        if self._unwatch_peers is not None:
+            self._unwatch_peers()
         await self._runner.call(self._core.leave())
         self._closed = True
         self._events.close()
@@ -419,15 +422,25 @@ class Coordinator:
         session = RemoteSession(
             self, name, str(reply["peer"]), reply.get("idle_timeout_s"), self._session_ended
         )
+        if self._unwatch_peers is None:
+            # Reported lost as soon as its peer's link goes, not only when next used.
+            self._unwatch_peers = self._events.on("swarm:peer-left", self._peer_left)
         self._sessions[name] = session
         return session
 
     def _session_ended(self, session: RemoteSession) -> None:
-        if self._sessions.get(session.name) is session:
+        # A lost session stays listed (with why) until one of its name is opened again.
+        if session.state == "closed" and self._sessions.get(session.name) is session:
             del self._sessions[session.name]
 
+    def _peer_left(self, payload: Any) -> None:
+        peer = payload.get("peer_id") if isinstance(payload, dict) else None
+        for session in list(self._sessions.values()):
+            if session.peer == peer and session.state == "open":
+                session.lose(f"its peer {self.peer_name(peer) or short_id(peer)} went away")
+
     def sessions(self) -> list[RemoteSession]:
-        """The sessions this notebook has open."""
+        """This notebook's sessions: open ones, and lost ones not opened again since."""
         return list(self._sessions.values())
 
     def peer_connected(self, peer_id: str) -> bool:

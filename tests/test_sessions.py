@@ -178,12 +178,14 @@ def test_a_dead_peer_loses_the_session(c: Coordinator, swarm: Swarm, tmp_path: P
     s = c.session("on-doomed", peer=doomed.peer_id)
     s.run("z = 1").result(timeout=60)
     doomed.kill()
+    # Reported as soon as the link goes (heartbeats notice within seconds), before any use.
+    wait_until(lambda: s.state == "lost", 60, "the session to be reported lost")
     with pytest.raises(SessionLostError) as lost:
-        s.run("z").result(timeout=60)
-    assert lost.value.peer == doomed.peer_id
-    assert s.state == "lost"
-    with pytest.raises(SessionLostError):
         s.run("z")
+    assert lost.value.peer == doomed.peer_id and "went away" in lost.value.message
+    frame = c.sessions_frame()
+    row = frame[frame["name"] == "on-doomed"].iloc[0]
+    assert row["state"] == "lost" and "went away" in row["lost_because"]
 
 
 def test_swarm_run_session_keeps_variables_between_cells(
