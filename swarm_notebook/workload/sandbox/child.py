@@ -135,20 +135,19 @@ class BoundedWriter(io.TextIOBase):
     def write(self, s: str) -> int:
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
-        data = s.encode("utf-8", "surrogatepass")
-        room = self.limit - self.size
-        if room >= len(data):
-            kept = s
-        elif room > 0:
-            kept = data[:room].decode("utf-8", "ignore")
-        else:
-            kept = ""
+        # A lone surrogate cannot travel as UTF-8 (it broke the result frame): escape it.
+        data = s.encode("utf-8", "backslashreplace")
+        room = max(self.limit - self.size, 0)
+        kept = data[:room].decode("utf-8", "ignore")
         if kept:
+            size = len(kept.encode("utf-8"))
             self.parts.append(kept)
-            self.size += len(kept.encode("utf-8", "surrogatepass"))
+            self.size += size
             if self.pipe is not None:
                 self.pipe.put(self.stream, kept)
-        self.dropped += len(data) - len(kept.encode("utf-8", "surrogatepass"))
+        else:
+            size = 0
+        self.dropped += len(data) - size
         return len(s)
 
     def note(self) -> str:
