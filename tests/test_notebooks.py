@@ -131,6 +131,8 @@ def test_futures(swarm: Swarm, tmp_path: Path) -> None:
     assert "map:" in everything and "/200" in everything  # the one bar over the items
     assert "in the order they finished: [1, 4, 9]" in everything
     assert "8 epochs; output arrived in" in everything and "epoch 7 done" in everything
+    magic = next(t for t in texts if "step 4" in t)  # %%swarm run printed in its cell
+    assert "5/5" in magic and "✔ python-computation completed" in magic
     pieces = int(everything.split("output arrived in ", 1)[1].split()[0])
     assert pieces >= 3  # the output came while the task ran, not in one piece at the end
     assert "cancelled: True | state: canceled" in everything
