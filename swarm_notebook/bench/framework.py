@@ -105,6 +105,7 @@ REQUIRED_METRICS: tuple[str, ...] = (
     "delegate_tasks_per_s",
     "submit_rtt_ms",
     "map_items_per_s",
+    "cancel_to_gone_ms",
     "df50_swarm_s",
     "mesh6_s",
     "sandboxed_rtt_ms",

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +312,19 @@ class SwarmCoordinator:
             raise
         return result
 
+    def watch_output(
+        self, task_id: str, watcher: Callable[[str, str], None]
+    ) -> Callable[[], None]:
+        """Call ``watcher(stream, text)`` on this loop as ``task_id``'s output arrives."""
+        return self.delegator.watch_output(task_id, watcher)
+
+    def task_output(self, task_id: str) -> dict[str, str] | None:
+        """What a delegated task printed so far: ``{"stdout": ..., "stderr": ...}``."""
+        entry = self.delegator.output.get(task_id)
+        if entry is None:
+            return None
+        return {"stdout": entry.text("stdout"), "stderr": entry.text("stderr")}
+
     async def _run_locally(
         self, task_id: str, task_type: str, data: Any, timeout: float
     ) -> dict[str, Any]:
@@ -388,6 +402,12 @@ class SwarmCoordinator:
                 "concurrency": self.config.concurrency,
             },
             "rejections": self.rejections(),
+            # Live output: batches served to others (sent, bytes cut at the cap,
+            # undelivered) and batches received for our own tasks.
+            "output": {
+                **{f"served_{k}": v for k, v in self.task_server.output_counters.items()},
+                "received_batches": self.delegator.output_batches,
+            },
             "electorate": self.consensus.electorate.describe(),
             # > 0: another process proved this peer's key at the signaling server.
             "identity_conflicts": int(getattr(self.node.transport, "identity_conflicts", 0)),
@@ -428,6 +448,7 @@ class SwarmCoordinator:
             self.decode_refusals,
             self.knowledge.answer_rejections,
             self.consensus.request_refusals,
+            self.delegator.output_refusals,
         )
         for source in sources:
             for reason, n in source.items():
