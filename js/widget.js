@@ -4,6 +4,24 @@
 
 const STATES = ["active", "idle", "disabled"];
 const PEER_ID_CHARS = 16;
+const SVG_NS = "http://www.w3.org/2000/svg";
+// The task stream zooms to recent activity, never closer than this many seconds.
+const STREAM_MIN_SPAN_S = 10;
+const SPARK_MIN_SPAN_S = 30;
+// A finished task lasting a few milliseconds still gets a bar one can see and hover.
+const MIN_BAR_UNITS = 6;
+const STREAM_UNITS = 1000;
+const ROW_UNITS = 10;
+const ROW_PX = 12;
+// A peer running many tasks at once gets this many rows at most; the rest overlap.
+const MAX_ROWS = 8;
+const SPARK_WIDTH = 300;
+const SPARK_HEIGHT = 40;
+// Below this rate the sparkline stays flat instead of magnifying heartbeats.
+const SPARK_FLOOR_BPS = 1024;
+const RECONNECT_HELP =
+  "To reconnect, run the cell that joins the swarm (%swarm join … or " +
+  "c = await swarm_notebook.join(…)), then show a new panel with %swarm dashboard (or c.dashboard()).";
 
 function h(tag, options = {}, children = []) {
   const el = document.createElement(tag);
@@ -16,6 +34,20 @@ function h(tag, options = {}, children = []) {
     el.append(child instanceof Node ? child : String(child));
   }
   return el;
+}
+
+// SVG nodes: attributes are numbers or names this file chooses; peer text goes in <title>.
+function svg(tag, attrs = {}, children = []) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [name, value] of Object.entries(attrs)) el.setAttribute(name, String(value));
+  for (const child of children) if (child) el.append(child);
+  return el;
+}
+
+function svgTitle(value) {
+  const title = document.createElementNS(SVG_NS, "title");
+  title.textContent = text(value);
+  return title;
 }
 
 function count(value) {
@@ -69,7 +101,7 @@ function statCard(label, value, testid, tone) {
 }
 
 function header(status) {
-  const state = STATES.includes(status.state) ? status.state : "disabled";
+  const state = STATES.includes(status.state) || status.state === "disconnected" ? status.state : "disabled";
   return h("div", { cls: "swarm-nb-header" }, [
     h("span", { cls: "swarm-nb-title", text: "♁ Swarm" }),
     h("span", {
@@ -310,6 +342,208 @@ function reflections(snapshot) {
   ]);
 }
 
+function seconds(value) {
+  const n = Number(value);
+  if (!Number.isFinite(n)) return "";
+  return n < 1 ? `${Math.round(n * 1000)} ms` : `${n.toFixed(n < 10 ? 2 : 1)} s`;
+}
+
+function rate(bytesPerSecond) {
+  const n = count(bytesPerSecond);
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB/s`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)} kB/s`;
+  return `${Math.round(n)} B/s`;
+}
+
+function laneLabel(lane) {
+  return h("span", { cls: "swarm-nb-ts-label", title: text(lane.peer) }, [
+    lane.name ? h("strong", { text: text(lane.name) }) : null,
+    lane.name ? " " : null,
+    h("code", { cls: "swarm-nb-peer-id", text: shortId(lane.peer).slice(0, 9) }),
+  ]);
+}
+
+// stream: the kernel's task_stream; now: the kernel's clock as this page estimates it;
+// taskStates: the Python TaskState names (a state not among them is drawn as "unknown").
+function taskStream(stream, now, taskStates) {
+  const lanes = list(stream && stream.lanes);
+  const bars = list(stream && stream.bars);
+  const windowS = count(stream && stream.window_s) || 300;
+  if (lanes.length === 0) {
+    const minutes = Math.round(windowS / 60);
+    return h("div", { cls: "swarm-nb-muted", text: `No tasks ran on peers in the last ${minutes} min` });
+  }
+  const earliest = Math.min(...bars.map((bar) => count(bar.start)));
+  const span = Math.min(windowS, Math.max(STREAM_MIN_SPAN_S, now - earliest + 1));
+  const x = (t) => Math.max(0, Math.min(STREAM_UNITS, ((t - (now - span)) / span) * STREAM_UNITS));
+  const byLane = lanes.map(() => []);
+  for (const bar of bars) {
+    const lane = Number(bar.lane);
+    if (Number.isInteger(lane) && lane >= 0 && lane < lanes.length) byLane[lane].push(bar);
+  }
+  const rows = lanes.map((lane, index) => {
+    // Tasks that overlap on one peer (its concurrency) stack in rows, like Dask's threads.
+    const slotEnds = [];
+    const placed = byLane[index]
+      .slice()
+      .sort((a, b) => count(a.start) - count(b.start))
+      .map((bar) => {
+        const running = bar.end === null || bar.end === undefined;
+        const start = x(count(bar.start));
+        const end = Math.max(start + MIN_BAR_UNITS, x(running ? now : count(bar.end)));
+        let slot = slotEnds.findIndex((busyUntil) => busyUntil <= start);
+        if (slot === -1) slot = slotEnds.length < MAX_ROWS ? slotEnds.push(0) - 1 : MAX_ROWS - 1;
+        slotEnds[slot] = Math.max(slotEnds[slot], end);
+        return { bar, running, start, end, slot };
+      });
+    const slots = Math.max(1, slotEnds.length);
+    const rects = placed.map(({ bar, running, start, end, slot }) => {
+      const state = taskStates.includes(bar.state) ? bar.state : "unknown";
+      const took = running ? "running" : seconds(count(bar.end) - count(bar.start));
+      return svg(
+        "rect",
+        {
+          class: `swarm-nb-ts-bar swarm-nb-ts--${state}`,
+          x: start.toFixed(1),
+          y: slot * ROW_UNITS + 1,
+          width: (end - start).toFixed(1),
+          height: ROW_UNITS - 2,
+          "data-testid": "stream-bar",
+          "data-state": state,
+          "vector-effect": "non-scaling-stroke",
+        },
+        [svgTitle(`${text(bar.type)} ${shortId(bar.id)} · ${text(bar.state)} · ${took}`)],
+      );
+    });
+    const plot = svg(
+      "svg",
+      {
+        class: "swarm-nb-ts-plot",
+        viewBox: `0 0 ${STREAM_UNITS} ${slots * ROW_UNITS}`,
+        preserveAspectRatio: "none",
+      },
+      rects,
+    );
+    plot.style.height = `${slots * ROW_PX}px`;
+    const row = h("div", { cls: "swarm-nb-ts-lane", testid: "stream-lane" }, [laneLabel(lane), plot]);
+    row.dataset.peer = text(lane.peer);
+    return row;
+  });
+  const omitted = count(stream.omitted);
+  return h("div", {}, [
+    ...rows,
+    h("div", { cls: "swarm-nb-ts-axis swarm-nb-muted" }, [
+      h("span", { text: `−${Math.round(span)} s` }),
+      h("span", { text: omitted ? `${omitted} older tasks not shown` : "" }),
+      h("span", { text: "now" }),
+    ]),
+  ]);
+}
+
+function sparkline(transfer, now) {
+  const samples = list(transfer && transfer.samples).filter((s) => Array.isArray(s) && s.length >= 3);
+  if (samples.length === 0) {
+    return h("div", { cls: "swarm-nb-muted", testid: "sparkline-empty", text: "No transfer samples yet" });
+  }
+  const first = count(samples[0][0]);
+  const span = Math.max(SPARK_MIN_SPAN_S, now - first);
+  const peak = Math.max(SPARK_FLOOR_BPS, ...samples.map((s) => Math.max(count(s[1]), count(s[2]))));
+  const point = (s, column) => {
+    const px = ((count(s[0]) - (now - span)) / span) * SPARK_WIDTH;
+    const py = SPARK_HEIGHT - 1 - (count(s[column]) / peak) * (SPARK_HEIGHT - 2);
+    return `${Math.max(0, Math.min(SPARK_WIDTH, px)).toFixed(1)},${py.toFixed(1)}`;
+  };
+  const line = (column, cls, testid) =>
+    svg("polyline", {
+      class: cls,
+      points: samples.map((s) => point(s, column)).join(" "),
+      "data-testid": testid,
+      "data-points": samples.length,
+      "vector-effect": "non-scaling-stroke",
+    });
+  const last = samples[samples.length - 1];
+  return h("div", { cls: "swarm-nb-spark" }, [
+    svg(
+      "svg",
+      {
+        class: "swarm-nb-spark-plot",
+        viewBox: `0 0 ${SPARK_WIDTH} ${SPARK_HEIGHT}`,
+        preserveAspectRatio: "none",
+        "data-testid": "sparkline",
+      },
+      [
+        line(1, "swarm-nb-spark-in", "sparkline-in"),
+        line(2, "swarm-nb-spark-out", "sparkline-out"),
+      ],
+    ),
+    h("div", { cls: "swarm-nb-spark-legend" }, [
+      h("span", { cls: "swarm-nb-spark-key-in", testid: "rate-in", text: `↓ ${rate(last[1])}` }),
+      h("span", { cls: "swarm-nb-spark-key-out", testid: "rate-out", text: `↑ ${rate(last[2])}` }),
+      h("span", { cls: "swarm-nb-muted", text: `peak ${rate(peak)} · last ${Math.round(span)} s` }),
+    ]),
+  ]);
+}
+
+function recentTasks(snapshot, taskStates) {
+  const tasks = list(snapshot.recent_tasks);
+  if (tasks.length === 0) {
+    return h("div", { testid: "recent-tasks", cls: "swarm-nb-muted", text: "No finished tasks yet" });
+  }
+  return h("div", { testid: "recent-tasks" }, [
+    h("table", { cls: "swarm-nb-table" }, [
+      h("thead", {}, [
+        h("tr", {}, ["Task", "Type", "Peer", "State", "Took", "Finished"].map((t) => h("th", { text: t }))),
+      ]),
+      h(
+        "tbody",
+        {},
+        tasks.map((task) => {
+          const state = taskStates.includes(task.state) ? task.state : "unknown";
+          return h("tr", { testid: "recent-task" }, [
+            h("td", {}, [h("code", { text: shortId(task.id).slice(0, 9), title: text(task.id) })]),
+            h("td", { text: text(task.type) }),
+            h("td", {}, [
+              task.peer && task.sent
+                ? h("span", {}, [task.name ? `${text(task.name)} ` : null, peerId(task.peer)])
+                : h("span", { cls: "swarm-nb-muted", text: "not sent", title: "refused here before any peer saw it" }),
+            ]),
+            h("td", {}, [
+              h("span", {
+                cls: `swarm-nb-badge swarm-nb-ts-badge swarm-nb-ts--${state}`,
+                text: text(task.state),
+                title: text(task.error),
+              }),
+            ]),
+            h("td", { text: task.duration_s === null ? "" : seconds(task.duration_s) }),
+            h("td", { text: clock(task.finished_at) }),
+          ]);
+        }),
+      ),
+    ]),
+  ]);
+}
+
+function disconnectedNotice(clicked) {
+  const notice = h("div", { cls: "swarm-nb-disconnected", testid: "disconnected" }, [
+    h("strong", { text: "Kernel disconnected" }),
+    h("div", {
+      text:
+        "The kernel behind this panel restarted or stopped, so the swarm state it showed is gone " +
+        "(no peers, tasks or links are live here).",
+    }),
+    h("div", { testid: "reconnect-help", text: RECONNECT_HELP }),
+    clicked
+      ? h("div", {
+          cls: "swarm-nb-muted",
+          testid: "reinitialize-unavailable",
+          text: "Reinitialize needs this panel's kernel, which is gone: use the steps above.",
+        })
+      : null,
+  ]);
+  notice.setAttribute("role", "status");
+  return notice;
+}
+
 function activity(snapshot) {
   return h("div", { cls: "swarm-nb-grid2" }, [
     statCard("Consensus Requests", count(snapshot.consensus_requests), "stat-consensus", "info"),
@@ -322,6 +556,22 @@ export default {
     const openSections = new Map();
     const root = h("div", { cls: "swarm-nb-panel" });
     el.append(root);
+    // Set when the kernel side is gone (restart, shutdown): nothing can be sent any more.
+    let disconnected = false;
+    let reinitializeClicked = false;
+    // Kernel clock minus this page's clock, estimated when live data arrives, so bars and
+    // samples (kernel timestamps) slide left in real time between updates.
+    let clockOffset = 0;
+
+    function liveChanged() {
+      const now = Number((model.get("live") || {}).now);
+      if (Number.isFinite(now)) clockOffset = now - Date.now() / 1000;
+      if (!closed && !disconnected) drawLive();
+    }
+
+    function kernelNow() {
+      return Date.now() / 1000 + clockOffset;
+    }
 
     function section(name, title, content) {
       const details = h("details", { cls: "swarm-nb-section" }, [
@@ -334,8 +584,14 @@ export default {
       return details;
     }
 
+    function markDisconnected() {
+      if (disconnected) return;
+      disconnected = true;
+      scheduleRender();
+    }
+
     function initButton(snapshot) {
-      const busy = model.get("busy") === true;
+      const busy = model.get("busy") === true && !disconnected;
       const button = h("button", {
         cls: "swarm-nb-button",
         testid: "init-button",
@@ -344,17 +600,54 @@ export default {
       button.type = "button";
       button.disabled = busy;
       button.addEventListener("click", () => {
+        if (disconnected) {
+          reinitializeClicked = true;
+          scheduleRender();
+          return;
+        }
         button.disabled = true;
         button.textContent = "⏳ Initializing…";
-        model.send({ action: "initialize" });
+        try {
+          model.send({ action: "initialize" });
+        } catch (error) {
+          // The comm closed under us (kernel restarted before the host told us).
+          console.warn("swarm dashboard: cannot reach the kernel", error);
+          reinitializeClicked = true;
+          markDisconnected();
+        }
       });
       return button;
     }
 
+    function renderDisconnected(snapshot) {
+      root.dataset.state = "disconnected";
+      root.replaceChildren(
+        header({ state: "disconnected", primary_metric: "", secondary_metric: "", message: null }),
+        disconnectedNotice(reinitializeClicked),
+        h("div", { cls: "swarm-nb-footer" }, [initButton(snapshot)]),
+      );
+    }
+
+    function drawLive() {
+      const snapshot = model.get("snapshot") || {};
+      const taskStates = list((model.get("states") || {}).task);
+      const stream = root.querySelector('[data-testid="task-stream"]');
+      if (stream) stream.replaceChildren(taskStream(snapshot.task_stream, kernelNow(), taskStates));
+      const spark = root.querySelector('[data-testid="transfer"]');
+      const live = model.get("live") || {};
+      if (spark) spark.replaceChildren(sparkline(live.transfer_rate, kernelNow()));
+    }
+
     function render() {
       const snapshot = model.get("snapshot") || {};
+      if (disconnected) {
+        renderDisconnected(snapshot);
+        return;
+      }
       const status = model.get("status") || {};
-      const peerStates = list((model.get("states") || {}).peer);
+      const states = model.get("states") || {};
+      const peerStates = list(states.peer);
+      const taskStates = list(states.task);
       const scroller = root.querySelector(".swarm-nb-scroll");
       const scrollTop = scroller ? scroller.scrollTop : 0;
       const peers = list(snapshot.peers);
@@ -371,7 +664,10 @@ export default {
         section("status", "Swarm Status", swarmStatus(snapshot)),
         snapshot.initialized ? section("peers", `Connected Peers (${peers.length})`, peersList(snapshot, peerStates)) : "",
         activity(snapshot),
+        section("stream", "Task Stream", h("div", { testid: "task-stream", cls: "swarm-nb-ts" })),
+        section("transfer", "Transfer Rate", h("div", { testid: "transfer" })),
         section("tasks", `Tasks in Flight (${list(snapshot.tasks_in_flight).length})`, tasksInFlight(snapshot)),
+        section("recent", `Recent Tasks (${list(snapshot.recent_tasks).length})`, recentTasks(snapshot, taskStates)),
         section("consensus", "Latest Consensus", consensus(snapshot)),
         section("reflections", "Shared Reflections", reflections(snapshot)),
         h("div", { cls: "swarm-nb-footer" }, [
@@ -381,6 +677,7 @@ export default {
             : null,
         ]),
       );
+      drawLive();
       const newScroller = root.querySelector(".swarm-nb-scroll");
       if (newScroller) newScroller.scrollTop = scrollTop;
     }
@@ -397,12 +694,36 @@ export default {
       });
     }
 
+    // A kernel shut down (not restarted) closes no comm and fires no event: JupyterLab's
+    // widget manager then has no live kernel. Hosts without that property are skipped.
+    function kernelGone() {
+      const manager = model.widget_manager;
+      if (!manager || typeof manager !== "object" || !("kernel" in manager)) return false;
+      const kernel = manager.kernel;
+      return !kernel || kernel.isDisposed === true || kernel.status === "dead";
+    }
+
+    liveChanged();
     render();
     const events = ["change:snapshot", "change:status", "change:busy"];
     for (const event of events) model.on(event, scheduleRender);
+    // The rates change every second: redraw only the stream and the sparkline for them.
+    model.on("change:live", liveChanged);
+    // ipywidgets fires this when the kernel restarts (comm_live becomes false); a live comm
+    // is only announced while the model is built, before any view, so here it means gone.
+    model.on("comm_live_update", markDisconnected);
+    // Bars and samples move with time between kernel updates: redraw those two each second.
+    const ticker = setInterval(() => {
+      if (closed || disconnected) return;
+      if (kernelGone()) markDisconnected();
+      else drawLive();
+    }, 1000);
     return () => {
       closed = true;
+      clearInterval(ticker);
       for (const event of events) model.off(event, scheduleRender);
+      model.off("comm_live_update", markDisconnected);
+      model.off("change:live", liveChanged);
       root.remove();
     };
   },

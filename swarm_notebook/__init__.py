@@ -10,7 +10,7 @@ The names, exactly (``tests/test_surface.py`` holds ``__all__`` to this list):
 
     join local use current wait_for_peers verify_consensus
     Coordinator NotebookVoter
-    TaskFuture SwarmExecutor as_completed wait
+    TaskFuture SwarmExecutor as_completed wait RemoteSession
     CoordinatorConfig ExecutorConfig TaskPolicy DelegationConfig ConsensusConfig
     KnowledgeConfig MeshConfig
     Reason __version__ load_ipython_extension unload_ipython_extension
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from swarm_notebook.governance.service import ConsensusConfig
     from swarm_notebook.knowledge.service import KnowledgeConfig
     from swarm_notebook.notebook.voter import NotebookVoter
+    from swarm_notebook.sessions import RemoteSession
     from swarm_notebook.transport.mesh import MeshConfig
     from swarm_notebook.workload.delegator import DelegationConfig
     from swarm_notebook.workload.executors.capabilities import ExecutorConfig
@@ -60,6 +61,7 @@ _LAZY = {
     "SwarmExecutor": "swarm_notebook.futures",
     "as_completed": "swarm_notebook.futures",
     "wait": "swarm_notebook.futures",
+    "RemoteSession": "swarm_notebook.sessions",
 }
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "MeshConfig",
     "NotebookVoter",
     "Reason",
+    "RemoteSession",
     "SwarmExecutor",
     "TaskFuture",
     "TaskPolicy",

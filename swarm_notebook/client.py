@@ -33,7 +33,13 @@ from swarm_notebook.coordinator.config import (
 )
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
 from swarm_notebook.coordinator.events import EventBus
-from swarm_notebook.errors import NotJoinedError, WaitTimeout
+from swarm_notebook.errors import (
+    NotJoinedError,
+    RemoteTaskError,
+    UsageError,
+    WaitTimeout,
+    short_id,
+)
 from swarm_notebook.futures import (
     ItemFuture,
     SubmitOptions,
@@ -45,6 +51,7 @@ from swarm_notebook.futures import gather as gather_results
 from swarm_notebook.futures import submit as submit_function
 from swarm_notebook.identity import Identity, default_profile_dir
 from swarm_notebook.reasons import Reason
+from swarm_notebook.sessions import RemoteSession
 from swarm_notebook.signaling.url import check_listening, normalize_url
 from swarm_notebook.transport.factory import mesh_transport
 from swarm_notebook.transport.ice_config import resolve as resolve_ice
@@ -57,6 +64,7 @@ if TYPE_CHECKING:
     from swarm_notebook.views.doctor import Check
 
 T = TypeVar("T")
+PYTHON_COMPUTATION_TASK = "python-computation"
 
 
 class SubmittedTask:
@@ -103,6 +111,8 @@ class Coordinator:
         self._closed = False
         # Run after leaving, newest first (e.g. stop the local swarm local() started).
         self._on_leave: list[Callable[[], Awaitable[None]]] = []
+        self._sessions: dict[str, RemoteSession] = {}  # sessions this peer opened
+        self._unwatch_peers: Callable[[], None] | None = None
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -169,6 +179,11 @@ class Coordinator:
         """Finish or hand back running tasks, close every link, stop the network thread."""
         if self._closed:
             return
+        for session in list(self._sessions.values()):
+            # Free the peers' slots now rather than at their idle timeout.
+            await asyncio.to_thread(session.close, 10.0)
+        if self._unwatch_peers is not None:
+            self._unwatch_peers()
         await self._runner.call(self._core.leave())
         self._closed = True
         self._events.close()
@@ -300,26 +315,47 @@ class Coordinator:
         peer: str | None = None,
         max_attempts: int | None = None,
         requires: Mapping[str, str] | None = None,
+        on_output: Callable[[str, str], Any] | None = None,
     ) -> SubmittedTask:
         """Start ``delegate_task`` on the network thread and return at once.
 
         Usable from synchronous code (a blocking cell, a magic, another thread); the
-        future follows ``delegate_task``'s failure rule.
+        future follows ``delegate_task``'s failure rule. ``on_output(stream, text)`` is
+        called with what the task prints while it runs (on the loop that called this, if
+        one is running; else on the swarm's thread, so keep it short).
         """
         self._require_joined()
         task_id = uuid.uuid4().hex
-        future = self._runner.submit(
-            self._core.delegate_task(
-                task_type,
-                data,
-                timeout=timeout,
-                peer=peer,
-                task_id=task_id,
-                max_attempts=max_attempts,
-                requires=requires,
-            )
-        )
+        core = self._core
+        watcher = _on_callers_loop(on_output) if on_output is not None else None
+
+        async def run() -> dict[str, Any]:
+            # Watching starts before the task is sent, so no early output is missed.
+            unwatch = core.watch_output(task_id, watcher) if watcher is not None else None
+            try:
+                return await core.delegate_task(
+                    task_type,
+                    data,
+                    timeout=timeout,
+                    peer=peer,
+                    task_id=task_id,
+                    max_attempts=max_attempts,
+                    requires=requires,
+                )
+            finally:
+                if unwatch is not None:
+                    unwatch()
+
+        future = self._runner.submit(run())
         return SubmittedTask(self, task_id, future)
+
+    def task_output(self, task_id: str) -> dict[str, str] | None:
+        """What a running (or recent) delegated task printed so far, as it arrived.
+
+        >>> c.task_output(task.task_id)["stdout"]   # doctest: +SKIP
+        'epoch 1 loss 0.31\n'
+        """
+        return self._read(lambda: self._core.task_output(task_id))
 
     # -- futures (the API ipyparallel and Dask users know) -----------------------------
 
@@ -332,6 +368,7 @@ class Coordinator:
         timeout: float | None = None,
         retries: int | None = None,
         requires: Mapping[str, str] | None = None,
+        on_output: Callable[[str, str], Any] | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on a capable peer; returns a ``TaskFuture`` at once.
@@ -340,15 +377,17 @@ class Coordinator:
         the result travel through the safe codec (DataFrames as Arrow). ``await fut`` or
         ``fut.result()`` gives the value, or raises ``RemoteTaskError`` with the remote
         traceback. ``retries`` bounds how many other peers may take over when a peer dies,
-        times out or refuses; the function's own errors are never retried.
-        ``requires={"pandas": ">=2.2"}`` runs it only where those versions are installed.
+        times out or refuses; the function's own errors are never retried. What it prints
+        shows in ``fut.stdout`` / ``fut.stderr`` while it runs, and goes to
+        ``on_output(stream, text)`` if given. ``requires={"pandas": ">=2.2"}`` runs it only
+        where those versions are installed.
 
         >>> fut = c.submit(total, df, column="v")   # doctest: +SKIP
         >>> await fut                               # doctest: +SKIP
         42.0
         """
         self._require_joined()
-        options = SubmitOptions(peer, timeout, retries, requires)
+        options = SubmitOptions(peer, timeout, retries, requires, on_output)
         return submit_function(self, fn, args, kwargs, options)
 
     def map(
@@ -360,18 +399,90 @@ class Coordinator:
         timeout: float | None = None,
         retries: int | None = None,
         requires: Mapping[str, str] | None = None,
+        progress: bool | None = None,
     ) -> list[ItemFuture]:
         """``fn`` over the items (zipped like ``map``): one future per item, in order.
 
         Items travel ``chunksize`` to a task (one message per chunk, not per item);
-        cancelling an item's future cancels its chunk.
+        cancelling an item's future cancels its chunk. ``progress`` shows one bar over
+        the items with a count per peer (default: in a notebook, not in scripts).
 
         >>> c.gather(c.map(square, range(1000), chunksize=100))[:3]   # doctest: +SKIP
         [0, 1, 4]
         """
         self._require_joined()
         options = SubmitOptions(peer, timeout, retries, requires)
-        return map_items(self, fn, iterables, options, chunksize)
+        return map_items(self, fn, iterables, options, chunksize, progress)
+
+    def session(
+        self,
+        name: str,
+        peer: str | None = None,
+        *,
+        idle_timeout: float | None = None,
+        timeout: float = 60.0,
+    ) -> RemoteSession:
+        """Open (or get back) the session ``name``: a namespace kept on one peer.
+
+        With ``peer`` it opens there, else on the least-loaded capable peer; it stays on
+        that peer. ``idle_timeout`` (seconds; the peer's default is 30 minutes, and the
+        peer caps it) ends it when unused. Blocks until it is open.
+
+        >>> s = c.session("train")                   # doctest: +SKIP
+        >>> s.run("x = 41").result(); s.run("x + 1").result()   # doctest: +SKIP
+        42
+        """
+        self._require_joined()
+        existing = self._sessions.get(name)
+        if existing is not None and existing.state == "open":
+            if peer is None or existing.peer == peer:
+                existing.check()
+                return existing
+            raise UsageError(
+                Reason.BAD_ARGUMENTS,
+                f"session {name!r} is open on {short_id(existing.peer)}; close it first",
+            )
+        data: dict[str, Any] = {"code": "", "session": name, "session_op": "open"}
+        if idle_timeout is not None:
+            data["idle_timeout"] = idle_timeout
+        task = self.submit_task(PYTHON_COMPUTATION_TASK, data, peer=peer, max_attempts=1)
+        try:
+            reply = task.future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            task.cancel()
+            raise WaitTimeout(f"session {name!r} did not open within {timeout:g} s") from None
+        if not reply.get("success"):
+            raise RemoteTaskError(
+                reply.get("peer"), task.task_id, str(reply.get("error")), None,
+                reply.get("error_type"), self.peer_name(reply.get("peer")),
+            )  # fmt: skip
+        session = RemoteSession(
+            self, name, str(reply["peer"]), reply.get("idle_timeout_s"), self._session_ended
+        )
+        if self._unwatch_peers is None:
+            # Reported lost as soon as its peer's link goes, not only when next used.
+            self._unwatch_peers = self._events.on("swarm:peer-left", self._peer_left)
+        self._sessions[name] = session
+        return session
+
+    def _session_ended(self, session: RemoteSession) -> None:
+        # A lost session stays listed (with why) until one of its name is opened again.
+        if session.state == "closed" and self._sessions.get(session.name) is session:
+            del self._sessions[session.name]
+
+    def _peer_left(self, payload: Any) -> None:
+        peer = payload.get("peer_id") if isinstance(payload, dict) else None
+        for session in list(self._sessions.values()):
+            if session.peer == peer and session.state == "open":
+                session.lose(f"its peer {self.peer_name(peer) or short_id(peer)} went away")
+
+    def sessions(self) -> list[RemoteSession]:
+        """This notebook's sessions: open ones, and lost ones not opened again since."""
+        return list(self._sessions.values())
+
+    def peer_connected(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` has a live, authenticated link to us right now."""
+        return self._read(lambda: peer_id in self._core.node.connected_peers())
 
     def gather(self, futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
         """The results of ``futures``, in order (blocks; raises the first error)."""
@@ -488,8 +599,9 @@ class Coordinator:
     def dashboard_snapshot(self) -> dict[str, Any]:
         return self._read(self._core.dashboard_snapshot)
 
-    def task_records(self) -> list[dict[str, Any]]:
-        return self._read(self._core.task_records)
+    def task_records(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Task records, oldest first; ``limit``: the most recent ones and any running."""
+        return self._read(lambda: self._core.task_records(limit))
 
     def task_record(self, task_id: str) -> dict[str, Any] | None:
         """One task's record (``state``, ``peer``, ``attempts``...), None if unknown."""
@@ -534,6 +646,12 @@ class Coordinator:
 
         return consensus_frame(self._read(self._core.consensus.consensus_records))
 
+    def sessions_frame(self) -> pd.DataFrame:
+        """The sessions this notebook opened: name, peer, state, runs, idle timeout."""
+        from swarm_notebook.views.frames import sessions_frame
+
+        return sessions_frame(s.as_row() for s in self._sessions.values())
+
     def reflections_frame(self) -> pd.DataFrame:
         """Reflections in this peer's store, local and shared (``shared_from``)."""
         from swarm_notebook.views.frames import reflections_frame
@@ -549,6 +667,25 @@ class Coordinator:
         from swarm_notebook.notebook.widget import SwarmDashboard
 
         return SwarmDashboard(CoordinatorSource(self))
+
+
+def _on_callers_loop(callback: Callable[[str, str], Any]) -> Callable[[str, str], None]:
+    """``callback`` moved to the loop running now (the kernel's), if there is one."""
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+
+    def forward(stream: str, text: str) -> None:
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(callback, stream, text)
+                return
+            except RuntimeError:
+                pass  # closed meanwhile: deliver here rather than lose it
+        callback(stream, text)
+
+    return forward
 
 
 async def join(

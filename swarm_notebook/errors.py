@@ -287,6 +287,21 @@ class RemoteTaskError(SwarmError):
         return lines
 
 
+class SessionLostError(SwarmError):
+    """A session's namespace is gone: its peer or sandbox died, it expired idle, or it was
+    closed. Sessions are never re-created by themselves; open a new one.
+
+    >>> SessionLostError("train", "its peer went away").message
+    "session 'train' is lost: its peer went away"
+    """
+
+    def __init__(self, session: str, why: str, peer: str | None = None) -> None:
+        self.session = session
+        self.why = why
+        self.peer = peer
+        super().__init__(Reason.SESSION_LOST, f"session {session!r} is lost: {why}")
+
+
 class WaitTimeout(SwarmError, TimeoutError):
     """What we waited for (peers to connect, a task to finish) did not happen in time."""
 
@@ -398,6 +413,7 @@ __all__ = [
     "RemoteTaskError",
     "RequestTimeout",
     "SandboxUnavailable",
+    "SessionLostError",
     "SignalingError",
     "SignalingRefused",
     "SignalingTimeout",

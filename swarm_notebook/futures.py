@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
+from collections import Counter
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -60,9 +62,12 @@ class TaskSubmitter(Protocol):
         peer: str | None = None,
         max_attempts: int | None = None,
         requires: Mapping[str, str] | None = None,
+        on_output: Callable[[str, str], Any] | None = None,
     ) -> StartedTask: ...
 
     def task_record(self, task_id: str) -> dict[str, Any] | None: ...
+
+    def task_output(self, task_id: str) -> dict[str, str] | None: ...
 
     def peer_name(self, peer_id: str | None) -> str | None: ...
 
@@ -75,6 +80,7 @@ class SubmitOptions:
     timeout: float | None = None
     retries: int | None = None  # attempts on other peers after a peer fails (not user errors)
     requires: Mapping[str, str] | None = None  # package versions, e.g. {"pandas": ">=2.2"}
+    on_output: Callable[[str, str], Any] | None = None  # (stream, text) while it runs
 
     @property
     def max_attempts(self) -> int | None:
@@ -85,11 +91,15 @@ class SubmitOptions:
         return self.retries + 1
 
 
+Translate = Callable[[BaseException, "dict[str, Any] | None"], BaseException]
+
+
 class TaskFuture(concurrent.futures.Future[Any]):
     """One delegated call: awaitable, and a ``concurrent.futures.Future``."""
 
     def __init__(self, submitter: TaskSubmitter, task_id: str, function: str) -> None:
         super().__init__()
+        self.translate: Translate | None = None
         self.task_id = task_id
         self.function = function
         self._submitter = submitter
@@ -119,11 +129,18 @@ class TaskFuture(concurrent.futures.Future[Any]):
 
     @property
     def stdout(self) -> str:
-        return str((self._reply or {}).get("stdout") or "")
+        """What the function printed: grows while it runs, complete once it is done."""
+        return self._printed("stdout")
 
     @property
     def stderr(self) -> str:
-        return str((self._reply or {}).get("stderr") or "")
+        return self._printed("stderr")
+
+    def _printed(self, stream: str) -> str:
+        if self._reply is not None:
+            return str(self._reply.get(stream) or "")
+        live = self._submitter.task_output(self.task_id)
+        return live[stream] if live else ""
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.function}() task={self.task_id[:8]} state={self.state}>"
@@ -144,15 +161,18 @@ class TaskFuture(concurrent.futures.Future[Any]):
                 return
             exc = inner.exception()
             if exc is not None:
-                self.set_exception(exc)
+                self.set_exception(self._translated(exc, None))
                 return
             reply = inner.result()
             self._reply = reply
             outcome = self._outcome(reply)
             if isinstance(outcome, BaseException):
-                self.set_exception(outcome)
+                self.set_exception(self._translated(outcome, reply))
             else:
                 self.set_result(outcome)
+
+    def _translated(self, error: BaseException, reply: dict[str, Any] | None) -> BaseException:
+        return error if self.translate is None else self.translate(error, reply)
 
     def _outcome(self, reply: dict[str, Any]) -> Any:
         if reply.get("success"):
@@ -247,14 +267,73 @@ def submit(
     return _start(submitter, shipped.name, {"code": shipped.cell(), "inputs": inputs}, options)
 
 
+class MapProgress:
+    """One progress bar over a ``map``'s items; its postfix counts items per peer.
+
+    The bar moves as chunks finish (on the swarm's thread; tqdm locks its own state) and
+    closes when the last one has.
+    """
+
+    def __init__(self, submitter: TaskSubmitter, total: int, bar: Any = None) -> None:
+        if bar is None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="map", unit="item")
+        self._bar = bar
+        self._submitter = submitter
+        self._left = total
+        self._per_peer: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def track(self, chunk: TaskFuture, size: int) -> None:
+        chunk.add_done_callback(lambda f: self._chunk_done(chunk, size))
+
+    def _chunk_done(self, chunk: TaskFuture, size: int) -> None:
+        if chunk.cancelled():
+            who = "canceled"
+        elif chunk.exception() is not None:
+            who = "failed"
+        else:
+            peer = chunk.peer
+            who = self._submitter.peer_name(peer) or (peer or "?")[:8]
+        with self._lock:
+            self._per_peer[who] += size
+            self._left -= size
+            postfix = dict(sorted(self._per_peer.items()))
+            last = self._left <= 0
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(size)
+        if last:
+            self._bar.close()
+
+    @property
+    def per_peer(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._per_peer)
+
+
+def _show_progress(progress: bool | None) -> bool:
+    """Default: a bar in an IPython shell (the notebook), none in scripts and tests."""
+    if progress is not None:
+        return progress
+    ipython = sys.modules.get("IPython")
+    return bool(ipython is not None and ipython.get_ipython() is not None)
+
+
 def map_items(
     submitter: TaskSubmitter,
     fn: Callable[..., Any],
     iterables: Sequence[Iterable[Any]],
     options: SubmitOptions,
     chunksize: int | None = None,
+    progress: bool | None = False,
+    bar: Any = None,
 ) -> list[ItemFuture]:
-    """``fn`` over the zipped ``iterables``, ``chunksize`` items per task, results in order."""
+    """``fn`` over the zipped ``iterables``, ``chunksize`` items per task, results in order.
+
+    With ``progress`` one bar (tqdm, or ``bar`` if given) follows the items, counting
+    them per peer.
+    """
     if not iterables:
         raise UsageError(Reason.BAD_ARGUMENTS, "map needs at least one iterable")
     shipped = ship_function(fn)
@@ -266,10 +345,13 @@ def map_items(
         raise UsageError(Reason.BAD_ARGUMENTS, "chunksize must be 1 or more")
     futures: list[ItemFuture] = []
     code = _map_cell(shipped)
+    tracker = MapProgress(submitter, len(items), bar) if _show_progress(progress) else None
     for start in range(0, len(items), size):
         chunk = items[start : start + size]
         data = {"code": code, "inputs": {ARGS_NAME: chunk}}
         task = _start(submitter, shipped.name, data, options)
+        if tracker is not None:
+            tracker.track(task, len(chunk))
         futures += [ItemFuture(task, i) for i in range(len(chunk))]
     return futures
 
@@ -286,6 +368,20 @@ def _map_cell(shipped: ShippedFunction) -> str:
     return "\n\n".join(part for part in (head, shipped.source.rstrip(), call) if part) + "\n"
 
 
+def start_task(
+    submitter: TaskSubmitter,
+    function: str,
+    data: dict[str, Any],
+    options: SubmitOptions,
+    translate: Translate | None = None,
+) -> TaskFuture:
+    """Start one python-computation task and return its future (``translate`` maps its
+    failure to the error the caller should see, e.g. a lost session)."""
+    future = _start(submitter, function, data, options)
+    future.translate = translate
+    return future
+
+
 def _start(
     submitter: TaskSubmitter, function: str, data: dict[str, Any], options: SubmitOptions
 ) -> TaskFuture:
@@ -296,6 +392,7 @@ def _start(
         peer=options.peer,
         max_attempts=options.max_attempts,
         requires=options.requires,
+        on_output=options.on_output,
     )
     future = TaskFuture(submitter, task.task_id, function)
     future._attach(task.future)

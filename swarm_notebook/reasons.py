@@ -117,6 +117,9 @@ class Reason(StrEnum):
     MISSING_OUTPUT = "missing-output"
     RESULT_TOO_LARGE = "result-too-large"
     WORKER_CRASHED = "worker-crashed"
+    SESSION_LOST = "session-lost"  # its peer or sandbox died, it expired or was closed
+    NOT_SESSION_OWNER = "not-session-owner"  # another peer opened the session
+    TOO_MANY_SESSIONS = "too-many-sessions"
     SANDBOX_UNAVAILABLE = "sandbox-unavailable"
     INTERNAL_ERROR = "internal-error"
     PATH_OUTSIDE_WORKSPACE = "path-outside-workspace"

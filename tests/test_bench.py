@@ -139,6 +139,8 @@ def test_declared_targets_match_the_plan() -> None:
         "submit_rtt_ms": ("ipyparallel_rtt_ms", "<= 0.5x"),
         "map_items_per_s": ("ipyparallel_map_items_per_s", ">= 2x"),
         "dask_map_items_per_s": ("ipyparallel_map_items_per_s", None),
+        "sandboxed_tasks_per_s": ("unsandboxed_tasks_per_s", ">= 0.9x"),
+        "sandboxed_rtt_ms": ("unsandboxed_rtt_ms", None),
     }
     assert {name: (c.anchor, c.target) for name, c in COMPARISONS.items()} == expected
 
@@ -224,7 +226,15 @@ def test_report_json_schema(tmp_path: Path) -> None:
 
 def test_select_suites_rejects_unknown_names() -> None:
     suites = default_suites()
-    assert [s.name for s in suites] == ["raw", "swarm", "ipyparallel", "delegate", "dask", "mesh6"]
+    assert [s.name for s in suites] == [
+        "raw",
+        "swarm",
+        "ipyparallel",
+        "delegate",
+        "isolation",
+        "dask",
+        "mesh6",
+    ]
     assert [s.name for s in select_suites(suites, ["dask", "raw"])] == ["raw", "dask"]
     with pytest.raises(UnknownSuiteError, match="nope"):
         select_suites(suites, ["raw", "nope"])

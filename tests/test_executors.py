@@ -235,6 +235,22 @@ async def test_output_is_bounded_and_unencodable_values_are_explained(
     assert "decimal.Decimal" in odd["value_error"] and odd["value_repr"] == "Decimal('1.5')"
 
 
+async def test_output_streams_live_and_a_lone_surrogate_is_escaped_not_a_crash(
+    pool: PythonSandboxPool,
+) -> None:
+    got: list[list[tuple[str, str]]] = []
+    ctx = TaskContext(task_id="t-live", delegator="peer-a", on_output=got.append)
+    code = "import sys\nprint('a\\ud800b')\nprint('e', file=sys.stderr)\n1"
+    result = await pool.run({"code": code}, ctx)
+    assert result["success"], result
+    assert result["stdout"] == "a\\ud800b\n" and result["stderr"] == "e\n"
+    streamed = [chunk for batch in got for chunk in batch]
+    for stream in ("stdout", "stderr"):
+        assert "".join(t for s, t in streamed if s == stream) == result[stream]
+    kinds = [s for s, _ in streamed]
+    assert "stdout" not in kinds[kinds.index("stderr") :]  # in the order it was printed
+
+
 async def test_pool_runs_size_tasks_at_once_and_bounds_the_queue() -> None:
     sandbox = PythonSandboxPool(size=2, memory_limit_mb=512, max_queue=1)
     await sandbox.start()

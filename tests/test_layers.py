@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("coordinator",),
     ("views",),
     ("futures",),
+    ("sessions",),
     ("client",),
     ("launcher",),
     ("notebook",),

@@ -131,3 +131,26 @@ def test_governance(swarm: Swarm, tmp_path: Path) -> None:
     assert "(True, 'approved')" in texts[6]
     assert "(True, False)" in "\n".join(texts)  # the real result verifies, the forged one not
     assert "refused: the code calls eval()/exec()" in "\n".join(texts)
+
+
+def test_futures(swarm: Swarm, tmp_path: Path) -> None:
+    notebook = execute("futures.ipynb", swarm, tmp_path)
+    texts = outputs_text(notebook)
+    everything = "\n".join(texts)
+    assert "total units: 16.0 computed on w" in everything
+    assert "first squares: [0, 1, 4, 9, 16]" in everything
+    assert "map:" in everything and "/200" in everything  # the one bar over the items
+    assert "in the order they finished: [1, 4, 9]" in everything
+    assert "8 epochs; output arrived in" in everything and "epoch 7 done" in everything
+    magic = next(t for t in texts if "step 4" in t)  # %%swarm run printed in its cell
+    assert "5/5" in magic and "✔ python-computation completed" in magic
+    pieces = int(everything.split("output arrived in ", 1)[1].split()[0])
+    assert pieces >= 3  # the output came while the task ran, not in one piece at the end
+    assert "cancelled: True | state: canceled" in everything
+    assert "failed on w" in everything and "return scaled / b" in everything
+    assert "ZeroDivisionError" in everything
+    assert "items kept: 1" in everything
+    assert "[1, 2]" in everything  # %%swarm run --session saw the session's list
+    assert "demo        w" in everything and "open     3" in everything  # sessions_frame
+    assert "session demo is closed" in everything
+    assert "left room" in everything

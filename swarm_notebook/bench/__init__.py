@@ -61,13 +61,22 @@ def default_suites() -> list[Suite]:
     # Imported here so that ``python -m swarm_notebook.bench.raw_peer`` does not find its
     # own module already imported through this package.
     from swarm_notebook.bench.baselines import dask_suite, ipyparallel_suite
+    from swarm_notebook.bench.isolation_suite import isolation_suite
     from swarm_notebook.bench.raw_aiortc import raw_suite
     from swarm_notebook.bench.swarm_suites import swarm_suites
 
     swarm, delegate, mesh6 = swarm_suites()
     # Each measurement runs next to its anchor (ratios are computed at the end, so order
     # is free): raw then the swarm's messaging, ipyparallel then delegation.
-    return [raw_suite(), swarm, ipyparallel_suite(), delegate, dask_suite(), mesh6]
+    return [
+        raw_suite(),
+        swarm,
+        ipyparallel_suite(),
+        delegate,
+        isolation_suite(),
+        dask_suite(),
+        mesh6,
+    ]
 
 
 def select_suites(suites: Sequence[Suite], only: Iterable[str] | None) -> list[Suite]:

@@ -78,6 +78,9 @@ COMPARISONS: Mapping[str, Comparison] = MappingProxyType(
         "submit_rtt_ms": Comparison("ipyparallel_rtt_ms", "<=", 0.5),
         "map_items_per_s": Comparison("ipyparallel_map_items_per_s", ">=", 2.0),
         "dask_map_items_per_s": Comparison("ipyparallel_map_items_per_s"),
+        # The sandbox's price: the same work to bubblewrap and to unisolated workers.
+        "sandboxed_tasks_per_s": Comparison("unsandboxed_tasks_per_s", ">=", 0.9),
+        "sandboxed_rtt_ms": Comparison("unsandboxed_rtt_ms"),
     }
 )
 
@@ -102,8 +105,13 @@ REQUIRED_METRICS: tuple[str, ...] = (
     "delegate_tasks_per_s",
     "submit_rtt_ms",
     "map_items_per_s",
+    "cancel_to_gone_ms",
     "df50_swarm_s",
     "mesh6_s",
+    "sandboxed_rtt_ms",
+    "unsandboxed_rtt_ms",
+    "sandboxed_tasks_per_s",
+    "unsandboxed_tasks_per_s",
 )
 
 

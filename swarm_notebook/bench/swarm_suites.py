@@ -36,6 +36,7 @@ class SwarmBenchConfig:
     df_rows: int
     df_rounds: int
     mesh_rounds: int
+    cancel_rounds: int = 5
 
     @classmethod
     def full(cls) -> SwarmBenchConfig:
@@ -43,7 +44,7 @@ class SwarmBenchConfig:
 
     @classmethod
     def quick(cls) -> SwarmBenchConfig:
-        return cls(300, 8 * 2**20, 3, 100, 300, 2, 3_300_000, 1, 1)
+        return cls(300, 8 * 2**20, 3, 100, 300, 2, 3_300_000, 1, 1, 3)
 
 
 class _Peer:
@@ -155,9 +156,11 @@ async def measure_messaging(ctx: SuiteContext, cfg: SwarmBenchConfig) -> None:
 
 @asynccontextmanager
 async def _workers(
-    url: str, room: str, home: str, n: int
+    url: str, room: str, home: str, n: int, *, isolated: bool = True
 ) -> AsyncIterator[list[asyncio.subprocess.Process]]:
     procs = []
+    # The unisolated variant exists only to measure what the sandbox costs.
+    unsafe = [] if isolated else ["--unsafe-no-isolation"]
     try:
         for i in range(n):
             procs.append(
@@ -171,13 +174,14 @@ async def _workers(
                     "--room",
                     room,
                     "--profile",
-                    os.path.join(home, f"worker{i}"),
+                    os.path.join(home, f"{room}-worker{i}"),
                     "--caps",
                     "python-execution",
                     "--concurrency",
                     "2",
                     "--name",
-                    f"bench-worker{i}",
+                    f"bench-{room}-worker{i}",
+                    *unsafe,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.DEVNULL,
                 )
@@ -224,7 +228,7 @@ async def measure_delegation(
     from swarm_notebook.client import join
 
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as home:
-        async with _signaling() as server, _workers(server.url, "deleg", home, 2):
+        async with _signaling() as server, _workers(server.url, "deleg", home, 2) as procs:
             c = await join("deleg", signaling=server.url, profile=os.path.join(home, "notebook"))
             try:
                 await _await_capable(c, 2)
@@ -259,6 +263,7 @@ async def measure_delegation(
                         bar.advance()
                 ctx.record("delegate_tasks_per_s", rates, "tasks/s")
                 await _measure_futures(ctx, cfg, c)
+                await _measure_cancel(ctx, cfg, c, procs)
                 if with_dataframe:
                     await _measure_dataframe(ctx, cfg, c)
             finally:
@@ -290,6 +295,76 @@ async def _measure_futures(ctx: SuiteContext, cfg: SwarmBenchConfig, c: Any) -> 
         cfg.pipelined_rounds,
     )
     ctx.record("map_items_per_s", rates, "items/s")
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+async def _measure_cancel(
+    ctx: SuiteContext, cfg: SwarmBenchConfig, c: Any, procs: list[asyncio.subprocess.Process]
+) -> None:
+    """``cancel_to_gone_ms``: from ``fut.cancel()`` on a running task until its sandbox
+    process no longer exists on the worker (no target; the issue asks for it reported)."""
+    import psutil
+
+    samples = []
+    with ctx.task("cancel: until the process is gone", cfg.cancel_rounds) as bar:
+        for _ in range(cfg.cancel_rounds):
+            fut = c.submit(_spin, retries=0, timeout=120)
+            deadline = time.monotonic() + 60
+            while fut.state != "working":
+                if time.monotonic() > deadline:
+                    raise BenchError(Reason.BENCH_FAILED, f"spin task never started: {fut.state}")
+                await asyncio.sleep(0.005)
+            name = str(c.peer_name(fut.peer) or "")
+            worker = procs[int(name.removeprefix("bench-worker"))]
+            pid = await _busiest_descendant(worker.pid)
+            start = time.perf_counter()
+            fut.cancel()
+            while _exists(psutil, pid):
+                if time.perf_counter() - start > 10:
+                    raise BenchError(Reason.BENCH_FAILED, "a cancelled task's process lived 10 s")
+                await asyncio.sleep(0.001)  # the resolution of the measurement
+            samples.append((time.perf_counter() - start) * 1000)
+            bar.advance()
+    ctx.record("cancel_to_gone_ms", samples, "ms")
+
+
+def _exists(psutil: Any, pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def _busiest_descendant(root: int) -> int:
+    """The worker's descendant gaining the most CPU time: the spinning sandbox child."""
+    import psutil
+
+    procs = psutil.Process(root).children(recursive=True)
+    first = {}
+    for p in procs:
+        try:
+            first[p.pid] = p.cpu_times().user
+        except psutil.NoSuchProcess:
+            continue
+    deadline = time.monotonic() + 10
+    while True:
+        await asyncio.sleep(0.1)
+        gains = {}
+        for p in procs:
+            try:
+                gains[p.pid] = p.cpu_times().user - first.get(p.pid, 0.0)
+            except psutil.NoSuchProcess:
+                continue
+        if gains:
+            pid, gain = max(gains.items(), key=lambda kv: kv[1])
+            if gain > 0.03:
+                return pid
+        if time.monotonic() > deadline:
+            raise BenchError(Reason.BENCH_FAILED, "no busy sandbox process found")
 
 
 async def _measure_dataframe(ctx: SuiteContext, cfg: SwarmBenchConfig, c: Any) -> None:

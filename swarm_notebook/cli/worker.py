@@ -58,6 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--memory-limit-mb", type=int, default=1024)
     parser.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="end a session (a namespace kept for a notebook) unused this long; it holds "
+        "one slot and one sandbox process while open (default 30 min; a notebook may ask "
+        "for less, up to 24 h)",
+    )
+    parser.add_argument(
         "--unsafe-no-isolation",
         action="store_true",
         help="run other peers' Python without the bubblewrap sandbox, with your user rights "
@@ -110,6 +119,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         llm_model=args.llm_model,
         sandbox_size=args.concurrency,
         sandbox_memory_limit_mb=args.memory_limit_mb,
+        sandbox_session_idle_s=args.session_idle_timeout,
         unsafe_no_isolation=args.unsafe_no_isolation,
     )
     allowed = frozenset(p.strip() for p in args.allow_from.split(",")) if args.allow_from else None

@@ -11,7 +11,7 @@ import logging
 import time
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from swarm_notebook.knowledge.service import KnowledgeService
 from swarm_notebook.knowledge.store import ReflectionStore
 from swarm_notebook.ledger.audit import AuditLog
 from swarm_notebook.ledger.stats import CoordinationStats
+from swarm_notebook.ledger.transfer import SAMPLE_INTERVAL_S, TransferHistory, byte_totals
 from swarm_notebook.membership.node import SwarmNode
 from swarm_notebook.membership.roster import with_member, without_member
 from swarm_notebook.membership.versions import (
@@ -80,6 +81,7 @@ class SwarmCoordinator:
         self._decode_logged: set[tuple[str | None, str]] = set()
         self.stats = CoordinationStats()
         self.tasks = TaskLog()
+        self.transfer = TransferHistory()
         self.audit = AuditLog(profile_dir / "audit.sqlite3")
         self.reflections = ReflectionStore(profile_dir / "reflections.sqlite3")
         self.initialized = False
@@ -139,6 +141,7 @@ class SwarmCoordinator:
     async def start(self) -> None:
         await self.node.start()
         self._background.spawn(self._flush_audit_periodically(), name="audit-flush")
+        self._background.spawn(self._sample_transfer_periodically(), name="transfer-sampler")
         await self.init()
 
     async def _flush_audit_periodically(self) -> None:
@@ -147,6 +150,14 @@ class SwarmCoordinator:
         while True:
             await asyncio.sleep(AUDIT_FLUSH_INTERVAL_S)
             self.audit.flush()
+
+    async def _sample_transfer_periodically(self) -> None:
+        # Sampled here, on the network loop, so the history has no holes while a cell
+        # blocks the kernel; the dashboard reads it whenever it next draws.
+        while True:
+            self.transfer.record(time.time(), *byte_totals(self.node.transport.stats()))
+            self.events.emit("transfer:sampled", None)
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     async def init(self) -> list[str]:
         """Detect capabilities, (re)build executors and advertise a fresh agent card.
@@ -349,6 +360,17 @@ class SwarmCoordinator:
             raise
         return result
 
+    def watch_output(self, task_id: str, watcher: Callable[[str, str], None]) -> Callable[[], None]:
+        """Call ``watcher(stream, text)`` on this loop as ``task_id``'s output arrives."""
+        return self.delegator.watch_output(task_id, watcher)
+
+    def task_output(self, task_id: str) -> dict[str, str] | None:
+        """What a delegated task printed so far: ``{"stdout": ..., "stderr": ...}``."""
+        entry = self.delegator.output.get(task_id)
+        if entry is None:
+            return None
+        return {"stdout": entry.text("stdout"), "stderr": entry.text("stderr")}
+
     async def _run_locally(
         self, task_id: str, task_type: str, data: Any, timeout: float
     ) -> dict[str, Any]:
@@ -429,6 +451,12 @@ class SwarmCoordinator:
                 "concurrency": self.config.concurrency,
             },
             "rejections": self.rejections(),
+            # Live output: batches served to others (sent, bytes cut at the cap,
+            # undelivered) and batches received for our own tasks.
+            "output": {
+                **{f"served_{k}": v for k, v in self.task_server.output_counters.items()},
+                "received_batches": self.delegator.output_batches,
+            },
             "electorate": self.consensus.electorate.describe(),
             # > 0: another process proved this peer's key at the signaling server.
             "identity_conflicts": int(getattr(self.node.transport, "identity_conflicts", 0)),
@@ -469,6 +497,7 @@ class SwarmCoordinator:
             self.decode_refusals,
             self.knowledge.answer_rejections,
             self.consensus.request_refusals,
+            self.delegator.output_refusals,
         )
         for source in sources:
             for reason, n in source.items():
@@ -491,10 +520,16 @@ class SwarmCoordinator:
         ][:20]
         snapshot["latest_consensus"] = self.consensus.latest()
         snapshot["latest_reflections"] = self.knowledge.latest_reflections(5)
+        snapshot["transfer_rate"] = {
+            "interval_s": SAMPLE_INTERVAL_S,
+            "samples": self.transfer.as_rows(),
+        }
         return snapshot
 
-    def task_records(self) -> list[dict[str, Any]]:
-        return [r.as_dict() for r in self.tasks.all()]
+    def task_records(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Every record, or (``limit``) the most recent ones and any still running."""
+        records = self.tasks.all() if limit is None else self.tasks.recent(limit)
+        return [r.as_dict() for r in records]
 
     def task_record(self, task_id: str) -> dict[str, Any] | None:
         record = self.tasks.get(task_id)

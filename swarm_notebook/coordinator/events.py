@@ -31,6 +31,7 @@ EVENTS = (
     "task:canceled",
     "task:rejected",
     "stats:changed",
+    "transfer:sampled",
 )
 
 

@@ -67,6 +67,7 @@ class RemoteRun:
         self._task = coordinator.submit_task(task_type, data, timeout=timeout, peer=peer)
         self.future: concurrent.futures.Future[dict[str, Any]] = self._task.future
         self.future.add_done_callback(self._mark_finished)
+        self.printed = {"stdout": "", "stderr": ""}  # what the cell has shown so far
 
     @property
     def coordinator(self) -> Coordinator:
@@ -103,6 +104,32 @@ class RemoteRun:
             self.coordinator.peer_name(peer),
             record.get("waiting"),
         )
+
+    def new_output(self, final: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+        """Output not shown yet: what arrived live, or with ``final`` (the result) the rest.
+
+        The live text is a prefix of the final one (the same bounded capture on the
+        peer), so the rest is what follows it; a retried task that printed on another
+        peer first is shown whole.
+        """
+        if final is not None:
+            now = {s: str(final.get(s) or "") for s in self.printed}
+        else:
+            try:
+                live = self.coordinator.task_output(self.task_id)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                live = None  # the network thread is busy or gone: next tick
+            if live is None:
+                return []
+            now = dict(live)
+        fresh: list[tuple[str, str]] = []
+        for stream, text in now.items():
+            shown = self.printed[stream]
+            rest = text[len(shown) :] if text.startswith(shown) else text
+            if rest:
+                fresh.append((stream, rest))
+                self.printed[stream] = text
+        return fresh
 
     def cancel(self) -> bool:
         """Stop waiting; the coordinator records the task as canceled."""

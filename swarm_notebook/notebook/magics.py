@@ -31,6 +31,7 @@ from swarm_notebook.errors import (
     DelegationError,
     NoCapablePeerError,
     RemoteTaskError,
+    SessionLostError,
     SwarmError,
     UsageError,
     short_id,
@@ -42,6 +43,7 @@ from swarm_notebook.notebook.progress import (
     ProgressLine,
     ProgressView,
     StreamProgress,
+    show_output,
     summary,
     wait_with_progress,
 )
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
     from swarm_notebook.client import Coordinator
+    from swarm_notebook.sessions import RemoteSession
 
 TASK_TYPE = "python-computation"
 PYTHON_EXECUTION = "python-execution"
@@ -210,6 +213,12 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
     run.add_argument("--timeout", type=_positive, default=None, help="seconds")
     run.add_argument("--no-wait", action="store_true", help="return a handle at once")
     run.add_argument(
+        "--session",
+        default=None,
+        metavar="NAME",
+        help="run in the named session: its variables stay on its peer between cells",
+    )
+    run.add_argument(
         "--as",
         dest="handle_name",
         type=_name,
@@ -360,20 +369,23 @@ class SwarmMagics(Magics):
         if args.handle_name and not args.no_wait:
             raise UsageError(Reason.BAD_ARGUMENTS, "--as names the handle of --no-wait")
         peer = self._target(coordinator, args)
-        data = {
-            # The %%swarm line is line 1 of the cell: a blank first line keeps the remote
-            # traceback's line numbers those of the cell.
-            "code": "\n" + cell,
-            "inputs": {name: user_ns[name] for name in args.push},
-            "outputs": list(args.pull),
-        }
+        inputs = {name: user_ns[name] for name in args.push}
+        # The %%swarm line is line 1 of the cell: a blank first line keeps the remote
+        # traceback's line numbers those of the cell.
+        code = "\n" + cell
+        session = coordinator.session(args.session, peer=peer) if args.session else None
+        if session is not None:
+            data = session.data(code, inputs, list(args.pull))
+            peer = session.peer
+        else:
+            data = {"code": code, "inputs": inputs, "outputs": list(args.pull)}
         run = RemoteRun(coordinator, TASK_TYPE, data, timeout=args.timeout, peer=peer)
         # --no-wait in Jupyter: the handle's own output is the one progress line, updated
         # when the task ends (a separate line said "completed" above a stale handle).
         view = self._progress_view(live_handle=args.no_wait)
 
         def finish(future: concurrent.futures.Future[dict[str, Any]]) -> Any:
-            return self._finish(future, run, args, peer, view, quiet=args.no_wait)
+            return self._finish(future, run, args, peer, view, quiet=args.no_wait, session=session)
 
         if args.no_wait:
             try:
@@ -444,6 +456,7 @@ class SwarmMagics(Magics):
         view: ProgressView,
         *,
         quiet: bool,
+        session: RemoteSession | None = None,
     ) -> Any:
         try:
             result = future.result(0)
@@ -451,7 +464,8 @@ class SwarmMagics(Magics):
             view.finish(ProgressLine(f"✖ canceled after {run.elapsed():.1f} s", "failed"))
             raise SwarmError(Reason.CANCELED, "the task was canceled") from None
         except Exception as exc:
-            error = delegation_error(exc, peer)
+            lost = session.translate(exc, None) if session is not None else exc
+            error = lost if isinstance(lost, SessionLostError) else delegation_error(exc, peer)
             view.finish(ProgressLine(f"✖ {error.reason}: {error.message}", "failed"))
             raise error from None
         final = TaskProgress(
@@ -459,14 +473,14 @@ class SwarmMagics(Magics):
             int(result.get("attempts") or 0), float(result.get("duration_s") or run.elapsed()),
             run.coordinator.peer_name(result.get("peer")),
         )  # fmt: skip
-        view.finish(summary(final, final.state, TASK_TYPE))
         if not quiet:
-            if result.get("stdout"):
-                sys.stdout.write(result["stdout"])
-                sys.stdout.flush()
-            if result.get("stderr"):
-                sys.stderr.write(result["stderr"])
-                sys.stderr.flush()
+            # What did not arrive live (the last batch, or all of it without streaming).
+            show_output(run.new_output(final=result), view)
+        view.finish(summary(final, final.state, TASK_TYPE))
+        if not result.get("success") and session is not None:
+            lost = session.translate(RemoteTaskError(None, None, ""), result)
+            if isinstance(lost, SessionLostError):
+                raise lost
         if not result.get("success"):
             raise RemoteTaskError(
                 result.get("peer"), result.get("task_id"), str(result.get("error")),

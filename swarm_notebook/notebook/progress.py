@@ -17,6 +17,7 @@ from swarm_notebook.notebook.handle import RemoteRun, TaskProgress
 from swarm_notebook.workload.records import TaskState
 
 TICK_S = 0.25
+OUTPUT_TICK_S = 0.1  # remote output reaches the cell this often while the task runs
 COLOURS = {"running": "#0891b2", "ok": "#16a34a", "failed": "#dc2626"}
 
 
@@ -43,6 +44,48 @@ class ProgressView(Protocol):
     def update(self, progress: TaskProgress) -> None: ...
 
     def finish(self, line: ProgressLine) -> None: ...
+
+    def interject(self) -> None:
+        """Remote output is about to be printed below (or over) the line."""
+        ...
+
+
+def collapse_carriage_returns(text: str) -> str:
+    r"""The same text for a terminal or a notebook, with overwritten ``\r`` updates dropped.
+
+    A remote tqdm writes a whole bar per update; of a batch of them only the last can be
+    seen. Each overwrite is applied as a terminal would (a shorter update keeps the tail
+    of a longer one), so the result draws the same line.
+
+    >>> collapse_carriage_returns("epoch\r 10%\r 50%\r100%\ndone\n")
+    'epoch\r100%\ndone\n'
+    >>> collapse_carriage_returns("\rabcdef\rxy")
+    '\rxycdef'
+    >>> collapse_carriage_returns("a\r\nb")
+    'a\nb'
+    """
+    lines = text.replace("\r\n", "\n").split("\n")
+    out = []
+    for line in lines:
+        if "\r" not in line:
+            out.append(line)
+            continue
+        head, *updates = line.split("\r")
+        shown = ""
+        for update in updates:
+            shown = update + shown[len(update) :]
+        out.append(f"{head}\r{shown}")
+    return "\n".join(out)
+
+
+def show_output(chunks: list[tuple[str, str]], view: ProgressView | None = None) -> None:
+    """Print remote output in the cell, each piece on its own stream, as it arrives."""
+    if chunks and view is not None:
+        view.interject()
+    for stream, text in chunks:
+        target = sys.stderr if stream == "stderr" else sys.stdout
+        target.write(collapse_carriage_returns(text))
+        target.flush()
 
 
 def describe(progress: TaskProgress, label: str) -> str:
@@ -95,6 +138,9 @@ class DisplayProgress:
         if self._handle is not None:
             self._handle.update(line)
 
+    def interject(self) -> None:
+        """Output goes below the display, which stays where it is."""
+
 
 class HandleDisplay:
     """``--no-wait`` in Jupyter: the handle shows as one line, rewritten when the task ends.
@@ -127,6 +173,9 @@ class HandleDisplay:
         if self._handle is not None:
             self._handle.update(line)
 
+    def interject(self) -> None:
+        """--no-wait prints no live output; the line stays where the handle is shown."""
+
 
 class StreamProgress:
     """Terminal IPython: rewrite one line while waiting (tty only), then print the summary."""
@@ -149,15 +198,36 @@ class StreamProgress:
         self._stream.write(prefix + line.text.ljust(self._width) + "\n")
         self._stream.flush()
 
+    def interject(self) -> None:
+        """A terminal has one line to rewrite: leave it to the remote output (a remote
+        tqdm rewrites its own) and print only the summary at the end."""
+        if self._live and self._width:
+            self._stream.write("\n")
+            self._stream.flush()
+        self._live = False
+        self._width = 0
 
-def wait_with_progress(run: RemoteRun, view: ProgressView, tick: float = TICK_S) -> None:
-    """Block until ``run`` finishes, updating ``view``; Ctrl-C / interrupt cancels the task."""
+
+def wait_with_progress(
+    run: RemoteRun,
+    view: ProgressView,
+    tick: float = TICK_S,
+    output_tick: float = OUTPUT_TICK_S,
+    live_output: bool = True,
+) -> None:
+    """Block until ``run`` finishes, updating ``view`` and printing the task's output as it
+    arrives; Ctrl-C / interrupt cancels the task."""
+    last_update = 0.0
     try:
         while True:
-            done, _ = concurrent.futures.wait([run.future], timeout=tick)
+            done, _ = concurrent.futures.wait([run.future], timeout=min(tick, output_tick))
             if done:
                 return
-            view.update(run.progress())
+            if live_output:
+                show_output(run.new_output(), view)
+            if run.elapsed() - last_update >= tick:
+                last_update = run.elapsed()
+                view.update(run.progress())
     except KeyboardInterrupt:
         run.cancel()
         view.finish(ProgressLine(f"✖ canceled after {run.elapsed():.1f} s", "failed"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,9 @@ from swarm_notebook.reasons import Reason
 from swarm_notebook.views.status import dashboard_status
 from swarm_notebook.workload.records import TaskState
 
+# Snapshot parts that change every second (the transfer rates): they travel in their own
+# trait, so the rest is only sent, and redrawn, when it changed.
+LIVE_KEYS = ("transfer_rate",)
 PACKAGE_STATIC_DIR = Path(__file__).resolve().parent / "static"
 REPO_JS_DIR = Path(__file__).resolve().parents[2] / "js"
 
@@ -76,6 +80,7 @@ class DisplayLimits:
             "tasks_in_flight": 50,
             "latest_reflections": 20,
             "capabilities": 50,
+            "recent_tasks": 20,
         }
     )
     default_list_items: int = 100
@@ -102,6 +107,11 @@ def _display_copy(value: Any, limits: DisplayLimits, depth: int = 0) -> Any:
     return _display_copy(str(value), limits, depth)
 
 
+def _split_live(shown: dict[str, Any]) -> dict[str, Any]:
+    """Take LIVE_KEYS out of ``shown`` (in place) and return them."""
+    return {key: shown.pop(key) for key in LIVE_KEYS if key in shown}
+
+
 def display_snapshot(snapshot: Mapping[str, Any], limits: DisplayLimits) -> dict[str, Any]:
     """Bounded copy of a snapshot; long lists are cut and the cut counted in ``omitted``."""
     shown: dict[str, Any] = {}
@@ -119,7 +129,10 @@ def display_snapshot(snapshot: Mapping[str, Any], limits: DisplayLimits) -> dict
 
 
 class SwarmDashboard(anywidget.AnyWidget):
-    """Live panel of a swarm: stats, peers, tasks in flight, consensus and reflections.
+    """Live panel of a swarm: stats, peers, the task stream (a lane per peer, a bar per
+    task coloured by state), the transfer-rate sparkline, tasks in flight and recently
+    finished, consensus and reflections. After a kernel restart or shutdown the view says
+    it is disconnected and how to get a live panel again.
 
     >>> dashboard = SwarmDashboard(coordinator)  # doctest: +SKIP
     >>> dashboard  # doctest: +SKIP
@@ -131,6 +144,8 @@ class SwarmDashboard(anywidget.AnyWidget):
     snapshot = traitlets.Dict().tag(sync=True)
     status = traitlets.Dict().tag(sync=True)
     busy = traitlets.Bool(False).tag(sync=True)
+    # LIVE_KEYS of the snapshot, plus "now": the kernel's clock, to which the page aligns its own.
+    live = traitlets.Dict().tag(sync=True)
     # The state names the front end styles, sent once so the JS keeps no copy of them.
     states = traitlets.Dict().tag(sync=True)
 
@@ -142,6 +157,7 @@ class SwarmDashboard(anywidget.AnyWidget):
         initialize_timeout: float = 60.0,
         limits: DisplayLimits | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(source, DashboardSource):
             raise UsageError(
@@ -168,10 +184,13 @@ class SwarmDashboard(anywidget.AnyWidget):
         self._reinitialize_task: asyncio.Task[None] | None = None
         self._error: dict[str, str] | None = None
         self._counters = {"pushes": 0, "unchanged": 0, "errors": 0, "rejected_messages": 0}
+        self._clock = clock
         shown = self._read_source() or {}
+        self._live_data = _split_live(shown)
         super().__init__(
             snapshot=shown,
             status=self._status_for(shown),
+            live=self._stamped(self._live_data),
             states={"peer": [str(s) for s in PeerState], "task": [str(s) for s in TaskState]},
         )
         self._last_push = loop.time()
@@ -187,16 +206,27 @@ class SwarmDashboard(anywidget.AnyWidget):
         """Read the source now and send its state if it changed; True when something was sent."""
         shown = self._read_source()
         if shown is None:
-            shown = dict(self.snapshot)
+            shown, live = dict(self.snapshot), self._live_data
+        else:
+            live = _split_live(shown)
         status = self._status_for(shown)
-        if shown == self.snapshot and status == self.status:
+        state_changed = shown != self.snapshot or status != self.status
+        live_changed = live != self._live_data
+        if not (state_changed or live_changed):
             self._counters["unchanged"] += 1
             return False
         with self.hold_sync():
-            self.snapshot = shown
-            self.status = status
+            if state_changed:
+                self.snapshot = shown
+                self.status = status
+            if live_changed:
+                self._live_data = live
+                self.live = self._stamped(live)
         self._counters["pushes"] += 1
         return True
+
+    def _stamped(self, live: dict[str, Any]) -> dict[str, Any]:
+        return {**live, "now": round(self._clock(), 3)}
 
     def close(self) -> None:
         """Stop listening to the source and close the front-end view."""
@@ -236,6 +266,11 @@ class SwarmDashboard(anywidget.AnyWidget):
 
     def _status_for(self, shown: Mapping[str, Any]) -> dict[str, Any]:
         status: dict[str, Any] = dict(dashboard_status(shown))
+        summary = shown.get("task_summary")
+        if "tasks_not_sent" not in shown and isinstance(summary, Mapping):
+            # Counters that cannot tell local refusals from the swarm's failures: count
+            # the recent records instead (None, shown "-", until a task reached a peer).
+            status["success_rate"] = summary.get("success_rate")
         status["error"] = self._error
         if self._error is not None:
             status["message"] = self._error["message"]

@@ -119,6 +119,8 @@ class MemoryTransport(Transport):
         self.rejections = RejectionCounter()
         self._connected: set[str] = set()
         self._started = False
+        # Totals like the mesh's, so rate views work the same over the twin.
+        self.counters = {"bytes_in": 0, "bytes_out": 0}
 
     async def start(self) -> None:
         self.network._join(self.room, self)
@@ -135,6 +137,9 @@ class MemoryTransport(Transport):
 
     def room_members(self) -> list[str]:
         return [p for p in self.network.members(self.room) if p != self.local_id]
+
+    def stats(self) -> dict[str, object]:
+        return {**super().stats(), **self.counters}
 
     def link_info(self) -> list[PeerLinkInfo]:
         return [
@@ -155,12 +160,14 @@ class MemoryTransport(Transport):
                 Reason.OVERSIZED, f"{len(payload)} bytes > limit {self.max_message_bytes}"
             )
         self.network._deliver(self.room, self.local_id, peer_id, payload)
+        self.counters["bytes_out"] += len(payload)
         return len(payload)
 
     def _receive(self, src: str, payload: bytes) -> None:
         if src not in self._connected:
             self.rejections.count("unauthenticated")
             return
+        self.counters["bytes_in"] += len(payload)
         try:
             env = decode_envelope(payload, max_size=self.max_message_bytes)
         except ProtocolError as exc:

@@ -317,3 +317,33 @@ def reflections_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "timestamp": _times(_column(rows, "timestamp", "reflection", _number)),
         }
     )
+
+
+SESSION_STATE = pd.CategoricalDtype(["open", "closed", "lost"])
+
+
+def sessions_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Sessions this notebook opened: name, peer (name and id), state, runs, since when.
+
+    >>> sessions_frame([{"name": "train", "peer": "P" * 52, "peer_name": "w0",
+    ...     "state": "open", "runs": 3, "opened_at": 0.0, "idle_timeout_s": 1800.0}])[
+    ...     ["name", "peer_name", "state"]].iloc[0].tolist()
+    ['train', 'w0', 'open']
+    """
+    rows = _records(records, "session")
+    names = [_require(row, "name", "session", index) for index, row in enumerate(rows)]
+    states = _column(rows, "state", "session", _state(SESSION_STATE))
+    return _frame(
+        {
+            "name": _text(names),
+            "peer_name": _text(row.get("peer_name") for row in rows),
+            "peer": _text(row.get("peer") for row in rows),
+            "state": pd.Series(states, dtype=SESSION_STATE),
+            "runs": pd.Series(_column(rows, "runs", "session", _count), dtype="int64"),
+            "opened_at": _times(_column(rows, "opened_at", "session", _number)),
+            "idle_timeout_s": pd.Series(
+                _column(rows, "idle_timeout_s", "session", _number), dtype="float64"
+            ),
+            "lost_because": _text(row.get("lost_because") for row in rows),
+        }
+    )

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,12 +42,15 @@ from swarm_notebook.reasons import Reason
 from swarm_notebook.workload.messages import (
     FINAL_REFUSALS,
     TASK_EXECUTION,
+    TASK_OUTPUT,
     TASK_STATUS,
     TEMPORARY_REFUSALS,
+    TaskOutput,
     TaskRequest,
     TaskStatus,
     requirements_for_task_type,
 )
+from swarm_notebook.workload.output import OutputLog, OutputWatcher
 from swarm_notebook.workload.records import TaskLog, TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
@@ -96,7 +99,12 @@ class Delegator:
         # wakes one; a new peer or card wakes all. No polling: with thousands of tasks
         # gathered at once, waking everyone on every change costs waiters x completions.
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # What running tasks print, as it arrives; refusals counted by why.
+        self.output = OutputLog()
+        self.output_refusals: Counter[str] = Counter()
+        self.output_batches = 0
         node.endpoint.register_message_handler(TASK_STATUS, self._on_status, schema=TaskStatus)
+        node.endpoint.register_message_handler(TASK_OUTPUT, self._on_output, schema=TaskOutput)
         node.add_listener(self._peer_changed)
 
     def _peer_changed(self, _peer: str, what: str) -> None:
@@ -142,6 +150,25 @@ class Delegator:
             record.state = TaskState.WORKING
             record.started_at = time.time()
             self.notify("task:working", record.as_dict())
+
+    def _on_output(self, peer_id: str, message: TaskOutput) -> None:
+        record = self.tasks.get(message.task_id)
+        if record is None or record.role != "delegated":
+            self.output_refusals["unknown-task"] += 1
+            return
+        if record.peer != peer_id or record.done:
+            self.output_refusals["not-running-there"] += 1  # only the running peer may add
+            return
+        problem = self.output.accept(record.id, peer_id, message)
+        if problem is not None:
+            self.output_refusals["out-of-order"] += 1
+            log.debug("task output from %s refused: %s", peer_id[:16], problem)
+            return
+        self.output_batches += 1
+
+    def watch_output(self, task_id: str, watcher: OutputWatcher) -> Callable[[], None]:
+        """Call ``watcher(stream, text)`` as ``task_id``'s output arrives (network loop)."""
+        return self.output.watch(task_id, watcher)
 
     async def delegate(
         self,
@@ -421,6 +448,7 @@ class Delegator:
     ) -> None:
         if record.done:
             return  # exactly once
+        self.output.forget_watchers(record.id)
         record.state = state
         record.error = error
         record.finished_at = time.time()

@@ -7,7 +7,7 @@ schemas, the capability each task type requires, and which refusals are worth a 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -16,6 +16,7 @@ from swarm_notebook.reasons import Reason
 
 TASK_EXECUTION = "task-execution"
 TASK_STATUS = "task-status"
+TASK_OUTPUT = "task-output"
 
 PYTHON_EXECUTION = "python-execution"
 FILE_MANAGEMENT = "file-management"
@@ -62,3 +63,21 @@ class TaskRequest(msgspec.Struct):
 class TaskStatus(msgspec.Struct):
     task_id: str
     state: str
+
+
+MAX_OUTPUT_MESSAGE_CHARS = 256 * 1024  # of text in one task-output message
+MAX_OUTPUT_MESSAGE_CHUNKS = 512
+
+
+class OutputChunk(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    stream: Literal["stdout", "stderr"]
+    text: Annotated[str, msgspec.Meta(max_length=MAX_OUTPUT_MESSAGE_CHARS)]
+
+
+class TaskOutput(msgspec.Struct, forbid_unknown_fields=True):
+    """What a running task printed since the last message: ``seq`` counts from 0 per
+    attempt, so the delegator can tell a gap or a replay from the next batch."""
+
+    task_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+    chunks: Annotated[list[OutputChunk], msgspec.Meta(max_length=MAX_OUTPUT_MESSAGE_CHUNKS)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -85,3 +86,15 @@ class TaskLog:
 
     def in_flight(self) -> list[TaskRecord]:
         return [r for r in self.all() if not r.done]
+
+    def recent(self, limit: int) -> list[TaskRecord]:
+        """The ``limit`` most recently added records and any older one still running,
+        oldest first: what a live view needs without copying the whole log."""
+        newest = list(itertools.islice(reversed(self._order), limit))[::-1]
+        older_running: list[str] = []
+        if len(self._order) > limit:
+            shown = set(newest)
+            older_running = [
+                i for i in self._order if i not in shown and not self._records[i].done
+            ]
+        return [self._records[i] for i in older_running + newest if i in self._records]

@@ -26,10 +26,13 @@ from swarm_notebook.workload.executors.base import Executor, TaskContext, run_ex
 from swarm_notebook.workload.messages import (
     REQUIREMENTS,
     TASK_EXECUTION,
+    TASK_OUTPUT,
     TASK_STATUS,
+    TaskOutput,
     TaskRequest,
     TaskStatus,
 )
+from swarm_notebook.workload.output import DEFAULT_INTERVAL_S, DEFAULT_MAX_BYTES, OutputRelay
 from swarm_notebook.workload.policy import TaskPolicy
 from swarm_notebook.workload.records import TaskLog, TaskRecord, TaskState
 
@@ -53,6 +56,8 @@ class TaskServer:
         concurrency: int,
         max_queue: int = 64,
         audit: Callable[..., object] = lambda *a, **k: None,
+        output_interval_s: float = DEFAULT_INTERVAL_S,
+        max_output_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.node = node
         self.executors = executors
@@ -63,7 +68,11 @@ class TaskServer:
         self.concurrency = concurrency
         self.max_queue = max_queue
         self.audit = audit
+        self.output_interval_s = output_interval_s
+        self.max_output_bytes = max_output_bytes
+        self.output_counters = {"messages": 0, "truncated_bytes": 0, "undelivered": 0}
         self._slots = asyncio.Semaphore(concurrency)
+        self._slots_used = 0  # tasks running plus open sessions: what the load reports
         self._in_flight = 0
         self._queued = 0
         self._draining = False
@@ -114,7 +123,7 @@ class TaskServer:
             self.policy.check(peer_id, request.type, size)
         except TaskRefused as exc:
             raise self._refuse(peer_id, request, exc.reason, exc.message) from exc
-        if self._in_flight + self._queued >= self.concurrency + self.max_queue:
+        if self._slots_used + self._queued >= self.concurrency + self.max_queue:
             raise self._refuse(peer_id, request, Reason.BUSY, "queue full; try another peer")
         return await self._serve(peer_id, request, executor)
 
@@ -128,29 +137,50 @@ class TaskServer:
         self._report()
         arrived = time.monotonic()
         has_slot = False
+        session_op = _session_op(request)
+        # A session holds one slot from open to end; what runs in it uses that slot.
+        own_slot = session_op not in ("run", "close")
+        holder = _SessionSlot(self._give_back_slot) if session_op == "open" else None
         try:
-            async with self._slots:
-                has_slot = True
+            if own_slot:
+                await self._slots.acquire()
+                self._slots_used += 1
+            has_slot = True
+            try:
                 self._queued -= 1
                 self._in_flight += 1
                 self._report()
                 record.state = TaskState.WORKING
                 record.started_at = time.time()
                 self._tell_working(peer_id, request.task_id)
+                relay = self._relay(peer_id, request.task_id)
                 ctx = TaskContext(
                     task_id=request.task_id,
                     delegator=peer_id,
                     # Time spent waiting for a slot counts against the task's budget.
                     timeout_s=_remaining(request.timeout, arrived),
                     allow_pickle=self.policy.allows_pickle(peer_id),
+                    on_output=relay.push,
+                    on_session_end=holder.ended if holder is not None else None,
                 )
                 run = asyncio.ensure_future(self._run(executor, request, ctx))
                 self._running.add(run)
                 try:
                     result = await run
+                    # Output first: the delegator reads the result after the last batch.
+                    await relay.close()
+                except BaseException:
+                    relay.abort()
+                    raise
                 finally:
+                    self._count_output(relay)
                     self._running.discard(run)
                     self._in_flight -= 1
+                if holder is not None and result.get("success") and not result.get("reopened"):
+                    holder.keep()
+            finally:
+                if own_slot and not (holder is not None and holder.kept):
+                    self._give_back_slot()
         except HandlerRefusal as exc:
             # Our executor crashed: not the delegator's fault, so refuse and let it retry.
             self._end(record, TaskState.FAILED, f"{exc.reason}: {exc.message}")
@@ -197,6 +227,19 @@ class TaskServer:
         data = request.data if isinstance(request.data, dict) else {}
         return await run_executor(executor, data, ctx)
 
+    def _relay(self, peer_id: str, task_id: str) -> OutputRelay:
+        async def send(message: TaskOutput) -> None:
+            await self.node.endpoint.send(peer_id, TASK_OUTPUT, msgspec.to_builtins(message))
+
+        return OutputRelay(
+            send, task_id, interval_s=self.output_interval_s, max_bytes=self.max_output_bytes
+        )
+
+    def _count_output(self, relay: OutputRelay) -> None:
+        self.output_counters["messages"] += relay.messages_sent
+        self.output_counters["truncated_bytes"] += relay.dropped
+        self.output_counters["undelivered"] += relay.send_failures
+
     def _tell_working(self, peer_id: str, task_id: str) -> None:
         body = msgspec.to_builtins(TaskStatus(task_id=task_id, state=TaskState.WORKING))
         send = self.node.endpoint.send(peer_id, TASK_STATUS, body)
@@ -217,7 +260,12 @@ class TaskServer:
         record.finished_at = time.time()
 
     def _report(self) -> None:
-        self.node.report_load(self._in_flight, self._queued)
+        self.node.report_load(self._slots_used, self._queued)
+
+    def _give_back_slot(self) -> None:
+        self._slots_used -= 1
+        self._slots.release()
+        self._report()
 
     @property
     def in_flight(self) -> int:
@@ -267,6 +315,41 @@ class TaskServer:
         closes them."""
         for task in [*self._running, *self._status_tasks]:
             task.cancel()
+
+
+class _SessionSlot:
+    """The slot of a session being opened: kept once it opened, given back when it ends.
+
+    The session can end (its child died) before its open task has returned; then the
+    slot is given back by the task as usual, never twice.
+    """
+
+    def __init__(self, give_back: Callable[[], None]) -> None:
+        self._give_back = give_back
+        self.kept = False
+        self._ended = False
+
+    def keep(self) -> None:
+        if not self._ended:
+            self.kept = True
+
+    def ended(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self.kept:
+            self._give_back()
+
+
+def _session_op(request: TaskRequest) -> str | None:
+    """``open`` / ``run`` / ``close`` for a task in a session, None for any other task."""
+    data = request.data
+    if request.type != "python-computation" or not isinstance(data, dict):
+        return None
+    if not data.get("session"):
+        return None
+    op = data.get("session_op", "run")
+    return op if op in ("open", "run", "close") else "invalid"
 
 
 def _remaining(budget: float | None, since: float) -> float | None:

@@ -103,6 +103,15 @@ source.update(
                          {{"category": "bug", "outcome": "failure",
                            "description": "retry on timeout", "shared_from": None,
                            "timestamp": now}}],
+    task_stream={{"window_s": 300, "omitted": 0,
+                  "lanes": [{{"peer": {EVIL_PEER!r}, "name": "<b>evil lane</b>"}}],
+                  "bars": [{{"id": "t1", "type": "<b>x</b>", "lane": 0, "state": "completed",
+                             "start": now - 3, "end": now - 1}},
+                           {{"id": "t2", "type": "y", "lane": 0, "state": "<img src=z>",
+                             "start": now - 2, "end": None}}]}},
+    recent_tasks=[{{"id": "t1", "type": "<b>x</b>", "peer": {EVIL_PEER!r},
+                    "name": "<b>evil lane</b>", "state": "completed", "finished_at": now - 1,
+                    "duration_s": 2.0, "sent": True, "error": None}}],
 )
 """
 
@@ -152,6 +161,12 @@ def test_dashboard_renders_updates_escapes_and_initializes(lab: LabServer, page:
     expect(view.get_by_test_id("reflections")).to_contain_text("<script>alert(3)</script>")
     expect(view.get_by_test_id("consensus")).to_contain_text("<b>touches core</b>")
     expect(view.get_by_test_id("tasks-in-flight")).to_contain_text("python-computation")
+    # The stream draws peer-supplied names as text; a state it does not know as "unknown".
+    stream = view.get_by_test_id("task-stream")
+    expect(stream.get_by_test_id("stream-lane")).to_contain_text("<b>evil lane</b>")
+    expect(stream.locator('[data-state="completed"]')).to_have_count(1)
+    expect(stream.locator('[data-state="unknown"]')).to_have_count(1)
+    expect(view.get_by_test_id("recent-task")).to_contain_text("<b>evil lane</b>")
     assert view.locator("img, script, b").count() == 0
     view.scroll_into_view_if_needed()
     screenshot(page, "dashboard-light")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -27,6 +28,11 @@ _log = logging.getLogger(__name__)
 # spell them ``ErrorType.X`` (kept as the executors' name for the same enum).
 ErrorType = Reason
 
+OUTPUT_STREAMS = ("stdout", "stderr")
+# Receives what a running task printed, in order: ``[(stream, text), ...]``. It must not
+# block: it runs on the loop that serves the task.
+OutputSink = Callable[[list[tuple[str, str]]], None]
+
 
 @dataclass(frozen=True, slots=True)
 class TaskContext:
@@ -34,12 +40,18 @@ class TaskContext:
 
     ``timeout_s`` is the delegator's overall budget (queueing included); ``None`` lets the
     executor use its own default. ``allow_pickle`` is set only for peers the owner trusts.
+    ``on_output``, when set, gets the task's output while it runs (executors that print
+    nothing may ignore it).
     """
 
     task_id: str
     delegator: str
     timeout_s: float | None = None
     allow_pickle: bool = False
+    on_output: OutputSink | None = None
+    # Called once when a session this task opened ends (closed, expired, died): the
+    # serving side gives back the slot the session held.
+    on_session_end: Callable[[], None] | None = None
 
 
 @runtime_checkable

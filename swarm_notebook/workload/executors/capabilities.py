@@ -78,6 +78,7 @@ class ExecutorConfig:
     sandbox_memory_limit_mb: int = 1024
     sandbox_default_timeout_s: float = 60.0
     sandbox_max_timeout_s: float = 600.0
+    sandbox_session_idle_s: float = 1800.0  # a session unused this long ends
 
 
 async def detect_capabilities(config: ExecutorConfig) -> list[str]:
@@ -116,6 +117,7 @@ def build_executors(
             memory_limit_mb=config.sandbox_memory_limit_mb,
             default_timeout_s=config.sandbox_default_timeout_s,
             max_timeout_s=config.sandbox_max_timeout_s,
+            session_idle_timeout_s=config.sandbox_session_idle_s,
         )
     if FILE_MANAGEMENT in caps and config.workspace is not None:
         executors["file-analysis"] = FileAnalysisExecutor(config.workspace)

@@ -54,11 +54,77 @@ MAX_REPR_CHARS = 2_000
 PARENT_CHECK_INTERVAL_S = 1.0
 
 
-class BoundedWriter(io.TextIOBase):
-    """A text stream that keeps at most ``limit`` characters and notes what it dropped."""
+class OutputPipe:
+    """Sends what a task prints to the parent while it runs, in batches.
 
-    def __init__(self, limit: int) -> None:
+    Writers only append under a lock, so printing never waits for the socket; a flusher
+    thread (started before any task, so it is not a thread the task left behind) sends
+    one ``{"output": [[stream, text], ...]}`` frame per ``interval_s`` at most. The final
+    result frame is sent only after ``finish()`` sent what was still pending, so the
+    parent sees output and result in the order they happened.
+    """
+
+    def __init__(self, sock: socket.socket, send_lock: threading.Lock) -> None:
+        self._sock = sock
+        self._send_lock = send_lock
+        self._encoder = msgspec.msgpack.Encoder()
+        self._pending: list[list[str]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._active = False
+        self.interval_s = 0.1
+        threading.Thread(target=self._flush_forever, name="output-pipe", daemon=True).start()
+
+    def begin(self, interval_s: float) -> None:
+        with self._lock:
+            self._pending.clear()
+            self.interval_s = max(0.01, interval_s)
+            self._active = True
+
+    def put(self, stream: str, text: str) -> None:
+        with self._lock:
+            if not self._active:
+                return
+            if self._pending and self._pending[-1][0] == stream:
+                self._pending[-1][1] += text  # one chunk per run of the same stream
+            else:
+                self._pending.append([stream, text])
+        self._wake.set()
+
+    def finish(self) -> None:
+        """Stop taking output and send what is pending (on the caller's thread)."""
+        with self._lock:
+            self._active = False
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        # Taking the batch under the send lock keeps batches in order across threads.
+        with self._send_lock:
+            with self._lock:
+                batch, self._pending = self._pending, []
+            if batch:
+                with contextlib.suppress(OSError):
+                    send_frame(self._sock, self._encoder.encode({"output": batch}))
+
+    def _flush_forever(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            self._send_pending()
+            time.sleep(self.interval_s)  # the throttle: at most one frame per interval
+
+
+class BoundedWriter(io.TextIOBase):
+    """A text stream that keeps at most ``limit`` bytes (UTF-8) and notes what it dropped.
+
+    With a ``pipe``, what it keeps is also streamed live as ``stream``; the truncation
+    note goes out at the end, so the live text and the final text are the same.
+    """
+
+    def __init__(self, limit: int, stream: str = "stdout", pipe: OutputPipe | None = None) -> None:
         self.limit = limit
+        self.stream = stream
+        self.pipe = pipe
         self.parts: list[str] = []
         self.size = 0
         self.dropped = 0
@@ -69,19 +135,31 @@ class BoundedWriter(io.TextIOBase):
     def write(self, s: str) -> int:
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
-        room = self.limit - self.size
-        if room > 0:
-            kept = s[:room]
+        # A lone surrogate cannot travel as UTF-8 (it broke the result frame): escape it.
+        data = s.encode("utf-8", "backslashreplace")
+        room = max(self.limit - self.size, 0)
+        kept = data[:room].decode("utf-8", "ignore")
+        if kept:
+            size = len(kept.encode("utf-8"))
             self.parts.append(kept)
-            self.size += len(kept)
-        self.dropped += max(len(s) - max(room, 0), 0)
+            self.size += size
+            if self.pipe is not None:
+                self.pipe.put(self.stream, kept)
+        else:
+            size = 0
+        self.dropped += len(data) - size
         return len(s)
 
+    def note(self) -> str:
+        return f"\n[output truncated: {self.dropped} bytes]\n" if self.dropped else ""
+
+    def close_stream(self) -> None:
+        """Stream the truncation note, if any (before the result is sent)."""
+        if self.pipe is not None and self.dropped:
+            self.pipe.put(self.stream, self.note())
+
     def getvalue(self) -> str:
-        text = "".join(self.parts)
-        if self.dropped:
-            text += f"\n[output truncated: {self.dropped} more characters not kept]\n"
-        return text
+        return "".join(self.parts) + self.note()
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -108,20 +186,28 @@ def send_frame(sock: socket.socket, payload: bytes) -> None:
 class TaskRunner:
     """Runs one request dict and builds the response dict (inside the child)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipe: OutputPipe | None = None) -> None:
         from swarm_notebook.protocol import values
 
         self.values = values
+        self.pipe = pipe
+        self.session_namespace: dict[str, Any] = {}
         self.baseline_threads = threading.active_count()
 
     def run(self, req: dict[str, Any]) -> dict[str, Any]:
-        stdout = BoundedWriter(int(req.get("max_output_bytes", 1_000_000)))
-        stderr = BoundedWriter(int(req.get("max_output_bytes", 1_000_000)))
-        namespace: dict[str, Any] = {}
+        limit = int(req.get("max_output_bytes", 1_000_000))
+        pipe = self.pipe if req.get("stream_output") else None
+        if pipe is not None:
+            pipe.begin(float(req.get("output_interval_s", 0.1)))
+        stdout = BoundedWriter(limit, "stdout", pipe)
+        stderr = BoundedWriter(limit, "stderr", pipe)
+        # A session's tasks share one namespace for the life of this (dedicated) child.
+        persistent = bool(req.get("persistent"))
+        namespace: dict[str, Any] = self.session_namespace if persistent else {}
         try:
             result = self.execute(req, namespace, stdout, stderr)
         except MemoryError:
-            namespace.clear()
+            namespace.clear()  # a session loses its state too: the child is recycled
             gc.collect()
             result = {
                 "success": False,
@@ -131,10 +217,15 @@ class TaskRunner:
             }
         finally:
             linecache.cache.pop(CELL_FILENAME, None)
-        namespace.clear()
+            stdout.close_stream()
+            stderr.close_stream()
+            if pipe is not None:
+                pipe.finish()
+        if not persistent:
+            namespace.clear()
         result["stdout"] = stdout.getvalue()
         result["stderr"] = stderr.getvalue()
-        if threading.active_count() > self.baseline_threads:
+        if not persistent and threading.active_count() > self.baseline_threads:
             # A thread the task left running would write into the next task's capture.
             result["recycle"] = True
         return result
@@ -308,7 +399,8 @@ def serve(
 ) -> None:
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder()
-    runner = TaskRunner()
+    send_lock = threading.Lock()
+    runner = TaskRunner(OutputPipe(sock, send_lock))
     send_frame(sock, encoder.encode({"ready": True, "pid": os.getpid()}))
     while True:
         header = recv_exact(sock, FRAME_HEADER.size)
@@ -320,8 +412,10 @@ def serve(
         payload = recv_exact(sock, size)
         if payload is None:
             return
-        response = runner.run(decoder.decode(payload))
-        wipe(scratch or [], keep)
+        request = decoder.decode(payload)
+        response = runner.run(request)
+        if not request.get("persistent"):
+            wipe(scratch or [], keep)  # a session keeps its files for its next call
         try:
             frame = encoder.encode(response)
         except MemoryError:
@@ -333,7 +427,8 @@ def serve(
                     "error": "MemoryError while packing the result",
                 }
             )
-        send_frame(sock, frame)
+        with send_lock:
+            send_frame(sock, frame)
         if response.get("recycle"):
             return
 

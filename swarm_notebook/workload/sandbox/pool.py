@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import keyword
+import logging
 import math
 import os
 import re
@@ -42,16 +43,20 @@ import socket
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import psutil
 
 from swarm_notebook.errors import SandboxUnavailable
 from swarm_notebook.workload.executors.base import (
+    OUTPUT_STREAMS,
     ErrorType,
+    OutputSink,
     TaskContext,
     TaskRefused,
     failure,
@@ -69,8 +74,11 @@ from swarm_notebook.workload.sandbox.bwrap import (
 )
 from swarm_notebook.workload.sandbox.child import FRAME_HEADER
 
+_log = logging.getLogger(__name__)
+
 MIN_MEMORY_LIMIT_MB = 384  # numpy + pandas + pyarrow alone take ~150-300 MB of data segment
 MAX_NAMES = 256
+MAX_OUTPUT_CHUNKS = 4096  # per frame from a child; the child sends one per stream switch
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # The child gets only these variables: remote code must not read the owner's API keys.
 _ENV_ALLOWLIST = ("LANG", "LC_ALL", "LC_CTYPE", "TZ")
@@ -86,6 +94,29 @@ class PythonTaskData(msgspec.Struct, forbid_unknown_fields=True):
     outputs: list[str] = msgspec.field(default_factory=list)
     timeout: float | None = None
     packages: list[str] = msgspec.field(default_factory=list)
+    # A session: a namespace kept in one dedicated child across tasks (see ``_session``).
+    session: str | None = None
+    session_op: Literal["open", "run", "close"] = "run"
+    idle_timeout: float | None = None
+
+
+SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_ENDED_SESSIONS = 256  # why recent sessions ended, to say so when they are used again
+
+
+@dataclass
+class _Session:
+    """A dedicated child whose namespace outlives its tasks, owned by one peer."""
+
+    name: str
+    owner: str
+    worker: _Worker
+    idle_timeout_s: float
+    on_end: Callable[[], None] | None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+    busy: bool = False
+    runs: int = 0
 
 
 class _Worker:
@@ -116,6 +147,8 @@ class _Worker:
         self.owner: str | None = None
         self.memory_killed = False
         self.process_killed = False
+        self.bad_output_frames = 0
+        self.session: str | None = None  # a session's dedicated child: never pooled
         self.scratch: str | None = None  # unsafe mode's per-child folder, removed at exit
         self.ps = psutil.Process(proc.pid)
 
@@ -194,10 +227,25 @@ class _Worker:
             _kill_tree(self.proc.pid)
             await self.proc.wait()
 
-    async def exchange(self, request: bytes, max_reply_bytes: int) -> bytes:
+    async def exchange(
+        self,
+        request: bytes,
+        max_reply_bytes: int,
+        decode: Callable[[bytes], Any],
+        on_output: OutputSink | None,
+    ) -> dict[str, Any]:
+        """Send one task; hand its output frames to ``on_output``; return the result."""
         self.send_frame(request)
         await self.writer.drain()
-        return await self.read_frame(max_reply_bytes)
+        while True:
+            message = decode(await self.read_frame(max_reply_bytes))
+            if not (isinstance(message, dict) and "output" in message):
+                return message
+            chunks = _output_chunks(message["output"])
+            if chunks is None:
+                self.bad_output_frames += 1
+            elif on_output is not None:
+                on_output(chunks)
 
     def exit_description(self) -> str:
         code = self.proc.returncode
@@ -233,6 +281,10 @@ class PythonSandboxPool:
         python: str = sys.executable,
         isolation: str = ISOLATION_BUBBLEWRAP,
         max_processes: int = 64,
+        output_interval_s: float = 0.1,
+        max_sessions: int | None = None,
+        session_idle_timeout_s: float = 1800.0,
+        max_session_idle_timeout_s: float = 24 * 3600.0,
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
@@ -244,6 +296,15 @@ class PythonSandboxPool:
             raise ValueError("max_processes must be at least 2 (bwrap's init and Python)")
         self.isolation = isolation
         self.max_processes = max_processes
+        # Live output: at most one batch of what a task prints per interval.
+        self.output_interval_s = output_interval_s
+        # Sessions: children beyond the warm pool, each a slot of this peer while open; by
+        # default one slot always stays for ordinary tasks.
+        self.max_sessions = max(1, size - 1) if max_sessions is None else max_sessions
+        self.session_idle_timeout_s = session_idle_timeout_s
+        self.max_session_idle_timeout_s = max_session_idle_timeout_s
+        self._sessions: dict[str, _Session] = {}
+        self._ended_sessions: OrderedDict[str, str] = OrderedDict()
         # /tmp and /dev/shm are RAM: their caps come out of the memory limit, not on top.
         self.tmpfs_mb = max(8, memory_limit_mb // 32)
         self.size = size
@@ -286,6 +347,10 @@ class PythonSandboxPool:
             "recycled_for_isolation": 0,
             "process_kills": 0,
             "leftover_processes_killed": 0,
+            "bad_output_frames": 0,
+            "sessions_opened": 0,
+            "sessions_expired": 0,
+            "sessions_lost": 0,
         }
         self._last_spawn_error: str | None = None
         self._layout: SandboxLayout | None = None
@@ -348,8 +413,24 @@ class PythonSandboxPool:
             "queued": self._waiting,
             "pids": sorted(w.pid for w in self._workers if w.alive),
             "last_spawn_error": self._last_spawn_error,
+            "sessions": self.sessions(),
             **self._counters,
         }
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Open sessions: name, owner, runs, idle seconds, idle timeout."""
+        now = time.monotonic()
+        return [
+            {
+                "name": s.name,
+                "owner": s.owner,
+                "runs": s.runs,
+                "idle_s": 0.0 if s.busy else round(now - s.last_used, 1),
+                "idle_timeout_s": s.idle_timeout_s,
+                "pid": s.worker.pid,
+            }
+            for s in self._sessions.values()
+        ]
 
     # -- running a task --------------------------------------------------------------
 
@@ -366,6 +447,9 @@ class PythonSandboxPool:
                 "max_output_bytes": self.max_output_bytes,
                 "max_result_bytes": self.max_result_bytes,
                 "max_input_decode_bytes": self.max_input_decode_bytes,
+                "stream_output": ctx.on_output is not None,
+                "output_interval_s": self.output_interval_s,
+                "persistent": task.session is not None,
             }
         )
         if len(request) > self.max_request_bytes:
@@ -385,6 +469,8 @@ class PythonSandboxPool:
         started = time.monotonic()
         budget = ctx.timeout_s if ctx.timeout_s is not None else None
         run_timeout = min(task.timeout or self.default_timeout_s, self.max_timeout_s)
+        if task.session is not None:
+            return await self._session(task, request, ctx, run_timeout)
         self._counters["tasks"] += 1
         if budget is not None and budget <= 0:
             # Spent queued before it got here: starting it would only cost a child.
@@ -400,7 +486,7 @@ class PythonSandboxPool:
             )
         if budget is not None:
             run_timeout = min(run_timeout, max(budget - (time.monotonic() - started), 0.001))
-        result = await self._run_on(worker, request, run_timeout)
+        result = await self._run_on(worker, request, run_timeout, ctx.on_output)
         result["elapsed_s"] = time.monotonic() - started
         self._counters["succeeded" if result.get("success") else "failed"] += 1
         return result
@@ -432,6 +518,16 @@ class PythonSandboxPool:
             if task.timeout is not None and not (math.isfinite(task.timeout) and task.timeout > 0):
                 raise TaskRefused(
                     ErrorType.BAD_INPUT, "timeout must be a positive number of seconds"
+                )
+            if task.session is not None and not SESSION_NAME.match(task.session):
+                raise TaskRefused(
+                    ErrorType.BAD_INPUT,
+                    f"session name {task.session!r:.70} must be 1-64 letters, digits, . _ -",
+                )
+            idle = task.idle_timeout
+            if idle is not None and not (math.isfinite(idle) and idle > 0):
+                raise TaskRefused(
+                    ErrorType.BAD_INPUT, "idle_timeout must be a positive number of seconds"
                 )
         except TaskRefused:
             self._counters["rejected"] += 1
@@ -485,12 +581,22 @@ class PythonSandboxPool:
         self._idle.append(worker)
         self._idle_changed.set()
 
-    async def _run_on(self, worker: _Worker, request: bytes, timeout: float) -> dict[str, Any]:
+    async def _run_on(
+        self,
+        worker: _Worker,
+        request: bytes,
+        timeout: float,
+        on_output: OutputSink | None = None,
+    ) -> dict[str, Any]:
         try:
-            frame = await asyncio.wait_for(
-                worker.exchange(request, self.max_result_bytes * 2), timeout
+            result = await asyncio.wait_for(
+                worker.exchange(
+                    request, self.max_result_bytes * 2, self._decoder.decode, on_output
+                ),
+                timeout,
             )
-            result: dict[str, Any] = self._decoder.decode(frame)
+            if not isinstance(result, dict):
+                raise ConnectionError("the sandbox answered with something that is not a result")
         except TimeoutError:
             await worker.terminate()
             if worker.process_killed:
@@ -518,6 +624,8 @@ class PythonSandboxPool:
             raise
         finally:
             worker.busy = False
+            self._counters["bad_output_frames"] += worker.bad_output_frames
+            worker.bad_output_frames = 0
         worker.tasks_done += 1
         recycle = bool(result.pop("recycle", False))
         if self.max_tasks_per_worker is not None:
@@ -531,8 +639,8 @@ class PythonSandboxPool:
             self._counters["leftover_processes_killed"] += leftovers - 2
             recycle = True
         if recycle or self._closed:
-            await worker.terminate()  # its monitor starts a fresh one
-        else:
+            await worker.terminate()  # its monitor starts a fresh one (a session ends)
+        elif worker.session is None:
             self._release(worker)
         return result
 
@@ -551,6 +659,123 @@ class PythonSandboxPool:
             f"the task passed this peer's memory limit of {self.memory_limit_mb} MB; the "
             "sandbox process was killed and replaced",
         )
+
+    # -- sessions --------------------------------------------------------------------
+
+    async def _session(
+        self, task: PythonTaskData, request: bytes, ctx: TaskContext, timeout: float
+    ) -> dict[str, Any]:
+        """Open, run in or close the session ``task.session`` (its owner only)."""
+        assert task.session is not None
+        name = task.session
+        session = self._sessions.get(name)
+        if session is not None and session.owner != ctx.delegator:
+            self._counters["rejected"] += 1
+            raise TaskRefused(
+                ErrorType.NOT_SESSION_OWNER,
+                f"session {name!r} on this peer belongs to another peer",
+            )
+        if task.session_op == "open":
+            if session is not None:
+                session.last_used = time.monotonic()
+                return {"success": True, "session": name, "reopened": True}
+            return await self._open_session(task, ctx)
+        if session is None:
+            why = self._ended_sessions.get(name, "no such session was opened here")
+            return failure(
+                ErrorType.SESSION_LOST,
+                f"session {name!r} is gone from this peer ({why}); sessions are never "
+                "re-created by themselves: open a new one",
+                session_lost=True,
+            )
+        if task.session_op == "close":
+            await self._end_session(session, "closed by its owner")
+            return {"success": True, "session": name, "closed": True}
+        async with session.lock:  # one task at a time in a namespace
+            session.busy = True
+            session.worker.busy = True
+            try:
+                result = await self._run_on(session.worker, request, timeout, ctx.on_output)
+            finally:
+                session.busy = False
+                session.last_used = time.monotonic()
+            session.runs += 1
+        if session.worker.proc.returncode is not None or not session.worker.alive:
+            await self._end_session(
+                session, f"its sandbox process ended ({result.get('error_type')})"
+            )
+            result["session_lost"] = True
+        return result
+
+    async def _open_session(self, task: PythonTaskData, ctx: TaskContext) -> dict[str, Any]:
+        assert task.session is not None
+        if len(self._sessions) >= self.max_sessions:
+            self._counters["rejected"] += 1
+            raise TaskRefused(
+                ErrorType.TOO_MANY_SESSIONS,
+                f"this peer keeps at most {self.max_sessions} sessions open",
+            )
+        try:
+            await self.start()
+            worker = await self._spawn()
+        except SandboxUnavailable as exc:
+            return failure(ErrorType.SANDBOX_UNAVAILABLE, f"cannot start a session: {exc}")
+        if task.session in self._sessions or self._closed:  # raced with another open
+            await worker.terminate()
+            worker.writer.close()
+            raise TaskRefused(ErrorType.BUSY, f"session {task.session!r} is being opened")
+        worker.session, worker.owner = task.session, ctx.delegator
+        self._workers.add(worker)  # the memory and process watchdog covers it too
+        idle = min(
+            task.idle_timeout or self.session_idle_timeout_s, self.max_session_idle_timeout_s
+        )
+        session = _Session(task.session, ctx.delegator, worker, idle, ctx.on_session_end)
+        self._sessions[task.session] = session
+        self._ended_sessions.pop(task.session, None)
+        self._counters["sessions_opened"] += 1
+        self._own(self._watch_session(session))
+        return {"success": True, "session": task.session, "idle_timeout_s": idle}
+
+    async def _watch_session(self, session: _Session) -> None:
+        """End the session when its child dies or it has been idle too long."""
+        exited = asyncio.ensure_future(session.worker.proc.wait())
+        try:
+            while self._sessions.get(session.name) is session:
+                idle_for = 0.0 if session.busy else time.monotonic() - session.last_used
+                remaining = max(session.idle_timeout_s - idle_for, 0.05)
+                done, _ = await asyncio.wait({exited}, timeout=remaining)
+                if done:
+                    await self._end_session(session, "its sandbox process exited")
+                    return
+                if not session.busy and (
+                    time.monotonic() - session.last_used >= session.idle_timeout_s
+                ):
+                    self._counters["sessions_expired"] += 1
+                    await self._end_session(
+                        session, f"it expired after {session.idle_timeout_s:g} s idle"
+                    )
+                    return
+        finally:
+            exited.cancel()
+
+    async def _end_session(self, session: _Session, why: str) -> None:
+        """Forget the session, kill its child, give its slot back (once)."""
+        if self._sessions.get(session.name) is not session:
+            return
+        del self._sessions[session.name]
+        self._ended_sessions[session.name] = why
+        while len(self._ended_sessions) > MAX_ENDED_SESSIONS:
+            self._ended_sessions.popitem(last=False)
+        if "closed" not in why and "expired" not in why:
+            self._counters["sessions_lost"] += 1
+        await session.worker.terminate()
+        session.worker.writer.close()
+        self._workers.discard(session.worker)
+        if session.on_end is not None:
+            try:
+                session.on_end()
+            except Exception:
+                _log.exception("session end callback failed")
 
     # -- children --------------------------------------------------------------------
 
@@ -684,6 +909,26 @@ class PythonSandboxPool:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _output_chunks(raw: Any) -> list[tuple[str, str]] | None:
+    """The ``[[stream, text], ...]`` of an output frame, or None if it is not that shape.
+
+    The child runs untrusted code that can write to its socket: check, do not assume.
+    """
+    if not isinstance(raw, list) or len(raw) > MAX_OUTPUT_CHUNKS:
+        return None
+    chunks: list[tuple[str, str]] = []
+    for item in raw:
+        if not (
+            isinstance(item, list)
+            and len(item) == 2
+            and item[0] in OUTPUT_STREAMS
+            and isinstance(item[1], str)
+        ):
+            return None
+        chunks.append((item[0], item[1]))
+    return chunks
 
 
 def _kill_tree(pid: int) -> None:

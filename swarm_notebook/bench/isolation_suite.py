@@ -1,0 +1,104 @@
+"""What the sandbox costs: the same delegations to bubblewrap workers and to unisolated ones.
+
+Two rooms on one signaling server, two worker processes each, the same warm pool on both
+sides; the only difference is ``--unsafe-no-isolation``. Rounds alternate between the
+rooms (and which goes first) so both see the machine in the same state, and the ratio
+``sandboxed / unsandboxed`` is the sandbox's price.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+from swarm_notebook.bench.framework import Suite, SuiteContext
+from swarm_notebook.bench.swarm_suites import (
+    SwarmBenchConfig,
+    _await_capable,
+    _signaling,
+    _workers,
+)
+from swarm_notebook.errors import BenchError
+from swarm_notebook.reasons import Reason
+
+TASK = {"code": "1+1"}
+RTT_BLOCK = 25
+
+
+async def _round_trips(c: Any, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        result = await c.delegate_task("python-computation", TASK)
+        samples.append((time.perf_counter() - start) * 1000)
+        if result["value"] != 2:
+            raise BenchError(Reason.BENCH_FAILED, f"wrong result {result}")
+    return samples
+
+
+async def _pipelined(c: Any, n: int) -> float:
+    start = time.perf_counter()
+    results = await asyncio.gather(*(c.delegate_task("python-computation", TASK) for _ in range(n)))
+    rate = n / (time.perf_counter() - start)
+    if any(r["value"] != 2 for r in results):
+        raise BenchError(Reason.BENCH_FAILED, "a pipelined task returned a wrong result")
+    return rate
+
+
+async def measure_isolation(ctx: SuiteContext, cfg: SwarmBenchConfig) -> None:
+    from swarm_notebook.client import join
+
+    with tempfile.TemporaryDirectory(prefix="swarm-bench-") as home:
+        async with AsyncExitStack() as stack:
+            server = await stack.enter_async_context(_signaling())
+            sides: dict[str, Any] = {}
+            for name, isolated in (("sandboxed", True), ("unsandboxed", False)):
+                await stack.enter_async_context(
+                    _workers(server.url, name, home, 2, isolated=isolated)
+                )
+                c = await join(name, signaling=server.url, profile=os.path.join(home, name))
+                stack.push_async_callback(c.leave)
+                sides[name] = c
+            for c in sides.values():
+                await _await_capable(c, 2)
+                await _round_trips(c, 50)
+            order = list(sides)
+            rtt: dict[str, list[float]] = {name: [] for name in sides}
+            with ctx.task("round trips, alternating", cfg.delegate_rtt_samples * 2) as bar:
+                for block in range(0, cfg.delegate_rtt_samples, RTT_BLOCK):
+                    n = min(RTT_BLOCK, cfg.delegate_rtt_samples - block)
+                    for name in order:
+                        rtt[name] += await _round_trips(sides[name], n)
+                        bar.advance(n)
+                    order.reverse()
+            rates: dict[str, list[float]] = {name: [] for name in sides}
+            rounds = cfg.pipelined_rounds * 2
+            with ctx.task("pipelined, alternating", rounds * 2) as bar:
+                for _ in range(rounds):
+                    for name in order:
+                        rates[name].append(await _pipelined(sides[name], cfg.pipelined_tasks))
+                        bar.advance()
+                    order.reverse()
+            for name in sides:
+                ctx.record(f"{name}_rtt_ms", rtt[name], "ms")
+                ctx.record(f"{name}_tasks_per_s", rates[name], "tasks/s")
+
+
+def isolation_suite(config: SwarmBenchConfig | None = None) -> Suite:
+    """``isolation``: sandboxed vs ``--unsafe-no-isolation`` workers, alternating rounds."""
+
+    async def isolation(ctx: SuiteContext) -> None:
+        cfg = config or (SwarmBenchConfig.quick() if ctx.quick else SwarmBenchConfig.full())
+        await measure_isolation(ctx, cfg)
+
+    return Suite(
+        "isolation",
+        isolation,
+        timeout_s=600,
+        quick_timeout_s=180,
+        description="delegation to bubblewrap workers vs unisolated ones, rounds alternating",
+    )
