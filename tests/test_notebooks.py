@@ -140,7 +140,10 @@ def test_futures(swarm: Swarm, tmp_path: Path) -> None:
     assert "total units: 16.0 computed on w" in everything
     assert "first squares: [0, 1, 4, 9, 16]" in everything
     assert "map:" in everything and "/200" in everything  # the one bar over the items
-    assert "in the order they finished: [1, 4, 9]" in everything
+    # Which finishes first depends on the slots free at the time; that all three arrive
+    # through as_completed does not.
+    assert "in the order they finished: [" in everything
+    assert "all of them: [1, 4, 9]" in everything
     assert "8 epochs; output arrived in" in everything and "epoch 7 done" in everything
     magic = next(t for t in texts if "step 4" in t)  # %%swarm run printed in its cell
     assert "5/5" in magic and "✔ python-computation completed" in magic
