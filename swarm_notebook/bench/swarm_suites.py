@@ -319,7 +319,8 @@ async def _measure_cancel(
                     raise BenchError(Reason.BENCH_FAILED, f"spin task never started: {fut.state}")
                 await asyncio.sleep(0.005)
             name = str(c.peer_name(fut.peer) or "")
-            worker = procs[int(name.removeprefix("bench-worker"))]
+            # Worker names are bench-<room>-worker<i> (see _workers).
+            worker = procs[int(name.rpartition("-worker")[2])]
             pid = await _busiest_descendant(worker.pid)
             start = time.perf_counter()
             fut.cancel()
