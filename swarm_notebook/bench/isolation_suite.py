@@ -8,10 +8,8 @@ rooms (and which goes first) so both see the machine in the same state, and the 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import tempfile
-import time
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -21,32 +19,11 @@ from swarm_notebook.bench.swarm_suites import (
     _await_capable,
     _signaling,
     _workers,
+    delegate_pipelined,
+    delegate_round_trips,
 )
-from swarm_notebook.errors import BenchError
-from swarm_notebook.reasons import Reason
 
-TASK = {"code": "1+1"}
 RTT_BLOCK = 25
-
-
-async def _round_trips(c: Any, n: int) -> list[float]:
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        result = await c.delegate_task("python-computation", TASK)
-        samples.append((time.perf_counter() - start) * 1000)
-        if result["value"] != 2:
-            raise BenchError(Reason.BENCH_FAILED, f"wrong result {result}")
-    return samples
-
-
-async def _pipelined(c: Any, n: int) -> float:
-    start = time.perf_counter()
-    results = await asyncio.gather(*(c.delegate_task("python-computation", TASK) for _ in range(n)))
-    rate = n / (time.perf_counter() - start)
-    if any(r["value"] != 2 for r in results):
-        raise BenchError(Reason.BENCH_FAILED, "a pipelined task returned a wrong result")
-    return rate
 
 
 async def measure_isolation(ctx: SuiteContext, cfg: SwarmBenchConfig) -> None:
@@ -65,14 +42,14 @@ async def measure_isolation(ctx: SuiteContext, cfg: SwarmBenchConfig) -> None:
                 sides[name] = c
             for c in sides.values():
                 await _await_capable(c, 2)
-                await _round_trips(c, 50)
+                await delegate_round_trips(c, 50)
             order = list(sides)
             rtt: dict[str, list[float]] = {name: [] for name in sides}
             with ctx.task("round trips, alternating", cfg.delegate_rtt_samples * 2) as bar:
                 for block in range(0, cfg.delegate_rtt_samples, RTT_BLOCK):
                     n = min(RTT_BLOCK, cfg.delegate_rtt_samples - block)
                     for name in order:
-                        rtt[name] += await _round_trips(sides[name], n)
+                        rtt[name] += await delegate_round_trips(sides[name], n)
                         bar.advance(n)
                     order.reverse()
             rates: dict[str, list[float]] = {name: [] for name in sides}
@@ -80,7 +57,9 @@ async def measure_isolation(ctx: SuiteContext, cfg: SwarmBenchConfig) -> None:
             with ctx.task("pipelined, alternating", rounds * 2) as bar:
                 for _ in range(rounds):
                     for name in order:
-                        rates[name].append(await _pipelined(sides[name], cfg.pipelined_tasks))
+                        rates[name].append(
+                            await delegate_pipelined(sides[name], cfg.pipelined_tasks)
+                        )
                         bar.advance()
                     order.reverse()
             for name in sides:

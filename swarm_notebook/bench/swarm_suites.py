@@ -222,6 +222,35 @@ async def _await_capable(c: Any, n: int) -> None:
         await asyncio.sleep(0.05)
 
 
+DELEGATED = {"code": "1+1"}
+
+
+async def delegate_round_trips(c: Any, n: int, bar: Any = None) -> list[float]:
+    """``n`` delegations of ``1+1`` one after another: each round trip in ms."""
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        result = await c.delegate_task("python-computation", DELEGATED)
+        samples.append((time.perf_counter() - start) * 1000)
+        if result["value"] != 2:
+            raise BenchError(Reason.BENCH_FAILED, f"wrong result {result}")
+        if bar is not None:
+            bar.advance()
+    return samples
+
+
+async def delegate_pipelined(c: Any, n: int) -> float:
+    """``n`` delegations of ``1+1`` gathered at once: tasks per second."""
+    start = time.perf_counter()
+    results = await asyncio.gather(
+        *(c.delegate_task("python-computation", DELEGATED) for _ in range(n))
+    )
+    rate = n / (time.perf_counter() - start)
+    if any(r["value"] != 2 for r in results):
+        raise BenchError(Reason.BENCH_FAILED, "a pipelined task returned a wrong result")
+    return rate
+
+
 async def measure_delegation(
     ctx: SuiteContext, cfg: SwarmBenchConfig, with_dataframe: bool
 ) -> None:
@@ -232,34 +261,14 @@ async def measure_delegation(
             c = await join("deleg", signaling=server.url, profile=os.path.join(home, "notebook"))
             try:
                 await _await_capable(c, 2)
-                task = {"code": "1+1"}
-                for _ in range(50):
-                    await c.delegate_task("python-computation", task)
-                samples = []
+                await delegate_round_trips(c, 50)
                 with ctx.task("delegate: round trips", cfg.delegate_rtt_samples) as bar:
-                    for _ in range(cfg.delegate_rtt_samples):
-                        start = time.perf_counter()
-                        result = await c.delegate_task("python-computation", task)
-                        samples.append((time.perf_counter() - start) * 1000)
-                        if result["value"] != 2:
-                            raise BenchError(Reason.BENCH_FAILED, f"wrong result {result}")
-                        bar.advance()
+                    samples = await delegate_round_trips(c, cfg.delegate_rtt_samples, bar)
                 ctx.record("delegate_rtt_ms", samples, "ms")
                 rates = []
                 with ctx.task("delegate: pipelined", cfg.pipelined_rounds) as bar:
                     for _ in range(cfg.pipelined_rounds):
-                        start = time.perf_counter()
-                        results = await asyncio.gather(
-                            *(
-                                c.delegate_task("python-computation", task)
-                                for _ in range(cfg.pipelined_tasks)
-                            )
-                        )
-                        rates.append(cfg.pipelined_tasks / (time.perf_counter() - start))
-                        if any(r["value"] != 2 for r in results):
-                            raise BenchError(
-                                Reason.BENCH_FAILED, "a pipelined task returned a wrong result"
-                            )
+                        rates.append(await delegate_pipelined(c, cfg.pipelined_tasks))
                         bar.advance()
                 ctx.record("delegate_tasks_per_s", rates, "tasks/s")
                 await _measure_futures(ctx, cfg, c)
