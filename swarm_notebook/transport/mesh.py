@@ -218,6 +218,9 @@ class MeshTransport(Transport):
         self._reassembly_pool.on_evict = self._reassembly_evicted
         self._logged = OncePerKey()
         self._closed = False
+        # Peer connections of failed links still closing: awaited by close(), never
+        # cancelled (a cancelled aiortc close leaves its DTLS/SCTP/ICE tasks running).
+        self._closing: set[asyncio.Task[None]] = set()
         configured = self.config.ice_servers
         self._servers = ServerChoice(parse_servers(configured) if configured is not None else ())
         self._servers_configured = configured is not None
@@ -254,7 +257,9 @@ class MeshTransport(Transport):
         await self._tasks.close()
         links = list(self._links.values())
         self._links.clear()
-        await asyncio.gather(*(self._close_pc(link) for link in links), return_exceptions=True)
+        await asyncio.gather(
+            *(self._close_pc(link) for link in links), *self._closing, return_exceptions=True
+        )
         await self._signaling.close()
 
     # -- queries ---------------------------------------------------------------------
@@ -935,7 +940,11 @@ class MeshTransport(Transport):
             log.info("link to %s not formed: %s", link.peer_id[:16], reason)
             self._safe_callback(self.callbacks.on_dial_failed, link.peer_id, reason)
         if not self._closed:
-            self._tasks.spawn(self._close_pc(link), name="mesh-close-pc")
+            closing = asyncio.get_running_loop().create_task(
+                self._close_pc(link), name="mesh-close-pc"
+            )
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
             if redial and link.peer_id in self._signaling.members:
                 state = self._redial.setdefault(link.peer_id, _Redial())
                 if link.host_only or was_connected:

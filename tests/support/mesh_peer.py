@@ -179,9 +179,20 @@ async def main() -> int:
     async def shutdown() -> int:
         await endpoint.close()
         await transport.close()
-        await asyncio.sleep(0.1)  # let aiortc's own close callbacks run
         current = asyncio.current_task()
-        return len([t for t in asyncio.all_tasks() if t is not current and not t.done()])
+
+        def pending() -> list[asyncio.Task[Any]]:
+            return [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+
+        # aiortc's own close callbacks finish a few loop turns later (longer on a busy
+        # machine): wait on them, up to a bound, then report whatever is still pending.
+        deadline = time.monotonic() + 5.0
+        while (waiting := pending()) and time.monotonic() < deadline:
+            await asyncio.wait(waiting, timeout=deadline - time.monotonic())
+        left = pending()
+        for task in left:
+            print(f"pending at close: {task.get_coro()!r}", file=sys.stderr)
+        return len(left)
 
     leftover_tasks = runner.run_sync(shutdown(), timeout=30)
     runner.stop()
