@@ -56,6 +56,7 @@ from swarm_notebook.signaling.url import check_listening, normalize_url
 from swarm_notebook.transport.factory import mesh_transport
 from swarm_notebook.transport.ice_config import resolve as resolve_ice
 from swarm_notebook.workload.executors.capabilities import PYTHON_EXECUTION
+from swarm_notebook.workload.source import ShippedFunction, SourceCache, ship_function
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -113,6 +114,7 @@ class Coordinator:
         self._on_leave: list[Callable[[], Awaitable[None]]] = []
         self._sessions: dict[str, RemoteSession] = {}  # sessions this peer opened
         self._unwatch_peers: Callable[[], None] | None = None
+        self._sources = SourceCache()  # functions already shipped by submit/map/sessions
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -162,6 +164,11 @@ class Coordinator:
         if not peer_id:
             return None
         return self._read(lambda: self._core.peer_name(peer_id))
+
+    def ship(self, fn: Callable[..., Any]) -> ShippedFunction:
+        """``fn`` as the source a peer runs (what ``submit`` sends); raises ``UsageError``
+        naming what cannot travel (a closure, a notebook global, a lambda)."""
+        return ship_function(fn, self._sources)
 
     @property
     def is_initialized(self) -> bool:

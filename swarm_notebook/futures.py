@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from swarm_notebook.errors import RemoteTaskError, UsageError
 from swarm_notebook.reasons import Reason
 from swarm_notebook.workload.records import TaskState
-from swarm_notebook.workload.source import ARGS_NAME, KWARGS_NAME, ShippedFunction, ship_function
+from swarm_notebook.workload.source import ARGS_NAME, KWARGS_NAME, ShippedFunction
 
 PYTHON_COMPUTATION = "python-computation"
 
@@ -70,6 +70,10 @@ class TaskSubmitter(Protocol):
     def task_output(self, task_id: str) -> dict[str, str] | None: ...
 
     def peer_name(self, peer_id: str | None) -> str | None: ...
+
+    def ship(self, fn: Callable[..., Any]) -> ShippedFunction:
+        """``fn`` as source for a peer (``ship_function``, cached by the submitter)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,7 @@ def submit(
     options: SubmitOptions,
 ) -> TaskFuture:
     """Ship ``fn`` with its arguments to a capable peer; returns at once."""
-    shipped = ship_function(fn)
+    shipped = submitter.ship(fn)
     # Plain values: the coordinator encodes python-computation inputs with the safe codec.
     inputs = {ARGS_NAME: list(args), KWARGS_NAME: dict(kwargs)}
     return _start(submitter, shipped.name, {"code": shipped.cell(), "inputs": inputs}, options)
@@ -336,7 +340,7 @@ def map_items(
     """
     if not iterables:
         raise UsageError(Reason.BAD_ARGUMENTS, "map needs at least one iterable")
-    shipped = ship_function(fn)
+    shipped = submitter.ship(fn)
     items = [list(group) for group in zip(*iterables, strict=False)]
     if not items:
         return []

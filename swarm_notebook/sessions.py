@@ -37,7 +37,7 @@ from swarm_notebook.futures import (
     start_task,
 )
 from swarm_notebook.reasons import Reason
-from swarm_notebook.workload.source import ARGS_NAME, KWARGS_NAME, ship_function
+from swarm_notebook.workload.source import ARGS_NAME, KWARGS_NAME
 
 OPEN, CLOSED, LOST = "open", "closed", "lost"
 
@@ -103,7 +103,7 @@ class RemoteSession:
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Call ``fn(*args, **kwargs)`` in the session (shipped as source, like ``submit``);
         the function is defined in the session's namespace, so later cells can call it."""
-        shipped = ship_function(fn)
+        shipped = self._host.ship(fn)
         inputs = {ARGS_NAME: list(args), KWARGS_NAME: dict(kwargs)}
         return self._start(shipped.name, {"code": shipped.cell(), "inputs": inputs}, None, None)
 

@@ -16,9 +16,11 @@ import pytest
 
 from swarm_notebook.errors import UsageError
 from swarm_notebook.protocol.values import decode_value, encode_value
+from swarm_notebook.workload import source as source_module
 from swarm_notebook.workload.executors.base import TaskContext
+from swarm_notebook.workload.sandbox.child import COMPILED_CELLS_KEPT, TaskRunner
 from swarm_notebook.workload.sandbox.pool import PythonSandboxPool
-from swarm_notebook.workload.source import ARGS_NAME, KWARGS_NAME, ship_function
+from swarm_notebook.workload.source import ARGS_NAME, KWARGS_NAME, SourceCache, ship_function
 
 THRESHOLD = 3  # a notebook global that is a value
 
@@ -155,3 +157,53 @@ async def test_the_shipped_cell_runs_in_a_real_sandbox_child(pool: PythonSandbox
     )
     assert result["success"], result
     pd.testing.assert_frame_equal(decode_value(result["value"]), frame_summary(df, column="v"))
+
+
+def test_the_cache_parses_a_function_once_and_a_redefinition_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = SourceCache()
+    parses: list[str] = []
+    real_parse = source_module._parse
+
+    def counting_parse(fn):  # type: ignore[no-untyped-def]
+        parses.append(fn.__name__)
+        return real_parse(fn)
+
+    monkeypatch.setattr(source_module, "_parse", counting_parse)
+    first = ship_function(uses_modules, cache)
+    assert ship_function(uses_modules, cache) == first == ship_function(uses_modules)
+    assert parses == ["uses_modules", "uses_modules"]  # the cached call did not parse
+    assert len(cache) == 1
+
+    # A re-run cell is a new function (a new code object) with a new body: parsed again.
+    namespace: dict[str, object] = {}
+    exec(compile("def cell_fn(x):\n    return x + 1\n", __file__, "exec"), namespace)
+    old = namespace["cell_fn"]
+    assert callable(old)
+    with pytest.raises(UsageError):  # exec'd code has no readable source: not cached
+        ship_function(old, cache)
+    assert len(cache) == 1
+
+
+def test_cached_source_still_looks_up_imports_when_a_name_is_rebound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = SourceCache()
+    assert "import numpy as np" in ship_function(uses_modules, cache).imports
+    monkeypatch.setitem(uses_modules.__globals__, "np", math)  # the notebook rebinds np
+    assert "import math as np" in ship_function(uses_modules, cache).imports
+    monkeypatch.setitem(uses_modules.__globals__, "np", 42)
+    with pytest.raises(UsageError, match="np"):
+        ship_function(uses_modules, cache)
+
+
+def test_the_child_compiles_a_repeated_cell_once_and_keeps_a_bounded_number() -> None:
+    runner = TaskRunner()
+    first = runner.compile_cell("x = 1\nx + 1\n")
+    assert runner.compile_cell("x = 1\nx + 1\n") is first
+    for i in range(COMPILED_CELLS_KEPT + 5):
+        runner.compile_cell(f"{i} + 1")
+    assert len(runner._compiled) == COMPILED_CELLS_KEPT
+    assert runner.compile_cell("x = 1\nx + 1\n") is not first  # evicted, compiled again
+    assert runner.run({"code": "y = 20\ny * 2", "inputs": {}})["success"]

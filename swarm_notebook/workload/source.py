@@ -27,8 +27,11 @@ import inspect
 import symtable
 import sys
 import textwrap
+import threading
 import types
+import weakref
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,8 +61,13 @@ class ShippedFunction:
         return "\n\n".join(part for part in (head, self.source.rstrip(), call) if part) + "\n"
 
 
-def ship_function(fn: Callable[..., Any]) -> ShippedFunction:
-    """Turn ``fn`` into source a peer can run, or raise ``UsageError`` saying why not."""
+def ship_function(fn: Callable[..., Any], cache: SourceCache | None = None) -> ShippedFunction:
+    """Turn ``fn`` into source a peer can run, or raise ``UsageError`` saying why not.
+
+    With a ``cache``, the source of a function already shipped is not read and parsed
+    again (a re-run cell defines a new function, so it is); its imports are always looked
+    up afresh, since the notebook may have rebound a module name in between.
+    """
     if not isinstance(fn, types.FunctionType):
         raise UsageError(
             Reason.BAD_ARGUMENTS,
@@ -79,6 +87,19 @@ def ship_function(fn: Callable[..., Any]) -> ShippedFunction:
             f"{name}() uses {names} from an enclosing function (a closure), which cannot "
             "travel as source: pass it as an argument",
         )
+    parsed = cache.parsed(fn) if cache is not None else _parse(fn)
+    imports = tuple(_imports_for(fn, parsed.global_names))
+    return ShippedFunction(name=name, source=parsed.source, imports=imports)
+
+
+@dataclass(frozen=True)
+class _ParsedSource:
+    source: str
+    global_names: frozenset[str]
+
+
+def _parse(fn: types.FunctionType) -> _ParsedSource:
+    name = fn.__name__
     source = _source_of(fn)
     node = _function_node(source, name)
     if node.decorator_list:
@@ -88,8 +109,44 @@ def ship_function(fn: Callable[..., Any]) -> ShippedFunction:
             f"{name}() is decorated ({decorators}); the decorator would run on the peer out "
             "of sight: submit an undecorated function",
         )
-    imports = tuple(_imports_for(fn, _global_names(source, name)))
-    return ShippedFunction(name=name, source=source, imports=imports)
+    return _ParsedSource(source, frozenset(_global_names(source, name)))
+
+
+class SourceCache:
+    """The parsed source of functions already shipped, per code object.
+
+    Reading and parsing a function's source costs ~0.2 ms, a fifth of a whole round trip,
+    and ``submit`` in a loop ships the same function every time. Keyed weakly on the code
+    object, so an entry goes when its function does and a redefined function (a new code
+    object) is parsed afresh; safe to share between threads.
+
+    >>> cache = SourceCache()
+    >>> def twice(x):
+    ...     return 2 * x
+    >>> ship_function(twice, cache) == ship_function(twice, cache)   # doctest: +SKIP
+    True
+    """
+
+    def __init__(self) -> None:
+        self._parsed: weakref.WeakKeyDictionary[types.CodeType, _ParsedSource] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+
+    def parsed(self, fn: types.FunctionType) -> _ParsedSource:
+        code = fn.__code__
+        with self._lock:
+            hit = self._parsed.get(code)
+        if hit is not None:
+            return hit
+        parsed = _parse(fn)  # errors are not cached: fixing the cell must work at once
+        with self._lock:
+            self._parsed[code] = parsed
+        return parsed
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._parsed)
 
 
 def _source_of(fn: types.FunctionType) -> str:
@@ -134,7 +191,7 @@ def _global_names(source: str, name: str) -> set[str]:
     return found
 
 
-def _imports_for(fn: types.FunctionType, names: set[str]) -> list[str]:
+def _imports_for(fn: types.FunctionType, names: AbstractSet[str]) -> list[str]:
     lines: list[str] = []
     problems: list[str] = []
     module_globals = fn.__globals__

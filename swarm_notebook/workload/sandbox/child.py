@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ast
 import builtins
+import collections
 import contextlib
 import gc
 import importlib.util
@@ -51,6 +52,7 @@ FRAME_HEADER = struct.Struct("!I")
 MAX_TRACEBACK_CHARS = 32_000
 MAX_ERROR_CHARS = 2_000
 MAX_REPR_CHARS = 2_000
+COMPILED_CELLS_KEPT = 64
 PARENT_CHECK_INTERVAL_S = 1.0
 
 
@@ -193,6 +195,20 @@ class TaskRunner:
         self.pipe = pipe
         self.session_namespace: dict[str, Any] = {}
         self.baseline_threads = threading.active_count()
+        # The same cell again (submit or map in a loop) skips parse and compile, ~0.1 ms.
+        # Code objects are immutable, and a child serves one peer only.
+        self._compiled: collections.OrderedDict[str, tuple[Any, Any]] = collections.OrderedDict()
+
+    def compile_cell(self, code: str) -> tuple[Any, Any]:
+        hit = self._compiled.get(code)
+        if hit is not None:
+            self._compiled.move_to_end(code)
+            return hit
+        compiled = _compile_cell(code)
+        self._compiled[code] = compiled
+        if len(self._compiled) > COMPILED_CELLS_KEPT:
+            self._compiled.popitem(last=False)
+        return compiled
 
     def run(self, req: dict[str, Any]) -> dict[str, Any]:
         limit = int(req.get("max_output_bytes", 1_000_000))
@@ -262,7 +278,7 @@ class TaskRunner:
             return {"success": False, "error_type": kind, "error": f"input: {exc}"}
         code = req["code"]
         try:
-            body, last = _compile_cell(code)
+            body, last = self.compile_cell(code)
         except (SyntaxError, ValueError) as exc:
             text = "".join(traceback.format_exception_only(type(exc), exc))
             return {
