@@ -428,10 +428,12 @@ class Coordinator:
         *,
         idle_timeout: float | None = None,
         timeout: float = 60.0,
+        requires: Mapping[str, str] | None = None,
     ) -> RemoteSession:
         """Open (or get back) the session ``name``: a namespace kept on one peer.
 
-        With ``peer`` it opens there, else on the least-loaded capable peer; it stays on
+        With ``peer`` it opens there, else on the least-loaded capable peer (with
+        ``requires={"pandas": ">=2.2"}``, one that has those versions); it stays on
         that peer. ``idle_timeout`` (seconds; the peer's default is 30 minutes, and the
         peer caps it) ends it when unused. Blocks until it is open.
 
@@ -452,7 +454,9 @@ class Coordinator:
         data: dict[str, Any] = {"code": "", "session": name, "session_op": "open"}
         if idle_timeout is not None:
             data["idle_timeout"] = idle_timeout
-        task = self.submit_task(PYTHON_COMPUTATION_TASK, data, peer=peer, max_attempts=1)
+        task = self.submit_task(
+            PYTHON_COMPUTATION_TASK, data, peer=peer, max_attempts=1, requires=requires
+        )
         try:
             reply = task.future.result(timeout)
         except concurrent.futures.TimeoutError:

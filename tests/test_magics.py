@@ -293,6 +293,18 @@ def test_requires_and_peer_pick_the_right_peer(joined: InteractiveShell, swarm: 
     assert swarm_notebook.current().tasks_frame()["peer_id"].iloc[-1] == w0.peer_id
 
 
+def test_needs_picks_peers_by_package_versions(joined: InteractiveShell) -> None:
+    assert ok(joined.run_cell("%%swarm run --needs 'numpy>=1' --needs pandas>=1\n1 + 2\n")) == 3
+    error = failed(joined.run_cell("%%swarm run --needs 'pandas>=99'\n1\n"))
+    assert isinstance(error, NoCapablePeerError) and error.reason == "unmet-requirement"
+    assert "(needs >=99)" in error.message
+    # A session opens only on a peer that has the versions too.
+    error = failed(joined.run_cell("%%swarm run --session pinned --needs 'numpy<1'\n1\n"))
+    assert isinstance(error, NoCapablePeerError) and error.reason == "unmet-requirement"
+    error = failed(joined.run_cell("%%swarm run --needs pandas\n1\n"))
+    assert isinstance(error, UsageError) and "version specifier" in error.message
+
+
 def test_peer_gone_mid_task(joined: InteractiveShell, swarm: Swarm) -> None:
     doomed = swarm.start_worker("doomed", "python-execution")
     coordinator = swarm_notebook.current()

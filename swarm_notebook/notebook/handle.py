@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -59,12 +59,15 @@ class RemoteRun:
         *,
         timeout: float | None = None,
         peer: str | None = None,
+        requires: Mapping[str, str] | None = None,
     ) -> None:
         self._started = time.monotonic()
         self._finished: float | None = None
         # Submitted to the network thread, so it goes on while the kernel's loop is
         # blocked by the waiting cell.
-        self._task = coordinator.submit_task(task_type, data, timeout=timeout, peer=peer)
+        self._task = coordinator.submit_task(
+            task_type, data, timeout=timeout, peer=peer, requires=requires
+        )
         self.future: concurrent.futures.Future[dict[str, Any]] = self._task.future
         self.future.add_done_callback(self._mark_finished)
         self.printed = {"stdout": "", "stderr": ""}  # what the cell has shown so far

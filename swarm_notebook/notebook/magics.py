@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
+from packaging.requirements import InvalidRequirement, Requirement
 
 import swarm_notebook.environment as environment
 from swarm_notebook.coordinator.config import DEFAULT_ROOM, DEFAULT_SIGNALING
@@ -108,6 +109,19 @@ def _name(text: str) -> str:
     if not text.isidentifier():
         raise argparse.ArgumentTypeError(f"{text!r} is not a Python variable name")
     return text
+
+
+def _package_version(text: str) -> tuple[str, str]:
+    """``pandas>=2.2`` as ``("pandas", ">=2.2")``, the form ``requires=`` takes."""
+    try:
+        requirement = Requirement(text)
+    except InvalidRequirement:
+        requirement = None
+    if requirement is None or not str(requirement.specifier) or requirement.marker:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a package with a version specifier, e.g. 'pandas>=2.2'"
+        )
+    return requirement.name, str(requirement.specifier)
 
 
 def _positive(text: str) -> float:
@@ -208,6 +222,15 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
         help="capability the peer must offer besides python-execution",
     )
     target.add_argument("--peer", default=None, help="peer id (or a unique prefix of one)")
+    run.add_argument(
+        "--needs",
+        action="append",
+        type=_package_version,
+        default=[],
+        metavar="PKG_SPEC",
+        help="a package version the peer must have, e.g. 'pandas>=2.2' (repeatable; "
+        "requires= of c.submit)",
+    )
     run.add_argument("--push", type=_names, default=[], help="variables to send: a,b")
     run.add_argument("--pull", type=_names, default=[], help="variables to bring back: x,y")
     run.add_argument("--timeout", type=_positive, default=None, help="seconds")
@@ -373,13 +396,20 @@ class SwarmMagics(Magics):
         # The %%swarm line is line 1 of the cell: a blank first line keeps the remote
         # traceback's line numbers those of the cell.
         code = "\n" + cell
-        session = coordinator.session(args.session, peer=peer) if args.session else None
+        requires = dict(args.needs) or None
+        session = (
+            coordinator.session(args.session, peer=peer, requires=requires)
+            if args.session
+            else None
+        )
         if session is not None:
             data = session.data(code, inputs, list(args.pull))
             peer = session.peer
         else:
             data = {"code": code, "inputs": inputs, "outputs": list(args.pull)}
-        run = RemoteRun(coordinator, TASK_TYPE, data, timeout=args.timeout, peer=peer)
+        run = RemoteRun(
+            coordinator, TASK_TYPE, data, timeout=args.timeout, peer=peer, requires=requires
+        )
         # --no-wait in Jupyter: the handle's own output is the one progress line, updated
         # when the task ends (a separate line said "completed" above a stale handle).
         view = self._progress_view(live_handle=args.no_wait)
