@@ -24,6 +24,11 @@ from swarm_notebook.bench.swarm_suites import (
 )
 
 RTT_BLOCK = 25
+# A pipelined round must last long enough to average out the scheduler: rounds of 300
+# tasks (0.2-0.4 s) read anywhere from 0.67x to 1.21x across quick runs of the same commit,
+# while full runs (2,000 tasks) read 0.96-1.08x. So even the quick run uses long rounds.
+MIN_ROUND_TASKS = 1000
+MIN_ROUNDS_PER_SIDE = 3
 
 
 async def measure_isolation(ctx: SuiteContext, cfg: SwarmBenchConfig) -> None:
@@ -53,12 +58,13 @@ async def measure_isolation(ctx: SuiteContext, cfg: SwarmBenchConfig) -> None:
                         bar.advance(n)
                     order.reverse()
             rates: dict[str, list[float]] = {name: [] for name in sides}
-            rounds = cfg.pipelined_rounds * 2
+            rounds = max(cfg.pipelined_rounds * 2, MIN_ROUNDS_PER_SIDE)
+            tasks = max(cfg.pipelined_tasks, MIN_ROUND_TASKS)
             with ctx.task("pipelined, alternating", rounds * 2) as bar:
                 for _ in range(rounds):
                     for name in order:
                         rates[name].append(
-                            await delegate_pipelined(sides[name], cfg.pipelined_tasks)
+                            await delegate_pipelined(sides[name], tasks)
                         )
                         bar.advance()
                     order.reverse()
