@@ -161,6 +161,29 @@ def test_compare_uses_anchor_median_and_leaves_missing_anchor_unjudged() -> None
     assert raw is not None and compare(raw, registry).anchor is None
 
 
+def test_a_metric_with_a_second_anchor_gets_a_row_and_json_entry_for_each() -> None:
+    def measured(ctx: SuiteContext) -> None:
+        ctx.record("ipyparallel_rtt_ms", [4.0], "ms")
+        ctx.record("dask_rtt_ms", [10.0], "ms")
+        ctx.record("submit_rtt_ms", [1.5], "ms")
+        ctx.record("map_items_per_s", [900.0], "items/s")  # no anchor measured: no rows
+
+    report = run_suites([Suite("m", measured)], quick=True, progress=NullProgress())
+    rows = [(r.metric.name, r.anchor, r.verdict) for r in report.rows()]
+    assert ("submit_rtt_ms", "ipyparallel_rtt_ms", "meets") in rows  # 0.375x <= 0.5x
+    assert ("submit_rtt_ms", "dask_rtt_ms", "misses") in rows  # 0.15x > 0.1x
+    assert [r for r in rows if r[0] == "map_items_per_s"] == [
+        ("map_items_per_s", "ipyparallel_map_items_per_s", None)
+    ]
+    submit = report.to_json()["metrics"]["submit_rtt_ms"]
+    assert submit["verdict"] == "meets"
+    assert submit["also"] == [
+        {"anchor": "dask_rtt_ms", "ratio": pytest.approx(0.15), "target": "<= 0.1x",
+         "verdict": "misses"}
+    ]  # fmt: skip
+    assert "dask_rtt_ms" in render_table(report)
+
+
 # ------------------------------------------------------------------- suites and failures
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from swarm_notebook.bench.framework import (
+    ALSO_COMPARED,
     COMPARISONS,
     REQUIRED_METRICS,
     BenchReport,
@@ -33,6 +34,7 @@ from swarm_notebook.bench.framework import (
 from swarm_notebook.errors import UnknownSuiteError
 
 __all__ = [
+    "ALSO_COMPARED",
     "COMPARISONS",
     "REQUIRED_METRICS",
     "BenchReport",

@@ -84,6 +84,16 @@ COMPARISONS: Mapping[str, Comparison] = MappingProxyType(
     }
 )
 
+# Targets against a second tool in the same run (the first anchor is in COMPARISONS):
+# a metric shows one row per anchor.
+ALSO_COMPARED: Mapping[str, tuple[Comparison, ...]] = MappingProxyType(
+    {
+        "submit_rtt_ms": (Comparison("dask_rtt_ms", "<=", 0.1),),
+        "map_items_per_s": (Comparison("dask_map_items_per_s", ">=", 2.0),),
+        "delegate_rtt_ms": (Comparison("dask_rtt_ms"),),
+    }
+)
+
 PROCESS_EXIT_GRACE_S = 15.0
 
 # Every metric name the full benchmark is expected to produce (raw + baselines now, the
@@ -280,9 +290,11 @@ class MetricRow:
         }
 
 
-def compare(metric: Metric, results: MetricRegistry) -> MetricRow:
+def compare(
+    metric: Metric, results: MetricRegistry, comparison: Comparison | None = None
+) -> MetricRow:
     """Relate a metric to its declared anchor (if any, and if the anchor was measured)."""
-    comparison = COMPARISONS.get(metric.name)
+    comparison = comparison or COMPARISONS.get(metric.name)
     if comparison is None:
         return MetricRow(metric, None, None, None, None)
     anchor = results.get(comparison.anchor)
@@ -304,14 +316,31 @@ class BenchReport:
     durations_s: dict[str, float] = field(default_factory=dict)
 
     def rows(self) -> list[MetricRow]:
-        return [compare(m, self.results) for m in self.results]
+        """One row per metric and anchor: the first anchor's row, then any others'."""
+        rows: list[MetricRow] = []
+        for metric in self.results:
+            rows.append(compare(metric, self.results))
+            for other in ALSO_COMPARED.get(metric.name, ()):
+                if self.results.get(other.anchor) is not None:
+                    rows.append(compare(metric, self.results, other))
+        return rows
 
     def to_json(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        for row in self.rows():
+            if row.metric.name not in metrics:
+                metrics[row.metric.name] = row.to_json()
+            else:
+                also = metrics[row.metric.name].setdefault("also", [])
+                also.append(
+                    {"anchor": row.anchor, "ratio": row.ratio, "target": row.target,
+                     "verdict": row.verdict}
+                )  # fmt: skip
         return {
             "machine": self.machine,
             "when": self.when,
             "quick": self.quick,
-            "metrics": {row.metric.name: row.to_json() for row in self.rows()},
+            "metrics": metrics,
             "errors": dict(self.errors),
             "suite_seconds": dict(self.durations_s),
         }
