@@ -321,6 +321,9 @@ async def _measure_cancel(
     samples = []
     with ctx.task("cancel: until the process is gone", cfg.cancel_rounds) as bar:
         for _ in range(cfg.cancel_rounds):
+            # The child replacing the last round's killed one burns CPU while it starts:
+            # let it settle, or it could pass for the spinning task's process.
+            await _descendants_quiet([p.pid for p in procs])
             fut = c.submit(_spin, retries=0, timeout=120)
             deadline = time.monotonic() + 60
             while fut.state != "working":
@@ -347,6 +350,29 @@ def _exists(psutil: Any, pid: int) -> bool:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
+
+
+async def _descendants_quiet(roots: list[int], timeout: float = 30.0) -> None:
+    """Until no descendant of ``roots`` gains CPU time (a fresh sandbox child importing)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = [d for r in roots for d in psutil.Process(r).children(recursive=True)]
+        before = {p.pid: _user_time(psutil, p) for p in procs}
+        await asyncio.sleep(0.1)  # the sampling window, not a wait for an event
+        gains = [_user_time(psutil, p) - before[p.pid] for p in procs]
+        if max(gains, default=0.0) < 0.01:
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(Reason.BENCH_FAILED, "the workers' sandbox children never settled")
+
+
+def _user_time(psutil: Any, proc: Any) -> float:
+    try:
+        return float(proc.cpu_times().user)
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 async def _busiest_descendant(root: int) -> int:
