@@ -223,7 +223,8 @@ async def serve(args: argparse.Namespace) -> int:
         f"READY peer_id={coordinator.peer_id} room={args.room} "
         f"capabilities={','.join(stats['capabilities']) or '-'} "
         f"isolation={stats.get('isolation') or '-'} "
-        f"backend={stats.get('backend') or '-'}",
+        f"backend={stats.get('backend') or '-'} "
+        f"dask={(stats.get('dask') or {}).get('scheduler') or '-'}",
         flush=True,
     )
     watchdog = (
@@ -250,6 +251,10 @@ def _say(line: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dask:
+        # Dask logs at INFO by default, in this process and in the LocalCluster's
+        # processes (which inherit the environment): keep it at the worker's level.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", args.log_level.lower())
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,

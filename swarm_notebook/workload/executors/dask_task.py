@@ -24,6 +24,7 @@ The Dask workers must have ``swarm_notebook`` installed (``run_part`` runs there
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import sys
@@ -47,6 +48,7 @@ from swarm_notebook.workload.source import ARGS_NAME, is_map_cell
 
 BACKEND_DASK = "dask"
 OUTPUT_INTERVAL_S = 0.1
+CANCEL_WAIT_S = 5.0
 
 
 class DaskTaskExecutor:
@@ -200,8 +202,6 @@ class DaskTaskExecutor:
         ctx: TaskContext,
         timeout: float,
     ) -> dict[str, Any]:
-        import asyncio
-
         client = self.cluster.client
         assert client is not None
         tag = f"swarm-{ctx.task_id[:24]}-{secrets.token_hex(4)}"
@@ -221,17 +221,21 @@ class DaskTaskExecutor:
             for i, (inputs, key) in enumerate(zip(parts, keys, strict=True))
         ]
         self._counters["dask_futures"] += len(futures)
+        # Never cancel client.gather itself (its inner tasks then die unretrieved): cancel
+        # the Dask futures, and the gather ends by itself.
+        gathering = asyncio.ensure_future(client.gather(futures))
         try:
-            results = await asyncio.wait_for(client.gather(futures), timeout)
-        except TimeoutError:
-            await self._cancel(futures)
-            self._counters["timeouts"] += 1
-            return failure(
-                ErrorType.TIMEOUT,
-                f"no result within {timeout:.3g} s; its Dask tasks were cancelled",
-            )
+            done, _ = await asyncio.wait({gathering}, timeout=timeout)
+            if not done:
+                await self._cancel(futures, gathering)
+                self._counters["timeouts"] += 1
+                return failure(
+                    ErrorType.TIMEOUT,
+                    f"no result within {timeout:.3g} s; its Dask tasks were cancelled",
+                )
+            results = gathering.result()
         except asyncio.CancelledError:
-            await asyncio.shield(self._cancel(futures))
+            await asyncio.shield(self._cancel(futures, gathering))
             self._counters["canceled"] += 1
             raise
         except Exception as exc:
@@ -265,11 +269,17 @@ class DaskTaskExecutor:
         result["backend_attempts"] = 1 + lost
         return result
 
-    async def _cancel(self, futures: list[Any]) -> None:
+    async def _cancel(self, futures: list[Any], gathering: asyncio.Future[Any]) -> None:
         client = self.cluster.client
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.cancel(futures, force=True)
+        # The gather fails once its futures are cancelled; wait for that, bounded.
+        await asyncio.wait({gathering}, timeout=CANCEL_WAIT_S)
+        if not gathering.done():
+            gathering.cancel()
+        with contextlib.suppress(BaseException):
+            await gathering
 
     def _output_handler(
         self, ctx: TaskContext, relayed: list[dict[str, str]]
