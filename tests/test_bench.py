@@ -233,6 +233,7 @@ def test_select_suites_rejects_unknown_names() -> None:
         "delegate",
         "isolation",
         "dask",
+        "dask-worker",
         "mesh6",
     ]
     assert [s.name for s in select_suites(suites, ["dask", "raw"])] == ["raw", "dask"]
