@@ -171,3 +171,38 @@ async def test_the_executor_streams_output_times_out_and_refuses_strangers(
     with pytest.raises(TaskRefused) as session:
         await executor.run({"code": "1", "session": "s"}, ctx)
     assert session.value.reason == Reason.BAD_INPUT
+
+
+async def test_capacity_follows_the_cluster_as_it_scales(executor: DaskTaskExecutor) -> None:
+    changes: list[int] = []
+    executor.cluster.on_change(lambda: changes.append(executor.capacity))
+    cluster = executor.cluster._cluster
+    assert cluster is not None
+    cluster.scale(3)
+    deadline = asyncio.get_running_loop().time() + 60
+    while executor.capacity != 3:
+        assert asyncio.get_running_loop().time() < deadline, changes
+        await asyncio.sleep(0.05)
+    assert changes[-1] == 3
+
+
+async def test_output_printed_before_a_pause_is_relayed_during_it(
+    executor: DaskTaskExecutor,
+) -> None:
+    arrived = asyncio.Event()
+    live: list[str] = []
+
+    def on_output(chunks: list[tuple[str, str]]) -> None:
+        live.extend(text for _, text in chunks)
+        if "second" in "".join(live):
+            arrived.set()
+
+    ctx = TaskContext(task_id="t4", delegator="friend", on_output=on_output)
+    code = "import time\nprint('first')\nprint('second')\ntime.sleep(5)\n1"
+    run = asyncio.ensure_future(executor.run({"code": code}, ctx))
+    try:
+        await asyncio.wait_for(arrived.wait(), 4)  # long before the task ends
+        assert not run.done()
+    finally:
+        result = await run
+    assert result["stdout"] == "first\nsecond\n" and "".join(live) == result["stdout"]

@@ -176,3 +176,16 @@ async def test_a_dask_worker_killed_mid_map_loses_nothing(dask_swarm: DaskSwarm)
     assert results == [i + 1 for i in range(24)]
     attempts = [c.task_record(f.task_id)["backend_attempts"] for f in {f.chunk for f in futures}]
     assert max(attempts) >= 2, attempts  # Dask ran the lost part again elsewhere
+
+    # The card follows the cluster's size: retire a worker, and the room sees 1 thread.
+    async def two_workers() -> bool:
+        return len(await dask.nthreads()) == 2
+
+    await until(two_workers, 60, "the nanny to restart the killed worker")
+    await dask.retire_workers([next(iter(await dask.nthreads()))], close_workers=True)
+
+    async def card_says_one() -> bool:
+        peer = next(p for p in c.get_stats()["peers"] if p["id"] == dask_swarm.worker.peer_id)
+        return bool(peer["concurrency"] == 1)
+
+    await until(card_says_one, 30, "the card to advertise the smaller cluster")

@@ -289,7 +289,7 @@ class DaskTaskExecutor:
             raw = msg.get("output")
             if ctx.on_output is None or not isinstance(part, int) or not 0 <= part < len(relayed):
                 return
-            if not isinstance(raw, list):
+            if not isinstance(raw, list | tuple):  # msgpack hands lists over as tuples
                 return
             chunks = [
                 (c[0], c[1])
@@ -334,7 +334,8 @@ def _joined(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 class _EventPipe:
     """Sends what a part prints as Dask events (``OUTPUT_TOPIC``), at most one per
-    interval; ``finish`` sends the rest. Writers never wait on the network."""
+    interval (a timer sends what waits); ``finish`` sends the rest. Writers never wait
+    on the network."""
 
     def __init__(self, tag: str, part: int) -> None:
         from distributed import get_worker
@@ -344,8 +345,10 @@ class _EventPipe:
         self._part = part
         self._pending: list[list[str]] = []
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._interval_s = OUTPUT_INTERVAL_S
         self._last = 0.0
+        self._timer: threading.Timer | None = None
         self._active = False
 
     def begin(self, interval_s: float) -> None:
@@ -361,24 +364,35 @@ class _EventPipe:
                 self._pending[-1][1] += text
             else:
                 self._pending.append([stream, text])
-            due = time.monotonic() - self._last >= self._interval_s
-        if due:
-            self._send()
+            wait = self._interval_s - (time.monotonic() - self._last)
+            if wait > 0:
+                if self._timer is None:
+                    self._timer = threading.Timer(wait, self._send)
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+        self._send()
 
     def finish(self) -> None:
         with self._lock:
             self._active = False
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
         self._send()
 
     def _send(self) -> None:
-        with self._lock:
-            batch, self._pending = self._pending, []
-            self._last = time.monotonic()
-        if batch:
-            # log_event is safe from a task thread (it hands the message to the worker's loop).
-            self._worker.log_event(
-                OUTPUT_TOPIC, {"task": self._tag, "part": self._part, "output": batch}
-            )
+        # Taking and sending under one lock keeps batches in order across the timer's
+        # thread and the task's; log_event only hands the message to the worker's loop.
+        with self._send_lock:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                self._last = time.monotonic()
+                self._timer = None
+            if batch:
+                self._worker.log_event(
+                    OUTPUT_TOPIC, {"task": self._tag, "part": self._part, "output": batch}
+                )
 
 
 class _ThreadStreams:
