@@ -206,3 +206,14 @@ async def test_output_printed_before_a_pause_is_relayed_during_it(
     finally:
         result = await run
     assert result["stdout"] == "first\nsecond\n" and "".join(live) == result["stdout"]
+
+
+async def test_a_big_input_is_scattered_and_arrives_intact(executor: DaskTaskExecutor) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame({"v": range(200_000)})
+    ctx = TaskContext(task_id="t5", delegator="friend")
+    data = {"code": "float(df.v.sum())", "inputs": {"df": encode_value(df)}}
+    result = await executor.run(data, ctx)
+    assert decode_value(result["value"]) == float(df.v.sum())
+    assert executor.stats()["scattered_inputs"] == 1

@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgspec
+
 from swarm_notebook.workload.executors.base import (
     OUTPUT_STREAMS,
     ErrorType,
@@ -49,6 +51,8 @@ from swarm_notebook.workload.source import ARGS_NAME, is_map_cell
 BACKEND_DASK = "dask"
 OUTPUT_INTERVAL_S = 0.1
 CANCEL_WAIT_S = 5.0
+SCATTER_MIN_BYTES = 1 << 20  # inputs at least this big go to the workers by scatter
+_MSGPACK = msgspec.msgpack.Encoder()
 
 
 class DaskTaskExecutor:
@@ -91,6 +95,7 @@ class DaskTaskExecutor:
             "canceled": 0,
             "dask_futures": 0,
             "split_chunks": 0,
+            "scattered_inputs": 0,
             "retried_after_worker_loss": 0,
         }
 
@@ -209,16 +214,11 @@ class DaskTaskExecutor:
         relayed: list[dict[str, str]] = [{s: "" for s in OUTPUT_STREAMS} for _ in parts]
         stop_watching = self.cluster.watch_output(tag, self._output_handler(ctx, relayed))
         self.cluster.track(keys)
+        requests = [self._request(task, inputs, ctx, len(parts)) for inputs in parts]
+        placed = await self._place(requests)
         futures = [
-            client.submit(
-                run_part,
-                self._request(task, inputs, ctx, len(parts)),
-                tag,
-                i,
-                key=key,
-                pure=False,
-            )
-            for i, (inputs, key) in enumerate(zip(parts, keys, strict=True))
+            client.submit(run_part, request, tag, i, key=key, pure=False)
+            for i, (request, key) in enumerate(zip(placed, keys, strict=True))
         ]
         self._counters["dask_futures"] += len(futures)
         # Never cancel client.gather itself (its inner tasks then die unretrieved): cancel
@@ -268,6 +268,23 @@ class DaskTaskExecutor:
         result["backend"] = BACKEND_DASK
         result["backend_attempts"] = 1 + lost
         return result
+
+    async def _place(self, requests: list[dict[str, Any]]) -> list[Any]:
+        """The requests as task arguments: big ones scattered to the workers first, so
+        their data travels worker-to-worker instead of inside the task graph. (Refs, when
+        they exist, become such scattered futures, kept between tasks.)"""
+        client = self.cluster.client
+        assert client is not None
+        sizes = [len(_MSGPACK.encode(r["inputs"])) for r in requests]
+        if max(sizes) < SCATTER_MIN_BYTES:
+            return list(requests)
+        big = [i for i, size in enumerate(sizes) if size >= SCATTER_MIN_BYTES]
+        scattered = await client.scatter([requests[i] for i in big], hash=False)
+        self._counters["scattered_inputs"] += len(big)
+        placed: list[Any] = list(requests)
+        for i, future in zip(big, scattered, strict=True):
+            placed[i] = future
+        return placed
 
     async def _cancel(self, futures: list[Any], gathering: asyncio.Future[Any]) -> None:
         client = self.cluster.client
