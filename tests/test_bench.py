@@ -141,6 +141,7 @@ def test_declared_targets_match_the_plan() -> None:
         "dask_map_items_per_s": ("ipyparallel_map_items_per_s", None),
         "sandboxed_tasks_per_s": ("unsandboxed_tasks_per_s", ">= 0.9x"),
         "sandboxed_rtt_ms": ("unsandboxed_rtt_ms", None),
+        "dask_worker_map_s": ("dask_direct_map_s", "<= 1.5x"),
     }
     assert {name: (c.anchor, c.target) for name, c in COMPARISONS.items()} == expected
 
