@@ -204,12 +204,15 @@ function linkFacts(peer) {
     );
   }
   if (peer.isolation === "none") {
+    const dask = peer.backend === "dask";
     facts.push(
       h("span", {
         cls: "swarm-nb-badge swarm-nb-unsafe",
         testid: "peer-unsafe",
-        text: "runs code without isolation",
-        title: "this peer's owner passed --unsafe-no-isolation",
+        text: dask ? "runs code without isolation (Dask cluster)" : "runs code without isolation",
+        title: dask
+          ? "this peer runs tasks on a Dask cluster, unsandboxed; it serves only its allowlist"
+          : "this peer's owner passed --unsafe-no-isolation",
       }),
     );
   }

@@ -348,7 +348,7 @@ def map_items(
     if size < 1:
         raise UsageError(Reason.BAD_ARGUMENTS, "chunksize must be 1 or more")
     futures: list[ItemFuture] = []
-    code = _map_cell(shipped)
+    code = shipped.map_cell()
     tracker = MapProgress(submitter, len(items), bar) if _show_progress(progress) else None
     for start in range(0, len(items), size):
         chunk = items[start : start + size]
@@ -364,12 +364,6 @@ def _default_chunksize(n: int) -> int:
     # Enough chunks to spread over a room of workers and show progress, few enough that a
     # message per chunk costs nothing next to the work.
     return max(1, min(256, n // 32))
-
-
-def _map_cell(shipped: ShippedFunction) -> str:
-    head = "\n".join(shipped.imports)
-    call = f"[{shipped.name}(*__item) for __item in {ARGS_NAME}]"
-    return "\n\n".join(part for part in (head, shipped.source.rstrip(), call) if part) + "\n"
 
 
 def start_task(

@@ -105,6 +105,8 @@ class Reason(StrEnum):
     CAPABILITY_MISSING = "capability-missing"
     ATTEMPTS_EXHAUSTED = "attempts-exhausted"
     NOT_ALLOWED = "not-allowed"
+    # A peer that runs code without isolation (a Dask cluster) serves only its allowlist.
+    NOT_ON_ALLOWLIST = "not-on-allowlist"
     BUSY = "busy"
     WORKER_SHUTDOWN = "worker-shutdown"
     TIMEOUT = "timeout"

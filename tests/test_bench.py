@@ -141,6 +141,7 @@ def test_declared_targets_match_the_plan() -> None:
         "dask_map_items_per_s": ("ipyparallel_map_items_per_s", None),
         "sandboxed_tasks_per_s": ("unsandboxed_tasks_per_s", ">= 0.9x"),
         "sandboxed_rtt_ms": ("unsandboxed_rtt_ms", None),
+        "dask_worker_map_s": ("dask_direct_map_s", "<= 1.5x"),
     }
     assert {name: (c.anchor, c.target) for name, c in COMPARISONS.items()} == expected
 
@@ -256,6 +257,7 @@ def test_select_suites_rejects_unknown_names() -> None:
         "delegate",
         "isolation",
         "dask",
+        "dask-worker",
         "mesh6",
     ]
     assert [s.name for s in select_suites(suites, ["dask", "raw"])] == ["raw", "dask"]

@@ -37,6 +37,7 @@ PEER_DTYPES = {
     "bytes_in": "int64",
     "bytes_out": "int64",
     "isolation": "string",
+    "backend": "string",
     "versions": "string",
 }
 

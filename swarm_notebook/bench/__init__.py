@@ -63,6 +63,7 @@ def default_suites() -> list[Suite]:
     # Imported here so that ``python -m swarm_notebook.bench.raw_peer`` does not find its
     # own module already imported through this package.
     from swarm_notebook.bench.baselines import dask_suite, ipyparallel_suite
+    from swarm_notebook.bench.dask_worker_suite import dask_worker_suite
     from swarm_notebook.bench.isolation_suite import isolation_suite
     from swarm_notebook.bench.raw_aiortc import raw_suite
     from swarm_notebook.bench.swarm_suites import swarm_suites
@@ -77,6 +78,7 @@ def default_suites() -> list[Suite]:
         delegate,
         isolation_suite(),
         dask_suite(),
+        dask_worker_suite(),
         mesh6,
     ]
 

@@ -81,6 +81,8 @@ COMPARISONS: Mapping[str, Comparison] = MappingProxyType(
         # The sandbox's price: the same work to bubblewrap and to unisolated workers.
         "sandboxed_tasks_per_s": Comparison("unsandboxed_tasks_per_s", ">=", 0.9),
         "sandboxed_rtt_ms": Comparison("unsandboxed_rtt_ms"),
+        # Fronting a Dask cluster: the same 2,000-item map through the swarm and direct.
+        "dask_worker_map_s": Comparison("dask_direct_map_s", "<=", 1.5),
     }
 )
 
@@ -122,6 +124,8 @@ REQUIRED_METRICS: tuple[str, ...] = (
     "unsandboxed_rtt_ms",
     "sandboxed_tasks_per_s",
     "unsandboxed_tasks_per_s",
+    "dask_worker_map_s",
+    "dask_direct_map_s",
 )
 
 

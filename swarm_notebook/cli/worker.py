@@ -18,8 +18,20 @@ import swarm_notebook.environment as environment
 from swarm_notebook._util.orphan import stop_when_orphaned
 from swarm_notebook.cli.ice_args import add_ice_arguments, mesh_with_ice
 from swarm_notebook.coordinator.config import DEFAULT_ROOM, DEFAULT_SIGNALING, CoordinatorConfig
-from swarm_notebook.errors import IceConfigError, SandboxUnavailable, SignalingError
-from swarm_notebook.workload.executors.capabilities import ExecutorConfig, check_isolation
+from swarm_notebook.errors import (
+    IceConfigError,
+    IdentityError,
+    SandboxUnavailable,
+    SignalingError,
+    UsageError,
+)
+from swarm_notebook.identity import require_canonical
+from swarm_notebook.workload.executors.capabilities import (
+    PYTHON_EXECUTION,
+    ExecutorConfig,
+    check_isolation,
+)
+from swarm_notebook.workload.executors.dask_cluster import parse_dask_address
 from swarm_notebook.workload.policy import TaskPolicy
 from swarm_notebook.workload.sandbox.bwrap import ISOLATION_NONE
 
@@ -74,6 +86,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "is trusted. The agent card and dashboard show it (docs/sandbox.md)",
     )
     parser.add_argument(
+        "--dask",
+        default=None,
+        metavar="ADDRESS",
+        help="run python-computation on a Dask cluster: a scheduler address "
+        "(tcp://HOST:8786) or local:N to start a LocalCluster of N worker processes. Dask "
+        "runs code without isolation, so only peers on the allowlist (the room's roster "
+        "and --allow) are served; implies python-execution (docs/dask.md)",
+    )
+    parser.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="PEER_ID",
+        help="a peer a --dask worker serves besides the roster's members (repeatable)",
+    )
+    parser.add_argument(
         "--max-input-mb", type=float, default=64.0, help="largest task input accepted from a peer"
     )
     parser.add_argument(
@@ -111,6 +139,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> CoordinatorConfig:
     caps = [c.strip() for c in args.caps.split(",") if c.strip()]
+    if args.dask and PYTHON_EXECUTION not in caps:
+        caps.append(PYTHON_EXECUTION)
+    if args.dask:
+        parse_dask_address(args.dask)  # a bad address is a usage error, before joining
+    for peer in args.allow:
+        require_canonical(peer)
     executors = ExecutorConfig(
         python_execution="python-execution" in caps,
         workspace=args.workspace,
@@ -121,6 +155,8 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         sandbox_memory_limit_mb=args.memory_limit_mb,
         sandbox_session_idle_s=args.session_idle_timeout,
         unsafe_no_isolation=args.unsafe_no_isolation,
+        dask=args.dask,
+        dask_allow=frozenset(args.allow),
     )
     allowed = frozenset(p.strip() for p in args.allow_from.split(",")) if args.allow_from else None
     return CoordinatorConfig(
@@ -146,7 +182,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     try:
         config = build_config(args)
-    except IceConfigError as exc:
+    except (IceConfigError, UsageError, IdentityError) as exc:
         print(f"swarm-notebook worker: {exc.message}", file=sys.stderr)
         return 2
     stop = asyncio.Event()
@@ -167,7 +203,17 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"swarm-notebook worker: {exc.message}", file=sys.stderr, flush=True)
         return 2
     stats = coordinator.get_stats()
-    if stats.get("isolation") == ISOLATION_NONE:
+    if stats.get("backend") == "dask":
+        listed = len(config.executors.dask_allow)
+        roster = len(stats["electorate"].get("members") or [])
+        print(
+            f"WARNING: --dask: other peers' code runs WITHOUT isolation on the Dask cluster "
+            f"({stats['dask']['nthreads']} threads); serving only the allowlist: {listed} "
+            f"--allow peer(s) and {roster} roster member(s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif stats.get("isolation") == ISOLATION_NONE:
         print(
             "WARNING: --unsafe-no-isolation: other peers' code runs with your user rights",
             file=sys.stderr,
@@ -176,7 +222,9 @@ async def serve(args: argparse.Namespace) -> int:
     print(
         f"READY peer_id={coordinator.peer_id} room={args.room} "
         f"capabilities={','.join(stats['capabilities']) or '-'} "
-        f"isolation={stats.get('isolation') or '-'}",
+        f"isolation={stats.get('isolation') or '-'} "
+        f"backend={stats.get('backend') or '-'} "
+        f"dask={(stats.get('dask') or {}).get('scheduler') or '-'}",
         flush=True,
     )
     watchdog = (
@@ -203,6 +251,10 @@ def _say(line: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dask:
+        # Dask logs at INFO by default, in this process and in the LocalCluster's
+        # processes (which inherit the environment): keep it at the worker's level.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", args.log_level.lower())
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,

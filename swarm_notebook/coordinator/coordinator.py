@@ -52,12 +52,14 @@ from swarm_notebook.workload.executors.capabilities import (
     close_executors,
     detect_capabilities,
 )
+from swarm_notebook.workload.executors.dask_task import DaskTaskExecutor
 from swarm_notebook.workload.messages import requirements_for_task_type
 from swarm_notebook.workload.records import TaskLog
 from swarm_notebook.workload.task_server import TaskServer
 
 log = logging.getLogger(__name__)
 AUDIT_FLUSH_INTERVAL_S = 0.25
+MAX_CARD_CONCURRENCY = 1024  # what verify_card accepts
 
 
 class SwarmCoordinator:
@@ -130,6 +132,8 @@ class SwarmCoordinator:
             ),
         )
         self._background = OwnedTasks("coordinator")
+        self._capabilities: list[str] = []
+        self._watched_backends: set[int] = set()
         self.node.add_listener(self._peer_changed)
 
     @property
@@ -176,7 +180,9 @@ class SwarmCoordinator:
                 if c != PYTHON_EXECUTION or self.config.executors.python_execution
             ]
         old = dict(self.executors)
-        fresh = build_executors(self.config.executors, capabilities)
+        fresh = build_executors(
+            self.config.executors, capabilities, allowed=self._may_run_unisolated
+        )
         # Keep executors that are still wanted (a warm sandbox pool is worth keeping).
         for task_type, executor in old.items():
             if task_type in fresh:
@@ -191,23 +197,71 @@ class SwarmCoordinator:
             start = getattr(executor, "start", None)
             if start is not None:
                 await start()
-        limits = {
-            "max_input_bytes": self.config.policy.max_input_bytes,
-            "max_queue": self.config.max_queue,
-        }
         self.environment = environment_report(self.config.report_packages)
-        self.node.advertise(
-            capabilities,
-            self.config.concurrency,
-            limits,
-            self.isolation or "",
-            environment=self.environment,
-        )
+        self._capabilities = capabilities
+        self._advertise()
+        self._watch_backend()
         self.initialized = True
         self.init_count += 1
         self.stats.touch("init")
         self._notify("stats:changed", {})
         return capabilities
+
+    def _advertise(self) -> None:
+        limits = {
+            "max_input_bytes": self.config.policy.max_input_bytes,
+            "max_queue": self.config.max_queue,
+        }
+        concurrency = self.concurrency
+        self.node.advertise(
+            self._capabilities,
+            concurrency,
+            limits,
+            self.isolation or "",
+            environment=self.environment,
+            backend=self.backend or "",
+        )
+        if concurrency != self.task_server.concurrency:
+            self.task_server.set_concurrency(concurrency)
+
+    @property
+    def concurrency(self) -> int:
+        """Tasks this peer runs at once: a Dask cluster's threads, else the configured."""
+        dask = self._dask()
+        if dask is not None:
+            return min(dask.capacity, MAX_CARD_CONCURRENCY)
+        return self.config.concurrency
+
+    def _dask(self) -> DaskTaskExecutor | None:
+        executor = self.executors.get("python-computation")
+        return executor if isinstance(executor, DaskTaskExecutor) else None
+
+    def _watch_backend(self) -> None:
+        """Follow a Dask cluster's size (re-sign the card) and occupancy (report load)."""
+        dask = self._dask()
+        self.task_server.occupancy = dask.occupancy if dask is not None else None
+        if dask is None or id(dask) in self._watched_backends:
+            return
+        self._watched_backends.add(id(dask))
+
+        def changed() -> None:
+            if self._dask() is not dask:
+                return
+            if self.node.card is not None and self.node.card.concurrency != self.concurrency:
+                self._advertise()
+                self._notify("stats:changed", {})
+            else:
+                self.task_server.refresh_load()
+
+        dask.cluster.on_change(changed)
+
+    def _may_run_unisolated(self, peer_id: str) -> bool:
+        """Whom a Dask-backed peer serves: itself, ``--allow`` peers, the roster's members."""
+        return (
+            peer_id == self.local_id
+            or peer_id in self.config.executors.dask_allow
+            or self.consensus.electorate.is_member(peer_id)
+        )
 
     async def leave(self) -> None:
         handed_back = await self.task_server.drain(self.config.drain_grace_s)
@@ -284,6 +338,9 @@ class SwarmCoordinator:
                 "error": record.error,
             },
         )
+        attempts = result.get("backend_attempts")
+        if isinstance(attempts, int) and not isinstance(attempts, bool):
+            record.backend_attempts = attempts
         result = self._decode_outputs(task_type, result, record.peer)
         warning = self._environment_warning(record.peer)
         if warning is not None:
@@ -396,6 +453,15 @@ class SwarmCoordinator:
         isolation = getattr(pool, "isolation", None)
         return isolation if isinstance(isolation, str) else None
 
+    @property
+    def backend(self) -> str | None:
+        """What runs other peers' Python here: "sandbox" or "dask"; None if nothing does."""
+        pool = self.executors.get("python-computation")
+        if pool is None:
+            return None
+        backend = getattr(pool, "backend", "sandbox")
+        return backend if isinstance(backend, str) else "sandbox"
+
     def get_stats(self) -> dict[str, Any]:
         peers = []
         for view in self.node.peers():
@@ -421,6 +487,7 @@ class SwarmCoordinator:
                     "bytes_in": link.bytes_in if link else 0,
                     "bytes_out": link.bytes_out if link else 0,
                     "isolation": (view.card.isolation or None) if view.card else None,
+                    "backend": (view.card.backend or None) if view.card else None,
                     "environment": dict(view.card.environment) if view.card else {},
                 }
             )
@@ -433,6 +500,8 @@ class SwarmCoordinator:
             "total_peers": len(self.node.peers()),
             "capabilities": self.node.capabilities,
             "isolation": self.isolation,
+            "backend": self.backend,
+            "dask": dask.stats() if (dask := self._dask()) is not None else None,
             "environment": dict(self.environment),
             "peers": peers,
             "total_tasks": s.total_tasks,
@@ -448,7 +517,7 @@ class SwarmCoordinator:
             "last_activity": s.last_activity,
             "load": {
                 "in_flight": self.task_server.in_flight,
-                "concurrency": self.config.concurrency,
+                "concurrency": self.task_server.concurrency,
             },
             "rejections": self.rejections(),
             # Live output: batches served to others (sent, bytes cut at the cap,

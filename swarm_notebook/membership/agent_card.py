@@ -47,6 +47,8 @@ class AgentCard(msgspec.Struct, frozen=True):
     isolation: str = ""
     # What it runs: {"python": "3.11.9", "pandas": "2.2.3", ...} (membership/versions.py).
     environment: dict[str, str] = msgspec.field(default_factory=dict)
+    # What runs it: "sandbox", "dask" (a Dask cluster, unisolated) or "" (nothing).
+    backend: str = ""
 
     def signed_payload(self) -> bytes:
         unsigned = msgspec.structs.replace(self, signature=b"")
@@ -72,6 +74,7 @@ def make_card(
     seq: int,
     isolation: str = "",
     environment: dict[str, str] | None = None,
+    backend: str = "",
 ) -> AgentCard:
     card = AgentCard(
         peer_id=identity.peer_id,
@@ -84,6 +87,7 @@ def make_card(
         issued_at=time.time(),
         isolation=isolation,
         environment=dict(environment or {}),
+        backend=backend,
     )
     return msgspec.structs.replace(card, signature=identity.sign(card.signed_payload()))
 
@@ -104,8 +108,8 @@ def verify_card(card: AgentCard, sender: str) -> AgentCard:
         raise CardError(Reason.BAD_CARD, f"concurrency {card.concurrency}")
     if len(card.name) > MAX_NAME_LENGTH or len(card.version) > MAX_CAPABILITY_LENGTH:
         raise CardError(Reason.BAD_CARD, "name or version too long")
-    if len(card.isolation) > MAX_CAPABILITY_LENGTH:
-        raise CardError(Reason.BAD_CARD, "malformed isolation")
+    if len(card.isolation) > MAX_CAPABILITY_LENGTH or len(card.backend) > MAX_CAPABILITY_LENGTH:
+        raise CardError(Reason.BAD_CARD, "malformed isolation or backend")
     problem = report_problem(card.environment)
     if problem is not None:
         raise CardError(Reason.BAD_CARD, f"environment: {problem}")

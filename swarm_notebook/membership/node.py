@@ -139,6 +139,7 @@ class SwarmNode:
         limits: dict[str, int],
         isolation: str = "",
         environment: dict[str, str] | None = None,
+        backend: str = "",
     ) -> AgentCard:
         """Sign a new card and send it to every connected peer."""
         self._capabilities = sorted(set(capabilities))
@@ -155,6 +156,7 @@ class SwarmNode:
             seq=self._seq,
             isolation=isolation,
             environment=environment,
+            backend=backend,
         )
         self._load = LoadReport(self._load.in_flight, self._load.queued, concurrency)
         for peer in self.transport.connected_peers():

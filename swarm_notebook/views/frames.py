@@ -134,6 +134,8 @@ def peers_frame(snapshot: Mapping[str, Any]) -> pd.DataFrame:
             "bytes_out": pd.Series(_column(peers, "bytes_out", "peer", _count), dtype="int64"),
             # How the peer isolates other peers' code: bubblewrap, none (unsafe) or empty.
             "isolation": _text(peer.get("isolation") for peer in peers),
+            # What runs it: sandbox, dask (a Dask cluster, unisolated) or empty.
+            "backend": _text(peer.get("backend") for peer in peers),
             # What it runs, from its card: "python 3.11.9, numpy 2.1.3, pandas 2.2.3".
             "versions": _text(_versions(peer.get("environment")) for peer in peers),
         }

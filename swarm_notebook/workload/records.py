@@ -40,6 +40,8 @@ class TaskRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     attempts: int = 0
+    # Runs inside the serving peer's backend (a Dask retry after a lost worker); None: one.
+    backend_attempts: int | None = None
     error: str | None = None
     tried_peers: list[str] = field(default_factory=list)
     # What a task that has no peer yet waits for (progress lines say it), None otherwise.

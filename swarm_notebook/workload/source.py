@@ -40,6 +40,7 @@ from swarm_notebook.reasons import Reason
 
 ARGS_NAME = "__swarm_args__"
 KWARGS_NAME = "__swarm_kwargs__"
+MAP_ITEM = "__item"
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,50 @@ class ShippedFunction:
         head = "\n".join(self.imports)
         call = f"{self.name}(*{ARGS_NAME}, **{KWARGS_NAME})"
         return "\n\n".join(part for part in (head, self.source.rstrip(), call) if part) + "\n"
+
+    def map_cell(self) -> str:
+        """The code of one ``map`` chunk: the function over the items in ``__swarm_args__``
+        (a list of argument lists); its value is the list of results, in order."""
+        head = "\n".join(self.imports)
+        call = f"[{self.name}(*{MAP_ITEM}) for {MAP_ITEM} in {ARGS_NAME}]"
+        return "\n\n".join(part for part in (head, self.source.rstrip(), call) if part) + "\n"
+
+
+def is_map_cell(code: str) -> bool:
+    """Whether ``code`` is exactly what :meth:`ShippedFunction.map_cell` makes: then its
+    items are independent, and a backend may split them across workers and join the
+    value lists in order (a Dask-backed peer does)."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
+        return False
+    comp = tree.body[-1].value
+    if not (isinstance(comp, ast.ListComp) and len(comp.generators) == 1):
+        return False
+    gen = comp.generators[0]
+    call = comp.elt
+    return (
+        not gen.ifs
+        and not gen.is_async
+        and isinstance(gen.target, ast.Name)
+        and gen.target.id == MAP_ITEM
+        and isinstance(gen.iter, ast.Name)
+        and gen.iter.id == ARGS_NAME
+        and isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Name)
+        and not call.keywords
+        and len(call.args) == 1
+        and isinstance(call.args[0], ast.Starred)
+        and isinstance(call.args[0].value, ast.Name)
+        and call.args[0].value.id == MAP_ITEM
+        # Only definitions and imports before it: nothing that must run exactly once.
+        and all(
+            isinstance(node, ast.Import | ast.ImportFrom | ast.FunctionDef)
+            for node in tree.body[:-1]
+        )
+    )
 
 
 def ship_function(fn: Callable[..., Any], cache: SourceCache | None = None) -> ShippedFunction:

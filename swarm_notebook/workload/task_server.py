@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from swarm_notebook._util.slots import Slots
 from swarm_notebook.errors import DelegationError, HandlerRefusal, NoCapablePeerError, TaskRefused
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
@@ -71,7 +72,9 @@ class TaskServer:
         self.output_interval_s = output_interval_s
         self.max_output_bytes = max_output_bytes
         self.output_counters = {"messages": 0, "truncated_bytes": 0, "undelivered": 0}
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = Slots(concurrency)
+        # Work the backend runs besides ours (a shared Dask cluster): counted as load.
+        self.occupancy: Callable[[], int] | None = None
         self._slots_used = 0  # tasks running plus open sessions: what the load reports
         self._in_flight = 0
         self._queued = 0
@@ -206,6 +209,7 @@ class TaskServer:
                 self._queued -= 1
             self._report()
         success = bool(result.get("success"))
+        record.backend_attempts = _backend_attempts(result)
         state = TaskState.COMPLETED if success else TaskState.FAILED
         self._end(record, state, None if success else result.get("error"))
         self.stats.tasks_served += 1
@@ -260,7 +264,20 @@ class TaskServer:
         record.finished_at = time.time()
 
     def _report(self) -> None:
-        self.node.report_load(self._slots_used, self._queued)
+        busy = self._slots_used
+        if self.occupancy is not None:
+            busy = max(busy, min(self.occupancy(), self.concurrency))
+        self.node.report_load(busy, self._queued)
+
+    def set_concurrency(self, concurrency: int) -> None:
+        """Run up to ``concurrency`` tasks at once from now on (a backend that scaled)."""
+        self.concurrency = max(1, concurrency)
+        self._slots.resize(self.concurrency)
+        self._report()
+
+    def refresh_load(self) -> None:
+        """Report the load again (the backend's occupancy changed)."""
+        self._report()
 
     def _give_back_slot(self) -> None:
         self._slots_used -= 1
@@ -350,6 +367,12 @@ def _session_op(request: TaskRequest) -> str | None:
         return None
     op = data.get("session_op", "run")
     return op if op in ("open", "run", "close") else "invalid"
+
+
+def _backend_attempts(result: dict[str, Any]) -> int | None:
+    """How many times the backend ran the task (a Dask retry after a lost worker)."""
+    attempts = result.get("backend_attempts")
+    return attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else None
 
 
 def _remaining(budget: float | None, since: float) -> float | None:

@@ -141,6 +141,7 @@ class WorkerProcess:
         self.proc = proc
         self.name = name
         self.peer_id = ""
+        self.fields: dict[str, str] = {}  # of its READY line
         self.capabilities: list[str] = []
         self.output: list[str] = []
         self.stderr_lines: list[str] = []
@@ -189,6 +190,7 @@ class WorkerProcess:
             await proc.wait()
             raise RuntimeError(f"{name} did not start: {text}{''.join(worker.stderr_lines)}")
         fields = dict(part.split("=", 1) for part in text.split()[1:])
+        worker.fields = fields
         worker.peer_id = fields["peer_id"]
         worker.capabilities = [c for c in fields["capabilities"].split(",") if c != "-"]
         worker._out_reader = asyncio.create_task(worker._read_stdout())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,8 @@ from swarm_notebook.workload.executors.code_generation import (
     CodeGenerationExecutor,
     list_models,
 )
+from swarm_notebook.workload.executors.dask_cluster import DaskCluster
+from swarm_notebook.workload.executors.dask_task import DaskTaskExecutor
 from swarm_notebook.workload.executors.file_analysis import FileAnalysisExecutor
 from swarm_notebook.workload.executors.git_operation import GitOperationExecutor
 from swarm_notebook.workload.messages import (
@@ -79,6 +81,10 @@ class ExecutorConfig:
     sandbox_default_timeout_s: float = 60.0
     sandbox_max_timeout_s: float = 600.0
     sandbox_session_idle_s: float = 1800.0  # a session unused this long ends
+    # Run python-computation on this Dask cluster ("tcp://host:8786" or "local:N") instead
+    # of sandboxes: unisolated, so only for delegators on the allowlist.
+    dask: str | None = None
+    dask_allow: frozenset[str] = frozenset()  # peer ids, besides the room's roster
 
 
 async def detect_capabilities(config: ExecutorConfig) -> list[str]:
@@ -101,16 +107,29 @@ async def detect_capabilities(config: ExecutorConfig) -> list[str]:
 
 
 def build_executors(
-    config: ExecutorConfig, capabilities: Iterable[str] | None = None
+    config: ExecutorConfig,
+    capabilities: Iterable[str] | None = None,
+    *,
+    allowed: Callable[[str], bool] | None = None,
 ) -> dict[str, Executor]:
     """Executors for the task types whose requirements are met.
 
     With ``capabilities`` (from :func:`detect_capabilities`) only those count; without,
     whatever the config enables. Sandbox children start on first use or ``await start()``.
+    ``allowed(peer_id)`` decides who a Dask-backed executor serves (default: the config's
+    ``dask_allow`` only).
     """
     caps = set(capabilities) if capabilities is not None else _configured(config)
     executors: dict[str, Executor] = {}
-    if PYTHON_EXECUTION in caps and config.python_execution:
+    if PYTHON_EXECUTION in caps and config.python_execution and config.dask:
+        listed = config.dask_allow
+        executors["python-computation"] = DaskTaskExecutor(
+            DaskCluster(config.dask),
+            allowed=allowed or (lambda peer: peer in listed),
+            default_timeout_s=config.sandbox_default_timeout_s,
+            max_timeout_s=config.sandbox_max_timeout_s,
+        )
+    elif PYTHON_EXECUTION in caps and config.python_execution:
         executors["python-computation"] = PythonSandboxPool(
             isolation=isolation_mode(config),
             size=config.sandbox_size,
@@ -131,12 +150,14 @@ def build_executors(
 
 
 def isolation_mode(config: ExecutorConfig) -> str:
-    return ISOLATION_NONE if config.unsafe_no_isolation else ISOLATION_BUBBLEWRAP
+    unisolated = config.unsafe_no_isolation or config.dask
+    return ISOLATION_NONE if unisolated else ISOLATION_BUBBLEWRAP
 
 
 async def check_isolation(config: ExecutorConfig) -> None:
-    """Refuse Python execution that bubblewrap cannot isolate, unless the owner opted out."""
-    if config.unsafe_no_isolation:
+    """Refuse Python execution that bubblewrap cannot isolate, unless the owner opted out
+    (or it runs on a Dask cluster, which never isolates and serves an allowlist only)."""
+    if config.unsafe_no_isolation or config.dask:
         return
     problem = await asyncio.to_thread(bubblewrap_problem)
     if problem is not None:

@@ -41,7 +41,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import msgspec
 
@@ -54,6 +55,16 @@ MAX_ERROR_CHARS = 2_000
 MAX_REPR_CHARS = 2_000
 COMPILED_CELLS_KEPT = 64
 PARENT_CHECK_INTERVAL_S = 1.0
+
+
+class LivePipe(Protocol):
+    """Where a task's output goes while it runs: this child's socket, or a Dask event."""
+
+    def begin(self, interval_s: float) -> None: ...
+
+    def put(self, stream: str, text: str) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 class OutputPipe:
@@ -123,7 +134,7 @@ class BoundedWriter(io.TextIOBase):
     note goes out at the end, so the live text and the final text are the same.
     """
 
-    def __init__(self, limit: int, stream: str = "stdout", pipe: OutputPipe | None = None) -> None:
+    def __init__(self, limit: int, stream: str = "stdout", pipe: LivePipe | None = None) -> None:
         self.limit = limit
         self.stream = stream
         self.pipe = pipe
@@ -188,7 +199,7 @@ def send_frame(sock: socket.socket, payload: bytes) -> None:
 class TaskRunner:
     """Runs one request dict and builds the response dict (inside the child)."""
 
-    def __init__(self, pipe: OutputPipe | None = None) -> None:
+    def __init__(self, pipe: LivePipe | None = None) -> None:
         from swarm_notebook.protocol import values
 
         self.values = values
@@ -292,7 +303,7 @@ class TaskRunner:
         namespace.update(inputs)
         value: Any = None
         try:
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            with self.capture(stdout, stderr):
                 exec(body, namespace)
                 if last is not None:
                     value = eval(last, namespace)
@@ -333,6 +344,14 @@ class TaskRunner:
                 }
         result["outputs"] = outputs
         return result
+
+
+    @contextlib.contextmanager
+    def capture(self, stdout: BoundedWriter, stderr: BoundedWriter) -> Iterator[None]:
+        """Send what the cell prints to ``stdout``/``stderr`` (this child runs one task at a
+        time, so swapping ``sys.stdout`` is enough; a threaded host overrides this)."""
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            yield
 
 
 def _importable(module: str) -> bool:
