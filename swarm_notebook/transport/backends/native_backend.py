@@ -1,0 +1,299 @@
+"""The ``native`` backend: libdatachannel (C++) through the ``libdatachannel-py`` bindings.
+
+libdatachannel calls back from its own threads. Rules this module keeps:
+
+* A native callback touches no asyncio object and no mesh state: it only hands its
+  arguments to the mesh's loop with ``loop.call_soon_threadsafe`` (the one thread-safe
+  entry into a loop). The single exception is setting a new channel's own callbacks,
+  which must happen before libdatachannel delivers anything on it.
+* Nothing calls into libdatachannel while holding a lock a callback needs: the callbacks
+  take none of ours, only the GIL, so close runs in a worker thread (never on the loop,
+  where the native side could wait on the loop's thread) and first detaches every
+  callback, then closes the channel, then the connection, and drops the last references
+  on the loop after that, never inside a native thread.
+* After :meth:`NativeBackend.close` starts, bridged events that were already queued are
+  discarded on the loop, so no callback reaches the mesh for a closed link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+import libdatachannel as ldc
+
+from swarm_notebook.transport.backends.base import (
+    BackendConfig,
+    ChannelEvents,
+    DataChannel,
+    PeerBackend,
+)
+from swarm_notebook.transport.ice_config import IceServer
+from swarm_notebook.transport.ice_path import Route
+
+log = logging.getLogger(__name__)
+
+# The package's stubs shadow this class with a stray ``import Description``: look it up
+# at run time so type checkers on 3.13 and 3.11 (no stubs) agree.
+Description: Any = vars(ldc)["Description"]
+
+NAME = "native"
+GATHER_TIMEOUT_S = 10.0
+
+_CANDIDATE_TYPES = {
+    ldc.Candidate.Type.Host: "host",
+    ldc.Candidate.Type.ServerReflexive: "srflx",
+    ldc.Candidate.Type.PeerReflexive: "prflx",
+    ldc.Candidate.Type.Relayed: "relay",
+}
+_TYP = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ (\S+)", re.MULTILINE)
+
+
+def version() -> str:
+    """The installed libdatachannel-py version (shown in benchmarks and stats)."""
+    from importlib.metadata import version as dist_version
+
+    return dist_version("libdatachannel-py")
+
+
+def native_ice_server(server: IceServer) -> ldc.IceServer:
+    """libdatachannel's form of one validated server (STUN or TURN over udp/tcp/tls)."""
+    if not server.is_turn:
+        return ldc.IceServer(server.host, server.port)
+    if server.scheme == "turns":
+        relay = ldc.IceServer.RelayType.TurnTls
+    elif server.transport == "tcp":
+        relay = ldc.IceServer.RelayType.TurnTcp
+    else:
+        relay = ldc.IceServer.RelayType.TurnUdp
+    return ldc.IceServer(
+        server.host, server.port, server.username or "", server.credential or "", relay
+    )
+
+
+def native_configuration(config: BackendConfig) -> ldc.Configuration:
+    """The connection settings; negotiation is driven by the mesh, never automatic."""
+    rtc = ldc.Configuration()
+    rtc.ice_servers = [native_ice_server(s) for s in config.ice_servers]
+    rtc.ice_transport_policy = (
+        ldc.TransportPolicy.Relay if config.relay_only else ldc.TransportPolicy.All
+    )
+    rtc.disable_auto_negotiation = True
+    hosts = config.host_addresses
+    if hosts is not None and len(hosts) == 1:
+        # libjuice binds one address; several are filtered from the SDP instead.
+        rtc.bind_address = hosts[0]
+    return rtc
+
+
+def restrict_sdp_hosts(sdp: str, hosts: list[str] | None) -> str:
+    """Drop host candidates on addresses not in ``hosts`` (``None`` keeps them all)."""
+    if hosts is None:
+        return sdp
+    kept = []
+    for line in sdp.splitlines():
+        match = _TYP.match(line)
+        if match and match.group(2) == "host" and match.group(1) not in hosts:
+            continue
+        kept.append(line)
+    return "\r\n".join(kept) + "\r\n"
+
+
+class _Bridge:
+    """Hands native-thread events to one loop; drops them once closed."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.closed = False
+
+    def wrap(self, handler: Callable[..., None]) -> Callable[..., None]:
+        def from_native(*args: Any) -> None:
+            try:
+                self.loop.call_soon_threadsafe(self._deliver, handler, args)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is left to tell
+
+        return from_native
+
+    def _deliver(self, handler: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if self.closed:
+            return
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("native transport callback failed")
+
+
+class NativeChannel(DataChannel):
+    """A libdatachannel ``DataChannel``; its callbacks are set at construction."""
+
+    def __init__(self, channel: ldc.DataChannel, bridge: _Bridge) -> None:
+        self.raw: ldc.DataChannel | None = channel
+        self.events = ChannelEvents()
+        self._label = channel.label()
+        # Forward through ``events`` at delivery time so the mesh may replace them later.
+        channel.on_open(bridge.wrap(lambda: self.events.on_open()))
+        channel.on_closed(bridge.wrap(lambda: self.events.on_close()))
+        channel.on_message(bridge.wrap(lambda data: self.events.on_message(data)))
+        channel.on_buffered_amount_low(bridge.wrap(lambda: self.events.on_buffered_low()))
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    @property
+    def is_open(self) -> bool:
+        return self.raw is not None and self.raw.is_open()
+
+    @property
+    def buffered_amount(self) -> int:
+        return 0 if self.raw is None else self.raw.buffered_amount()
+
+    def set_buffered_amount_low_threshold(self, threshold: int) -> None:
+        if self.raw is not None:
+            self.raw.set_buffered_amount_low_threshold(threshold)
+
+    def send(self, data: bytes | str) -> None:
+        if self.raw is not None:
+            self.raw.send(data)
+
+
+class NativeBackend(PeerBackend):
+    """One libdatachannel ``PeerConnection`` whose events arrive on the creating loop."""
+
+    name = NAME
+
+    def __init__(self, config: BackendConfig) -> None:
+        super().__init__()
+        self._hosts = config.host_addresses
+        self._bridge = _Bridge(asyncio.get_running_loop())
+        self._gathered = asyncio.Event()
+        self._channels: list[NativeChannel] = []
+        self._local_sdp: str | None = None
+        self._remote_sdp: str | None = None
+        self._closing: asyncio.Future[None] | None = None
+        self._retired: tuple[Any, ...] = ()
+        self._pc: ldc.PeerConnection | None = ldc.PeerConnection(native_configuration(config))
+        bridge = self._bridge
+        self._pc.on_state_change(bridge.wrap(self._state_changed))
+        self._pc.on_gathering_state_change(bridge.wrap(self._gathering_changed))
+        self._pc.on_data_channel(self._native_channel)
+
+    # Runs on a native thread: wrap the channel (so no message is missed) and pass it on.
+    # The list append is atomic under the GIL; it makes close() see this channel too.
+    def _native_channel(self, channel: ldc.DataChannel) -> None:
+        if self._bridge.closed:
+            channel.reset_callbacks()
+            return
+        wrapped = NativeChannel(channel, self._bridge)
+        self._channels.append(wrapped)
+        self._bridge.wrap(self.on_channel_arrived)(wrapped)
+
+    def on_channel_arrived(self, channel: NativeChannel) -> None:
+        self.on_channel(channel)
+
+    def _state_changed(self, state: ldc.PeerConnection.State) -> None:
+        if state in (ldc.PeerConnection.State.Failed, ldc.PeerConnection.State.Closed):
+            self.on_failed(state.name.lower())
+
+    def _gathering_changed(self, state: ldc.PeerConnection.GatheringState) -> None:
+        if state is ldc.PeerConnection.GatheringState.Complete:
+            self._gathered.set()
+
+    def _live(self) -> ldc.PeerConnection:
+        if self._pc is None:
+            raise RuntimeError("peer connection closed")
+        return self._pc
+
+    def create_channel(self, label: str) -> DataChannel:
+        channel = NativeChannel(self._live().create_data_channel(label), self._bridge)
+        self._channels.append(channel)
+        return channel
+
+    async def _local(self, kind: Description.Type) -> str:
+        pc = self._live()
+        pc.set_local_description(kind)
+        # Whole SDP, as aiortc sends it: wait until every candidate is in it.
+        await asyncio.wait_for(self._gathered.wait(), GATHER_TIMEOUT_S)
+        desc = self._live().local_description()
+        if desc is None:
+            raise RuntimeError("no local description after gathering")
+        self._local_sdp = restrict_sdp_hosts(str(desc), self._hosts)
+        return self._local_sdp
+
+    async def create_offer(self) -> str:
+        return await self._local(Description.Type.Offer)
+
+    async def create_answer(self) -> str:
+        return await self._local(Description.Type.Answer)
+
+    async def set_remote_description(self, sdp: str, kind: str) -> None:
+        types = {"offer": Description.Type.Offer, "answer": Description.Type.Answer}
+        self._live().set_remote_description(Description(sdp, types[kind]))
+        self._remote_sdp = sdp
+
+    async def add_ice_candidate(self, candidate: dict[str, Any]) -> None:
+        text = candidate.get("candidate")
+        if not isinstance(text, str) or not text:
+            return  # end-of-candidates marker
+        if not text.startswith("candidate:"):
+            text = "candidate:" + text
+        mid = candidate.get("sdpMid")
+        self._live().add_remote_candidate(ldc.Candidate(text, mid if isinstance(mid, str) else "0"))
+
+    @property
+    def local_sdp(self) -> str | None:
+        return self._local_sdp
+
+    @property
+    def remote_sdp(self) -> str | None:
+        return self._remote_sdp
+
+    def selected_route(self) -> Route | None:
+        if self._pc is None:
+            return None
+        local, remote = ldc.Candidate(), ldc.Candidate()
+        if not self._pc.get_selected_candidate_pair(local, remote):
+            return None
+        return Route(
+            local_type=_CANDIDATE_TYPES.get(local.type(), "host"),
+            remote_type=_CANDIDATE_TYPES.get(remote.type(), "host"),
+            local_address=f"{local.address()}:{local.port()}",
+            remote_address=f"{remote.address()}:{remote.port()}",
+        )
+
+    def gathered_types(self) -> set[str]:
+        return {typ for _, typ in _TYP.findall(self._local_sdp or "")}
+
+    async def close(self) -> None:
+        if self._closing is None:
+            self._bridge.closed = True
+            pc, channels = self._pc, [c.raw for c in self._channels]
+            self._pc = None
+            for channel in self._channels:
+                channel.raw = None
+            loop = asyncio.get_running_loop()
+            # Kept here so the last references drop on the loop, never on a native thread.
+            self._retired = (pc, channels)
+            self._closing = loop.run_in_executor(None, _close_native, pc, channels)
+        # shield: a cancelled close must still finish (and keep the references alive).
+        await asyncio.shield(self._closing)
+
+
+def _close_native(pc: ldc.PeerConnection | None, channels: list[ldc.DataChannel | None]) -> None:
+    """Worker thread: detach callbacks first, then close channels, then the connection."""
+    live = [c for c in channels if c is not None]
+    for channel in live:
+        channel.reset_callbacks()
+    if pc is not None:
+        pc.reset_callbacks()
+    for channel in live:
+        try:
+            channel.close()
+        except RuntimeError as exc:
+            log.debug("closing a native channel: %s", exc)
+    if pc is not None:
+        pc.close()
