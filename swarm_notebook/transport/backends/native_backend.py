@@ -6,11 +6,19 @@ libdatachannel calls back from its own threads. Rules this module keeps:
   arguments to the mesh's loop with ``loop.call_soon_threadsafe`` (the one thread-safe
   entry into a loop). The single exception is setting a new channel's own callbacks,
   which must happen before libdatachannel delivers anything on it.
-* Nothing calls into libdatachannel while holding a lock a callback needs: the callbacks
-  take none of ours, only the GIL, so close runs in a worker thread (never on the loop,
-  where the native side could wait on the loop's thread) and first detaches every
-  callback, then closes the channel, then the connection, and drops the last references
-  on the loop after that, never inside a native thread.
+* Nothing calls into libdatachannel while holding a lock a callback needs. Our callbacks
+  take only the GIL, but libdatachannel runs each one under its own callback mutex, and
+  ``reset_callbacks()`` (like setting a callback) waits for that mutex while the binding
+  keeps the GIL: a callback that is about to run then waits for the GIL forever (seen in
+  a close-under-traffic stress, and 2 in 14 runs before). So close never resets
+  callbacks: it only calls ``PeerConnection.close()`` (which releases the GIL and drops
+  libdatachannel's callbacks itself), in a worker thread so the loop never blocks, and
+  events still queued for the loop are discarded there. The last references are dropped
+  on the loop, never inside a native thread.
+* No call may wait for libdatachannel's worker pool while the binding holds the GIL (a
+  worker may be waiting for the GIL to run one of our callbacks): connections get a
+  ready-made certificate (``native_cert``) so ``set_local_description`` never waits for
+  one to be generated.
 * After :meth:`NativeBackend.close` starts, bridged events that were already queued are
   discarded on the loop, so no callback reaches the mesh for a closed link.
 """
@@ -31,6 +39,7 @@ from swarm_notebook.transport.backends.base import (
     DataChannel,
     PeerBackend,
 )
+from swarm_notebook.transport.backends.native_cert import pem_pair
 from swarm_notebook.transport.ice_config import IceServer
 from swarm_notebook.transport.ice_path import Route
 
@@ -82,6 +91,8 @@ def native_configuration(config: BackendConfig) -> ldc.Configuration:
         ldc.TransportPolicy.Relay if config.relay_only else ldc.TransportPolicy.All
     )
     rtc.disable_auto_negotiation = True
+    # PEM text, not file names: libdatachannel accepts both, and text keeps the key off disk.
+    rtc.certificate_pem_file, rtc.key_pem_file = pem_pair()
     hosts = config.host_addresses
     if hosts is not None and len(hosts) == 1:
         # libjuice binds one address; several are filtered from the SDP instead.
@@ -133,6 +144,7 @@ class NativeChannel(DataChannel):
     def __init__(self, channel: ldc.DataChannel, bridge: _Bridge) -> None:
         self.raw: ldc.DataChannel | None = channel
         self.events = ChannelEvents()
+        self.send_failures = 0
         self._label = channel.label()
         # Forward through ``events`` at delivery time so the mesh may replace them later.
         channel.on_open(bridge.wrap(lambda: self.events.on_open()))
@@ -157,8 +169,18 @@ class NativeChannel(DataChannel):
             self.raw.set_buffered_amount_low_threshold(threshold)
 
     def send(self, data: bytes | str) -> None:
-        if self.raw is not None:
+        # The channel closes on libdatachannel's threads, so "open" a moment ago may be
+        # closed now: such a send fails with RuntimeError. It is counted, not raised (the
+        # close event that follows fails the link, and whoever waits on it learns).
+        if self.raw is None:
+            self.send_failures += 1
+            return
+        try:
             self.raw.send(data)
+        except RuntimeError as exc:
+            self.send_failures += 1
+            if self.send_failures == 1:
+                log.debug("send on a closing native channel %s: %s", self._label, exc)
 
 
 class NativeBackend(PeerBackend):
@@ -186,8 +208,7 @@ class NativeBackend(PeerBackend):
     # The list append is atomic under the GIL; it makes close() see this channel too.
     def _native_channel(self, channel: ldc.DataChannel) -> None:
         if self._bridge.closed:
-            channel.reset_callbacks()
-            return
+            return  # closing: close() takes the channel down with the connection
         wrapped = NativeChannel(channel, self._bridge)
         self._channels.append(wrapped)
         self._bridge.wrap(self.on_channel_arrived)(wrapped)
@@ -284,16 +305,6 @@ class NativeBackend(PeerBackend):
 
 
 def _close_native(pc: ldc.PeerConnection | None, channels: list[ldc.DataChannel | None]) -> None:
-    """Worker thread: detach callbacks first, then close channels, then the connection."""
-    live = [c for c in channels if c is not None]
-    for channel in live:
-        channel.reset_callbacks()
-    if pc is not None:
-        pc.reset_callbacks()
-    for channel in live:
-        try:
-            channel.close()
-        except RuntimeError as exc:
-            log.debug("closing a native channel: %s", exc)
+    """Worker thread: close the connection (libdatachannel drops its callbacks itself)."""
     if pc is not None:
         pc.close()
