@@ -23,6 +23,7 @@ async def linked_pair(volley: int) -> tuple[NativeBackend, NativeBackend, list[i
     """Two connected backends whose channel bounces ``volley`` messages forever."""
     a, b = NativeBackend(CONFIG), NativeBackend(CONFIG)
     opened = asyncio.Event()
+    warm = asyncio.Event()  # 20 messages bounced: traffic is flowing
     bounced = [0]
     channel = a.create_channel("swarm")
     channel.events.on_open = opened.set
@@ -31,6 +32,8 @@ async def linked_pair(volley: int) -> tuple[NativeBackend, NativeBackend, list[i
     def on_channel(theirs: DataChannel) -> None:
         def echo(data: bytes | str) -> None:
             bounced[0] += 1
+            if bounced[0] >= 20:
+                warm.set()
             theirs.send(data)
 
         theirs.events.on_message = echo
@@ -41,6 +44,7 @@ async def linked_pair(volley: int) -> tuple[NativeBackend, NativeBackend, list[i
     await asyncio.wait_for(opened.wait(), 10)
     for _ in range(volley):
         channel.send(b"x" * 16_000)
+    await asyncio.wait_for(warm.wait(), 10)
     return a, b, bounced
 
 
@@ -48,9 +52,7 @@ async def main(rounds: int) -> dict[str, object]:
     background = [await linked_pair(8) for _ in range(2)]
     closed_mid_traffic = 0
     for i in range(rounds):
-        a, b, bounced = await linked_pair(4)
-        while bounced[0] < 20:
-            await asyncio.sleep(0.001)
+        a, b, _ = await linked_pair(4)
         assert a.selected_route() is not None and "host" in a.gathered_types()
         if i % 2:
             await asyncio.gather(a.close(), b.close())
