@@ -121,6 +121,9 @@ class MeshConfig:
     # host candidates: give it this long, then dial again, instead of holding the link.
     host_only_connect_timeout_s: float = 3.0
     frame_size: int = DEFAULT_FRAME_SIZE
+    # A backend that negotiates message sizes (native) sends frames up to the peer's
+    # advertised max-message-size, at most this: fewer frames, less Python per byte.
+    max_frame_size: int = 256 * 1024
     max_message_bytes: int = 128 * 1024 * 1024
     reassembly: ReassemblyLimits = field(default_factory=ReassemblyLimits)
     buffer_high_water: int = 1024 * 1024
@@ -173,6 +176,7 @@ class _Link:
     ice_servers: tuple[IceServer, ...] = ()
     host_only: bool = False
     remote_backend: str | None = None  # what the peer said in its hello (older peers: None)
+    frame_size: int = DEFAULT_FRAME_SIZE  # this link's, set when the channel opens
 
 
 @dataclass
@@ -370,7 +374,7 @@ class MeshTransport(Transport):
         ):
             return None
         payload = encode_envelope(envelope)
-        if len(payload) + 1 > self.config.frame_size:
+        if len(payload) + 1 > link.frame_size:
             return None
         channel.send(bytes((WHOLE,)) + payload)
         self.counters["frames_out"] += 1
@@ -381,13 +385,13 @@ class MeshTransport(Transport):
 
     async def _send_payload(self, link: _Link, payload: bytes, envelope: Envelope) -> None:
         transfer_id = next(self._transfer_ids)
-        if len(payload) + 1 > self.config.frame_size:  # chunked: a refusal names its transfer
+        if len(payload) + 1 > link.frame_size:  # chunked: a refusal names its transfer
             link.sent[transfer_id] = (envelope.type, envelope.id, envelope.reply_to)
             while len(link.sent) > MAX_REMEMBERED_SENDS:
                 link.sent.popitem(last=False)
         link.sending.add(transfer_id)
         try:
-            for frame in frame_message(payload, transfer_id, self.config.frame_size):
+            for frame in frame_message(payload, transfer_id, link.frame_size):
                 if transfer_id in link.aborted:
                     return  # the receiver refused it: the rest would only be dropped there
                 channel = link.channel
@@ -415,7 +419,7 @@ class MeshTransport(Transport):
             return
         env = Envelope(v=PROTOCOL_VERSION, type=type_, id=uuid.uuid4().hex, body=body)
         payload = encode_envelope(env)
-        for frame in frame_message(payload, next(self._transfer_ids), self.config.frame_size):
+        for frame in frame_message(payload, next(self._transfer_ids), link.frame_size):
             channel.send(frame)
             self.counters["frames_out"] += 1
             self.counters["bytes_out"] += len(frame)
@@ -545,6 +549,7 @@ class MeshTransport(Transport):
             reassembler=Reassembler(self.config.reassembly, self._reassembly_pool),
             created=self._clock(),
             ice_servers=tuple(servers),
+            frame_size=self.config.frame_size,
         )
         link.writable.set()
 
@@ -676,6 +681,10 @@ class MeshTransport(Transport):
             return
         link.state = LinkState.AUTHENTICATING
         link.last_seen = self._clock()
+        limit = link.pc.max_frame_bytes()
+        link.frame_size = (
+            self.config.frame_size if limit is None else min(limit, self.config.max_frame_size)
+        )
         self._send_control(
             link,
             "link.hello",

@@ -101,6 +101,11 @@ class PeerBackend(abc.ABC):
     @abc.abstractmethod
     def remote_sdp(self) -> str | None: ...
 
+    def max_frame_bytes(self) -> int | None:
+        """Largest message this link may send, once the remote SDP is known; ``None``:
+        the mesh's configured frame size (aiortc, which caps messages at 64 KiB)."""
+        return None
+
     @abc.abstractmethod
     def selected_route(self) -> Route | None:
         """The nominated candidate pair, ``None`` until there is one."""
