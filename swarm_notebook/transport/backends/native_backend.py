@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 Description: Any = vars(ldc)["Description"]
 
 NAME = "native"
-GATHER_TIMEOUT_S = 10.0
+GATHER_TIMEOUT_S = 5.0
 
 _CANDIDATE_TYPES = {
     ldc.Candidate.Type.Host: "host",
@@ -257,8 +257,13 @@ class NativeBackend(PeerBackend):
     async def _local(self, kind: Description.Type) -> str:
         pc = self._live()
         pc.set_local_description(kind)
-        # Whole SDP, as aiortc sends it: wait until every candidate is in it.
-        await asyncio.wait_for(self._gathered.wait(), GATHER_TIMEOUT_S)
+        # Whole SDP, as aiortc sends it: wait until every candidate is in it, but not for
+        # a STUN/TURN server that does not answer: then send what was gathered (the mesh
+        # sees which types are missing and moves on to the next server).
+        try:
+            await asyncio.wait_for(self._gathered.wait(), GATHER_TIMEOUT_S)
+        except TimeoutError:
+            log.info("ICE gathering unfinished after %g s; sending what it found", GATHER_TIMEOUT_S)
         desc = self._live().local_description()
         if desc is None:
             raise RuntimeError("no local description after gathering")
