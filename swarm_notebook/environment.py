@@ -29,6 +29,9 @@ Readers import the names from here; nothing else spells them out.
 ``SWARM_NOTEBOOK_CA_FILE``
     PEM certificate to trust for a ``wss://`` signaling server, e.g. its self-signed one
     (read by ``join()``, ``%swarm join`` and workers; default: the system's authorities).
+``SWARM_NOTEBOOK_TRANSPORT_BACKEND``
+    ``aiortc`` (default) or ``native`` (libdatachannel, the ``swarm_notebook[native]``
+    extra on Python >= 3.13): which WebRTC library makes this peer's links.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ ICE_POLICY = "SWARM_NOTEBOOK_ICE_POLICY"
 TURN_SECRET = "SWARM_NOTEBOOK_TURN_SECRET"
 ROSTER_OWNER = "SWARM_NOTEBOOK_ROSTER_OWNER"
 CA_FILE = "SWARM_NOTEBOOK_CA_FILE"
+TRANSPORT_BACKEND = "SWARM_NOTEBOOK_TRANSPORT_BACKEND"
 
 # Not ours: Jupyter sets it in a kernel to the notebook's path; it names notebook peers.
 JUPYTER_SESSION_NAME = "JPY_SESSION_NAME"
@@ -65,4 +69,5 @@ ALL = (
     TURN_SECRET,
     ROSTER_OWNER,
     CA_FILE,
+    TRANSPORT_BACKEND,
 )

@@ -114,6 +114,10 @@ class IceConfigError(UsageError, ValueError):
     """An ICE server list or policy that cannot be used (bad URL, TURN without credentials)."""
 
 
+class TransportBackendError(UsageError, ValueError):
+    """A transport backend that is unknown or not installed (``native`` needs its extra)."""
+
+
 class IdentityError(SwarmError):
     """A key file or peer id that cannot be used."""
 

@@ -86,6 +86,9 @@ class Reason(StrEnum):
     BAD_ICE_CONFIG = "bad-ice-config"
     TURN_REFUSED = "turn-refused"  # the TURN server rejected our credentials
     ICE_UNREACHABLE = "ice-unreachable"  # a STUN / TURN server did not answer
+    # -- transport backends ------------------------------------------------------------
+    BAD_TRANSPORT_BACKEND = "bad-transport-backend"  # not a backend name
+    BACKEND_UNAVAILABLE = "backend-unavailable"  # its library is not installed here
     # -- identity and membership -------------------------------------------------------
     BAD_ID = "bad-id"
     BAD_KEY = "bad-key"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import builtins
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 from collections.abc import Iterator
@@ -45,9 +46,15 @@ BUILTIN_EXCEPTIONS = {
 }
 
 
+# Modules that need an optional extra, and the library it brings (checked where installed).
+OPTIONAL = {"swarm_notebook.transport.backends.native_backend": "libdatachannel"}
+
+
 def all_modules() -> list[str]:
     names = [swarm_notebook.__name__]
     for info in pkgutil.walk_packages(swarm_notebook.__path__, swarm_notebook.__name__ + "."):
+        if info.name in OPTIONAL and importlib.util.find_spec(OPTIONAL[info.name]) is None:
+            continue
         names.append(info.name)
     return names
 

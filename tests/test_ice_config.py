@@ -15,6 +15,7 @@ import swarm_notebook
 import swarm_notebook.environment as environment
 from swarm_notebook.errors import IceConfigError, UsageError
 from swarm_notebook.reasons import Reason
+from swarm_notebook.transport.backends.aiortc_backend import rtc_configuration
 from swarm_notebook.transport.ice_config import (
     IceServer,
     parse_servers,
@@ -119,9 +120,9 @@ def test_cli_flags_give_the_credentials_to_turn_urls_only() -> None:
 
 
 def test_rtc_configuration_is_explicit_and_carries_the_policy() -> None:
-    empty = MeshConfig().rtc_configuration()
+    empty = rtc_configuration(MeshConfig().backend_config())
     assert empty.iceServers == []  # never aiortc's default public STUN server
-    relay = MeshConfig(ice_servers=[TURN], ice_policy="relay").rtc_configuration()
+    relay = rtc_configuration(MeshConfig(ice_servers=[TURN], ice_policy="relay").backend_config())
     assert relay.iceTransportPolicy is RTCIceTransportPolicy.RELAY
     assert relay.iceServers is not None and relay.iceServers[0].username == "u"
 

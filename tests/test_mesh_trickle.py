@@ -20,6 +20,20 @@ from swarm_notebook.transport.factory import mesh_transport
 pytestmark = pytest.mark.timeout(60)
 
 
+def remote_host_candidates(pc: Any) -> set[tuple[str, int]]:
+    """(address, port) of the host candidates the offerer's ICE agent holds for the peer."""
+    if pc.name == "aiortc":
+        ice = pc.raw.sctp.transport.transport
+        return {(c.ip, c.port) for c in ice.getRemoteCandidates() if c.type == "host"}
+    # libdatachannel adds each remote candidate to its copy of the remote description.
+    found = set()
+    for line in str(pc._pc.remote_description()).splitlines():
+        fields = line.split()
+        if line.startswith("a=candidate:") and fields[7] == "host":
+            found.add((fields[4], int(fields[5])))
+    return found
+
+
 async def test_early_trickled_candidates_are_queued_and_used() -> None:
     server = SignalingServer(SignalingConfig(port=0))
     await server.start()
@@ -63,8 +77,7 @@ async def test_early_trickled_candidates_are_queued_and_used() -> None:
         # ICE alone could still connect through peer-reflexive candidates learnt from the
         # answerer's checks; what proves the queue is that the trickled host candidates
         # themselves reached the offerer's ICE agent.
-        ice = offerer._links[answerer_id.peer_id].pc.sctp.transport.transport
-        remote = {(c.ip, c.port) for c in ice.getRemoteCandidates() if c.type == "host"}
+        remote = remote_host_candidates(offerer._links[answerer_id.peer_id].pc)
         trickled = {
             (fields[4], int(fields[5]))
             for fields in (s["candidate"]["candidate"].split() for s in sent_early)

@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol, cast
 import numpy as np
 import psutil
 
+import swarm_notebook.environment as environment
 from swarm_notebook.errors import LeftoverProcessesError, MetricError
 
 Bound = Literal["<=", ">="]
@@ -367,6 +368,8 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "aiortc": _version("aiortc"),
+        "libdatachannel-py": _version("libdatachannel-py"),
+        "transport_backend": os.environ.get(environment.TRANSPORT_BACKEND) or "aiortc",
         "ipyparallel": _version("ipyparallel"),
         "dask": _version("dask"),
     }

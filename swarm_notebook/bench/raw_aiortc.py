@@ -22,6 +22,7 @@ from swarm_notebook.bench.framework import ProgressTask, Suite, SuiteContext
 from swarm_notebook.bench.raw_peer import MAX_LINE_BYTES, RawConfig
 from swarm_notebook.errors import BenchError
 from swarm_notebook.reasons import Reason
+from swarm_notebook.transport.backends.select import backend_name
 
 __all__ = ["RawConfig", "measure_raw", "raw_suite"]
 
@@ -40,10 +41,12 @@ class _Child:
 
     @classmethod
     async def spawn(cls, role: str, config: RawConfig) -> _Child:
+        # aiortc keeps its own bare peer; other backends run the backend-generic one.
+        module = "raw_peer" if backend_name() == "aiortc" else "raw_backend_peer"
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "swarm_notebook.bench.raw_peer",
+            f"swarm_notebook.bench.{module}",
             role,
             config.to_json(),
             stdin=asyncio.subprocess.PIPE,
@@ -182,5 +185,5 @@ def raw_suite(config: RawConfig | None = None) -> Suite:
         run,
         timeout_s=300.0,
         quick_timeout_s=90.0,
-        description="two bare aiortc peers in two processes",
+        description="two bare peers of the transport backend in two processes",
     )

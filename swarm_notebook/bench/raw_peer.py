@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
@@ -374,12 +374,21 @@ async def run_offerer(config: RawConfig) -> None:
         await measure(Offerer(config, reader), config)
 
 
-async def measure(offerer: Offerer, config: RawConfig) -> None:
+class MeasuredOfferer(Protocol):
+    """What :func:`measure` drives (this module's ``Offerer``, or another backend's)."""
+
+    async def connect(self) -> tuple[Any, float]: ...
+    async def close(self, link: Any) -> None: ...
+    async def round_trip_ms(self, link: Any, payload: bytes) -> float: ...
+    async def push_and_ack_s(self, link: Any, chunks: Iterator[bytes], total: int) -> float: ...
+
+
+async def measure(offerer: MeasuredOfferer, config: RawConfig) -> None:
     # A first connection warms imports and code paths; it is not a sample.
     warm, _ = await offerer.connect()
     await offerer.close(warm)
     connect_ms: list[float] = []
-    link: Link | None = None
+    link: Any = None
     for i in range(config.connect_samples):
         link, elapsed = await offerer.connect()
         connect_ms.append(elapsed)

@@ -484,6 +484,8 @@ class SwarmCoordinator:
                     "local_candidate": link.local_candidate if link else None,
                     "remote_candidate": link.remote_candidate if link else None,
                     "ice_server": link.ice_server if link else None,
+                    # The peer's WebRTC library ("aiortc", "native"): a mixed room shows here.
+                    "transport_backend": link.backend if link else None,
                     "bytes_in": link.bytes_in if link else 0,
                     "bytes_out": link.bytes_out if link else 0,
                     "isolation": (view.card.isolation or None) if view.card else None,
@@ -503,6 +505,7 @@ class SwarmCoordinator:
             "backend": self.backend,
             "dask": dask.stats() if (dask := self._dask()) is not None else None,
             "environment": dict(self.environment),
+            "transport_backend": getattr(self.node.transport, "backend", None),
             "peers": peers,
             "total_tasks": s.total_tasks,
             "tasks_completed": s.tasks_completed,

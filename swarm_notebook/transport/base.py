@@ -34,6 +34,8 @@ class PeerLinkInfo:
     remote_candidate: str | None = None
     route: str | None = None
     ice_server: str | None = None
+    # The WebRTC library the peer's end of the link runs ("aiortc", "native"), from its hello.
+    backend: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Full-mesh peer links over aiortc data channels.
+"""Full-mesh peer links over WebRTC data channels (aiortc, or libdatachannel: ``backends``).
 
 Rules this module keeps (each one avoids a known way WebRTC meshes fail):
 
@@ -11,11 +11,13 @@ Rules this module keeps (each one avoids a known way WebRTC meshes fail):
 * A refused message is reported to its sender (``link.reject`` naming the transfer or the
   message id), which stops sending it and fails the request at once with the reason.
 * Liveness comes from our own heartbeats: aiortc's consent check takes ~30 s.
-* A dead link is replaced by a new ``RTCPeerConnection`` (aiortc has no ICE restart) while
+* A dead link is replaced by a new peer connection (aiortc has no ICE restart) while
   both peers remain in the room; the offerer re-dials, the answerer asks it to.
 * Links do not depend on the signaling socket: when the server goes away, they stay up.
 * aiortc delivers ``message`` events synchronously inside its DTLS loop, where an
   exception would close the whole connection, so the inbound path never raises.
+* Backends differ only behind ``backends.base``: peers on aiortc and on libdatachannel
+  share a room (the SDP, the channel and what travels on it are the same).
 """
 
 from __future__ import annotations
@@ -31,16 +33,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-from aiortc import (
-    RTCConfiguration,
-    RTCDataChannel,
-    RTCIceServer,
-    RTCIceTransportPolicy,
-    RTCPeerConnection,
-    RTCSessionDescription,
-)
-from aiortc.sdp import candidate_from_sdp
 
 from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook.errors import IceConfigError, PeerUnavailable, ProtocolError
@@ -63,6 +55,8 @@ from swarm_notebook.protocol.framing import (
 )
 from swarm_notebook.reasons import Reason, is_reason
 from swarm_notebook.transport import link_auth
+from swarm_notebook.transport.backends.base import BackendConfig, DataChannel, PeerBackend
+from swarm_notebook.transport.backends.select import backend_factory, backend_name, prepare
 from swarm_notebook.transport.base import (
     LinkState,
     OncePerKey,
@@ -73,8 +67,8 @@ from swarm_notebook.transport.base import (
     TransportCallbacks,
 )
 from swarm_notebook.transport.ice_config import IceServer, parse_servers
-from swarm_notebook.transport.ice_hosts import host_addresses_from_env, restrict_host_candidates
-from swarm_notebook.transport.ice_path import ServerChoice, gathered_types, selected_route
+from swarm_notebook.transport.ice_hosts import host_addresses_from_env
+from swarm_notebook.transport.ice_path import ServerChoice
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +121,9 @@ class MeshConfig:
     # host candidates: give it this long, then dial again, instead of holding the link.
     host_only_connect_timeout_s: float = 3.0
     frame_size: int = DEFAULT_FRAME_SIZE
+    # A backend that negotiates message sizes (native) sends frames up to the peer's
+    # advertised max-message-size, at most this: fewer frames, less Python per byte.
+    max_frame_size: int = 256 * 1024
     max_message_bytes: int = 128 * 1024 * 1024
     reassembly: ReassemblyLimits = field(default_factory=ReassemblyLimits)
     buffer_high_water: int = 1024 * 1024
@@ -137,20 +134,17 @@ class MeshConfig:
     # ICE host candidates: None offers every interface; ["127.0.0.1"] keeps peers that
     # share one machine on loopback. Defaults to $SWARM_NOTEBOOK_ICE_HOSTS.
     host_addresses: list[str] | None = field(default_factory=host_addresses_from_env)
+    # "aiortc" or "native" (libdatachannel); None: $SWARM_NOTEBOOK_TRANSPORT_BACKEND, then
+    # aiortc. See ``backends.select``.
+    backend: str | None = None
 
-    def rtc_configuration(self, servers: list[IceServer] | None = None) -> RTCConfiguration:
-        # Always an explicit list: with None, aiortc contacts a public STUN server.
+    def backend_config(self, servers: list[IceServer] | None = None) -> BackendConfig:
+        """What a new peer connection gets: these servers (default: the configured ones)."""
         chosen = servers if servers is not None else list(parse_servers(self.ice_servers or []))
-        return RTCConfiguration(
-            iceServers=[
-                RTCIceServer(urls=s.url, username=s.username, credential=s.credential)
-                for s in chosen
-            ],
-            iceTransportPolicy=(
-                RTCIceTransportPolicy.RELAY
-                if self.ice_policy == "relay"
-                else RTCIceTransportPolicy.ALL
-            ),
+        return BackendConfig(
+            ice_servers=chosen,
+            relay_only=self.ice_policy == "relay",
+            host_addresses=self.host_addresses,
         )
 
 
@@ -159,10 +153,10 @@ class _Link:
     peer_id: str
     offerer: bool
     session: str
-    pc: RTCPeerConnection
+    pc: PeerBackend
     reassembler: Reassembler
     created: float
-    channel: RTCDataChannel | None = None
+    channel: DataChannel | None = None
     state: LinkState = LinkState.CONNECTING
     local_nonce: str = field(default_factory=lambda: secrets.token_hex(16))
     remote_nonce: str | None = None
@@ -181,6 +175,8 @@ class _Link:
     bytes_out: int = 0
     ice_servers: tuple[IceServer, ...] = ()
     host_only: bool = False
+    remote_backend: str | None = None  # what the peer said in its hello (older peers: None)
+    frame_size: int = DEFAULT_FRAME_SIZE  # this link's, set when the channel opens
 
 
 @dataclass
@@ -190,9 +186,11 @@ class _Redial:
 
 
 class MeshTransport(Transport):
-    """Authenticated aiortc links to every other peer in a signaling room.
+    """Authenticated WebRTC links to every other peer in a signaling room.
 
-    Runs entirely on one event loop (aiortc objects are bound to the loop that made them).
+    Runs entirely on one event loop (aiortc objects are bound to the loop that made them;
+    the native backend bridges its threads into it). An unknown or uninstalled backend
+    is a ``TransportBackendError`` here, before anything connects.
     """
 
     def __init__(
@@ -205,6 +203,8 @@ class MeshTransport(Transport):
         self.identity = identity
         self.local_id = identity.peer_id
         self.config = config or MeshConfig()
+        self.backend = backend_name(self.config.backend)
+        self._make_backend = backend_factory(self.backend)
         self.callbacks = TransportCallbacks()
         self.rejections = RejectionCounter()
         self._clock = clock
@@ -242,8 +242,7 @@ class MeshTransport(Transport):
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.config.host_addresses is not None:
-            restrict_host_candidates(self.config.host_addresses)
+        prepare(self.backend, self.config.host_addresses)
         await self._signaling.start()
         self._tasks.spawn(self._maintenance_loop(), name="mesh-maintenance")
         self._tasks.spawn(self._heartbeat_loop(), name="mesh-heartbeat")
@@ -285,6 +284,7 @@ class MeshTransport(Transport):
                     dials=self._redial.get(peer, _Redial()).attempts,
                     bytes_in=link.bytes_in if link else 0,
                     bytes_out=link.bytes_out if link else 0,
+                    backend=link.remote_backend if link else None,
                     **(self._route(link) if link is not None else {}),
                 )
             )
@@ -293,7 +293,7 @@ class MeshTransport(Transport):
     def _route(self, link: _Link) -> dict[str, Any]:
         if link.state is not LinkState.CONNECTED:
             return {}
-        route = selected_route(link.pc)
+        route = link.pc.selected_route()
         if route is None:
             return {}
         # Our relay came from our TURN server; a NAT-mapped route from our STUN server
@@ -339,6 +339,7 @@ class MeshTransport(Transport):
 
     def stats(self) -> dict[str, object]:
         return {
+            "backend": self.backend,
             "rejections": dict(self.rejections.by_reason),
             "signaling_connected": self.signaling_connected,
             "reassembly_pending_bytes": self._reassembly_pool.pending_bytes,
@@ -368,12 +369,12 @@ class MeshTransport(Transport):
             link is None
             or link.state is not LinkState.CONNECTED
             or channel is None
-            or channel.readyState != "open"
-            or channel.bufferedAmount > self.config.buffer_high_water
+            or not channel.is_open
+            or channel.buffered_amount > self.config.buffer_high_water
         ):
             return None
         payload = encode_envelope(envelope)
-        if len(payload) + 1 > self.config.frame_size:
+        if len(payload) + 1 > link.frame_size:
             return None
         channel.send(bytes((WHOLE,)) + payload)
         self.counters["frames_out"] += 1
@@ -384,24 +385,24 @@ class MeshTransport(Transport):
 
     async def _send_payload(self, link: _Link, payload: bytes, envelope: Envelope) -> None:
         transfer_id = next(self._transfer_ids)
-        if len(payload) + 1 > self.config.frame_size:  # chunked: a refusal names its transfer
+        if len(payload) + 1 > link.frame_size:  # chunked: a refusal names its transfer
             link.sent[transfer_id] = (envelope.type, envelope.id, envelope.reply_to)
             while len(link.sent) > MAX_REMEMBERED_SENDS:
                 link.sent.popitem(last=False)
         link.sending.add(transfer_id)
         try:
-            for frame in frame_message(payload, transfer_id, self.config.frame_size):
+            for frame in frame_message(payload, transfer_id, link.frame_size):
                 if transfer_id in link.aborted:
                     return  # the receiver refused it: the rest would only be dropped there
                 channel = link.channel
-                if channel is None or channel.readyState != "open":
+                if channel is None or not channel.is_open:
                     raise PeerUnavailable(f"link to {link.peer_id[:16]} closed while sending")
-                while channel.bufferedAmount > self.config.buffer_high_water:
+                while channel.buffered_amount > self.config.buffer_high_water:
                     link.writable.clear()
                     try:
                         await asyncio.wait_for(link.writable.wait(), self.config.peer_timeout_s)
                     except TimeoutError:
-                        if link.state is LinkState.GONE or channel.readyState != "open":
+                        if link.state is LinkState.GONE or not channel.is_open:
                             raise PeerUnavailable(f"link to {link.peer_id[:16]} lost") from None
                 channel.send(frame)
                 self.counters["frames_out"] += 1
@@ -414,11 +415,11 @@ class MeshTransport(Transport):
     def _send_control(self, link: _Link, type_: str, body: dict[str, Any]) -> None:
         """Fire a small link-level message; control messages never wait on back-pressure."""
         channel = link.channel
-        if channel is None or channel.readyState != "open":
+        if channel is None or not channel.is_open:
             return
         env = Envelope(v=PROTOCOL_VERSION, type=type_, id=uuid.uuid4().hex, body=body)
         payload = encode_envelope(env)
-        for frame in frame_message(payload, next(self._transfer_ids), self.config.frame_size):
+        for frame in frame_message(payload, next(self._transfer_ids), link.frame_size):
             channel.send(frame)
             self.counters["frames_out"] += 1
             self.counters["bytes_out"] += len(frame)
@@ -539,7 +540,7 @@ class MeshTransport(Transport):
 
     def _new_link(self, peer_id: str, offerer: bool, session: str) -> _Link:
         servers = self._servers.for_new_link()
-        pc = RTCPeerConnection(self.config.rtc_configuration(servers))
+        pc = self._make_backend(self.config.backend_config(servers))
         link = _Link(
             peer_id=peer_id,
             offerer=offerer,
@@ -548,13 +549,15 @@ class MeshTransport(Transport):
             reassembler=Reassembler(self.config.reassembly, self._reassembly_pool),
             created=self._clock(),
             ice_servers=tuple(servers),
+            frame_size=self.config.frame_size,
         )
         link.writable.set()
 
-        @pc.on("connectionstatechange")
-        def _state_changed() -> None:
-            if pc.connectionState in ("failed", "closed") and self._links.get(peer_id) is link:
-                self._fail_link(link, f"connection {pc.connectionState}")
+        def _failed(state: str) -> None:
+            if self._links.get(peer_id) is link:
+                self._fail_link(link, f"connection {state}")
+
+        pc.on_failed = _failed
 
         old = self._links.get(peer_id)
         if old is not None:
@@ -569,13 +572,12 @@ class MeshTransport(Transport):
                 return
             self.counters["dials"] += 1
             link = self._new_link(peer_id, offerer=True, session=uuid.uuid4().hex)
-            self._attach_channel(link, link.pc.createDataChannel("swarm", ordered=True))
-            await link.pc.setLocalDescription(await link.pc.createOffer())
+            self._attach_channel(link, link.pc.create_channel("swarm"))
+            sdp = await link.pc.create_offer()
             self._gathered(link)
             try:
                 await self._signaling.send_signal(
-                    peer_id,
-                    {"kind": "offer", "session": link.session, "sdp": link.pc.localDescription.sdp},
+                    peer_id, {"kind": "offer", "session": link.session, "sdp": sdp}
                 )
             except Exception as exc:
                 self._fail_link(link, f"offer not sent: {exc}")
@@ -591,19 +593,19 @@ class MeshTransport(Transport):
         link = self._new_link(peer_id, offerer=False, session=session)
         pc = link.pc
 
-        @pc.on("datachannel")
-        def _on_channel(channel: RTCDataChannel) -> None:
+        def _on_channel(channel: DataChannel) -> None:
             if channel.label == "swarm" and link.channel is None:
                 self._attach_channel(link, channel)
-                if channel.readyState == "open":
+                if channel.is_open:
                     self._channel_open(link)
 
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        pc.on_channel = _on_channel
+        await pc.set_remote_description(sdp, "offer")
         await self._flush_candidates(link)
-        await pc.setLocalDescription(await pc.createAnswer())
+        answer = await pc.create_answer()
         self._gathered(link)
         await self._signaling.send_signal(
-            peer_id, {"kind": "answer", "session": session, "sdp": pc.localDescription.sdp}
+            peer_id, {"kind": "answer", "session": session, "sdp": answer}
         )
 
     def _connect_timeout(self, link: _Link) -> float:
@@ -620,7 +622,7 @@ class MeshTransport(Transport):
         """
         if not link.ice_servers:
             return
-        types = gathered_types(link.pc)
+        types = link.pc.gathered_types()
         self._servers.failed(link.ice_servers, types)
         if types <= {"host"}:
             link.host_only = True
@@ -632,9 +634,9 @@ class MeshTransport(Transport):
         if link is None or link.session != session or not link.offerer:
             self.rejections.count("stale-answer")
             return
-        if link.pc.remoteDescription is not None:
+        if link.pc.remote_sdp is not None:
             return
-        await link.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+        await link.pc.set_remote_description(sdp, "answer")
         await self._flush_candidates(link)
 
     async def _accept_candidate(self, peer_id: str, session: str, candidate: Any) -> None:
@@ -642,7 +644,7 @@ class MeshTransport(Transport):
         if link is None or link.session != session or not isinstance(candidate, dict):
             self.rejections.count("stale-candidate")
             return
-        if link.pc.remoteDescription is None:
+        if link.pc.remote_sdp is None:
             if len(link.pending_candidates) >= MAX_PENDING_CANDIDATES:
                 self.rejections.count("too-many-candidates")
                 return
@@ -656,54 +658,50 @@ class MeshTransport(Transport):
             await self._add_candidate(link, candidate)
 
     async def _add_candidate(self, link: _Link, candidate: dict[str, Any]) -> None:
-        text = candidate.get("candidate")
-        if not isinstance(text, str) or not text:
-            return  # end-of-candidates marker
-        ice = candidate_from_sdp(text.removeprefix("candidate:"))
-        ice.sdpMid = candidate.get("sdpMid")
-        ice.sdpMLineIndex = candidate.get("sdpMLineIndex")
-        await link.pc.addIceCandidate(ice)
+        await link.pc.add_ice_candidate(candidate)
 
     # -- channel and authentication ------------------------------------------------------
 
-    def _attach_channel(self, link: _Link, channel: RTCDataChannel) -> None:
+    def _attach_channel(self, link: _Link, channel: DataChannel) -> None:
         link.channel = channel
-        channel.bufferedAmountLowThreshold = self.config.buffer_low_water
+        channel.set_buffered_amount_low_threshold(self.config.buffer_low_water)
 
-        @channel.on("open")
-        def _opened() -> None:
-            self._channel_open(link)
-
-        @channel.on("message")
-        def _message(data: bytes | str) -> None:
-            self._on_frame(link, data)
-
-        @channel.on("bufferedamountlow")
-        def _low() -> None:
-            link.writable.set()
-
-        @channel.on("close")
         def _closed() -> None:
             if self._links.get(link.peer_id) is link:
                 self._fail_link(link, "data channel closed")
+
+        events = channel.events
+        events.on_open = lambda: self._channel_open(link)
+        events.on_message = lambda data: self._on_frame(link, data)
+        events.on_buffered_low = link.writable.set
+        events.on_close = _closed
 
     def _channel_open(self, link: _Link) -> None:
         if link.state is not LinkState.CONNECTING:
             return
         link.state = LinkState.AUTHENTICATING
         link.last_seen = self._clock()
+        limit = link.pc.max_frame_bytes()
+        link.frame_size = (
+            self.config.frame_size if limit is None else min(limit, self.config.max_frame_size)
+        )
         self._send_control(
             link,
             "link.hello",
-            {"peer_id": self.local_id, "nonce": link.local_nonce, "session": link.session},
+            {
+                "peer_id": self.local_id,
+                "nonce": link.local_nonce,
+                "session": link.session,
+                "backend": self.backend,
+            },
         )
         self._maybe_send_auth(link)
 
     def _transcript(self, link: _Link) -> bytes | None:
-        local, remote = link.pc.localDescription, link.pc.remoteDescription
+        local, remote = link.pc.local_sdp, link.pc.remote_sdp
         if link.remote_nonce is None or local is None or remote is None:
             return None
-        offer_sdp, answer_sdp = (local.sdp, remote.sdp) if link.offerer else (remote.sdp, local.sdp)
+        offer_sdp, answer_sdp = (local, remote) if link.offerer else (remote, local)
         offerer, answerer = (
             (self.local_id, link.peer_id) if link.offerer else (link.peer_id, self.local_id)
         )
@@ -742,6 +740,8 @@ class MeshTransport(Transport):
                 self._reject_link(link, "bad-hello")
                 return
             link.remote_nonce = nonce
+            backend = body.get("backend")
+            link.remote_backend = backend[:32] if isinstance(backend, str) else None
             self._maybe_send_auth(link)
         elif env.type == "link.auth":
             signature = body.get("signature")

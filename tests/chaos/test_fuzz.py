@@ -522,7 +522,13 @@ async def flood_partial_chunks(transport: MeshTransport, peer: str, total: int) 
     channel = link.channel
     assert channel is not None
     drained = asyncio.Event()
-    channel.on("bufferedamountlow", drained.set)
+    mesh_low = channel.events.on_buffered_low  # keep the mesh's own back-pressure wake-up
+
+    def low() -> None:
+        mesh_low()
+        drained.set()
+
+    channel.events.on_buffered_low = low
     piece = 64 * 1024 - CHUNK_HEADER_SIZE
     count = 60  # 60 x 64 KiB announced: under 2 x the 4 MiB message limit, so it starts
     body = os.urandom(piece)
@@ -533,7 +539,7 @@ async def flood_partial_chunks(transport: MeshTransport, peer: str, total: int) 
         tid += MAX_TRANSFERS * 2
         for index in range(count - 1):  # never the last chunk
             for transfer in transfers:
-                if channel.bufferedAmount > 1 << 20:
+                if channel.buffered_amount > 1 << 20:
                     drained.clear()
                     await asyncio.wait_for(drained.wait(), 30)
                 channel.send(struct.pack(">BQII", CHUNK, transfer, index, count) + body)

@@ -119,7 +119,7 @@ async def handle(
                 while True:
                     link = transport._links.get(cmd["peer"])
                     channel = link.channel if link is not None else None
-                    if channel is not None and channel.readyState == "open":
+                    if channel is not None and channel.is_open:
                         break
                     assert time.monotonic() < deadline, "no open channel to the peer"
                     await asyncio.sleep(0.02)

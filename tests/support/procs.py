@@ -31,11 +31,17 @@ class PeerProcess:
 
     @classmethod
     async def start(
-        cls, script: str, *args: str, name: str = "peer", env: dict[str, str] | None = None
+        cls,
+        script: str,
+        *args: str,
+        name: str = "peer",
+        env: dict[str, str] | None = None,
+        python: str | None = None,
     ) -> PeerProcess:
+        """Run ``tests/support/<script>`` with ``python`` (default: this interpreter)."""
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
+            python or sys.executable,
             os.path.join(REPO, "tests", "support", script),
             *args,
             stdin=asyncio.subprocess.PIPE,
