@@ -286,9 +286,10 @@ class TaskRunner:
             return _exception_result(exc)
         result: dict[str, Any] = {"success": True}
         encoder_budget = max_result
+        compression = _compression(req.get("compression"))
         try:
             result["value"] = values.encode_value(
-                value, allow_pickle=allow_pickle, max_bytes=encoder_budget
+                value, allow_pickle=allow_pickle, max_bytes=encoder_budget, compression=compression
             )
         except values.ValueCodecError as exc:
             # The code ran; say plainly why its value did not travel instead of failing.
@@ -306,7 +307,10 @@ class TaskRunner:
         for name in req.get("outputs", []):
             try:
                 outputs[name] = values.encode_value(
-                    namespace[name], allow_pickle=allow_pickle, max_bytes=encoder_budget
+                    namespace[name],
+                    allow_pickle=allow_pickle,
+                    max_bytes=encoder_budget,
+                    compression=compression,
                 )
             except values.ValueCodecError as exc:
                 error_type = "result-too-large" if exc.reason == "too-large" else "bad-input"
@@ -317,6 +321,15 @@ class TaskRunner:
                 }
         result["outputs"] = outputs
         return result
+
+
+def _compression(field: Any) -> Any:
+    """The parent's compression settings for the result (see ``pool._compression_field``)."""
+    if not isinstance(field, dict):
+        return None
+    from swarm_notebook.protocol.compression import Compression
+
+    return Compression(link_bytes_per_s=float(field["link_bytes_per_s"]), codec=str(field["codec"]))
 
 
 def _importable(module: str) -> bool:
