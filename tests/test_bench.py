@@ -234,6 +234,8 @@ def test_select_suites_rejects_unknown_names() -> None:
         "isolation",
         "dask",
         "mesh6",
+        "data",
+        "data-1gbit",
     ]
     assert [s.name for s in select_suites(suites, ["dask", "raw"])] == ["raw", "dask"]
     with pytest.raises(UnknownSuiteError, match="nope"):
