@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from swarm_notebook import environment
+import swarm_notebook.environment as environment
 from swarm_notebook.bench.data_frames import DF50_ROWS, REALISTIC50_ROWS
 from swarm_notebook.bench.framework import Suite, SuiteContext
 from swarm_notebook.errors import BenchError
