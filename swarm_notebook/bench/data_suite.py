@@ -390,7 +390,9 @@ def data_suites(config: DataBenchConfig | None = None) -> list[Suite]:
 
     async def data(ctx: SuiteContext) -> None:
         here = Place(None, "127.0.0.1")
-        await measure(ctx, pick(ctx), here, here, "data", ipyparallel=True, rss=True)
+        # The quick run skips ipyparallel here: its cluster start alone takes ~20 s, and
+        # the ipyparallel suite already proves it starts.
+        await measure(ctx, pick(ctx), here, here, "data", ipyparallel=not ctx.quick, rss=True)
 
     async def data_1gbit(ctx: SuiteContext) -> None:
         with shaped_link() as (local, far):

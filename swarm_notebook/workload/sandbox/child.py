@@ -253,10 +253,13 @@ class TaskRunner:
         # is allocated: many small compressed inputs cannot add up past the limit.
         budget = values.DecodeBudget(int(req.get("max_input_decode_bytes", max_result)))
         try:
-            inputs = {
-                name: values.decode_value(v, allow_pickle=allow_pickle, budget=budget)
-                for name, v in req.get("inputs", {}).items()
-            }
+            # Popped: each input's wire bytes are freed once it is decoded, not after the run.
+            wire_inputs = req.pop("inputs", None) or {}
+            inputs = {}
+            for name in list(wire_inputs):
+                inputs[name] = values.decode_value(
+                    wire_inputs.pop(name), allow_pickle=allow_pickle, budget=budget
+                )
         except values.ValueCodecError as exc:
             kind = "too-large" if exc.reason == "too-large" else "bad-input"
             return {"success": False, "error_type": kind, "error": f"input: {exc}"}
@@ -426,6 +429,7 @@ def serve(
         if payload is None:
             return
         request = decoder.decode(payload)
+        del payload  # the decoded request holds its own copy: a 50 MB input was held twice
         response = runner.run(request)
         if not request.get("persistent"):
             wipe(scratch or [], keep)  # a session keeps its files for its next call
