@@ -142,6 +142,16 @@ def test_declared_targets_match_the_plan() -> None:
         "sandboxed_tasks_per_s": ("unsandboxed_tasks_per_s", ">= 0.9x"),
         "sandboxed_rtt_ms": ("unsandboxed_rtt_ms", None),
         "dask_worker_map_s": ("dask_direct_map_s", "<= 1.5x"),
+        "data_df50_swarm_s": ("data_df50_dask_s", "<= 6x"),
+        "data_df50_ipyparallel_s": ("data_df50_dask_s", None),
+        "data_realistic50_swarm_s": ("data_realistic50_dask_s", "<= 2x"),
+        "data_realistic50_ipyparallel_s": ("data_realistic50_dask_s", None),
+        "data_df50_rss_delegator_MB": ("data_df50_frame_MB", "<= 2x"),
+        "data_df50_rss_worker_MB": ("data_df50_frame_MB", "<= 2x"),
+        "data_df50_swarm_link_MB": ("data_df50_frame_MB", None),
+        "data_realistic50_swarm_link_MB": ("data_realistic50_frame_MB", None),
+        "data1g_df50_swarm_s": ("data1g_df50_dask_s", "<= 1.5x"),
+        "data1g_realistic50_swarm_s": ("data1g_realistic50_dask_s", None),
     }
     assert {name: (c.anchor, c.target) for name, c in COMPARISONS.items()} == expected
 
@@ -259,6 +269,8 @@ def test_select_suites_rejects_unknown_names() -> None:
         "dask",
         "dask-worker",
         "mesh6",
+        "data",
+        "data-1gbit",
     ]
     assert [s.name for s in select_suites(suites, ["dask", "raw"])] == ["raw", "dask"]
     with pytest.raises(UnknownSuiteError, match="nope"):

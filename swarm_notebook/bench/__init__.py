@@ -64,11 +64,13 @@ def default_suites() -> list[Suite]:
     # own module already imported through this package.
     from swarm_notebook.bench.baselines import dask_suite, ipyparallel_suite
     from swarm_notebook.bench.dask_worker_suite import dask_worker_suite
+    from swarm_notebook.bench.data_suite import data_suites
     from swarm_notebook.bench.isolation_suite import isolation_suite
     from swarm_notebook.bench.raw_aiortc import raw_suite
     from swarm_notebook.bench.swarm_suites import swarm_suites
 
     swarm, delegate, mesh6 = swarm_suites()
+    data, data_1gbit = data_suites()
     # Each measurement runs next to its anchor (ratios are computed at the end, so order
     # is free): raw then the swarm's messaging, ipyparallel then delegation.
     return [
@@ -80,6 +82,8 @@ def default_suites() -> list[Suite]:
         dask_suite(),
         dask_worker_suite(),
         mesh6,
+        data,
+        data_1gbit,
     ]
 
 

@@ -84,6 +84,17 @@ COMPARISONS: Mapping[str, Comparison] = MappingProxyType(
         "sandboxed_rtt_ms": Comparison("unsandboxed_rtt_ms"),
         # Fronting a Dask cluster: the same 2,000-item map through the swarm and direct.
         "dask_worker_map_s": Comparison("dask_direct_map_s", "<=", 1.5),
+        # Data movement (issue 12): one frame pushed and pulled back, each tool in one run.
+        "data_df50_swarm_s": Comparison("data_df50_dask_s", "<=", 6.0),
+        "data_df50_ipyparallel_s": Comparison("data_df50_dask_s"),
+        "data_realistic50_swarm_s": Comparison("data_realistic50_dask_s", "<=", 2.0),
+        "data_realistic50_ipyparallel_s": Comparison("data_realistic50_dask_s"),
+        "data_df50_rss_delegator_MB": Comparison("data_df50_frame_MB", "<=", 2.0),
+        "data_df50_rss_worker_MB": Comparison("data_df50_frame_MB", "<=", 2.0),
+        "data_df50_swarm_link_MB": Comparison("data_df50_frame_MB"),
+        "data_realistic50_swarm_link_MB": Comparison("data_realistic50_frame_MB"),
+        "data1g_df50_swarm_s": Comparison("data1g_df50_dask_s", "<=", 1.5),
+        "data1g_realistic50_swarm_s": Comparison("data1g_realistic50_dask_s"),
     }
 )
 
@@ -127,6 +138,18 @@ REQUIRED_METRICS: tuple[str, ...] = (
     "unsandboxed_tasks_per_s",
     "dask_worker_map_s",
     "dask_direct_map_s",
+    "data_df50_swarm_s",
+    "data_df50_dask_s",
+    "data_df50_ipyparallel_s",
+    "data_realistic50_swarm_s",
+    "data_realistic50_dask_s",
+    "data_realistic50_ipyparallel_s",
+    "data_df50_rss_delegator_MB",
+    "data_df50_rss_worker_MB",
+    "data1g_df50_swarm_s",
+    "data1g_df50_dask_s",
+    "data1g_realistic50_swarm_s",
+    "data1g_realistic50_dask_s",
 )
 
 
@@ -137,6 +160,7 @@ class Metric:
     name: str
     samples: tuple[float, ...]
     unit: str
+    note: str = ""  # e.g. the compression setting a tool ran with
 
     def __post_init__(self) -> None:
         if not self.samples:
@@ -160,11 +184,11 @@ class MetricRegistry:
     def __init__(self) -> None:
         self._metrics: dict[str, Metric] = {}
 
-    def record(self, name: str, samples: Iterable[float], unit: str) -> Metric:
+    def record(self, name: str, samples: Iterable[float], unit: str, note: str = "") -> Metric:
         """Record a metric once; recording the same name twice is an error."""
         if name in self._metrics:
             raise MetricError(f"metric {name!r} recorded twice")
-        metric = Metric(name, tuple(float(s) for s in samples), unit)
+        metric = Metric(name, tuple(float(s) for s in samples), unit, note)
         self._metrics[name] = metric
         return metric
 
@@ -248,9 +272,9 @@ class SuiteContext:
     results: MetricRegistry
     suite_name: str = ""
 
-    def record(self, name: str, samples: Iterable[float], unit: str) -> Metric:
-        """Record a metric measured by this suite."""
-        return self.results.record(name, samples, unit)
+    def record(self, name: str, samples: Iterable[float], unit: str, note: str = "") -> Metric:
+        """Record a metric measured by this suite (``note``: how it was measured)."""
+        return self.results.record(name, samples, unit, note)
 
     def task(self, what: str, total: int | None) -> Any:
         """A progress task labelled with this suite's name."""
@@ -270,6 +294,7 @@ class Suite:
     timeout_s: float = 600.0
     quick_timeout_s: float = 120.0
     description: str = ""
+    full_only: bool = False  # left out of --quick runs (too slow, or needs root)
 
 
 @dataclass(frozen=True)
@@ -283,7 +308,9 @@ class MetricRow:
     verdict: Verdict | None
 
     def to_json(self) -> dict[str, Any]:
+        note = {"note": self.metric.note} if self.metric.note else {}
         return {
+            **note,
             "median": self.metric.median,
             "p95": self.metric.p95,
             "samples": len(self.metric.samples),
@@ -443,7 +470,7 @@ def _run_one(suite: Suite, ctx: SuiteContext) -> None:
         # A sync suite bounds its own waits; nothing could interrupt this thread.
         returned = cast(SuiteOutcome, outcome)
     for metric in returned or ():
-        ctx.results.record(metric.name, metric.samples, metric.unit)
+        ctx.results.record(metric.name, metric.samples, metric.unit, metric.note)
 
 
 def run_suites(
@@ -464,6 +491,8 @@ def run_suites(
         results=MetricRegistry(),
     )
     for suite in suites:
+        if quick and suite.full_only:
+            continue
         ctx = SuiteContext(
             quick=quick, progress=progress, results=report.results, suite_name=suite.name
         )
@@ -540,5 +569,8 @@ def render_table(report: BenchReport) -> str:
     out = [
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in lines
     ]
+    out.extend(
+        f"note {row.metric.name}: {row.metric.note}" for row in report.rows() if row.metric.note
+    )
     out.extend(f"[{suite}] ERROR {message}" for suite, message in report.errors.items())
     return "\n".join(out)

@@ -41,6 +41,9 @@ class CoordinatorConfig:
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     drain_grace_s: float = 30.0
+    # Arrow codec for DataFrames sent to peers ("lz4", "zstd", None: never), used only
+    # when a sample of the frame shrinks and the link is slower than the codec.
+    compression: str | None = "lz4"
     # Packages whose versions this peer's card reports besides python, numpy, pandas,
     # pyarrow and scikit-learn (worker --report-package).
     report_packages: list[str] = field(default_factory=list)

@@ -41,6 +41,7 @@ from swarm_notebook.membership.versions import (
     major_minor_differences,
     parse_requires,
 )
+from swarm_notebook.protocol.compression import Compression
 from swarm_notebook.protocol.values import DecodeBudget, decode_value, encode_value
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.base import Transport
@@ -109,6 +110,7 @@ class SwarmCoordinator:
             concurrency=config.concurrency,
             max_queue=config.max_queue,
             audit=self.audit.record_quietly,
+            codec=config.compression,
         )
         self.knowledge = KnowledgeService(
             node=self.node,
@@ -384,8 +386,15 @@ class SwarmCoordinator:
             raise TaskInputError(
                 Reason.BAD_INPUT, "python-computation 'inputs' must be a dict of name -> value"
             )
+        # The peer is chosen after encoding, so inputs are judged against the fastest
+        # link: compressed only if that pays even there.
+        compression = Compression(
+            self.node.transport.link_throughput(None), codec=self.config.compression
+        )
         try:
-            wire["inputs"] = {name: encode_value(value) for name, value in inputs.items()}
+            wire["inputs"] = {
+                name: encode_value(value, compression=compression) for name, value in inputs.items()
+            }
         except ValueCodecError as exc:
             # The caller's value, refused before any peer saw it: local misuse.
             raise TaskInputError(exc.reason, f"an input cannot be sent: {exc.message}") from exc

@@ -150,7 +150,7 @@ def _node_costs(schema: pa.Schema) -> list[int]:
     return costs
 
 
-def _messages(data: bytes) -> Iterator[pa.ipc.Message]:
+def _messages(data: bytes | memoryview) -> Iterator[pa.ipc.Message]:
     reader = pa_ipc.MessageReader.open_stream(pa.py_buffer(data))
     while True:
         try:
@@ -159,7 +159,7 @@ def _messages(data: bytes) -> Iterator[pa.ipc.Message]:
             return
 
 
-def arrow_stream_cost(data: bytes) -> int:
+def arrow_stream_cost(data: bytes | memoryview) -> int:
     """Bytes decoding this Arrow IPC stream into pandas will hold, from headers only.
 
     Raises ``ValueCodecError`` (``malformed``) for anything that is not a sound stream.
@@ -172,7 +172,7 @@ def arrow_stream_cost(data: bytes) -> int:
         raise ValueCodecError(Reason.MALFORMED, f"bad Arrow stream: {exc}"[:300]) from exc
 
 
-def _arrow_stream_cost(data: bytes) -> int:
+def _arrow_stream_cost(data: bytes | memoryview) -> int:
     schema: pa.Schema | None = None
     node_costs: list[int] = []
     total = 0
@@ -213,9 +213,14 @@ def _npy_header(stream: io.BytesIO) -> tuple[tuple[int, ...], bool, np.dtype]:
     return reader(stream)
 
 
-def load_npy(data: bytes, charge: Callable[[int], None]) -> np.ndarray:
+# numpy itself refuses headers over 10 000 bytes; the magic and length prefix come first.
+_NPY_HEAD_MAX = 16 * 1024
+
+
+def load_npy(data: bytes | memoryview, charge: Callable[[int], None]) -> np.ndarray:
     """Read ``.npy`` bytes with ``allow_pickle=False``; ``charge`` sees the size first."""
-    stream = io.BytesIO(data)
+    # Only the header is parsed from a stream: BytesIO over a memoryview copies it whole.
+    stream = io.BytesIO(bytes(memoryview(data)[:_NPY_HEAD_MAX]))
     try:
         shape, fortran_order, dtype = _npy_header(stream)
     except (ValueError, SyntaxError, TypeError, OverflowError, EOFError) as exc:

@@ -44,7 +44,7 @@ def encode_envelope(envelope: Envelope) -> bytes:
     return _encoder.encode(envelope)
 
 
-def decode_envelope(data: bytes, *, max_size: int) -> Envelope:
+def decode_envelope(data: bytes | bytearray, *, max_size: int) -> Envelope:
     """Decode and validate one envelope; every failure is a ``ProtocolError``."""
     if len(data) > max_size:
         raise ProtocolError(Reason.OVERSIZED, f"{len(data)} bytes > limit {max_size}")

@@ -59,7 +59,11 @@ def chunk_transfer_id(frame: bytes) -> int | None:
 class _Transfer:
     count: int
     last_progress: float
-    parts: list[memoryview] = field(default_factory=list)
+    # Chunks are copied in as they arrive, so each frame is freed at once and the whole
+    # message never exists twice (kept frames plus their join held 2x its size). Growing
+    # a large bytearray moves pages (mremap), not bytes.
+    data: bytearray = field(default_factory=bytearray)
+    received: int = 0
     size: int = 0
 
 
@@ -147,7 +151,7 @@ class Reassembler:
     def pending_transfers(self) -> int:
         return len(self._transfers)
 
-    def feed(self, frame: bytes, now: float) -> bytes | None:
+    def feed(self, frame: bytes, now: float) -> bytes | bytearray | None:
         if not frame:
             raise ProtocolError(Reason.EMPTY_FRAME)
         kind = frame[0]
@@ -160,7 +164,7 @@ class Reassembler:
         if len(frame) <= CHUNK_HEADER_SIZE:
             raise ProtocolError(Reason.TRUNCATED_CHUNK, f"{len(frame)} bytes")
         _, transfer_id, index, count = _CHUNK_HEADER.unpack_from(frame)
-        # A view, not a slice: slicing would copy every chunk once more before the join.
+        # A view, not a slice: slicing would copy every chunk once more.
         payload = memoryview(frame)[CHUNK_HEADER_SIZE:]
         transfer = self._transfers.get(transfer_id)
         if transfer is None and index != 0 and transfer_id in self._dropped:
@@ -184,7 +188,7 @@ class Reassembler:
                 raise ProtocolError(Reason.TOO_MANY_TRANSFERS, f"{len(self._transfers)} incomplete")
             transfer = _Transfer(count=count, last_progress=now)
             self._transfers[transfer_id] = transfer
-        elif index != len(transfer.parts) or count != transfer.count:
+        elif index != transfer.received or count != transfer.count:
             self._refuse(transfer_id, index, count)
             raise ProtocolError(Reason.CHUNK_OUT_OF_ORDER, f"transfer {transfer_id} index {index}")
         if transfer.size + len(payload) > self.limits.max_message_bytes:
@@ -198,15 +202,16 @@ class Reassembler:
             raise ProtocolError(
                 Reason.REASSEMBLY_FULL, f"{self.pool.pending_bytes} bytes pending on all links"
             )
-        transfer.parts.append(payload)
+        transfer.data += payload
+        transfer.received += 1
         transfer.size += len(payload)
         transfer.last_progress = now
         self._pending_bytes += len(payload)
         self.pool.pending_bytes += len(payload)
-        if len(transfer.parts) < transfer.count:
+        if transfer.received < transfer.count:
             return None
         self._drop(transfer_id)
-        return b"".join(transfer.parts)
+        return transfer.data
 
     def expire(self, now: float) -> list[int]:
         """Drop transfers with no progress for the timeout; returns their ids."""

@@ -57,6 +57,7 @@ import pyarrow.ipc as pa_ipc
 from pandas.api.types import is_object_dtype
 
 from swarm_notebook.errors import ValueCodecError
+from swarm_notebook.protocol.compression import Compression, choose_codec, write_options
 from swarm_notebook.protocol.declared_sizes import arrow_stream_cost, load_npy
 from swarm_notebook.reasons import Reason
 
@@ -70,14 +71,22 @@ _UINT64_MAX = 2**64 - 1
 
 
 def encode_value(
-    obj: Any, *, allow_pickle: bool = False, max_bytes: int = DEFAULT_MAX_BYTES
+    obj: Any,
+    *,
+    allow_pickle: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    compression: Compression | None = None,
 ) -> Any:
     """Turn ``obj`` into a msgpack-friendly structure that :func:`decode_value` rebuilds.
 
     Raises :class:`ValueCodecError` for types without a safe encoding (unless
-    ``allow_pickle``) and when the encoded size would pass ``max_bytes``.
+    ``allow_pickle``) and when the encoded size would pass ``max_bytes``. With
+    ``compression``, each table's Arrow buffers are compressed when a sample says it pays
+    on that link (see ``protocol/compression.py``). Arrow and npy payloads are
+    ``memoryview``s over the writer's buffer (msgpack sends them as bytes): no extra copy.
     """
-    return _Encoder(allow_pickle=allow_pickle, max_bytes=max_bytes).encode(obj, 0)
+    encoder = _Encoder(allow_pickle=allow_pickle, max_bytes=max_bytes, compression=compression)
+    return encoder.encode(obj, 0)
 
 
 class DecodeBudget:
@@ -124,9 +133,12 @@ def decode_value(
 
 
 class _Encoder:
-    def __init__(self, *, allow_pickle: bool, max_bytes: int) -> None:
+    def __init__(
+        self, *, allow_pickle: bool, max_bytes: int, compression: Compression | None = None
+    ) -> None:
         self.allow_pickle = allow_pickle
         self.max_bytes = max_bytes
+        self.compression = compression
         self.used = 0
 
     def charge(self, n: int) -> None:
@@ -211,7 +223,7 @@ class _Encoder:
         pairs = [[self.encode(k, depth + 1), self.encode(v, depth + 1)] for k, v in obj.items()]
         return self.tagged("map", items=pairs)
 
-    def npy(self, arr: np.ndarray) -> bytes:
+    def npy(self, arr: np.ndarray) -> memoryview:
         if arr.dtype.hasobject:
             raise ValueCodecError(
                 Reason.UNSUPPORTED_TYPE,
@@ -221,9 +233,9 @@ class _Encoder:
         self.charge(arr.nbytes + 128)
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
-        return buf.getvalue()
+        return buf.getbuffer().toreadonly()
 
-    def arrow(self, frame: pd.DataFrame) -> bytes:
+    def arrow(self, frame: pd.DataFrame) -> memoryview:
         if not frame.columns.is_unique:
             dupes = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
             raise ValueCodecError(
@@ -248,10 +260,14 @@ class _Encoder:
             metadata[_META_KEY] = json.dumps(extra).encode()
             table = table.replace_schema_metadata(metadata)
         self.charge(table.nbytes + 1024)
+        options = pa_ipc.IpcWriteOptions()
+        if self.compression is not None:
+            options = write_options(choose_codec(table, self.compression))
         sink = pa.BufferOutputStream()
-        with pa_ipc.new_stream(sink, table.schema) as writer:
+        with pa_ipc.new_stream(sink, table.schema, options=options) as writer:
             writer.write_table(table)
-        return bytes(sink.getvalue().to_pybytes())
+        # A view keeps Arrow's buffer alive: copying it into bytes held a second 50 MB.
+        return memoryview(sink.getvalue()).toreadonly()
 
     def pickled(self, obj: Any) -> bytes:
         try:
@@ -315,28 +331,28 @@ class _Decoder:
         if kind == "bigint":
             return int(_field(x, "data", str)[:10_000])
         if kind == "ndarray":
-            return load_npy(_field(x, "data", bytes), self.budget.charge)
+            return load_npy(_field(x, "data", _BINARY), self.budget.charge)
         if kind == "npscalar":
-            arr = load_npy(_field(x, "data", bytes), self.budget.charge)
+            arr = load_npy(_field(x, "data", _BINARY), self.budget.charge)
             if arr.ndim != 0:
                 raise ValueCodecError(Reason.MALFORMED, "npscalar must hold a 0-d array")
             return arr[()]
         if kind == "df":
-            return self.arrow(_field(x, "data", bytes))
+            return self.arrow(_field(x, "data", _BINARY))
         if kind == "series":
-            frame = self.arrow(_field(x, "data", bytes))
+            frame = self.arrow(_field(x, "data", _BINARY))
             if frame.shape[1] != 1:
                 raise ValueCodecError(Reason.MALFORMED, "series must hold exactly one column")
             series = frame.iloc[:, 0]
             series.name = self.decode(x.get("name"), depth + 1)
             return series
         if kind == "pdscalar":
-            frame = self.arrow(_field(x, "data", bytes))
+            frame = self.arrow(_field(x, "data", _BINARY))
             if frame.shape != (1, 1):
                 raise ValueCodecError(Reason.MALFORMED, "pdscalar must hold one value")
             return frame.iloc[0, 0]
         if kind == "index":
-            return self.arrow(_field(x, "data", bytes)).index
+            return self.arrow(_field(x, "data", _BINARY)).index
         if kind == "datetime":
             return _decode_datetime(x)
         if kind == "pickle":
@@ -349,10 +365,10 @@ class _Decoder:
             return pickle.loads(_field(x, "data", bytes))
         raise ValueCodecError(Reason.MALFORMED, f"unknown tag {kind!r:.40}")
 
-    def arrow(self, data: bytes) -> pd.DataFrame:
+    def arrow(self, data: bytes | memoryview) -> pd.DataFrame:
         # Headers first: nothing is decompressed until the whole stream fits the budget.
         self.budget.charge(arrow_stream_cost(data))
-        reader = pa_ipc.open_stream(data)
+        reader = pa_ipc.open_stream(pa.py_buffer(data))
         batches = list(reader)
         table = pa.Table.from_batches(batches, schema=reader.schema)
         # The IPC reader checks framing, not contents: offsets and lengths a peer forged
@@ -369,11 +385,16 @@ class _Decoder:
         return frame
 
 
-def _field(x: dict[str, Any], name: str, kind: type) -> Any:
+# Binary payloads arrive as bytes off the wire, as memoryviews when decoded where encoded.
+_BINARY = (bytes, memoryview)
+
+
+def _field(x: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = x.get(name)
     if not isinstance(value, kind):
+        names = "/".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
         raise ValueCodecError(
-            Reason.MALFORMED, f"tag {x.get(TAG)!r:.40} needs {name!r} of type {kind.__name__}"
+            Reason.MALFORMED, f"tag {x.get(TAG)!r:.40} needs {name!r} of type {names}"
         )
     return value
 

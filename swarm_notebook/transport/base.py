@@ -137,5 +137,13 @@ class Transport(abc.ABC):
         """
         return None
 
+    def link_throughput(self, peer_id: str | None = None) -> float | None:
+        """Bytes/s the link to ``peer_id`` moves (``None``: the fastest link's).
+
+        ``None`` back means no link cost is known (an in-process twin): nothing is
+        compressed for it.
+        """
+        return None
+
     def stats(self) -> dict[str, object]:
         return {"rejections": dict(self.rejections.by_reason)}

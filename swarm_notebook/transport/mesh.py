@@ -69,6 +69,7 @@ from swarm_notebook.transport.base import (
 from swarm_notebook.transport.ice_config import IceServer, parse_servers
 from swarm_notebook.transport.ice_hosts import host_addresses_from_env
 from swarm_notebook.transport.ice_path import ServerChoice
+from swarm_notebook.transport.throughput import ThroughputEstimate
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,9 @@ class _Link:
     host_only: bool = False
     remote_backend: str | None = None  # what the peer said in its hello (older peers: None)
     frame_size: int = DEFAULT_FRAME_SIZE  # this link's, set when the channel opens
+    throughput: ThroughputEstimate = field(default_factory=ThroughputEstimate)
+    # transfer id -> when its first chunk arrived (bounded: at most max_transfers unfinished)
+    rx_started: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -307,6 +311,21 @@ class MeshTransport(Transport):
             "ice_server": used[0] if used else None,
         }
 
+    def link_throughput(self, peer_id: str | None = None) -> float | None:
+        """Measured bytes/s of the link to ``peer_id``; ``None``: the fastest link's.
+
+        A link that carried no large message yet reports aiortc's typical rate.
+        """
+        if peer_id is not None:
+            link = self._links.get(peer_id)
+            return link.throughput.bytes_per_s if link is not None else None
+        rates = [
+            link.throughput.bytes_per_s
+            for link in self._links.values()
+            if link.state is LinkState.CONNECTED
+        ]
+        return max(rates) if rates else ThroughputEstimate().bytes_per_s
+
     @property
     def ice_servers(self) -> tuple[IceServer, ...]:
         """The servers new links use: this peer's own, else those signaling issued."""
@@ -390,6 +409,7 @@ class MeshTransport(Transport):
             while len(link.sent) > MAX_REMEMBERED_SENDS:
                 link.sent.popitem(last=False)
         link.sending.add(transfer_id)
+        started = time.perf_counter()
         try:
             for frame in frame_message(payload, transfer_id, link.frame_size):
                 if transfer_id in link.aborted:
@@ -408,6 +428,8 @@ class MeshTransport(Transport):
                 self.counters["frames_out"] += 1
                 self.counters["bytes_out"] += len(frame)
                 link.bytes_out += len(frame)
+            # Sent once the last chunk is queued: at most buffer_high_water still waits.
+            link.throughput.add(len(payload), time.perf_counter() - started)
         finally:
             link.sending.discard(transfer_id)
             link.aborted.discard(transfer_id)
@@ -835,9 +857,17 @@ class MeshTransport(Transport):
                 raise ProtocolError(
                     Reason.UNAUTHENTICATED, "chunked message before proof of identity"
                 )
+            if transfer is not None and transfer not in link.rx_started:
+                if len(link.rx_started) >= self.config.reassembly.max_transfers:
+                    link.rx_started.clear()  # only refused transfers leave entries behind
+                link.rx_started[transfer] = time.perf_counter()
             payload = link.reassembler.feed(data, now)
             if payload is None:
                 return
+            if transfer is not None:
+                began = link.rx_started.pop(transfer, None)
+                if began is not None:
+                    link.throughput.add(len(payload), time.perf_counter() - began)
             env = decode_envelope(payload, max_size=self.config.max_message_bytes)
             if env.type.startswith("link."):
                 self._on_link_message(link, env)

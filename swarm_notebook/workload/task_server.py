@@ -22,6 +22,7 @@ from swarm_notebook._util.slots import Slots
 from swarm_notebook.errors import DelegationError, HandlerRefusal, NoCapablePeerError, TaskRefused
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
+from swarm_notebook.protocol.compression import DEFAULT_CODEC, Compression
 from swarm_notebook.reasons import Reason
 from swarm_notebook.workload.executors.base import Executor, TaskContext, run_executor
 from swarm_notebook.workload.messages import (
@@ -59,8 +60,10 @@ class TaskServer:
         audit: Callable[..., object] = lambda *a, **k: None,
         output_interval_s: float = DEFAULT_INTERVAL_S,
         max_output_bytes: int = DEFAULT_MAX_BYTES,
+        codec: str | None = DEFAULT_CODEC,
     ) -> None:
         self.node = node
+        self.codec = codec
         self.executors = executors
         self.policy = policy
         self.tasks = tasks
@@ -165,6 +168,9 @@ class TaskServer:
                     allow_pickle=self.policy.allows_pickle(peer_id),
                     on_output=relay.push,
                     on_session_end=holder.ended if holder is not None else None,
+                    compression=Compression(
+                        self.node.transport.link_throughput(peer_id), codec=self.codec
+                    ),
                 )
                 run = asyncio.ensure_future(self._run(executor, request, ctx))
                 self._running.add(run)

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import msgspec
 
 from swarm_notebook.errors import HandlerRefusal, TaskRefused
+from swarm_notebook.protocol.compression import Compression
 from swarm_notebook.reasons import Reason
 
 T = TypeVar("T")
@@ -52,6 +53,9 @@ class TaskContext:
     # Called once when a session this task opened ends (closed, expired, died): the
     # serving side gives back the slot the session held.
     on_session_end: Callable[[], None] | None = None
+    # How the result's frames may be compressed on the way back to the delegator (its
+    # link's measured speed); None: never.
+    compression: Compression | None = None
 
 
 @runtime_checkable

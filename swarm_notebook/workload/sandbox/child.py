@@ -280,10 +280,13 @@ class TaskRunner:
         # is allocated: many small compressed inputs cannot add up past the limit.
         budget = values.DecodeBudget(int(req.get("max_input_decode_bytes", max_result)))
         try:
-            inputs = {
-                name: values.decode_value(v, allow_pickle=allow_pickle, budget=budget)
-                for name, v in req.get("inputs", {}).items()
-            }
+            # Popped: each input's wire bytes are freed once it is decoded, not after the run.
+            wire_inputs = req.pop("inputs", None) or {}
+            inputs = {}
+            for name in list(wire_inputs):
+                inputs[name] = values.decode_value(
+                    wire_inputs.pop(name), allow_pickle=allow_pickle, budget=budget
+                )
         except values.ValueCodecError as exc:
             kind = "too-large" if exc.reason == "too-large" else "bad-input"
             return {"success": False, "error_type": kind, "error": f"input: {exc}"}
@@ -313,9 +316,10 @@ class TaskRunner:
             return _exception_result(exc)
         result: dict[str, Any] = {"success": True}
         encoder_budget = max_result
+        compression = _compression(req.get("compression"))
         try:
             result["value"] = values.encode_value(
-                value, allow_pickle=allow_pickle, max_bytes=encoder_budget
+                value, allow_pickle=allow_pickle, max_bytes=encoder_budget, compression=compression
             )
         except values.ValueCodecError as exc:
             # The code ran; say plainly why its value did not travel instead of failing.
@@ -333,7 +337,10 @@ class TaskRunner:
         for name in req.get("outputs", []):
             try:
                 outputs[name] = values.encode_value(
-                    namespace[name], allow_pickle=allow_pickle, max_bytes=encoder_budget
+                    namespace[name],
+                    allow_pickle=allow_pickle,
+                    max_bytes=encoder_budget,
+                    compression=compression,
                 )
             except values.ValueCodecError as exc:
                 error_type = "result-too-large" if exc.reason == "too-large" else "bad-input"
@@ -352,6 +359,15 @@ class TaskRunner:
         time, so swapping ``sys.stdout`` is enough; a threaded host overrides this)."""
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             yield
+
+
+def _compression(field: Any) -> Any:
+    """The parent's compression settings for the result (see ``pool._compression_field``)."""
+    if not isinstance(field, dict):
+        return None
+    from swarm_notebook.protocol.compression import Compression
+
+    return Compression(link_bytes_per_s=float(field["link_bytes_per_s"]), codec=str(field["codec"]))
 
 
 def _importable(module: str) -> bool:
@@ -448,6 +464,7 @@ def serve(
         if payload is None:
             return
         request = decoder.decode(payload)
+        del payload  # the decoded request holds its own copy: a 50 MB input was held twice
         response = runner.run(request)
         if not request.get("persistent"):
             wipe(scratch or [], keep)  # a session keeps its files for its next call

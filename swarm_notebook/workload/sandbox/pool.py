@@ -450,6 +450,7 @@ class PythonSandboxPool:
                 "stream_output": ctx.on_output is not None,
                 "output_interval_s": self.output_interval_s,
                 "persistent": task.session is not None,
+                "compression": _compression_field(ctx),
             }
         )
         if len(request) > self.max_request_bytes:
@@ -962,3 +963,11 @@ def _child_env(scratch: str, python_dirs: tuple[str, ...]) -> dict[str, str]:
         env["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")
     env["HOME"] = env["TMPDIR"] = scratch
     return env
+
+
+def _compression_field(ctx: TaskContext) -> dict[str, Any] | None:
+    """What the child needs to compress the result for the delegator's link."""
+    settings = ctx.compression
+    if settings is None or settings.codec is None or settings.link_bytes_per_s is None:
+        return None
+    return {"codec": settings.codec, "link_bytes_per_s": settings.link_bytes_per_s}
