@@ -217,10 +217,12 @@ class RefOwner:
         if peer is not None:
             await self._push(ref, peer)  # raises with the peer's reason
         else:
+            tried: list[str] = []
             while len(ref.holders) < replicas:
-                target = self._pick(exclude=[*ref.holders, *(r.split(":")[0] for r in refusals)])
+                target = self._pick(exclude=tried)
                 if target is None:
                     break
+                tried.append(target)
                 try:
                     await self._push(ref, target)
                 except RefError as exc:
