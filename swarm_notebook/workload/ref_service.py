@@ -90,8 +90,9 @@ class RefService:
             raise RefError(Reason.MALFORMED, f"ref {ref_id}: not msgpack: {exc}", ref_id) from exc
         try:
             # Declared sizes are charged before anything is decompressed: a small buffer
-            # that claims gigabytes is too-large here, never an allocation.
-            decode_value(structure, budget=DecodeBudget(max(self.store.max_bytes, 1)))
+            # that claims gigabytes is too-large here, never an allocation. Decoding holds
+            # the Arrow buffers and the pandas copy: twice the stored bytes.
+            decode_value(structure, budget=DecodeBudget(max(2 * self.store.max_bytes, 1)))
         except ValueCodecError as exc:
             raise RefError(exc.reason, f"ref {ref_id}: {exc.message}", ref_id) from exc
 
