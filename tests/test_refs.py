@@ -106,7 +106,7 @@ async def test_tasks_on_a_ref_run_on_its_holder_and_the_data_crosses_once(swarm:
 
 
 async def test_a_chain_of_kept_outputs_never_brings_the_data_home(swarm: Any) -> None:
-    c, workers = swarm
+    c, _ = swarm
     df = frame(1)
     ref = await c.put(df)
     holder = ref.holders[0]
