@@ -357,8 +357,8 @@ def refs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
     >>> refs_frame([{"ref_id": "ab12", "role": "owned", "owner": "P", "size": 10,
     ...     "holders": ["W"], "dtypes": {"a": "int64"}, "owner_copy": True, "lost": False,
-    ...     "tasks": 2, "created_at": 0.0}])[["ref_id", "size", "holders"]].iloc[0].tolist()
-    ['ab12', 10, 1]
+    ...     "tasks": 2, "created_at": 0.0}])[["size", "holders"]].iloc[0].tolist()
+    [10, 1]
     """
     rows = _records(records, "ref")
     ids = [_require(row, "ref_id", "ref", index) for index, row in enumerate(rows)]
