@@ -10,7 +10,7 @@ The names, exactly (``tests/test_surface.py`` holds ``__all__`` to this list):
 
     join local use current wait_for_peers verify_consensus
     Coordinator NotebookVoter
-    TaskFuture SwarmExecutor as_completed wait RemoteSession
+    TaskFuture SwarmExecutor as_completed wait RemoteSession RemoteRef
     CoordinatorConfig ExecutorConfig TaskPolicy DelegationConfig ConsensusConfig
     KnowledgeConfig MeshConfig
     Reason __version__ load_ipython_extension unload_ipython_extension
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from swarm_notebook.workload.delegator import DelegationConfig
     from swarm_notebook.workload.executors.capabilities import ExecutorConfig
     from swarm_notebook.workload.policy import TaskPolicy
+    from swarm_notebook.workload.refs import RemoteRef
 
 # Imported on first access (``module.__getattr__``): name -> module that defines it.
 _LAZY = {
@@ -62,6 +63,7 @@ _LAZY = {
     "as_completed": "swarm_notebook.futures",
     "wait": "swarm_notebook.futures",
     "RemoteSession": "swarm_notebook.sessions",
+    "RemoteRef": "swarm_notebook.workload.refs",
 }
 
 __all__ = [
@@ -74,6 +76,7 @@ __all__ = [
     "MeshConfig",
     "NotebookVoter",
     "Reason",
+    "RemoteRef",
     "RemoteSession",
     "SwarmExecutor",
     "TaskFuture",

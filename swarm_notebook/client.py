@@ -56,6 +56,7 @@ from swarm_notebook.signaling.url import check_listening, normalize_url
 from swarm_notebook.transport.factory import mesh_transport
 from swarm_notebook.transport.ice_config import resolve as resolve_ice
 from swarm_notebook.workload.executors.capabilities import PYTHON_EXECUTION
+from swarm_notebook.workload.refs import RemoteRef
 from swarm_notebook.workload.source import ShippedFunction, SourceCache, ship_function
 
 if TYPE_CHECKING:
@@ -309,9 +310,17 @@ class Coordinator:
         >>> r["success"], r["value"]                                           # doctest: +SKIP
         (True, 2)
         """
-        return await self._call(
+        result = await self._call(
             self._core.delegate_task(task_type, data, timeout=timeout, peer=peer, requires=requires)
         )
+        return self._bind_refs(result)
+
+    def _bind_refs(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Refs in a result (kept outputs) fetch and release through this coordinator."""
+        for value in [result.get("value"), *(result.get("outputs") or {}).values()]:
+            if isinstance(value, RemoteRef):
+                value.bind(self)
+        return result
 
     def submit_task(
         self,
@@ -340,7 +349,7 @@ class Coordinator:
             # Watching starts before the task is sent, so no early output is missed.
             unwatch = core.watch_output(task_id, watcher) if watcher is not None else None
             try:
-                return await core.delegate_task(
+                result = await core.delegate_task(
                     task_type,
                     data,
                     timeout=timeout,
@@ -349,6 +358,7 @@ class Coordinator:
                     max_attempts=max_attempts,
                     requires=requires,
                 )
+                return self._bind_refs(result)
             finally:
                 if unwatch is not None:
                     unwatch()
@@ -376,6 +386,7 @@ class Coordinator:
         retries: int | None = None,
         requires: Mapping[str, str] | None = None,
         on_output: Callable[[str, str], Any] | None = None,
+        keep: bool = False,
         **kwargs: Any,
     ) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on a capable peer; returns a ``TaskFuture`` at once.
@@ -387,14 +398,16 @@ class Coordinator:
         times out or refuses; the function's own errors are never retried. What it prints
         shows in ``fut.stdout`` / ``fut.stderr`` while it runs, and goes to
         ``on_output(stream, text)`` if given. ``requires={"pandas": ">=2.2"}`` runs it only
-        where those versions are installed.
+        where those versions are installed. Arguments may be ``RemoteRef`` s (from
+        ``put``): the task runs where the data is. ``keep=True`` leaves the return value on
+        the peer and the future gives a ``RemoteRef`` to it (chain tasks on it).
 
         >>> fut = c.submit(total, df, column="v")   # doctest: +SKIP
         >>> await fut                               # doctest: +SKIP
         42.0
         """
         self._require_joined()
-        options = SubmitOptions(peer, timeout, retries, requires, on_output)
+        options = SubmitOptions(peer, timeout, retries, requires, on_output, keep)
         return submit_function(self, fn, args, kwargs, options)
 
     def map(
@@ -498,6 +511,45 @@ class Coordinator:
     def gather(self, futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
         """The results of ``futures``, in order (blocks; raises the first error)."""
         return gather_results(futures, timeout)
+
+    # -- resident data ----------------------------------------------------------------
+
+    async def put(
+        self, value: Any, *, peer: str | None = None, replicas: int = 1, reuse: bool = False
+    ) -> RemoteRef:
+        """Keep ``value`` on ``replicas`` capable peers (or ``peer``); returns a ``RemoteRef``.
+
+        Pass the ref to ``submit`` or as a ``delegate_task`` input instead of the value:
+        the task runs on a holder when one can, so the data crosses the network once. This
+        peer keeps its copy and re-pushes it if a holder leaves. A holder without room
+        refuses with ``store-full`` (``RefError``); the value stays here. ``reuse=True``
+        returns a live ref with the same content instead of putting it again.
+
+        >>> ref = await c.put(df)                                   # doctest: +SKIP
+        >>> await c.submit(total, ref, column="v")                 # doctest: +SKIP
+        """
+        ref = await self._call(self._core.put(value, peer=peer, replicas=replicas, reuse=reuse))
+        return ref.bind(self)
+
+    async def fetch(self, ref: RemoteRef | str) -> Any:
+        """The value of a ref this peer owns, brought home (``RefError`` if it is gone)."""
+        ref_id = ref.ref_id if isinstance(ref, RemoteRef) else str(ref)
+        return await self._call(self._core.fetch(ref_id))
+
+    async def release(self, ref: RemoteRef | str) -> None:
+        """Free a ref on every holder (``RefError`` if unknown or already released)."""
+        ref_id = ref.ref_id if isinstance(ref, RemoteRef) else str(ref)
+        await self._call(self._core.release(ref_id))
+
+    def ref_holders(self, ref_id: str) -> tuple[str, ...]:
+        """The peers holding a copy of our ref now (empty once released)."""
+        return self._read(lambda: self._core.ref_holders(ref_id))
+
+    def refs_frame(self) -> pd.DataFrame:
+        """Refs this peer owns (size, holders, dtypes) and refs it holds for others."""
+        from swarm_notebook.views.frames import refs_frame
+
+        return refs_frame(self._read(self._core.ref_records))
 
     def executor(
         self,

@@ -32,6 +32,7 @@ or on ``.reason``, never on the message text.
     │   ├── AttemptsExhausted      every peer tried refused it, went away or did not answer
     │   └── DelegationTimeout      no capable peer had room in time (TimeoutError)
     ├── RemoteTaskError            a cell ran on a peer and raised; carries the remote traceback
+    ├── RefError                   a ref: unknown, released, another peer's, lost, store-full
     ├── WaitTimeout                peers or a task did not arrive in time (TimeoutError)
     ├── EnvironmentMismatchWarning a peer's numpy / pandas major.minor differ (UserWarning)
     ├── SandboxUnavailable         the sandbox could not start
@@ -202,6 +203,15 @@ class RemoteError(TransportError):
 
     def __str__(self) -> str:
         return f"peer {self.peer_id[:16]}: {self.reason}: {self.message}"
+
+
+class RefError(SwarmError, LookupError):
+    """A resident-data ref cannot be used: unknown, released, another peer's, lost, or no
+    holder had room (``store-full``). ``ref_id`` names it."""
+
+    def __init__(self, reason: Reason | str, message: str, ref_id: str | None = None) -> None:
+        super().__init__(reason, message)
+        self.ref_id = ref_id
 
 
 class HandlerRefusal(SwarmError):
@@ -412,6 +422,7 @@ __all__ = [
     "NotJoinedError",
     "PeerUnavailable",
     "ProtocolError",
+    "RefError",
     "ReflectionRejected",
     "RemoteError",
     "RemoteTaskError",

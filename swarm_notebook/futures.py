@@ -38,6 +38,7 @@ from typing import Any, Protocol
 from swarm_notebook.errors import RemoteTaskError, UsageError
 from swarm_notebook.reasons import Reason
 from swarm_notebook.workload.records import TaskState
+from swarm_notebook.workload.refs import KEPT_RESULT, RemoteRef
 from swarm_notebook.workload.source import ARGS_NAME, KWARGS_NAME, ShippedFunction
 
 PYTHON_COMPUTATION = "python-computation"
@@ -85,6 +86,7 @@ class SubmitOptions:
     retries: int | None = None  # attempts on other peers after a peer fails (not user errors)
     requires: Mapping[str, str] | None = None  # package versions, e.g. {"pandas": ">=2.2"}
     on_output: Callable[[str, str], Any] | None = None  # (stream, text) while it runs
+    keep: bool = False  # the return value stays on the peer: the future gives a RemoteRef
 
     @property
     def max_attempts(self) -> int | None:
@@ -267,8 +269,31 @@ def submit(
     """Ship ``fn`` with its arguments to a capable peer; returns at once."""
     shipped = submitter.ship(fn)
     # Plain values: the coordinator encodes python-computation inputs with the safe codec.
-    inputs = {ARGS_NAME: list(args), KWARGS_NAME: dict(kwargs)}
-    return _start(submitter, shipped.name, {"code": shipped.cell(), "inputs": inputs}, options)
+    # Refs welcome: each travels as its own input (resolved where the data already is)
+    # and a prelude puts it back in its argument's place.
+    plain_args, plain_kwargs = list(args), dict(kwargs)
+    inputs: dict[str, Any] = {}
+    prelude: list[str] = []
+    for where, container in (("args", plain_args), ("kwargs", plain_kwargs)):
+        keys = range(len(container)) if where == "args" else list(container)
+        for key in keys:
+            value = container[key]  # type: ignore[index]
+            if isinstance(value, RemoteRef):
+                name = f"__swarm_ref_{len(inputs)}__"
+                inputs[name] = value
+                container[key] = None  # type: ignore[index]
+                target = ARGS_NAME if where == "args" else KWARGS_NAME
+                prelude.append(f"{target}[{key!r}] = {name}")
+    inputs.update({ARGS_NAME: plain_args, KWARGS_NAME: plain_kwargs})
+    cell = shipped.cell()
+    data: dict[str, Any] = {"inputs": inputs}
+    if options.keep:
+        head, _, call = cell.rstrip("\n").rpartition("\n")
+        cell = f"{head}\n{KEPT_RESULT} = {call}\n"
+        data.update(outputs=[KEPT_RESULT], keep=[KEPT_RESULT])
+    # The prelude is kept to one line: remote tracebacks shift by one line at most.
+    data["code"] = "; ".join(prelude) + "\n" + cell if prelude else cell
+    return _start(submitter, shipped.name, data, options)
 
 
 class MapProgress:

@@ -135,6 +135,10 @@ class Reason(StrEnum):
     LLM_BAD_RESPONSE = "llm-bad-response"
     POLICY_ERROR = "policy-error"
     STORE_FULL = "store-full"
+    # -- resident data (refs) ------------------------------------------------------------
+    REF_NOT_FOUND = "ref-not-found"  # no such ref here: never put, released, or its holder left
+    REF_FORBIDDEN = "ref-forbidden"  # the ref belongs to another peer
+    REF_LOST = "ref-lost"  # its only holder left and no owner copy exists to re-push
     CLOSED = "closed"  # the service was closed (the coordinator left)
     # -- knowledge ---------------------------------------------------------------------
     AUTHOR_MISMATCH = "author-mismatch"

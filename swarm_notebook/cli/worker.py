@@ -133,6 +133,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop gracefully when the process that started this one dies "
         "(used by `swarm-notebook up`, so a killed launcher leaves no workers)",
     )
+    parser.add_argument(
+        "--store-mb",
+        type=float,
+        default=512,
+        help="memory for resident data other peers put here (c.put); a put past it is "
+        "refused with store-full",
+    )
+    parser.add_argument(
+        "--spill-dir", type=Path, default=None, help="folder where resident data may spill"
+    )
+    parser.add_argument("--spill-mb", type=float, default=0, help="disk budget for --spill-dir")
     add_ice_arguments(parser)
     parser.add_argument("--log-level", default="WARNING")
 
@@ -174,6 +185,9 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         roster_owner=args.roster_owner,
         mesh=mesh_with_ice(args),
         report_packages=list(args.report_package),
+        store_bytes=int(args.store_mb * 2**20),
+        store_spill_dir=args.spill_dir,
+        store_spill_bytes=int(args.spill_mb * 2**20) if args.spill_dir is not None else 0,
     )
 
 

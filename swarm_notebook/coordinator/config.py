@@ -12,6 +12,7 @@ from swarm_notebook.transport.mesh import MeshConfig
 from swarm_notebook.workload.delegator import DelegationConfig
 from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 from swarm_notebook.workload.policy import TaskPolicy
+from swarm_notebook.workload.store import DEFAULT_STORE_BYTES
 
 # One room for every entry point (join(), %swarm join, worker, up): defaults meet.
 
@@ -47,3 +48,8 @@ class CoordinatorConfig:
     # Packages whose versions this peer's card reports besides python, numpy, pandas,
     # pyarrow and scikit-learn (worker --report-package).
     report_packages: list[str] = field(default_factory=list)
+    # Resident data other peers put here: a hard memory budget, and optionally a folder
+    # where least recently used refs spill (worker --store-mb / --spill-dir / --spill-mb).
+    store_bytes: int = DEFAULT_STORE_BYTES
+    store_spill_dir: Path | None = None
+    store_spill_bytes: int = 0

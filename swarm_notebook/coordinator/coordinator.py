@@ -11,9 +11,11 @@ import logging
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook._util.version import __version__
@@ -22,7 +24,10 @@ from swarm_notebook.coordinator.events import EventBus
 from swarm_notebook.errors import (
     EnvironmentMismatchWarning,
     NotJoinedError,
+    RefError,
+    RemoteError,
     RosterError,
+    SwarmError,
     TaskInputError,
     ValueCodecError,
 )
@@ -42,6 +47,7 @@ from swarm_notebook.membership.versions import (
     parse_requires,
 )
 from swarm_notebook.protocol.compression import Compression
+from swarm_notebook.protocol.describe import describe_value, shape_of
 from swarm_notebook.protocol.values import DecodeBudget, decode_value, encode_value
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.base import Transport
@@ -54,8 +60,11 @@ from swarm_notebook.workload.executors.capabilities import (
     detect_capabilities,
 )
 from swarm_notebook.workload.executors.dask_task import DaskTaskExecutor
-from swarm_notebook.workload.messages import requirements_for_task_type
+from swarm_notebook.workload.messages import REF_GET, requirements_for_task_type
 from swarm_notebook.workload.records import TaskLog
+from swarm_notebook.workload.ref_service import RefService
+from swarm_notebook.workload.refs import KEPT_RESULT, RefOwner, RemoteRef
+from swarm_notebook.workload.store import RefStore, content_digest
 from swarm_notebook.workload.task_server import TaskServer
 
 log = logging.getLogger(__name__)
@@ -100,6 +109,13 @@ class SwarmCoordinator:
             config.delegation,
             local_runner=self._run_locally,
         )
+        self.ref_store = RefStore(
+            config.store_bytes,
+            spill_dir=config.store_spill_dir,
+            max_spill_bytes=config.store_spill_bytes,
+        )
+        self.ref_service = RefService(self.node, self.ref_store, self._notify)
+        self.refs = RefOwner(self.node, self._notify)
         self.task_server = TaskServer(
             self.node,
             self.executors,
@@ -111,6 +127,7 @@ class SwarmCoordinator:
             max_queue=config.max_queue,
             audit=self.audit.record_quietly,
             codec=config.compression,
+            refs=self.ref_service,
         )
         self.knowledge = KnowledgeService(
             node=self.node,
@@ -266,6 +283,9 @@ class SwarmCoordinator:
         )
 
     async def leave(self) -> None:
+        # Our refs first, while the links are up: holders free them at once (they would
+        # when our link drops anyway, but later).
+        await self.refs.release_all()
         handed_back = await self.task_server.drain(self.config.drain_grace_s)
         if handed_back:
             log.warning("%d task(s) handed back to their delegators on shutdown", handed_back)
@@ -274,6 +294,8 @@ class SwarmCoordinator:
         await self.knowledge.close()
         await self.consensus.close()
         await self.task_server.close()
+        await self.refs.close()
+        self.ref_store.close()
         # init() builds the executors, so this is the one place that closes them.
         await close_executors(self.executors)
         await self.node.close()
@@ -319,6 +341,7 @@ class SwarmCoordinator:
             raise TaskInputError(Reason.BAD_ARGUMENTS, f"timeout must be > 0 s, got {timeout!r}")
         specs = parse_requires(requires)
         wire_data = self._encode_inputs(task_type, data)
+        prefer, prepare = self._ref_placement(wire_data)
         started = time.monotonic()
         record, result = await self.delegator.delegate(
             task_type,
@@ -328,6 +351,8 @@ class SwarmCoordinator:
             task_id=task_id,
             max_attempts=max_attempts,
             requires=specs,
+            prefer=prefer,
+            prepare=prepare,
         )
         self.audit.record_quietly(
             "delegation-sent",
@@ -344,6 +369,7 @@ class SwarmCoordinator:
         if isinstance(attempts, int) and not isinstance(attempts, bool):
             record.backend_attempts = attempts
         result = self._decode_outputs(task_type, result, record.peer)
+        self._adopt_kept(result, record.peer)
         warning = self._environment_warning(record.peer)
         if warning is not None:
             result["environment_warning"] = warning
@@ -386,6 +412,14 @@ class SwarmCoordinator:
             raise TaskInputError(
                 Reason.BAD_INPUT, "python-computation 'inputs' must be a dict of name -> value"
             )
+        refs = {name: v for name, v in inputs.items() if isinstance(v, RemoteRef)}
+        if refs:
+            for ref in refs.values():
+                if ref.owner == self.local_id:
+                    self.refs.get(ref.ref_id)  # unknown, released or lost: named here
+            wire["refs"] = {name: ref.ref_id for name, ref in refs.items()}
+            wire["_ref_handles"] = list(refs.values())
+            inputs = {name: v for name, v in inputs.items() if name not in refs}
         # The peer is chosen after encoding, so inputs are judged against the fastest
         # link: compressed only if that pays even there.
         compression = Compression(
@@ -399,6 +433,141 @@ class SwarmCoordinator:
             # The caller's value, refused before any peer saw it: local misuse.
             raise TaskInputError(exc.reason, f"an input cannot be sent: {exc.message}") from exc
         return wire
+
+    def _ref_placement(
+        self, wire: Any
+    ) -> tuple[frozenset[str], Callable[[str], Awaitable[None]] | None]:
+        """Where the task's refs are (a locality hint), and how to bring ours to a peer."""
+        if not isinstance(wire, dict) or "_ref_handles" not in wire:
+            return frozenset(), None
+        handles: list[RemoteRef] = wire.pop("_ref_handles")
+        ours = [h.ref_id for h in handles if h.owner == self.local_id]
+        holders: set[str] = set()
+        for handle in handles:
+            if handle.owner == self.local_id:
+                holders.update(self.refs.get(handle.ref_id).holders)
+            else:
+                holders.update(handle._holders)  # another peer's ref: the worker decides
+        if not ours:
+            return frozenset(holders), None
+
+        async def prepare(target: str) -> None:
+            await self.refs.ensure_held(ours, target)
+
+        return frozenset(holders), prepare
+
+    def _adopt_kept(self, result: dict[str, Any], peer: str | None) -> None:
+        """Outputs the peer kept become refs we own, in place of their values."""
+        kept = result.pop("kept", None)
+        if not isinstance(kept, dict) or not kept or peer is None:
+            return
+        outputs = result.setdefault("outputs", {})
+        for name, descriptor in kept.items():
+            try:
+                handle = self.refs.adopt(peer, descriptor).handle(self.local_id)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise RefError(
+                    Reason.MALFORMED, f"peer {peer[:16]} kept {name!r} badly: {exc}"
+                ) from exc
+            if name == KEPT_RESULT:
+                result["value"] = handle
+            else:
+                outputs[name] = handle
+
+    # -- resident data -----------------------------------------------------------------
+
+    async def put(
+        self, value: Any, *, peer: str | None = None, replicas: int = 1, reuse: bool = False
+    ) -> RemoteRef:
+        """Keep ``value`` on ``replicas`` peers (or ``peer``); see ``client.Coordinator.put``."""
+        if not self.initialized:
+            raise NotJoinedError("the coordinator is not initialised", Reason.NOT_INITIALIZED)
+        if isinstance(value, RemoteRef):
+            raise TaskInputError(Reason.BAD_ARGUMENTS, f"{value!r} is already a ref")
+        try:
+            payload = msgspec.msgpack.encode(encode_value(value))
+        except ValueCodecError as exc:
+            raise TaskInputError(exc.reason, f"the value cannot be put: {exc.message}") from exc
+        if reuse:
+            existing = self.refs.find_digest(content_digest(payload))
+            if existing is not None and (peer is None or peer in existing.holders):
+                return existing.handle(self.local_id)
+        ref = await self.refs.put(
+            payload, describe_value(value), peer=peer, replicas=replicas, shape=shape_of(value)
+        )
+        self.audit.record_quietly(
+            "ref-put",
+            peer=",".join(ref.holders),
+            outcome="stored",
+            detail={"ref_id": ref.ref_id, "size": ref.size},
+        )
+        return ref.handle(self.local_id)
+
+    async def fetch(self, ref_id: str) -> Any:
+        """The value of our ref ``ref_id``: the owner's copy, else a holder's."""
+        ref = self.refs.get(ref_id)
+        payload = ref.payload
+        source = self.local_id
+        if payload is None:
+            problems = []
+            for holder in [h for h in ref.holders if h in set(self.node.connected_peers())]:
+                try:
+                    reply = await self.node.endpoint.request(
+                        holder, REF_GET, {"ref_id": ref_id}, timeout=120.0
+                    )
+                except (RemoteError, SwarmError) as exc:
+                    problems.append(f"{holder[:16]}: {exc}")
+                    continue
+                got = reply.get("payload") if isinstance(reply, dict) else None
+                if isinstance(got, bytes) and content_digest(got) == ref.digest:
+                    payload, source = got, holder
+                    break
+                problems.append(f"{holder[:16]}: sent bytes that do not match the ref's hash")
+            if payload is None:
+                raise RefError(
+                    Reason.REF_LOST,
+                    f"ref {ref_id} could not be read: " + "; ".join(problems),
+                    ref_id,
+                )
+        allow = source == self.local_id or self.config.policy.allows_pickle(source)
+        try:
+            return decode_value(msgspec.msgpack.decode(payload), allow_pickle=allow)
+        except (ValueCodecError, msgspec.DecodeError) as exc:
+            raise RefError(
+                Reason.MALFORMED, f"ref {ref_id} cannot be decoded: {exc}", ref_id
+            ) from exc
+
+    async def release(self, ref_id: str) -> None:
+        """Free our ref everywhere; unknown or already released is a ``RefError``."""
+        await self.refs.release(ref_id)
+
+    def ref_holders(self, ref_id: str) -> tuple[str, ...]:
+        ref = self.refs.refs.get(ref_id)
+        return tuple(ref.holders) if ref is not None else ()
+
+    def ref_records(self) -> list[dict[str, Any]]:
+        """Refs we own (where they are) and refs other peers keep here."""
+        rows = [{**r, "role": "owned", "owner": self.local_id} for r in self.refs.records()]
+        for entry in self.ref_store.entries():
+            rows.append(
+                {
+                    "ref_id": entry.ref_id,
+                    "size": entry.size,
+                    "holders": [self.local_id],
+                    "replicas": None,
+                    "owner_copy": False,
+                    "lost": False,
+                    "dtypes": dict(entry.dtypes),
+                    "shape": None,
+                    "digest": entry.digest,
+                    "tasks": entry.reads,
+                    "created_at": entry.stored_at,
+                    "role": "held",
+                    "owner": entry.owner,
+                    "spilled": entry.spilled,
+                }
+            )
+        return rows
 
     def _decode_outputs(
         self, task_type: str, result: dict[str, Any], peer: str | None
@@ -538,6 +707,8 @@ class SwarmCoordinator:
                 **{f"served_{k}": v for k, v in self.task_server.output_counters.items()},
                 "received_batches": self.delegator.output_batches,
             },
+            # Resident data: what we put elsewhere, and what others keep here.
+            "refs": {**self.refs.stats(), "store": self.ref_service.stats()},
             "electorate": self.consensus.electorate.describe(),
             # > 0: another process proved this peer's key at the signaling server.
             "identity_conflicts": int(getattr(self.node.transport, "identity_conflicts", 0)),

@@ -34,19 +34,29 @@ def choose_peer(
     *,
     exclude: Iterable[str] = (),
     rng: random.Random | None = None,
+    prefer: Iterable[str] = (),
 ) -> Candidate | None:
     """The capable peer with the lowest load, random among ties; ``None`` if none fits.
+
+    ``prefer`` is a locality hint (the peers holding a task's resident data): when one of
+    them is capable, the choice is made among them only, so the data does not move.
 
     >>> a = Candidate("a", frozenset({"python-execution"}), 2, 0, 2)
     >>> b = Candidate("b", frozenset({"python-execution"}), 0, 1, 2)
     >>> choose_peer([a, b], ["python-execution"]).peer_id
     'b'
+    >>> choose_peer([a, b], ["python-execution"], prefer=["a"]).peer_id
+    'a'
     """
     skipped = set(exclude)
     needed = set(requirements)
     capable = [c for c in candidates if c.peer_id not in skipped and needed <= c.capabilities]
     if not capable:
         return None
+    preferred = set(prefer)
+    local = [c for c in capable if c.peer_id in preferred]
+    if local:
+        capable = local
     best = min(load_score(c) for c in capable)
     tied = [c for c in capable if load_score(c) == best]
     return (rng or random).choice(tied)

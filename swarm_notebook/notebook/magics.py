@@ -31,6 +31,7 @@ from swarm_notebook.errors import (
     AttemptsExhausted,
     DelegationError,
     NoCapablePeerError,
+    RefError,
     RemoteTaskError,
     SessionLostError,
     SwarmError,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 
     from swarm_notebook.client import Coordinator
     from swarm_notebook.sessions import RemoteSession
+    from swarm_notebook.workload.refs import RemoteRef
 
 TASK_TYPE = "python-computation"
 PYTHON_EXECUTION = "python-execution"
@@ -208,6 +210,13 @@ def build_parser(env: dict[str, str]) -> MagicArgumentParser:
         ("leave", "leave the swarm"),
     ):
         sub.add_parser(name, help=text)
+    put = sub.add_parser(
+        "put",
+        help="keep a variable on a peer (a RemoteRef); --push of it then reuses the ref",
+    )
+    put.add_argument("variable", type=_name, help="the variable to keep remotely")
+    put.add_argument("--peer", default=None, help="peer id (or a unique prefix of one)")
+    put.add_argument("--replicas", type=int, default=1, help="peers keeping a copy (default 1)")
     roster = sub.add_parser("roster", help="who may vote: show | add ID [--name N] | remove ID")
     roster.add_argument("action", nargs="?", choices=("show", "add", "remove"), default="show")
     roster.add_argument("peer_id", nargs="?", default=None)
@@ -259,6 +268,9 @@ class SwarmMagics(Magics):
     def __init__(self, shell: InteractiveShell, session: SwarmSession) -> None:
         super().__init__(shell)
         self.session = session
+        # Variables put with `%swarm put`: `--push NAME` sends the ref while the value is
+        # unchanged (same content hash), and puts the new value when it changed.
+        self.refs: dict[str, RemoteRef] = {}
 
     @line_cell_magic
     def swarm(self, line: str, cell: str | None = None) -> Any:
@@ -357,6 +369,40 @@ class SwarmMagics(Magics):
         else:
             print("not in a swarm: nothing to leave")
 
+    def _put(self, args: argparse.Namespace) -> RemoteRef:
+        from swarm_notebook.notebook.session import run_blocking
+
+        coordinator = self.session.require()
+        user_ns = self.shell.user_ns if self.shell is not None else {}
+        if args.variable not in user_ns:
+            raise UsageError(
+                Reason.UNKNOWN_VARIABLE, f"there is no variable {args.variable!r} to put"
+            )
+        peer = self._target(coordinator, args) if args.peer else None
+        ref = run_blocking(
+            coordinator.put(user_ns[args.variable], peer=peer, replicas=args.replicas)
+        )
+        self.refs[args.variable] = ref
+        holders = ", ".join(coordinator.peer_name(h) or h[:8] for h in ref.holders)
+        print(f"{args.variable}: ref {ref.ref_id[:8]} ({ref.size} bytes) on {holders}")
+        return ref
+
+    def _pushed(self, coordinator: Coordinator, name: str, value: Any) -> Any:
+        """What `--push name` sends: the variable's ref if it was put, else the value."""
+        from swarm_notebook.notebook.session import run_blocking
+
+        ref = self.refs.get(name)
+        if ref is None:
+            return value
+        fresh = run_blocking(coordinator.put(value, reuse=True))
+        if fresh.ref_id != ref.ref_id:
+            self.refs[name] = fresh
+            try:
+                run_blocking(coordinator.release(ref))
+            except RefError:
+                pass  # already released (or left with its coordinator): nothing to free
+        return fresh
+
     def _roster(self, args: argparse.Namespace) -> None:
         """Show the room's roster, or change it (this peer must own it, or make it)."""
         from swarm_notebook.notebook.session import run_blocking
@@ -392,7 +438,7 @@ class SwarmMagics(Magics):
         if args.handle_name and not args.no_wait:
             raise UsageError(Reason.BAD_ARGUMENTS, "--as names the handle of --no-wait")
         peer = self._target(coordinator, args)
-        inputs = {name: user_ns[name] for name in args.push}
+        inputs = {name: self._pushed(coordinator, name, user_ns[name]) for name in args.push}
         # The %%swarm line is line 1 of the cell: a blank first line keeps the remote
         # traceback's line numbers those of the cell.
         code = "\n" + cell

@@ -349,3 +349,37 @@ def sessions_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "lost_because": _text(row.get("lost_because") for row in rows),
         }
     )
+
+
+REF_ROLE = pd.CategoricalDtype(["owned", "held"])
+
+
+def refs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Resident data: refs this peer owns (where they are) and refs it holds for others.
+
+    >>> refs_frame([{"ref_id": "ab12", "role": "owned", "owner": "P", "size": 10,
+    ...     "holders": ["W"], "dtypes": {"a": "int64"}, "owner_copy": True, "lost": False,
+    ...     "tasks": 2, "created_at": 0.0}])[["size", "holders"]].iloc[0].tolist()
+    [10, 1]
+    """
+    rows = _records(records, "ref")
+    ids = [_require(row, "ref_id", "ref", index) for index, row in enumerate(rows)]
+    roles = _column(rows, "role", "ref", _state(REF_ROLE))
+    return _frame(
+        {
+            "ref_id": _text(ids),
+            "role": pd.Series(roles, dtype=REF_ROLE),
+            "owner": _text(row.get("owner") for row in rows),
+            "size": pd.Series(_column(rows, "size", "ref", _count), dtype="int64"),
+            "holders": pd.Series([len(row.get("holders") or []) for row in rows], dtype="int64"),
+            "holder_ids": _text(",".join(row.get("holders") or []) for row in rows),
+            "dtypes": _text(
+                ", ".join(f"{k}: {v}" for k, v in (row.get("dtypes") or {}).items()) for row in rows
+            ),
+            "owner_copy": pd.Series([bool(row.get("owner_copy")) for row in rows], dtype="bool"),
+            "spilled": pd.Series([bool(row.get("spilled")) for row in rows], dtype="bool"),
+            "lost": pd.Series([bool(row.get("lost")) for row in rows], dtype="bool"),
+            "tasks": pd.Series(_column(rows, "tasks", "ref", _count), dtype="int64"),
+            "created_at": _times(_column(rows, "created_at", "ref", _number)),
+        }
+    )

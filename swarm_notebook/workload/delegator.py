@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from swarm_notebook.errors import (
     NoCapablePeerError,
     PeerUnavailable,
     ProtocolError,
+    RefError,
     RemoteError,
     RequestTimeout,
     TaskInputError,
@@ -56,6 +57,10 @@ from swarm_notebook.workload.records import TaskLog, TaskRecord, TaskState
 log = logging.getLogger(__name__)
 
 Notify = Callable[[str, dict[str, Any]], None]
+
+
+# Moving a ref to a peer failed in a way another peer may not share: try the next one.
+MOVABLE_REF_FAILURES = frozenset({Reason.STORE_FULL, Reason.PEER_UNAVAILABLE, Reason.TIMEOUT})
 
 
 @dataclass
@@ -180,12 +185,17 @@ class Delegator:
         task_id: str | None = None,
         max_attempts: int | None = None,
         requires: Mapping[str, SpecifierSet] | None = None,
+        prefer: Collection[str] = (),
+        prepare: Callable[[str], Awaitable[None]] | None = None,
     ) -> tuple[TaskRecord, dict[str, Any]]:
         """Run the task on a peer: returns what the peer reported, or raises.
 
         ``task_id`` lets a caller know the id before the task starts; ``max_attempts``
         bounds how many peers may try it (default: the settings'); ``requires`` admits only
         peers whose cards report package versions that meet it (``membership/versions.py``).
+        ``prefer`` names the peers holding the task's resident data (chosen first when
+        capable) and ``prepare(peer)`` runs before the task is sent there (it moves the
+        data; a ``RefError`` from it costs that peer one attempt).
 
         Raises a ``DelegationError`` when no peer ran it and a ``UsageError`` for input
         refused before any peer saw it (see ``client.Coordinator.delegate_task``).
@@ -200,7 +210,15 @@ class Delegator:
         self.notify("task:submitted", record.as_dict())
         try:
             result = await self._attempts(
-                record, requirements, data, timeout, peer, max_attempts, requires or {}
+                record,
+                requirements,
+                data,
+                timeout,
+                peer,
+                max_attempts,
+                requires or {},
+                prefer,
+                prepare,
             )
         except asyncio.CancelledError:
             self._finish(record, TaskState.CANCELED, "canceled by the caller")
@@ -234,6 +252,8 @@ class Delegator:
         peer: str | None,
         max_attempts: int | None = None,
         requires: Mapping[str, SpecifierSet] | None = None,
+        prefer: Collection[str] = (),
+        prepare: Callable[[str], Awaitable[None]] | None = None,
     ) -> dict[str, Any]:
         specs = requires or {}
         if peer is not None and specs:
@@ -246,7 +266,7 @@ class Delegator:
         while record.attempts < attempts:
             target = peer
             if target is None:
-                candidate, capable = self._choose(requirements, record.tried_peers, specs)
+                candidate, capable = self._choose(requirements, record.tried_peers, specs, prefer)
                 if candidate is None and capable:
                     # Every capable peer is at its advertised capacity: wait, do not fail.
                     if await self._wait_for_capacity(deadline):
@@ -261,6 +281,16 @@ class Delegator:
                         return await self._run_locally(record, data, timeout)
                     raise self._no_peer_error(record.type, requirements, refusals, specs)
                 target = candidate
+            if prepare is not None:
+                try:
+                    await prepare(target)
+                except RefError as exc:
+                    if peer is not None or exc.reason not in MOVABLE_REF_FAILURES:
+                        raise
+                    record.attempts += 1
+                    record.tried_peers.append(target)
+                    refusals.append(f"{target[:16]}: {exc.reason}: {exc.message}")
+                    continue
             record.peer = target
             record.attempts += 1
             record.state = TaskState.SUBMITTED
@@ -378,6 +408,7 @@ class Delegator:
         requirements: list[str],
         tried: list[str],
         specs: Mapping[str, SpecifierSet] | None = None,
+        prefer: Collection[str] = (),
     ) -> tuple[str | None, bool]:
         """(peer with room, whether any capable untried peer exists at all)."""
         candidates = [
@@ -386,7 +417,9 @@ class Delegator:
             if c.peer_id not in tried and not (specs and unmet(c.versions, specs))
         ]
         capable = [c for c in candidates if set(requirements) <= c.capabilities]
-        chosen = choose_peer([c for c in capable if not c.full], requirements, rng=self._rng)
+        chosen = choose_peer(
+            [c for c in capable if not c.full], requirements, rng=self._rng, prefer=prefer
+        )
         return (chosen.peer_id if chosen else None), bool(capable)
 
     def _no_peer_error(

@@ -35,7 +35,13 @@ REQUIREMENTS: Mapping[str, tuple[str, ...]] = {
 TEMPORARY_REFUSALS = frozenset({Reason.BUSY, Reason.RATE_LIMITED})
 # Refusals that would be the same on every peer: retrying elsewhere cannot help.
 FINAL_REFUSALS = frozenset(
-    {Reason.BAD_INPUT, Reason.WRONG_SCHEMA, Reason.TOO_LARGE, Reason.UNKNOWN_TASK_TYPE}
+    {
+        Reason.BAD_INPUT,
+        Reason.WRONG_SCHEMA,
+        Reason.TOO_LARGE,
+        Reason.UNKNOWN_TASK_TYPE,
+        Reason.REF_FORBIDDEN,  # another peer's ref is refused on every peer
+    }
 )
 
 
@@ -81,3 +87,44 @@ class TaskOutput(msgspec.Struct, forbid_unknown_fields=True):
     task_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
     seq: Annotated[int, msgspec.Meta(ge=0)]
     chunks: Annotated[list[OutputChunk], msgspec.Meta(max_length=MAX_OUTPUT_MESSAGE_CHUNKS)]
+
+
+# -- resident data (refs) ----------------------------------------------------------------
+# The owner puts, pulls (tells a peer to copy a ref from a holder), releases; a holder
+# answers gets from the owner, or from a peer showing the ref's token.
+REF_PUT = "ref-put"
+REF_GET = "ref-get"
+REF_PULL = "ref-pull"
+REF_RELEASE = "ref-release"
+MAX_REF_IDS = 4096
+MAX_DTYPE_ENTRIES = 80
+
+RefId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+Digest = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Dtypes = Annotated[dict[str, str], msgspec.Meta(max_length=MAX_DTYPE_ENTRIES)]
+
+
+class RefPut(msgspec.Struct, forbid_unknown_fields=True):
+    ref_id: RefId
+    digest: Digest
+    token: Digest
+    payload: bytes
+    dtypes: Dtypes = msgspec.field(default_factory=dict)
+
+
+class RefGet(msgspec.Struct, forbid_unknown_fields=True):
+    ref_id: RefId
+    owner: str | None = None  # another peer's ref: needs its token
+    token: str | None = None
+
+
+class RefPull(msgspec.Struct, forbid_unknown_fields=True):
+    ref_id: RefId
+    source: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    digest: Digest
+    token: Digest
+    dtypes: Dtypes = msgspec.field(default_factory=dict)
+
+
+class RefRelease(msgspec.Struct, forbid_unknown_fields=True):
+    ref_ids: Annotated[list[RefId], msgspec.Meta(max_length=MAX_REF_IDS)]

@@ -37,6 +37,7 @@ from swarm_notebook.workload.messages import (
 from swarm_notebook.workload.output import DEFAULT_INTERVAL_S, DEFAULT_MAX_BYTES, OutputRelay
 from swarm_notebook.workload.policy import TaskPolicy
 from swarm_notebook.workload.records import TaskLog, TaskRecord, TaskState
+from swarm_notebook.workload.ref_service import RefService
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class TaskServer:
         output_interval_s: float = DEFAULT_INTERVAL_S,
         max_output_bytes: int = DEFAULT_MAX_BYTES,
         codec: str | None = DEFAULT_CODEC,
+        refs: RefService | None = None,
     ) -> None:
         self.node = node
         self.codec = codec
@@ -85,6 +87,7 @@ class TaskServer:
         self._running: set[asyncio.Future[dict[str, Any]]] = set()
         self._status_tasks: set[asyncio.Future[Any]] = set()
         self.refusals: dict[str, int] = {}
+        self.refs = refs
         node.endpoint.register_message_handler(TASK_EXECUTION, self._on_task, schema=TaskRequest)
 
     @property
@@ -131,10 +134,19 @@ class TaskServer:
             raise self._refuse(peer_id, request, exc.reason, exc.message) from exc
         if self._slots_used + self._queued >= self.concurrency + self.max_queue:
             raise self._refuse(peer_id, request, Reason.BUSY, "queue full; try another peer")
-        return await self._serve(peer_id, request, executor)
+        keep: list[str] = []
+        if self.refs is not None:
+            # Resident inputs are resolved after the size policy: refs are what keep big
+            # data off the wire, so they do not count against max_input_bytes.
+            try:
+                data, keep = self.refs.resolve(peer_id, request.data)
+            except HandlerRefusal as exc:
+                raise self._refuse(peer_id, request, exc.reason, exc.message) from exc
+            request = TaskRequest(request.task_id, request.type, data, request.timeout)
+        return await self._serve(peer_id, request, executor, keep)
 
     async def _serve(
-        self, peer_id: str, request: TaskRequest, executor: Executor
+        self, peer_id: str, request: TaskRequest, executor: Executor, keep: list[str] | None = None
     ) -> dict[str, Any]:
         record = self.tasks.add(
             TaskRecord(id=request.task_id, type=request.type, role="served", peer=peer_id)
@@ -176,6 +188,8 @@ class TaskServer:
                 self._running.add(run)
                 try:
                     result = await run
+                    if keep and self.refs is not None:
+                        result = self.refs.keep_outputs(peer_id, result, keep)
                     # Output first: the delegator reads the result after the last batch.
                     await relay.close()
                 except BaseException:
