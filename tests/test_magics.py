@@ -305,6 +305,26 @@ def test_needs_picks_peers_by_package_versions(joined: InteractiveShell) -> None
     assert isinstance(error, UsageError) and "version specifier" in error.message
 
 
+def test_put_keeps_a_variable_remote_and_push_reuses_it_while_unchanged(
+    joined: InteractiveShell,
+) -> None:
+    c = swarm_notebook.current()
+    ok(joined.run_cell("import pandas as pd\nframe = pd.DataFrame({'a': range(1000)})\n"))
+    ref = ok(joined.run_cell("%swarm put frame"))
+    assert isinstance(ref, swarm_notebook.RemoteRef) and ref.size > 0 and ref.holders
+    cell = "%%swarm run --push frame\nint(frame['a'].sum())\n"
+    assert ok(joined.run_cell(cell)) == 499500
+    assert ok(joined.run_cell(cell)) == 499500
+    owned = c.refs_frame().query("role == 'owned'")
+    assert owned["ref_id"].tolist() == [ref.ref_id]  # unchanged: the same ref both times
+    ok(joined.run_cell("frame = pd.DataFrame({'a': range(10)})\n"))
+    assert ok(joined.run_cell(cell)) == 45  # changed: the new value was put and used
+    owned = c.refs_frame().query("role == 'owned'")
+    assert ref.ref_id not in owned["ref_id"].tolist() and len(owned) == 1
+    error = failed(joined.run_cell("%swarm put no_such_variable"))
+    assert isinstance(error, UsageError) and "no_such_variable" in error.message
+
+
 def test_peer_gone_mid_task(joined: InteractiveShell, swarm: Swarm) -> None:
     doomed = swarm.start_worker("doomed", "python-execution")
     coordinator = swarm_notebook.current()
