@@ -217,3 +217,46 @@ async def test_a_big_input_is_scattered_and_arrives_intact(executor: DaskTaskExe
     result = await executor.run(data, ctx)
     assert decode_value(result["value"]) == float(df.v.sum())
     assert executor.stats()["scattered_inputs"] == 1
+
+
+async def test_the_same_big_input_is_scattered_once_and_reused_by_later_tasks(
+    executor: DaskTaskExecutor,
+) -> None:
+    """A ref used by many tasks arrives as the same bytes each time: it stays on the
+    cluster as one scattered future instead of travelling again."""
+    import pandas as pd
+
+    before = executor.stats()
+    df = pd.DataFrame({"v": range(300_000)})
+    ctx = TaskContext(task_id="t6", delegator="friend")
+    encoded = encode_value(df)
+    for code, expected in (("float(df.v.sum())", float(df.v.sum())), ("len(df)", len(df))):
+        result = await executor.run({"code": code, "inputs": {"df": encoded}}, ctx)
+        assert decode_value(result["value"]) == expected
+    after = executor.stats()
+    assert after["scattered_inputs"] - before["scattered_inputs"] == 1
+    assert after["reused_scattered_inputs"] - before["reused_scattered_inputs"] == 1
+    other = pd.DataFrame({"v": range(300_001)})  # different bytes: scattered anew
+    result = await executor.run(
+        {"code": "len(df)", "inputs": {"df": encode_value(other)}}, ctx
+    )
+    assert decode_value(result["value"]) == 300_001
+    assert executor.stats()["scattered_inputs"] - before["scattered_inputs"] == 2
+
+
+async def test_scattered_inputs_keep_a_bounded_number_of_bytes(
+    executor: DaskTaskExecutor,
+) -> None:
+    from swarm_notebook.workload.executors.dask_inputs import ScatteredInputs
+
+    await executor.start()
+    client = executor.cluster.client
+    cache = ScatteredInputs(max_bytes=3_000)
+    first = await cache.place(client, b"a" * 1_000)
+    assert await cache.place(client, b"a" * 1_000) is first
+    await cache.place(client, b"b" * 1_000)
+    await cache.place(client, b"c" * 1_000)  # over the budget: the oldest ("a") goes
+    assert cache.stats()["entries"] == 2 and cache.stats()["bytes"] <= 3_000
+    again = await cache.place(client, b"a" * 1_000)
+    assert again is not first and await again == b"a" * 1_000
+    assert cache.stats()["scattered"] == 4 and cache.stats()["reused"] == 1

@@ -44,6 +44,10 @@ def nap(x: int, seconds: float) -> int:
     return x + 1
 
 
+def column_sum(df: Any, column: str) -> float:
+    return float(df[column].sum())
+
+
 def sleep_long() -> None:
     import time
 
@@ -124,6 +128,24 @@ async def test_tasks_run_on_the_clusters_processes_and_look_like_a_plain_workers
     assert fut.stdout == "dividing 1.0 by 0.0\n"
     record = c.task_record(fut.task_id)
     assert record is not None and record["attempts"] == 1 and record["backend_attempts"] == 1
+
+    # A ref put on the Dask-backed peer becomes one scattered future on the cluster: the
+    # tasks on it run on Dask workers without the frame being scattered again.
+    import pandas as pd
+
+    df = pd.DataFrame({"v": range(400_000)})
+    ref = await c.put(df, peer=worker.peer_id)
+    assert ref.holders == (worker.peer_id,)
+
+    async def scattered_inputs() -> int:
+        keys = [k for ks in (await dask.has_what()).values() for k in ks]
+        return sum(1 for k in keys if str(k).startswith("dict-"))
+
+    assert await c.submit(column_sum, ref, "v") == float(df.v.sum())
+    assert await scattered_inputs() == 1
+    assert await c.submit(column_sum, ref, "v") == float(df.v.sum())
+    assert await scattered_inputs() == 1
+    assert (await ref.fetch()).equals(df)
 
     # A delegator not on the allowlist is refused, with the reason.
     stranger = await join("dask", signaling=server.url, profile=tmp_path / "stranger")

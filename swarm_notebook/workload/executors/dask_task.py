@@ -33,8 +33,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import msgspec
-
 from swarm_notebook.workload.executors.base import (
     OUTPUT_STREAMS,
     ErrorType,
@@ -43,6 +41,7 @@ from swarm_notebook.workload.executors.base import (
     failure,
 )
 from swarm_notebook.workload.executors.dask_cluster import OUTPUT_TOPIC, DaskCluster
+from swarm_notebook.workload.executors.dask_inputs import ScatteredInputs
 from swarm_notebook.workload.sandbox.bwrap import ISOLATION_NONE
 from swarm_notebook.workload.sandbox.child import BoundedWriter, TaskRunner
 from swarm_notebook.workload.sandbox.pool import PythonSandboxPool, PythonTaskData
@@ -52,7 +51,6 @@ BACKEND_DASK = "dask"
 OUTPUT_INTERVAL_S = 0.1
 CANCEL_WAIT_S = 5.0
 SCATTER_MIN_BYTES = 1 << 20  # inputs at least this big go to the workers by scatter
-_MSGPACK = msgspec.msgpack.Encoder()
 
 
 class DaskTaskExecutor:
@@ -85,6 +83,7 @@ class DaskTaskExecutor:
         self.output_interval_s = output_interval_s
         # The sandbox pool's checks of names, packages and sizes, reused as they are.
         self._checks = PythonSandboxPool(size=1, max_code_chars=max_code_chars)
+        self._scattered = ScatteredInputs()
         self._counters = {
             "tasks": 0,
             "succeeded": 0,
@@ -96,6 +95,7 @@ class DaskTaskExecutor:
             "dask_futures": 0,
             "split_chunks": 0,
             "scattered_inputs": 0,
+            "reused_scattered_inputs": 0,
             "retried_after_worker_loss": 0,
         }
 
@@ -105,6 +105,7 @@ class DaskTaskExecutor:
         await self.cluster.start()
 
     async def close(self) -> None:
+        self._scattered.clear()
         await self.cluster.close()
 
     @property
@@ -269,21 +270,21 @@ class DaskTaskExecutor:
         result["backend_attempts"] = 1 + lost
         return result
 
-    async def _place(self, requests: list[dict[str, Any]]) -> list[Any]:
-        """The requests as task arguments: big ones scattered to the workers first, so
-        their data travels worker-to-worker instead of inside the task graph. (Refs, when
-        they exist, become such scattered futures, kept between tasks.)"""
+    async def _place(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The requests with their big inputs as Dask futures: scattered to the workers
+        once (a ref used by many tasks stays on the cluster), so the data travels
+        worker-to-worker instead of inside the task graph."""
         client = self.cluster.client
         assert client is not None
-        sizes = [len(_MSGPACK.encode(r["inputs"])) for r in requests]
-        if max(sizes) < SCATTER_MIN_BYTES:
-            return list(requests)
-        big = [i for i, size in enumerate(sizes) if size >= SCATTER_MIN_BYTES]
-        scattered = await client.scatter([requests[i] for i in big], hash=False)
-        self._counters["scattered_inputs"] += len(big)
-        placed: list[Any] = list(requests)
-        for i, future in zip(big, scattered, strict=True):
-            placed[i] = future
+        placed: list[dict[str, Any]] = []
+        for request in requests:
+            inputs = dict(request["inputs"])
+            for name, value in inputs.items():
+                if ScatteredInputs.size_of(value) >= SCATTER_MIN_BYTES:
+                    inputs[name] = await self._scattered.place(client, value)
+                    self._counters["scattered_inputs"] = self._scattered.scattered
+                    self._counters["reused_scattered_inputs"] = self._scattered.reused
+            placed.append({**request, "inputs": inputs})
         return placed
 
     async def _cancel(self, futures: list[Any], gathering: asyncio.Future[Any]) -> None:
