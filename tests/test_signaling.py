@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
-import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,6 +40,7 @@ from swarm_notebook.signaling import (
     SignalingServer,
 )
 from swarm_notebook.signaling.membership import RoomMembership
+from tests.support.procs import child_processes
 from tests.support.threaded_server import ThreadedServer
 
 WAIT = 5.0
@@ -737,7 +737,7 @@ async def test_cli_prints_its_url_and_stops_cleanly_on_sigterm(make_client: Clie
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0
-    assert psutil.Process().children(recursive=True) == []
+    assert child_processes() == []
 
 
 # -- fuzz ----------------------------------------------------------------------------------

@@ -133,11 +133,24 @@ class PeerProcess:
 
 
 def child_processes() -> list[psutil.Process]:
+    """Live descendants of this process, but for multiprocessing's resource tracker.
+
+    The tracker is the standard library's: the first ``multiprocessing`` use that needs it
+    (a Dask ``LocalCluster`` of processes in test_dask_parts) starts it, and it serves the
+    interpreter until exit, so every later test would count it as a leak of its own.
+    """
     return [
         p
         for p in psutil.Process().children(recursive=True)
-        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and not _resource_tracker(p)
     ]
+
+
+def _resource_tracker(proc: psutil.Process) -> bool:
+    try:
+        return any("multiprocessing.resource_tracker" in part for part in proc.cmdline())
+    except psutil.Error:
+        return False
 
 
 class WorkerProcess:
