@@ -178,6 +178,7 @@ def test_a_metric_with_a_second_anchor_gets_a_row_and_json_entry_for_each() -> N
         ctx.record("dask_rtt_ms", [10.0], "ms")
         ctx.record("submit_rtt_ms", [1.5], "ms")
         ctx.record("map_items_per_s", [900.0], "items/s")  # no anchor measured: no rows
+        ctx.record("raw_rtt_ms", [2.0], "ms")  # the transport's floor, shown, not judged
 
     report = run_suites([Suite("m", measured)], quick=True, progress=NullProgress())
     rows = [(r.metric.name, r.anchor, r.verdict) for r in report.rows()]
@@ -185,6 +186,10 @@ def test_a_metric_with_a_second_anchor_gets_a_row_and_json_entry_for_each() -> N
     assert ("submit_rtt_ms", "dask_rtt_ms", "misses") in rows  # 0.15x > 0.1x
     assert [r for r in rows if r[0] == "map_items_per_s"] == [
         ("map_items_per_s", "ipyparallel_map_items_per_s", None)
+    ]
+    assert [r for r in rows if r[0] == "raw_rtt_ms"] == [
+        ("raw_rtt_ms", None, None),
+        ("raw_rtt_ms", "dask_rtt_ms", None),
     ]
     submit = report.to_json()["metrics"]["submit_rtt_ms"]
     assert submit["verdict"] == "meets"

@@ -105,6 +105,10 @@ ALSO_COMPARED: Mapping[str, tuple[Comparison, ...]] = MappingProxyType(
         "submit_rtt_ms": (Comparison("dask_rtt_ms", "<=", 0.1),),
         "map_items_per_s": (Comparison("dask_map_items_per_s", ">=", 2.0),),
         "delegate_rtt_ms": (Comparison("dask_rtt_ms"),),
+        # The transport's own floor next to targets set against Dask: a swarm task needs
+        # at least one bare round trip, and a push + pull at least twice the one-way bytes.
+        "raw_rtt_ms": (Comparison("dask_rtt_ms"),),
+        "df50_raw_s": (Comparison("data_df50_dask_s"),),
     }
 )
 
