@@ -283,6 +283,12 @@ async def test_a_kept_output_with_two_replicas_survives_its_maker(
 async def test_a_kept_output_dies_with_its_only_holder_and_names_its_task(swarm: Any) -> None:
     c, workers = swarm
     ref = await c.put(frame(8, rows=1000))
+    with pytest.raises(swarm_notebook.UsageError, match="keep_replicas needs keep"):
+        c.submit(doubled, ref, keep_replicas=2)
+    with pytest.raises(swarm_notebook.TaskInputError, match="keep_replicas must be"):
+        await c.delegate_task(
+            "python-computation", {"code": "1", "keep": ["x"], "keep_replicas": 0}
+        )
     made = c.submit(doubled, ref, keep=True)
     twice = await made
     maker = next(w for w in workers if w.peer_id == twice.holders[0])

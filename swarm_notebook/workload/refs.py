@@ -377,6 +377,7 @@ class RefOwner:
         push (False). What ``target`` stores is ours: only our tasks may read it."""
         connected = set(self.node.connected_peers())
         problems = []
+        full = False  # the target had no room: another peer may (the delegator moves on)
         for source in [h for h in ref.holders if h in connected and h != target]:
             body = {
                 "ref_id": ref.ref_id,
@@ -389,6 +390,7 @@ class RefOwner:
                 await self.node.endpoint.request(target, REF_PULL, body, timeout=PUT_TIMEOUT_S)
             except SwarmError as exc:
                 problems.append(f"from {self._label(source)}: {exc}")
+                full = full or exc.reason == Reason.STORE_FULL
                 continue
             self._add_holder(ref, target)
             self.notify("refs:changed", {"ref_id": ref.ref_id})
@@ -397,7 +399,7 @@ class RefOwner:
             holders = ", ".join(self._label(h) for h in ref.holders) or "none"
             why = "; ".join(problems) or f"none of its holders is connected ({holders})"
             raise RefError(
-                Reason.REF_LOST,
+                Reason.STORE_FULL if full else Reason.REF_LOST,
                 f"ref {ref.ref_id} (kept by {ref.made_by()}) could not be copied to "
                 f"{self._label(target)}: {why}",
                 ref.ref_id,
