@@ -22,7 +22,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -410,9 +410,11 @@ class RefOwner:
 
     # -- replicas ----------------------------------------------------------------------
 
-    async def replicate(self, ref: OwnedRef) -> None:
+    def replicate(self, ref: OwnedRef) -> Awaitable[None]:
         """Bring ``ref`` to its replica count now, as far as capable peers allow."""
-        await self._restore(ref)
+        # Marked before the first await: a card arriving meanwhile starts no second copy.
+        self._restoring.add(ref.ref_id)
+        return self._restore(ref)
 
     def _short(self, ref: OwnedRef) -> bool:
         live = not ref.lost and bool(ref.holders or ref.payload)
