@@ -387,6 +387,7 @@ class Coordinator:
         requires: Mapping[str, str] | None = None,
         on_output: Callable[[str, str], Any] | None = None,
         keep: bool = False,
+        keep_replicas: int = 1,
         **kwargs: Any,
     ) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on a capable peer; returns a ``TaskFuture`` at once.
@@ -400,14 +401,16 @@ class Coordinator:
         ``on_output(stream, text)`` if given. ``requires={"pandas": ">=2.2"}`` runs it only
         where those versions are installed. Arguments may be ``RemoteRef`` s (from
         ``put``): the task runs where the data is. ``keep=True`` leaves the return value on
-        the peer and the future gives a ``RemoteRef`` to it (chain tasks on it).
+        the peer and the future gives a ``RemoteRef`` to it (chain tasks on it);
+        ``keep_replicas=2`` has one more capable peer copy it, peer to peer, so it survives
+        a holder's death (with 1, the default, it is lost with its peer: ``ref-lost``).
 
         >>> fut = c.submit(total, df, column="v")   # doctest: +SKIP
         >>> await fut                               # doctest: +SKIP
         42.0
         """
         self._require_joined()
-        options = SubmitOptions(peer, timeout, retries, requires, on_output, keep)
+        options = SubmitOptions(peer, timeout, retries, requires, on_output, keep, keep_replicas)
         return submit_function(self, fn, args, kwargs, options)
 
     def map(
