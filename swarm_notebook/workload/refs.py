@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 from swarm_notebook._util.tasks import OwnedTasks
@@ -37,6 +38,15 @@ RELEASE_TIMEOUT_S = 5.0
 MAX_REMEMBERED_RELEASED = 4096
 # The output name a submitted function's return value is kept under (``submit(keep=True)``).
 KEPT_RESULT = "__swarm_result__"
+
+
+class RefState(StrEnum):
+    """Where a ref's data is, as the dashboard and ``refs_frame()`` show it."""
+
+    HELD = "held"  # in a holder's memory (or, for a ref we own, on its holders)
+    SPILLED = "spilled"  # held here, in the spill folder instead of memory
+    LOCAL = "local"  # only the owner's copy: no holder now (the next task re-pushes it)
+    LOST = "lost"  # a kept output whose only holder left
 
 
 class RefClient(Protocol):
@@ -137,6 +147,12 @@ class OwnedRef:
     lost: bool = False
     created_at: float = field(default_factory=time.time)
     tasks: int = 0  # tasks that used it
+
+    @property
+    def state(self) -> RefState:
+        if self.lost:
+            return RefState.LOST
+        return RefState.HELD if self.holders else RefState.LOCAL
 
     def handle(self, owner: str) -> RemoteRef:
         return RemoteRef(
@@ -434,7 +450,11 @@ class RefOwner:
 
     # -- views -------------------------------------------------------------------------
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Our refs, oldest first; with ``limit``, only the newest ``limit``."""
+        refs = list(self.refs.values())  # put order: the newest last
+        if limit is not None:
+            refs = refs[-limit:] if limit > 0 else []
         return [
             {
                 "ref_id": r.ref_id,
@@ -443,18 +463,21 @@ class RefOwner:
                 "replicas": r.replicas,
                 "owner_copy": r.payload is not None,
                 "lost": r.lost,
+                "state": str(r.state),
                 "dtypes": dict(r.dtypes),
                 "shape": r.shape,
                 "digest": r.digest,
                 "tasks": r.tasks,
                 "created_at": r.created_at,
             }
-            for r in self.refs.values()
+            for r in refs
         ]
 
     def stats(self) -> dict[str, Any]:
         return {
             "owned": len(self.refs),
             "owned_bytes": sum(r.size for r in self.refs.values()),
+            # Lost now (still listed until released); "lost" counts every loss so far.
+            "owned_lost": sum(1 for r in self.refs.values() if r.lost),
             **dict(self.counters),
         }
