@@ -63,7 +63,7 @@ from swarm_notebook.workload.executors.dask_task import DaskTaskExecutor
 from swarm_notebook.workload.messages import REF_GET, requirements_for_task_type
 from swarm_notebook.workload.records import TaskLog
 from swarm_notebook.workload.ref_service import RefService
-from swarm_notebook.workload.refs import KEPT_RESULT, RefOwner, RemoteRef
+from swarm_notebook.workload.refs import KEPT_RESULT, RefOwner, RefState, RemoteRef
 from swarm_notebook.workload.store import RefStore, content_digest
 from swarm_notebook.workload.task_server import TaskServer
 
@@ -583,10 +583,12 @@ class SwarmCoordinator:
         ref = self.refs.refs.get(ref_id)
         return tuple(ref.holders) if ref is not None else ()
 
-    def ref_records(self) -> list[dict[str, Any]]:
-        """Refs we own (where they are) and refs other peers keep here."""
-        rows = [{**r, "role": "owned", "owner": self.local_id} for r in self.refs.records()]
-        for entry in self.ref_store.entries():
+    def ref_records(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Refs we own (where they are) and refs other peers keep here; with ``limit``,
+        the newest ``limit`` of each (the dashboard's bounded read)."""
+        owned = self.refs.records(limit)
+        rows = [{**r, "role": "owned", "owner": self.local_id} for r in owned]
+        for entry in self.ref_store.entries(limit):
             rows.append(
                 {
                     "ref_id": entry.ref_id,
@@ -595,6 +597,7 @@ class SwarmCoordinator:
                     "replicas": None,
                     "owner_copy": False,
                     "lost": False,
+                    "state": str(RefState.SPILLED if entry.spilled else RefState.HELD),
                     "dtypes": dict(entry.dtypes),
                     "shape": None,
                     "digest": entry.digest,

@@ -24,6 +24,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 from swarm_notebook._util.tasks import OwnedTasks
@@ -44,6 +45,15 @@ MAX_REMEMBERED_RELEASED = 4096
 KEPT_RESULT = "__swarm_result__"
 # Always in stats (0 until it happens): a dashboard should not need to guess them.
 DURABILITY_COUNTERS = ("replications", "repushes", "replication_failures", "lost")
+
+
+class RefState(StrEnum):
+    """Where a ref's data is, as the dashboard and ``refs_frame()`` show it."""
+
+    HELD = "held"  # in a holder's memory (or, for a ref we own, on its holders)
+    SPILLED = "spilled"  # held here, in the spill folder instead of memory
+    LOCAL = "local"  # only the owner's copy: no holder now (the next task re-pushes it)
+    LOST = "lost"  # a kept output whose only holder left
 
 
 class RefClient(Protocol):
@@ -153,6 +163,12 @@ class OwnedRef:
         if self.task_id is None:
             return "a put"
         return f"task {self.task_id}" + (f" ({self.function})" if self.function else "")
+
+    @property
+    def state(self) -> RefState:
+        if self.lost:
+            return RefState.LOST
+        return RefState.HELD if self.holders else RefState.LOCAL
 
     def handle(self, owner: str) -> RemoteRef:
         return RemoteRef(
@@ -525,7 +541,11 @@ class RefOwner:
 
     # -- views -------------------------------------------------------------------------
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Our refs, oldest first; with ``limit``, only the newest ``limit``."""
+        refs = list(self.refs.values())  # put order: the newest last
+        if limit is not None:
+            refs = refs[-limit:] if limit > 0 else []
         return [
             {
                 "ref_id": r.ref_id,
@@ -534,6 +554,7 @@ class RefOwner:
                 "replicas": r.replicas,
                 "owner_copy": r.payload is not None,
                 "lost": r.lost,
+                "state": str(r.state),
                 "dtypes": dict(r.dtypes),
                 "shape": r.shape,
                 "digest": r.digest,
@@ -541,7 +562,7 @@ class RefOwner:
                 "created_at": r.created_at,
                 "made_by": r.made_by(),
             }
-            for r in self.refs.values()
+            for r in refs
         ]
 
     def stats(self) -> dict[str, Any]:
@@ -551,5 +572,7 @@ class RefOwner:
             # Live refs with fewer holders than asked for (waiting for a capable peer).
             "under_replicated": sum(1 for r in self.refs.values() if self._short(r)),
             **dict.fromkeys(DURABILITY_COUNTERS, 0),
+            # Lost now (still listed until released); "lost" counts every loss so far.
+            "owned_lost": sum(1 for r in self.refs.values() if r.lost),
             **dict(self.counters),
         }
