@@ -185,7 +185,7 @@ def test_a_metric_with_a_second_anchor_gets_a_row_and_json_entry_for_each() -> N
     def measured(ctx: SuiteContext) -> None:
         ctx.record("ipyparallel_rtt_ms", [4.0], "ms")
         ctx.record("dask_rtt_ms", [10.0], "ms")
-        ctx.record("submit_rtt_ms", [1.5], "ms")
+        ctx.record("submit_rtt_ms", [1.5], "ms", note="one at a time")
         ctx.record("map_items_per_s", [900.0], "items/s")  # no anchor measured: no rows
 
     report = run_suites([Suite("m", measured)], quick=True, progress=NullProgress())
@@ -201,7 +201,9 @@ def test_a_metric_with_a_second_anchor_gets_a_row_and_json_entry_for_each() -> N
         {"anchor": "dask_rtt_ms", "ratio": pytest.approx(0.15), "target": "<= 0.1x",
          "verdict": "misses"}
     ]  # fmt: skip
-    assert "dask_rtt_ms" in render_table(report)
+    table = render_table(report)
+    assert "dask_rtt_ms" in table
+    assert table.count("note submit_rtt_ms: one at a time") == 1  # not once per anchor
 
 
 # ------------------------------------------------------------------- suites and failures

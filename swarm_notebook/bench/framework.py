@@ -583,8 +583,7 @@ def render_table(report: BenchReport) -> str:
     out = [
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in lines
     ]
-    out.extend(
-        f"note {row.metric.name}: {row.metric.note}" for row in report.rows() if row.metric.note
-    )
+    # One note per metric, not per anchor row.
+    out.extend(f"note {m.name}: {m.note}" for m in report.results if m.note)
     out.extend(f"[{suite}] ERROR {message}" for suite, message in report.errors.items())
     return "\n".join(out)
