@@ -62,8 +62,8 @@ class DataBenchConfig:
     @classmethod
     def quick(cls) -> DataBenchConfig:
         # A tenth of the frames, one round: the path is exercised, not measured. No
-        # ipyparallel: its three cluster starts alone take ~60 s on 2 busy cores, and the
-        # ipyparallel suite already proves it starts.
+        # ipyparallel: each of its three cluster starts takes ~20 s, and the ipyparallel
+        # suite already proves it starts.
         return cls(DF50_ROWS // 10, REALISTIC50_ROWS // 10, 1, ipyparallel=False)
 
 
