@@ -191,7 +191,7 @@ def recv_exact(sock: socket.socket, n: int) -> bytearray | None:
 
 def send_frame(sock: socket.socket, payload: bytes | list[oob.Buffer]) -> None:
     """One length-prefixed frame; parts (``oob.encode``) are sent as they are, not joined."""
-    parts = [payload] if isinstance(payload, bytes) else payload
+    parts: list[oob.Buffer] = [payload] if isinstance(payload, bytes) else payload
     header = FRAME_HEADER.pack(oob.size(parts))
     if len(parts) == 1 and len(parts[0]) < 65536:
         sock.sendall(header + parts[0])
