@@ -10,6 +10,7 @@ a shared machine).
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,6 +75,21 @@ def test_sending_a_frame_copies_no_more_than_a_chunk() -> None:
     assert sent > size
     # Before: msgpack copied the Arrow stream into one message (1x) on the sender.
     assert peak.value < 0.1 * size, f"{peak.value / size:.2f}x the frame"
+
+
+def test_a_sent_buffer_is_freed_once_sent_without_waiting_for_the_collector() -> None:
+    # The walk that picks out large binaries was a recursive closure: a reference cycle
+    # that kept every frame it sent alive until the cyclic collector ran.
+    buffer = bytearray(4 * 2**20)
+    gc.disable()
+    try:
+        env = Envelope(v=PROTOCOL_VERSION, type="t", id="t", body={"data": memoryview(buffer)})
+        for _ in frame_message(encode_envelope_parts(env), transfer_id=1):
+            pass
+        del env
+        buffer.append(0)  # BufferError while a view of it is still alive
+    finally:
+        gc.enable()
 
 
 def test_receiving_a_frame_holds_it_once_plus_the_decoded_frame() -> None:

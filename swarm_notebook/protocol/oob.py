@@ -45,38 +45,37 @@ def split(obj: Any) -> tuple[Any, list[memoryview]]:
     large binaries is returned as it is (one walk, no copy).
     """
     blobs: list[memoryview] = []
-    offset = 0
+    return _walk(obj, blobs), blobs
 
-    def walk(x: Any) -> Any:
-        nonlocal offset
-        t = type(x)
-        if t is dict:
-            out: dict[Any, Any] | None = None
-            for k, v in x.items():
-                w = walk(v)
-                if w is not v:
-                    if out is None:
-                        out = dict(x)
-                    out[k] = w
-            return x if out is None else out
-        if t is list or t is tuple:
-            items: list[Any] | None = None
-            for i, v in enumerate(x):
-                w = walk(v)
-                if w is not v:
-                    if items is None:
-                        items = list(x)
-                    items[i] = w
-            return x if items is None else items
-        if t is memoryview and x.nbytes >= MIN_OOB_BYTES:
-            view = x if x.format == "B" and x.ndim == 1 else x.cast("B")
-            blobs.append(view)
-            ref = msgspec.msgpack.Ext(EXT_CODE, _REF.pack(offset, view.nbytes))
-            offset += view.nbytes
-            return ref
-        return x
 
-    return walk(obj), blobs
+def _walk(x: Any, blobs: list[memoryview]) -> Any:
+    # A function, not a closure: a recursive closure is a reference cycle, and it kept
+    # ``blobs`` (a frame's buffer) alive until the garbage collector happened to run.
+    t = type(x)
+    if t is dict:
+        out: dict[Any, Any] | None = None
+        for k, v in x.items():
+            w = _walk(v, blobs)
+            if w is not v:
+                if out is None:
+                    out = dict(x)
+                out[k] = w
+        return x if out is None else out
+    if t is list or t is tuple:
+        items: list[Any] | None = None
+        for i, v in enumerate(x):
+            w = _walk(v, blobs)
+            if w is not v:
+                if items is None:
+                    items = list(x)
+                items[i] = w
+        return x if items is None else items
+    if t is memoryview and x.nbytes >= MIN_OOB_BYTES:
+        view = x if x.format == "B" and x.ndim == 1 else x.cast("B")
+        offset = sum(b.nbytes for b in blobs)
+        blobs.append(view)
+        return msgspec.msgpack.Ext(EXT_CODE, _REF.pack(offset, view.nbytes))
+    return x
 
 
 def join(head: bytes, blobs: list[memoryview]) -> list[Buffer]:

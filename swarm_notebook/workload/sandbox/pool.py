@@ -258,8 +258,11 @@ class _Worker:
         decode: Callable[[bytearray], Any],
         on_output: OutputSink | None,
     ) -> dict[str, Any]:
-        """Send one task; hand its output frames to ``on_output``; return the result."""
+        """Send one task; hand its output frames to ``on_output``; return the result.
+
+        ``request`` is emptied once sent: its parts are views of the inputs' buffers."""
         await self.send_frame(request)
+        request.clear()
         while True:
             message = decode(await self.read_frame(max_reply_bytes))
             if not (isinstance(message, dict) and "output" in message):
@@ -458,7 +461,9 @@ class PythonSandboxPool:
     # -- running a task --------------------------------------------------------------
 
     async def run(self, data: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
-        """Run one ``python-computation`` task; see the module docstring for the shape."""
+        """Run one ``python-computation`` task; see the module docstring for the shape.
+
+        Takes ``data["inputs"]`` out of ``data``: once sent, the child holds the inputs."""
         task = self._validate(data)
         # Parts: the inputs' Arrow bytes go to the child from the buffer they arrived in.
         request = oob.encode(
@@ -478,6 +483,11 @@ class PythonSandboxPool:
             },
             self._encoder,
         )
+        # The child gets the inputs; this side lets go of them (``data`` is the message
+        # they arrived in), so a frame's buffer is freed once it is sent instead of
+        # living through the run next to the child's copy.
+        data.pop("inputs", None)
+        task = msgspec.structs.replace(task, inputs={})
         request_bytes = oob.size(request)
         if request_bytes > self.max_request_bytes:
             self._counters["rejected"] += 1
