@@ -27,6 +27,7 @@ from swarm_notebook.protocol.envelope import (
 )
 from swarm_notebook.protocol.framing import Reassembler, frame_message
 from swarm_notebook.protocol.values import decode_value, encode_value
+from swarm_notebook.workload.delegator import WireData
 from swarm_notebook.workload.executors.base import TaskContext
 from swarm_notebook.workload.sandbox.pool import PythonSandboxPool
 
@@ -128,3 +129,20 @@ async def test_the_sandbox_hop_holds_the_result_once_in_the_pool() -> None:
         assert decode_value(result["value"]).equals(frame)
     finally:
         await pool.close()
+
+
+def test_a_delegator_gives_large_encoded_inputs_away_and_encodes_them_again_to_retry() -> None:
+    encodings: list[int] = []
+
+    def encode() -> dict[str, Any]:
+        encodings.append(1)
+        return {"inputs": {"df": encode_value(df50(100_000))}}
+
+    big = WireData(encode(), encode)
+    first = big.take()
+    assert big._first is None  # the holder keeps no reference to what it gave away
+    again = big.take()
+    assert len(encodings) == 2 and again is not first
+    small = WireData({"inputs": {"x": encode_value(3)}}, encode)
+    assert small.take() is small.take()  # small data is reused, never encoded again
+    assert len(encodings) == 2
