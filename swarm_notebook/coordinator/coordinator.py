@@ -51,7 +51,7 @@ from swarm_notebook.protocol.describe import describe_value, shape_of
 from swarm_notebook.protocol.values import DecodeBudget, decode_value, encode_value
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.base import Transport
-from swarm_notebook.workload.delegator import Delegator
+from swarm_notebook.workload.delegator import Delegator, WireData
 from swarm_notebook.workload.executors.base import Executor
 from swarm_notebook.workload.executors.capabilities import (
     PYTHON_EXECUTION,
@@ -343,10 +343,18 @@ class SwarmCoordinator:
         data, keep_replicas, function = self._kept_options(data)
         wire_data = self._encode_inputs(task_type, data)
         prefer, prepare = self._ref_placement(wire_data)
+
+        def encode_again() -> Any:
+            again = self._encode_inputs(task_type, data)
+            self._ref_placement(again)  # takes the ref handles out, as for the first
+            return again
+
+        wire = WireData(wire_data, encode_again)
+        del wire_data  # the first attempt takes it (see ``WireData``)
         started = time.monotonic()
         record, result = await self.delegator.delegate(
             task_type,
-            wire_data,
+            wire,
             timeout=timeout,
             peer=peer,
             task_id=task_id,

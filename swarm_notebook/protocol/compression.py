@@ -66,7 +66,8 @@ class Choice:
     codec_bytes_per_s: float | None = None
 
 
-def _ipc_size(table: pa.Table, options: pa_ipc.IpcWriteOptions) -> int:
+def ipc_size(table: pa.Table, options: pa_ipc.IpcWriteOptions) -> int:
+    """Bytes of ``table`` as one IPC stream (counted, nothing is written)."""
     sink = pa.MockOutputStream()
     with pa_ipc.new_stream(sink, table.schema, options=options) as writer:
         writer.write_table(table)
@@ -94,14 +95,14 @@ def choose_codec(table: pa.Table, settings: Compression) -> Choice:
     if table.nbytes < settings.min_bytes:
         return Choice(None, "small")
     sample = _sample(table, settings.sample_bytes)
-    plain = _ipc_size(sample, pa_ipc.IpcWriteOptions())
+    plain = ipc_size(sample, pa_ipc.IpcWriteOptions())
     options = pa_ipc.IpcWriteOptions(compression=settings.codec)
     # Best of a few: one run on a busy machine can be descheduled midway and read as a
     # slow codec (it turned compression off for a frame that lz4 halves).
     elapsed = float("inf")
     for _ in range(TIMING_RUNS):
         started = time.perf_counter()
-        packed = _ipc_size(sample, options)
+        packed = ipc_size(sample, options)
         elapsed = min(elapsed, time.perf_counter() - started)
     elapsed = max(elapsed, 1e-6)
     saving = 1.0 - packed / max(plain, 1)

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from swarm_notebook.errors import ProtocolError
+from swarm_notebook.protocol import oob
 from swarm_notebook.reasons import Reason
 
 PROTOCOL_VERSION = 1
@@ -37,19 +38,31 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Envelope)
+_plain_decoder = oob.plain_decoder(Envelope)
 
 
 def encode_envelope(envelope: Envelope) -> bytes:
+    """One buffer (large binaries inline): for in-process links and small messages."""
     return _encoder.encode(envelope)
 
 
-def decode_envelope(data: bytes | bytearray, *, max_size: int) -> Envelope:
-    """Decode and validate one envelope; every failure is a ``ProtocolError``."""
+def encode_envelope_parts(envelope: Envelope) -> list[oob.Buffer]:
+    """The envelope as parts to chunk back to back: large memoryviews in the body are not
+    copied into the message (see ``oob``); one part when there are none."""
+    body, blobs = oob.split(envelope.body)
+    if not blobs:
+        return [_encoder.encode(envelope)]
+    return oob.join(_encoder.encode(msgspec.structs.replace(envelope, body=body)), blobs)
+
+
+def decode_envelope(data: oob.Buffer, *, max_size: int) -> Envelope:
+    """Decode and validate one envelope; every failure is a ``ProtocolError``.
+
+    Binaries sent out of band come back as read-only views of ``data`` (not copied)."""
     if len(data) > max_size:
         raise ProtocolError(Reason.OVERSIZED, f"{len(data)} bytes > limit {max_size}")
     try:
-        env = _decoder.decode(data)
+        env: Envelope = oob.decode(data, _plain_decoder, Envelope)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         # msgspec raises the last two itself for invalid UTF-8 in a string and for
         # nesting deeper than the interpreter's limit; both are malformed input.

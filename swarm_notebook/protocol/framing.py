@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from swarm_notebook.errors import ProtocolError
@@ -34,18 +34,45 @@ DEFAULT_FRAME_SIZE = 64 * 1024
 
 
 def frame_message(
-    payload: bytes, transfer_id: int, frame_size: int = DEFAULT_FRAME_SIZE
+    payload: bytes | Sequence[bytes | bytearray | memoryview],
+    transfer_id: int,
+    frame_size: int = DEFAULT_FRAME_SIZE,
 ) -> Iterator[bytes]:
-    """Split an encoded envelope into frames no larger than ``frame_size`` bytes."""
-    if len(payload) + 1 <= frame_size:
-        yield bytes((WHOLE,)) + payload
+    """Split an encoded envelope into frames no larger than ``frame_size`` bytes.
+
+    ``payload`` may be one buffer or the parts of one message (``oob.encode``): chunks
+    are cut from the parts as they are, so the message is never joined into one copy.
+    """
+    parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
+    views = [memoryview(p).cast("B") for p in parts]
+    total = sum(v.nbytes for v in views)
+    if total + 1 <= frame_size:
+        yield b"".join([bytes((WHOLE,)), *views])
         return
     piece = frame_size - CHUNK_HEADER_SIZE
-    count = -(-len(payload) // piece)
-    view = memoryview(payload)
+    count = -(-total // piece)
+    pieces = _pieces(views, piece)
     for index in range(count):
         header = _CHUNK_HEADER.pack(CHUNK, transfer_id, index, count)
-        yield header + view[index * piece : (index + 1) * piece]
+        yield b"".join([header, *next(pieces)])
+
+
+def _pieces(views: list[memoryview], piece: int) -> Iterator[list[memoryview]]:
+    """Consecutive slices of ``piece`` bytes (the last one shorter) across ``views``."""
+    taken: list[memoryview] = []
+    room = piece
+    for view in views:
+        start = 0
+        while start < view.nbytes:
+            n = min(room, view.nbytes - start)
+            taken.append(view[start : start + n])
+            start += n
+            room -= n
+            if room == 0:
+                yield taken
+                taken, room = [], piece
+    if taken:
+        yield taken
 
 
 def chunk_transfer_id(frame: bytes) -> int | None:

@@ -57,7 +57,7 @@ import pyarrow.ipc as pa_ipc
 from pandas.api.types import is_object_dtype
 
 from swarm_notebook.errors import ValueCodecError
-from swarm_notebook.protocol.compression import Compression, choose_codec, write_options
+from swarm_notebook.protocol.compression import Compression, choose_codec, ipc_size, write_options
 from swarm_notebook.protocol.declared_sizes import arrow_stream_cost, load_npy
 from swarm_notebook.reasons import Reason
 
@@ -263,11 +263,19 @@ class _Encoder:
         options = pa_ipc.IpcWriteOptions()
         if self.compression is not None:
             options = write_options(choose_codec(table, self.compression))
-        sink = pa.BufferOutputStream()
+        if options.compression is None:
+            # Written into a buffer of the stream's exact size: a growing one doubles and
+            # copies on the way, which held up to 1.5x the frame for a moment.
+            out = pa.allocate_buffer(ipc_size(table, options))
+            sink: Any = pa.FixedSizeBufferWriter(out)
+        else:
+            sink = pa.BufferOutputStream()  # the compressed size is not known beforehand
         with pa_ipc.new_stream(sink, table.schema, options=options) as writer:
             writer.write_table(table)
+        if options.compression is not None:
+            out = sink.getvalue()
         # A view keeps Arrow's buffer alive: copying it into bytes held a second 50 MB.
-        return memoryview(sink.getvalue()).toreadonly()
+        return memoryview(out).toreadonly()
 
     def pickled(self, obj: Any) -> bytes:
         try:

@@ -37,11 +37,13 @@ from typing import Any, Protocol
 from swarm_notebook._util.tasks import OwnedTasks
 from swarm_notebook.errors import IceConfigError, PeerUnavailable, ProtocolError
 from swarm_notebook.identity import Identity
+from swarm_notebook.protocol import oob
 from swarm_notebook.protocol.envelope import (
     PROTOCOL_VERSION,
     Envelope,
     decode_envelope,
     encode_envelope,
+    encode_envelope_parts,
 )
 from swarm_notebook.protocol.framing import (
     CHUNK,
@@ -372,14 +374,17 @@ class MeshTransport(Transport):
         link = self._links.get(peer_id)
         if link is None or link.state is not LinkState.CONNECTED:
             raise PeerUnavailable(f"no authenticated link to peer {peer_id[:16]}")
-        payload = encode_envelope(envelope)
-        if len(payload) > self.config.max_message_bytes:
+        # Parts, not one buffer: a frame's Arrow bytes are chunked from the caller's own
+        # buffer instead of being copied into the message first.
+        parts = encode_envelope_parts(envelope)
+        size = oob.size(parts)
+        if size > self.config.max_message_bytes:
             raise ProtocolError(
-                Reason.OVERSIZED, f"{len(payload)} bytes > limit {self.config.max_message_bytes}"
+                Reason.OVERSIZED, f"{size} bytes > limit {self.config.max_message_bytes}"
             )
-        await self._send_payload(link, payload, envelope)
+        await self._send_payload(link, parts, size, envelope)
         self.counters["messages_out"] += 1
-        return len(payload)
+        return size
 
     def send_nowait(self, peer_id: str, envelope: Envelope) -> int | None:
         link = self._links.get(peer_id)
@@ -402,16 +407,18 @@ class MeshTransport(Transport):
         self.counters["messages_out"] += 1
         return len(payload)
 
-    async def _send_payload(self, link: _Link, payload: bytes, envelope: Envelope) -> None:
+    async def _send_payload(
+        self, link: _Link, parts: list[oob.Buffer], size: int, envelope: Envelope
+    ) -> None:
         transfer_id = next(self._transfer_ids)
-        if len(payload) + 1 > link.frame_size:  # chunked: a refusal names its transfer
+        if size + 1 > link.frame_size:  # chunked: a refusal names its transfer
             link.sent[transfer_id] = (envelope.type, envelope.id, envelope.reply_to)
             while len(link.sent) > MAX_REMEMBERED_SENDS:
                 link.sent.popitem(last=False)
         link.sending.add(transfer_id)
         started = time.perf_counter()
         try:
-            for frame in frame_message(payload, transfer_id, link.frame_size):
+            for frame in frame_message(parts, transfer_id, link.frame_size):
                 if transfer_id in link.aborted:
                     return  # the receiver refused it: the rest would only be dropped there
                 channel = link.channel
@@ -429,7 +436,7 @@ class MeshTransport(Transport):
                 self.counters["bytes_out"] += len(frame)
                 link.bytes_out += len(frame)
             # Sent once the last chunk is queued: at most buffer_high_water still waits.
-            link.throughput.add(len(payload), time.perf_counter() - started)
+            link.throughput.add(size, time.perf_counter() - started)
         finally:
             link.sending.discard(transfer_id)
             link.aborted.discard(transfer_id)
@@ -868,7 +875,11 @@ class MeshTransport(Transport):
                 began = link.rx_started.pop(transfer, None)
                 if began is not None:
                     link.throughput.add(len(payload), time.perf_counter() - began)
+            size = len(payload)
+            # The body's large binaries are views of ``payload`` (decoded in place); this
+            # frame's own reference goes now, so the buffer lives only as long as they do.
             env = decode_envelope(payload, max_size=self.config.max_message_bytes)
+            del payload
             if env.type.startswith("link."):
                 self._on_link_message(link, env)
                 return
@@ -877,7 +888,7 @@ class MeshTransport(Transport):
                     Reason.UNAUTHENTICATED, "application message before proof of identity"
                 )
             self.counters["messages_in"] += 1
-            self.callbacks.on_message(link.peer_id, env, len(payload))
+            self.callbacks.on_message(link.peer_id, env, size)
         except ProtocolError as exc:
             self._count_rejection(link, str(exc.reason), exc)
             if link.state is LinkState.CONNECTED:

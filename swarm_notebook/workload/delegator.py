@@ -39,6 +39,7 @@ from swarm_notebook.membership.agent_card import LoadReport
 from swarm_notebook.membership.node import PeerState, PeerView, SwarmNode
 from swarm_notebook.membership.routing import choose_peer
 from swarm_notebook.membership.versions import unmet
+from swarm_notebook.protocol import oob
 from swarm_notebook.reasons import Reason
 from swarm_notebook.workload.messages import (
     FINAL_REFUSALS,
@@ -57,6 +58,39 @@ from swarm_notebook.workload.records import TaskLog, TaskRecord, TaskState
 log = logging.getLogger(__name__)
 
 Notify = Callable[[str, dict[str, Any]], None]
+
+
+class WireData:
+    """Task data encoded once per attempt, given away to it.
+
+    A task waits for its reply much longer than it takes to send: holding the encoded
+    inputs (a frame's Arrow bytes) for a possible retry kept them next to the result
+    arriving. The first attempt takes ``first``; a retry encodes the caller's values again.
+    Data with less than ``KEEP_BYTES`` of large binaries is kept and reused instead (a
+    retry after a busy peer would otherwise encode it again each time).
+    """
+
+    KEEP_BYTES = 1 << 20
+
+    def __init__(self, first: Any, encode: Callable[[], Any]) -> None:
+        self._first: Any = first
+        self._keep = sum(b.nbytes for b in oob.split(first)[1]) < self.KEEP_BYTES
+        self._taken = False
+        self._encode = encode
+
+    def take(self) -> Any:
+        """The encoded data for one attempt (kept here only when it is small)."""
+        if self._keep:
+            return self._first
+        if not self._taken:
+            self._taken = True
+            first, self._first = self._first, None
+            return first
+        return self._encode()
+
+
+def _take(data: Any) -> Any:
+    return data.take() if isinstance(data, WireData) else data
 
 
 # Moving a ref to a peer failed in a way another peer may not share: try the next one.
@@ -278,7 +312,7 @@ class Delegator:
                     continue
                 if candidate is None:
                     if self._local_runner is not None and self.settings.run_locally_when_alone:
-                        return await self._run_locally(record, data, timeout)
+                        return await self._run_locally(record, _take(data), timeout)
                     raise self._no_peer_error(record.type, requirements, refusals, specs)
                 target = candidate
             if prepare is not None:
@@ -297,14 +331,18 @@ class Delegator:
             view = self.node.peer(target)
             if view is not None:
                 view.outstanding += 1
-            request = TaskRequest(task_id=record.id, type=record.type, data=data, timeout=timeout)
+            request = TaskRequest(
+                task_id=record.id, type=record.type, data=_take(data), timeout=timeout
+            )
+            body = msgspec.structs.asdict(request)  # bytes stay bytes (to_builtins base64s them)
+            # Only the endpoint holds the encoded data while the reply is awaited, and it
+            # lets go once the request is sent.
+            asking = self.node.endpoint.request_detailed(
+                target, TASK_EXECUTION, body, timeout=timeout + self.settings.reply_grace_s
+            )
+            del request, body
             try:
-                reply = await self.node.endpoint.request_detailed(
-                    target,
-                    TASK_EXECUTION,
-                    msgspec.structs.asdict(request),  # bytes stay bytes (to_builtins base64s them)
-                    timeout=timeout + self.settings.reply_grace_s,
-                )
+                reply = await asking
             except RemoteError as exc:
                 if (
                     exc.reason in TEMPORARY_REFUSALS

@@ -22,6 +22,7 @@ from swarm_notebook._util.slots import Slots
 from swarm_notebook.errors import DelegationError, HandlerRefusal, NoCapablePeerError, TaskRefused
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
+from swarm_notebook.protocol import oob
 from swarm_notebook.protocol.compression import DEFAULT_CODEC, Compression
 from swarm_notebook.reasons import Reason
 from swarm_notebook.workload.executors.base import Executor, TaskContext, run_executor
@@ -40,6 +41,8 @@ from swarm_notebook.workload.records import TaskLog, TaskRecord, TaskState
 from swarm_notebook.workload.ref_service import RefService
 
 log = logging.getLogger(__name__)
+
+_SIZE_ENCODER = msgspec.msgpack.Encoder()
 
 Notify = Callable[[str, dict[str, Any]], None]
 
@@ -128,7 +131,9 @@ class TaskServer:
                 f"this peer does not offer {', '.join(REQUIREMENTS[request.type])}",
             )
         try:
-            size = len(msgspec.msgpack.encode(request.data))
+            # Sized without encoding the large binaries again (a 50 MB frame was copied
+            # here just to be measured).
+            size = oob.size(oob.encode(request.data, _SIZE_ENCODER))
             self.policy.check(peer_id, request.type, size)
         except TaskRefused as exc:
             raise self._refuse(peer_id, request, exc.reason, exc.message) from exc

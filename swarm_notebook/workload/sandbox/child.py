@@ -47,6 +47,7 @@ from typing import Any, Protocol
 import msgspec
 
 from swarm_notebook._util.text import clip_text
+from swarm_notebook.protocol import oob
 
 CELL_FILENAME = "<remote-cell>"
 FRAME_HEADER = struct.Struct("!I")
@@ -175,7 +176,8 @@ class BoundedWriter(io.TextIOBase):
         return "".join(self.parts) + self.note()
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+def recv_exact(sock: socket.socket, n: int) -> bytearray | None:
+    """``n`` bytes, received in place (a request's inputs are decoded from this buffer)."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -184,16 +186,19 @@ def recv_exact(sock: socket.socket, n: int) -> bytes | None:
         if k == 0:
             return None
         got += k
-    return bytes(buf)
+    return buf
 
 
-def send_frame(sock: socket.socket, payload: bytes) -> None:
-    header = FRAME_HEADER.pack(len(payload))
-    if len(payload) < 65536:
-        sock.sendall(header + payload)
-    else:
-        sock.sendall(header)
-        sock.sendall(payload)
+def send_frame(sock: socket.socket, payload: bytes | list[oob.Buffer]) -> None:
+    """One length-prefixed frame; parts (``oob.encode``) are sent as they are, not joined."""
+    parts: list[oob.Buffer] = [payload] if isinstance(payload, bytes) else payload
+    header = FRAME_HEADER.pack(oob.size(parts))
+    if len(parts) == 1 and len(parts[0]) < 65536:
+        sock.sendall(header + parts[0])
+        return
+    sock.sendall(header)
+    for part in parts:
+        sock.sendall(part)
 
 
 class TaskRunner:
@@ -449,7 +454,7 @@ def serve(
     keep: frozenset[str] = frozenset(),
 ) -> None:
     encoder = msgspec.msgpack.Encoder()
-    decoder = msgspec.msgpack.Decoder()
+    decoder = oob.plain_decoder()
     send_lock = threading.Lock()
     runner = TaskRunner(OutputPipe(sock, send_lock))
     send_frame(sock, encoder.encode({"ready": True, "pid": os.getpid()}))
@@ -463,13 +468,15 @@ def serve(
         payload = recv_exact(sock, size)
         if payload is None:
             return
-        request = decoder.decode(payload)
-        del payload  # the decoded request holds its own copy: a 50 MB input was held twice
+        # Inputs sent out of band are views of ``payload``: it lives until they are decoded.
+        request = oob.decode(payload, decoder)
+        del payload
         response = runner.run(request)
         if not request.get("persistent"):
             wipe(scratch or [], keep)  # a session keeps its files for its next call
         try:
-            frame = encoder.encode(response)
+            # Parts: the result's Arrow bytes go out from the buffer Arrow wrote them to.
+            frame: bytes | list[oob.Buffer] = oob.encode(response, encoder)
         except MemoryError:
             frame = encoder.encode(
                 {
@@ -481,7 +488,10 @@ def serve(
             )
         with send_lock:
             send_frame(sock, frame)
-        if response.get("recycle"):
+        recycle = bool(response.get("recycle"))
+        # Not kept while the child waits for its next task: the result held a frame.
+        del request, response, frame
+        if recycle:
             return
 
 

@@ -52,7 +52,8 @@ from typing import Any, Literal
 import msgspec
 import psutil
 
-from swarm_notebook.errors import SandboxUnavailable
+from swarm_notebook.errors import ProtocolError, SandboxUnavailable
+from swarm_notebook.protocol import oob
 from swarm_notebook.workload.executors.base import (
     OUTPUT_STREAMS,
     ErrorType,
@@ -84,6 +85,7 @@ _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 _ENV_ALLOWLIST = ("LANG", "LC_ALL", "LC_CTYPE", "TZ")
 # Threads count against RLIMIT_NPROC: room for pyarrow's and BLAS's pools per process.
 _THREADS_PER_PROCESS = 8
+_READ_PIECE = 1 << 20  # socket reads and writes to a child, a piece at a time
 # One BLAS thread per child: the pool size is the concurrency knob on a shared machine.
 _THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -191,16 +193,38 @@ class _Worker:
         except OSError:
             return False
 
-    async def read_frame(self, max_bytes: int) -> bytes:
+    async def read_frame(self, max_bytes: int) -> bytearray:
+        """One frame, read into a buffer of its declared size (checked first).
+
+        ``readexactly`` would gather the frame in the stream's buffer and then copy it out:
+        a 50 MB result existed twice here. Reading in pieces keeps that buffer small.
+        """
         header = await self.reader.readexactly(FRAME_HEADER.size)
         (size,) = FRAME_HEADER.unpack(header)
         if size > max_bytes:
             raise ConnectionError(f"child sent a {size}-byte frame, limit {max_bytes}")
-        return await self.reader.readexactly(size)
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            piece = await self.reader.read(min(size - got, _READ_PIECE))
+            if not piece:
+                raise asyncio.IncompleteReadError(bytes(view[:got]), size)
+            view[got : got + len(piece)] = piece
+            got += len(piece)
+        return buf
 
-    def send_frame(self, payload: bytes) -> None:
-        self.writer.write(FRAME_HEADER.pack(len(payload)))
-        self.writer.write(payload)
+    async def send_frame(self, parts: list[oob.Buffer]) -> None:
+        """Write one frame from its parts, a piece at a time: what the socket does not
+        take at once is copied into the stream's buffer, so writing a 50 MB part in one
+        call held it twice."""
+        self.writer.write(FRAME_HEADER.pack(oob.size(parts)))
+        for part in parts:
+            view = memoryview(part).cast("B")
+            for start in range(0, view.nbytes, _READ_PIECE):
+                self.writer.write(view[start : start + _READ_PIECE])
+                await self.writer.drain()
+        await self.writer.drain()
 
     def kill(self) -> None:
         """SIGKILL the child and whatever the task started.
@@ -229,14 +253,16 @@ class _Worker:
 
     async def exchange(
         self,
-        request: bytes,
+        request: list[oob.Buffer],
         max_reply_bytes: int,
-        decode: Callable[[bytes], Any],
+        decode: Callable[[bytearray], Any],
         on_output: OutputSink | None,
     ) -> dict[str, Any]:
-        """Send one task; hand its output frames to ``on_output``; return the result."""
-        self.send_frame(request)
-        await self.writer.drain()
+        """Send one task; hand its output frames to ``on_output``; return the result.
+
+        ``request`` is emptied once sent: its parts are views of the inputs' buffers."""
+        await self.send_frame(request)
+        request.clear()
         while True:
             message = decode(await self.read_frame(max_reply_bytes))
             if not (isinstance(message, dict) and "output" in message):
@@ -369,7 +395,7 @@ class PythonSandboxPool:
         self.memory_poll_interval_s = memory_poll_interval_s
         self.python = python
         self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder()
+        self._decoder = oob.plain_decoder()
         self._idle: deque[_Worker] = deque()
         self._idle_changed = asyncio.Event()
         self._workers: set[_Worker] = set()
@@ -480,9 +506,12 @@ class PythonSandboxPool:
     # -- running a task --------------------------------------------------------------
 
     async def run(self, data: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
-        """Run one ``python-computation`` task; see the module docstring for the shape."""
+        """Run one ``python-computation`` task; see the module docstring for the shape.
+
+        Takes ``data["inputs"]`` out of ``data``: once sent, the child holds the inputs."""
         task = self._validate(data)
-        request = self._encoder.encode(
+        # Parts: the inputs' Arrow bytes go to the child from the buffer they arrived in.
+        request = oob.encode(
             {
                 "code": task.code,
                 "inputs": task.inputs,
@@ -496,13 +525,20 @@ class PythonSandboxPool:
                 "output_interval_s": self.output_interval_s,
                 "persistent": task.session is not None,
                 "compression": _compression_field(ctx),
-            }
+            },
+            self._encoder,
         )
-        if len(request) > self.max_request_bytes:
+        # The child gets the inputs; this side lets go of them (``data`` is the message
+        # they arrived in), so a frame's buffer is freed once it is sent instead of
+        # living through the run next to the child's copy.
+        data.pop("inputs", None)
+        task = msgspec.structs.replace(task, inputs={})
+        request_bytes = oob.size(request)
+        if request_bytes > self.max_request_bytes:
             self._counters["rejected"] += 1
             raise TaskRefused(
                 ErrorType.TOO_LARGE,
-                f"task is {len(request)} bytes, this peer takes at most {self.max_request_bytes}",
+                f"task is {request_bytes} bytes, this peer takes at most {self.max_request_bytes}",
             )
         if self._waiting >= self.max_queue:
             self._counters["rejected"] += 1
@@ -594,15 +630,13 @@ class PythonSandboxPool:
     async def _run_on(
         self,
         worker: _Worker,
-        request: bytes,
+        request: list[oob.Buffer],
         timeout: float,
         on_output: OutputSink | None = None,
     ) -> dict[str, Any]:
         try:
             result = await asyncio.wait_for(
-                worker.exchange(
-                    request, self.max_result_bytes * 2, self._decoder.decode, on_output
-                ),
+                worker.exchange(request, self.max_result_bytes * 2, self._decode, on_output),
                 timeout,
             )
             if not isinstance(result, dict):
@@ -616,7 +650,12 @@ class PythonSandboxPool:
                 ErrorType.TIMEOUT,
                 f"no result within {timeout:.3g} s; the sandbox process was killed and replaced",
             )
-        except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError) as exc:
+        except (
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            msgspec.DecodeError,
+            ProtocolError,
+        ) as exc:
             worker.kill()
             await worker.proc.wait()
             if worker.memory_killed:
@@ -654,6 +693,10 @@ class PythonSandboxPool:
             self._release(worker)
         return result
 
+    def _decode(self, frame: bytearray) -> Any:
+        # The result's Arrow bytes stay views of ``frame``: sent on from there, not copied.
+        return oob.decode(frame, self._decoder)
+
     def _process_failure(self) -> dict[str, Any]:
         self._counters["process_kills"] += 1
         return failure(
@@ -673,7 +716,7 @@ class PythonSandboxPool:
     # -- sessions --------------------------------------------------------------------
 
     async def _session(
-        self, task: PythonTaskData, request: bytes, ctx: TaskContext, timeout: float
+        self, task: PythonTaskData, request: list[oob.Buffer], ctx: TaskContext, timeout: float
     ) -> dict[str, Any]:
         """Open, run in or close the session ``task.session`` (its owner only)."""
         assert task.session is not None
