@@ -136,12 +136,16 @@ function row(label, value) {
   ]);
 }
 
-function loadBar(load) {
-  const fraction = Math.min(1, Math.max(0, count(load)));
+function meter(value, label) {
+  const fraction = Math.min(1, Math.max(0, count(value)));
   const fill = h("div", { cls: "swarm-nb-load-fill" });
   fill.style.width = `${Math.round(fraction * 100)}%`;
   if (fraction >= 0.8) fill.classList.add("swarm-nb-load-high");
-  return h("div", { cls: "swarm-nb-load", title: `load ${Math.round(fraction * 100)}%` }, [fill]);
+  return h("div", { cls: "swarm-nb-load", title: `${label} ${Math.round(fraction * 100)}%` }, [fill]);
+}
+
+function loadBar(load) {
+  return meter(load, "load");
 }
 
 // peerStates: the Python PeerState names, from the model's "states" trait.
@@ -526,6 +530,118 @@ function recentTasks(snapshot, taskStates) {
   ]);
 }
 
+function bytes(value) {
+  const n = count(value);
+  if (n >= 1e9) return `${(n / 1e9).toFixed(1)} GB`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)} kB`;
+  return `${Math.round(n)} B`;
+}
+
+// A holder or owner, {peer, name}: its card's name, else its short id; the id on hover.
+function peerLabel(entry) {
+  const id = text(entry && entry.peer);
+  const name = entry && entry.name;
+  return h("span", { cls: name ? "swarm-nb-peer-name" : "swarm-nb-peer-id", title: id, text: name ? text(name) : shortId(id) });
+}
+
+function joined(items, separator = ", ") {
+  const out = [];
+  items.forEach((item, index) => {
+    if (index) out.push(separator);
+    out.push(item);
+  });
+  return out;
+}
+
+function storeUsage(store) {
+  if (!store) return null;
+  const max = count(store.max_bytes);
+  const spillMax = count(store.max_spill_bytes);
+  const refused = count(store.refusals);
+  const full = count(store.refused_full);
+  return h("div", { cls: "swarm-nb-block swarm-nb-store", testid: "store-usage" }, [
+    row(
+      "In memory",
+      h("span", { cls: "swarm-nb-peer-load" }, [
+        meter(max ? count(store.memory_bytes) / max : 0, "memory"),
+        h("span", { testid: "store-memory", text: `${bytes(store.memory_bytes)} / ${bytes(max)}` }),
+      ]),
+    ),
+    row(
+      "Spilled",
+      spillMax
+        ? h("span", { cls: "swarm-nb-peer-load" }, [
+            meter(count(store.spilled_bytes) / spillMax, "spill folder"),
+            h("span", { testid: "store-spill", text: `${bytes(store.spilled_bytes)} / ${bytes(spillMax)}` }),
+          ])
+        : h("span", { cls: "swarm-nb-muted", testid: "store-spill", text: "no spill folder" }),
+    ),
+    row("Refs held", h("span", { testid: "store-refs", text: String(count(store.refs)) })),
+    row(
+      "Counters",
+      h("span", {
+        testid: "store-counters",
+        text:
+          `${count(store.evicted)} evicted · ${count(store.spills)} spilled · ` +
+          `${refused} refused${full ? ` (${full} store full)` : ""}`,
+      }),
+    ),
+  ]);
+}
+
+function refWhere(ref) {
+  // Not ours: another peer's data kept in this peer's store.
+  if (ref.role !== "owned") return h("span", {}, ["here, for ", peerLabel(ref.owner)]);
+  const holders = list(ref.holders);
+  if (holders.length === 0) return h("span", { cls: "swarm-nb-muted", text: "no holder" });
+  return h("span", {}, joined(holders.map(peerLabel)));
+}
+
+// refStates: the Python RefState names (a state not among them is drawn as "unknown").
+function residentData(data, refStates) {
+  const resident = data && typeof data === "object" ? data : {};
+  const refs = list(resident.refs);
+  const omitted = count(resident.omitted);
+  const table =
+    refs.length === 0
+      ? h("div", {
+          cls: "swarm-nb-muted",
+          testid: "refs-empty",
+          text: "No resident data: ref = await c.put(value) keeps a value on a peer.",
+        })
+      : h("table", { cls: "swarm-nb-table" }, [
+          h("thead", {}, [
+            h("tr", {}, ["Ref", "Size", "Value", "Holders", "State"].map((t) => h("th", { text: t }))),
+          ]),
+          h(
+            "tbody",
+            {},
+            refs.map((ref) => {
+              const state = refStates.includes(ref.state) ? ref.state : "unknown";
+              const tr = h("tr", { testid: "ref-row" }, [
+                h("td", {}, [h("code", { text: text(ref.ref_id).slice(0, 8), title: text(ref.ref_id) })]),
+                h("td", { text: bytes(ref.size) }),
+                h("td", { cls: "swarm-nb-ref-value", text: text(ref.summary) }),
+                h("td", { testid: "ref-holders" }, [refWhere(ref)]),
+                h("td", {}, [
+                  h("span", { cls: `swarm-nb-badge swarm-nb-ref-badge swarm-nb-ref--${state}`, text: text(ref.state, "?") }),
+                ]),
+              ]);
+              tr.dataset.state = state;
+              return tr;
+            }),
+          ),
+        ]);
+  return h("div", { testid: "resident-data" }, [
+    storeUsage(resident.store),
+    table,
+    omitted
+      ? h("div", { cls: "swarm-nb-muted", testid: "refs-more", text: `and ${omitted} more (c.refs_frame() lists every ref)` })
+      : null,
+  ]);
+}
+
 function disconnectedNotice(clicked) {
   const notice = h("div", { cls: "swarm-nb-disconnected", testid: "disconnected" }, [
     h("strong", { text: "Kernel disconnected" }),
@@ -651,6 +767,8 @@ export default {
       const states = model.get("states") || {};
       const peerStates = list(states.peer);
       const taskStates = list(states.task);
+      const refStates = list(states.ref);
+      const resident = snapshot.resident_data || {};
       const scroller = root.querySelector(".swarm-nb-scroll");
       const scrollTop = scroller ? scroller.scrollTop : 0;
       const peers = list(snapshot.peers);
@@ -671,6 +789,7 @@ export default {
         section("transfer", "Transfer Rate", h("div", { testid: "transfer" })),
         section("tasks", `Tasks in Flight (${list(snapshot.tasks_in_flight).length})`, tasksInFlight(snapshot)),
         section("recent", `Recent Tasks (${list(snapshot.recent_tasks).length})`, recentTasks(snapshot, taskStates)),
+        section("resident", `Resident Data (${count(resident.total)})`, residentData(resident, refStates)),
         section("consensus", "Latest Consensus", consensus(snapshot)),
         section("reflections", "Shared Reflections", reflections(snapshot)),
         h("div", { cls: "swarm-nb-footer" }, [

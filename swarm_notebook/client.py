@@ -387,6 +387,7 @@ class Coordinator:
         requires: Mapping[str, str] | None = None,
         on_output: Callable[[str, str], Any] | None = None,
         keep: bool = False,
+        keep_replicas: int = 1,
         **kwargs: Any,
     ) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on a capable peer; returns a ``TaskFuture`` at once.
@@ -400,14 +401,16 @@ class Coordinator:
         ``on_output(stream, text)`` if given. ``requires={"pandas": ">=2.2"}`` runs it only
         where those versions are installed. Arguments may be ``RemoteRef`` s (from
         ``put``): the task runs where the data is. ``keep=True`` leaves the return value on
-        the peer and the future gives a ``RemoteRef`` to it (chain tasks on it).
+        the peer and the future gives a ``RemoteRef`` to it (chain tasks on it);
+        ``keep_replicas=2`` has one more capable peer copy it, peer to peer, so it survives
+        a holder's death (with 1, the default, it is lost with its peer: ``ref-lost``).
 
         >>> fut = c.submit(total, df, column="v")   # doctest: +SKIP
         >>> await fut                               # doctest: +SKIP
         42.0
         """
         self._require_joined()
-        options = SubmitOptions(peer, timeout, retries, requires, on_output, keep)
+        options = SubmitOptions(peer, timeout, retries, requires, on_output, keep, keep_replicas)
         return submit_function(self, fn, args, kwargs, options)
 
     def map(
@@ -545,11 +548,22 @@ class Coordinator:
         """The peers holding a copy of our ref now (empty once released)."""
         return self._read(lambda: self._core.ref_holders(ref_id))
 
+    def ref_records(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Refs this peer owns and refs it holds for others, as plain dicts; with
+        ``limit``, the newest ``limit`` of each."""
+        return self._read(lambda: self._core.ref_records(limit))
+
     def refs_frame(self) -> pd.DataFrame:
-        """Refs this peer owns (size, holders, dtypes) and refs it holds for others."""
+        """Refs this peer owns (size, holders, dtypes, state) and refs it holds for others.
+
+        ``holder_names`` and ``owner_name`` are the names on the peers' cards (shortened
+        ids where a peer has none), ``holder_ids`` and ``owner`` the full ids.
+
+        >>> c.refs_frame()[["ref_id", "holder_names", "state"]]  # doctest: +SKIP
+        """
         from swarm_notebook.views.frames import refs_frame
 
-        return refs_frame(self._read(self._core.ref_records))
+        return refs_frame(self.ref_records(), peer_names=self._peer_names())
 
     def executor(
         self,
@@ -681,6 +695,12 @@ class Coordinator:
 
         return peers_frame(self.get_stats())
 
+    def _peer_names(self) -> dict[str, str | None]:
+        """Card names by peer id, this peer's own name included (the frames' labels)."""
+        names: dict[str, str | None] = {p["id"]: p.get("name") for p in self.get_stats()["peers"]}
+        names[self.peer_id] = self.name
+        return names
+
     def tasks_frame(self, role: str | None = "delegated") -> pd.DataFrame:
         """One row per task (``role=None`` adds the tasks this peer served for others).
 
@@ -691,8 +711,7 @@ class Coordinator:
         from swarm_notebook.views.frames import tasks_frame
 
         records = self.task_records()
-        names = {p["id"]: p.get("name") for p in self.get_stats()["peers"]}
-        names[self.peer_id] = self.name
+        names = self._peer_names()
         return tasks_frame(
             (r for r in records if role is None or r.get("role") == role), peer_names=names
         )

@@ -87,6 +87,7 @@ class SubmitOptions:
     requires: Mapping[str, str] | None = None  # package versions, e.g. {"pandas": ">=2.2"}
     on_output: Callable[[str, str], Any] | None = None  # (stream, text) while it runs
     keep: bool = False  # the return value stays on the peer: the future gives a RemoteRef
+    keep_replicas: int = 1  # how many peers hold a kept return value (copied peer to peer)
 
     @property
     def max_attempts(self) -> int | None:
@@ -287,10 +288,18 @@ def submit(
     inputs.update({ARGS_NAME: plain_args, KWARGS_NAME: plain_kwargs})
     cell = shipped.cell()
     data: dict[str, Any] = {"inputs": inputs}
+    if options.keep_replicas != 1 and not options.keep:
+        raise UsageError(Reason.BAD_ARGUMENTS, "keep_replicas needs keep=True")
     if options.keep:
         head, _, call = cell.rstrip("\n").rpartition("\n")
         cell = f"{head}\n{KEPT_RESULT} = {call}\n"
-        data.update(outputs=[KEPT_RESULT], keep=[KEPT_RESULT])
+        # keep_replicas and _function stay with the coordinator (a lost ref names them).
+        data.update(
+            outputs=[KEPT_RESULT],
+            keep=[KEPT_RESULT],
+            keep_replicas=options.keep_replicas,
+            _function=shipped.name,
+        )
     # The prelude is kept to one line: remote tracebacks shift by one line at most.
     data["code"] = "; ".join(prelude) + "\n" + cell if prelude else cell
     return _start(submitter, shipped.name, data, options)

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from swarm_notebook.bench import (
+    ALSO_COMPARED,
     COMPARISONS,
     Metric,
     MetricRegistry,
@@ -28,6 +29,7 @@ from swarm_notebook.bench import (
     run_suites,
     select_suites,
 )
+from swarm_notebook.bench.data_suite import DataBenchConfig, data_suites
 from swarm_notebook.bench.framework import (
     Comparison,
     LeftoverProcessesError,
@@ -150,10 +152,17 @@ def test_declared_targets_match_the_plan() -> None:
         "data_df50_rss_worker_MB": ("data_df50_frame_MB", "<= 2x"),
         "data_df50_swarm_link_MB": ("data_df50_frame_MB", None),
         "data_realistic50_swarm_link_MB": ("data_realistic50_frame_MB", None),
+        "data_resident20_swarm_s": ("data_resident20_dask_s", "<= 1.2x"),
+        "data_resident20_ipyparallel_s": ("data_resident20_dask_s", None),
+        "data_resident20_put_swarm_s": ("data_resident20_put_dask_s", None),
+        "data_resident20_put_ipyparallel_s": ("data_resident20_put_dask_s", None),
         "data1g_df50_swarm_s": ("data1g_df50_dask_s", "<= 1.5x"),
         "data1g_realistic50_swarm_s": ("data1g_realistic50_dask_s", None),
     }
     assert {name: (c.anchor, c.target) for name, c in COMPARISONS.items()} == expected
+    also = {name: [(c.anchor, c.target) for c in cs] for name, cs in ALSO_COMPARED.items()}
+    assert also["data_resident20_swarm_s"] == [("data_resident20_ipyparallel_s", None)]
+    assert also["data_df50_swarm_s"] == [("data_df50_ipyparallel_s", None)]
 
 
 def test_compare_uses_anchor_median_and_leaves_missing_anchor_unjudged() -> None:
@@ -176,8 +185,9 @@ def test_a_metric_with_a_second_anchor_gets_a_row_and_json_entry_for_each() -> N
     def measured(ctx: SuiteContext) -> None:
         ctx.record("ipyparallel_rtt_ms", [4.0], "ms")
         ctx.record("dask_rtt_ms", [10.0], "ms")
-        ctx.record("submit_rtt_ms", [1.5], "ms")
+        ctx.record("submit_rtt_ms", [1.5], "ms", note="one at a time")
         ctx.record("map_items_per_s", [900.0], "items/s")  # no anchor measured: no rows
+        ctx.record("raw_rtt_ms", [2.0], "ms")  # the transport's floor, shown, not judged
 
     report = run_suites([Suite("m", measured)], quick=True, progress=NullProgress())
     rows = [(r.metric.name, r.anchor, r.verdict) for r in report.rows()]
@@ -186,13 +196,19 @@ def test_a_metric_with_a_second_anchor_gets_a_row_and_json_entry_for_each() -> N
     assert [r for r in rows if r[0] == "map_items_per_s"] == [
         ("map_items_per_s", "ipyparallel_map_items_per_s", None)
     ]
+    assert [r for r in rows if r[0] == "raw_rtt_ms"] == [
+        ("raw_rtt_ms", None, None),
+        ("raw_rtt_ms", "dask_rtt_ms", None),
+    ]
     submit = report.to_json()["metrics"]["submit_rtt_ms"]
     assert submit["verdict"] == "meets"
     assert submit["also"] == [
         {"anchor": "dask_rtt_ms", "ratio": pytest.approx(0.15), "target": "<= 0.1x",
          "verdict": "misses"}
     ]  # fmt: skip
-    assert "dask_rtt_ms" in render_table(report)
+    table = render_table(report)
+    assert "dask_rtt_ms" in table
+    assert table.count("note submit_rtt_ms: one at a time") == 1  # not once per anchor
 
 
 # ------------------------------------------------------------------- suites and failures
@@ -354,3 +370,39 @@ def test_cli_unknown_suite_is_a_clear_error() -> None:
     )
     assert done.returncode == 2
     assert "unknown_suite" in done.stderr and "bogus" in done.stderr
+
+
+# ------------------------------------------------------------------------ data suite
+
+DATA_TOOLS = ("swarm", "dask", "ipyparallel")
+
+
+@pytest.mark.timeout(420)
+def test_data_suite_runs_every_tool_and_resident20_for_real() -> None:
+    """Tiny frames through a real signaling server, swarm worker, Dask scheduler + worker
+    and ipyparallel engine: every push/pull and every resident20 path must answer right."""
+    before = child_pids()
+    tiny = DataBenchConfig(df50_rows=20_000, realistic_rows=20_000, rounds=1)
+    data = data_suites(tiny)[0]
+    assert data.name == "data"
+    report = run_suites([data], quick=True, progress=NullProgress())
+    assert report.errors == {}
+    metrics = {m.name: m for m in report.results}
+    for tool in DATA_TOOLS:
+        for frame in ("df50", "realistic50", "resident20"):
+            assert len(metrics[f"data_{frame}_{tool}_s"].samples) == 1, (frame, tool)
+        put = metrics[f"data_resident20_put_{tool}_s"]
+        assert len(put.samples) == 1 and "one-off" in put.note
+        assert "20 tasks gathered" in metrics[f"data_resident20_{tool}_s"].note
+    for name in ("rss_delegator", "rss_worker", "dask_rss_client", "ipyparallel_rss_engine"):
+        assert f"data_df50_{name}_MB" in metrics
+    rows = [(r.metric.name, r.anchor, r.target) for r in report.rows()]
+    assert ("data_resident20_swarm_s", "data_resident20_dask_s", "<= 1.2x") in rows
+    assert ("data_resident20_swarm_s", "data_resident20_ipyparallel_s", None) in rows
+    assert child_pids() <= before
+
+
+def test_quick_data_config_is_a_tenth_without_ipyparallel() -> None:
+    quick, full = DataBenchConfig.quick(), DataBenchConfig.full()
+    assert (quick.df50_rows, quick.rounds, quick.ipyparallel) == (full.df50_rows // 10, 1, False)
+    assert full.ipyparallel and full.rounds == 3

@@ -14,20 +14,17 @@ from typing import Any
 
 import pytest
 
-from swarm_notebook._util.loop_thread import LoopThread
 from swarm_notebook.client import Coordinator
 from swarm_notebook.coordinator.config import CoordinatorConfig
 from swarm_notebook.coordinator.coordinator import SwarmCoordinator
-from swarm_notebook.coordinator.events import EventBus
 from swarm_notebook.errors import NoCapablePeerError
-from swarm_notebook.identity import Identity
 from swarm_notebook.ledger.transfer import TransferHistory, TransferSample
 from swarm_notebook.notebook.source import CoordinatorSource, peer_names, with_task_views
 from swarm_notebook.notebook.widget import SwarmDashboard
-from swarm_notebook.transport.memory import MemoryNetwork, MemoryTransport
 from swarm_notebook.views.task_stream import recent_tasks, task_stream, task_summary
 from swarm_notebook.workload.executors.capabilities import ExecutorConfig
 from swarm_notebook.workload.records import TaskLog, TaskRecord, TaskState
+from tests.support.memory_facade import facade_and_worker
 from tests.test_widget import RecordingComm, Signal, channel_of
 
 pytestmark = pytest.mark.timeout(60)
@@ -159,34 +156,9 @@ async def facade(tmp_path: Path) -> AsyncIterator[tuple[Coordinator, SwarmCoordi
     workspace = tmp_path / "ws"
     workspace.mkdir()
     (workspace / "a.txt").write_text("x\ny\n")
-    net = MemoryNetwork()
-    runner = LoopThread(name="dash-test-net")
-    runner.start()
-    events = EventBus()
-    configs = {
-        "asker": CoordinatorConfig(),
-        "worker": CoordinatorConfig(executors=ExecutorConfig(workspace=workspace)),
-    }
-
-    async def build() -> list[SwarmCoordinator]:
-        cores = []
-        for name, cfg in configs.items():
-            identity = Identity.generate()
-            transport = MemoryTransport(identity, net, "room")
-            bus = events if name == "asker" else EventBus()
-            core = SwarmCoordinator(identity, transport, cfg, tmp_path / name, bus)
-            await core.start()
-            cores.append(core)
-        assert await cores[0].settle(10.0, 1, "file-management") == []
-        return cores
-
-    asker, worker = await runner.call(build())
-    coordinator = Coordinator(runner, asker, events)
-    try:
-        yield coordinator, worker
-    finally:
-        await runner.call(worker.leave())
-        await coordinator.leave()  # the asker, then the network thread both ran on
+    worker = CoordinatorConfig(executors=ExecutorConfig(workspace=workspace))
+    async with facade_and_worker(tmp_path, worker, "file-management") as joined:
+        yield joined
 
 
 def sent_snapshots(channel: RecordingComm) -> list[dict[str, Any]]:

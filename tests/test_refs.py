@@ -225,3 +225,137 @@ async def test_a_killed_holder_costs_no_data(swarm: Any) -> None:
     assert await fut == pytest.approx(df["a"].sum())
     assert fut.peer == survivor.peer_id
     await dead.stop()
+
+
+async def test_a_kept_output_with_two_replicas_survives_its_maker(
+    swarm: Any, server: SignalingServer, tmp_path: Path
+) -> None:
+    c, workers = swarm
+    df = frame(7)
+    ref = await c.put(df)
+    twice = await c.submit(doubled, ref, keep=True, keep_replicas=2)
+    maker = next(w for w in workers if w.peer_id == ref.holders[0])  # ran where ref is
+    survivor = next(w for w in workers if w is not maker)
+    # The future resolved after the copy: both workers hold it, copied peer to peer.
+    assert set(twice.holders) == {maker.peer_id, survivor.peer_id}
+    stats = c.get_stats()["refs"]
+    assert stats["replications"] == 1 and stats["under_replicated"] == 0
+    assert link(c, survivor.peer_id)["bytes_out"] < twice.size / 10  # not through us
+
+    # The copy is the owner's: another notebook's task there is refused.
+    other = await join("refs", signaling=server.url, profile=tmp_path / "other")
+    try:
+        await until(lambda: capable(other) == 2, "the workers, seen by the other notebook")
+        with pytest.raises(TaskRefused) as refused:
+            await other.submit(column_total, twice, "a", peer=survivor.peer_id)
+        assert refused.value.reason == Reason.REF_FORBIDDEN
+    finally:
+        await other.leave()
+
+    maker.kill()
+    await until(lambda: twice.holders == (survivor.peer_id,), "the maker's death", timeout=60)
+    fut = c.submit(column_total, twice, "a")
+    assert await fut == pytest.approx(float(df["a"].sum()) * 2)
+    assert fut.peer == survivor.peer_id
+    await until(lambda: ref.holders == (survivor.peer_id,), "the put ref re-pushed", timeout=60)
+    assert c.get_stats()["refs"]["under_replicated"] == 1  # the kept one: no third peer yet
+
+    third = await WorkerProcess.start(
+        server.url, "refs", str(tmp_path / "w2"), "--caps", "python-execution", name="w2"
+    )
+    try:
+        await until(
+            lambda: set(twice.holders) == {survivor.peer_id, third.peer_id},
+            "the replica count restored on the new worker",
+            timeout=60,
+        )
+        stats = c.get_stats()["refs"]
+        assert stats["replications"] == 2 and stats["lost"] == 0
+        assert stats["under_replicated"] == 0
+        total = await c.submit(column_total, twice, "b", peer=third.peer_id)
+        assert total == float(df["b"].sum()) * 2
+        assert third.problems() == []
+    finally:
+        await third.stop()
+        await maker.stop()
+
+
+async def test_a_kept_output_dies_with_its_only_holder_and_names_its_task(swarm: Any) -> None:
+    c, workers = swarm
+    ref = await c.put(frame(8, rows=1000))
+    with pytest.raises(swarm_notebook.UsageError, match="keep_replicas needs keep"):
+        c.submit(doubled, ref, keep_replicas=2)
+    with pytest.raises(swarm_notebook.TaskInputError, match="keep_replicas must be"):
+        await c.delegate_task(
+            "python-computation", {"code": "1", "keep": ["x"], "keep_replicas": 0}
+        )
+    made = c.submit(doubled, ref, keep=True)
+    twice = await made
+    maker = next(w for w in workers if w.peer_id == twice.holders[0])
+    maker.kill()
+    # Used at once, before or after the owner notices: an error, never a hang.
+    with pytest.raises(RefError) as lost:
+        await asyncio.wait_for(c.submit(column_total, twice, "a"), 60)
+    assert lost.value.reason == Reason.REF_LOST and lost.value.ref_id == twice.ref_id
+    for part in (twice.ref_id, made.task_id, "doubled", maker.name):
+        assert part in lost.value.message, (part, lost.value.message)
+
+    await until(lambda: c.get_stats()["refs"]["lost"] == 1, "the ref marked lost", timeout=60)
+    with pytest.raises(RefError, match="re-run it") as again:
+        await c.submit(column_total, twice, "a")
+    assert again.value.reason == Reason.REF_LOST
+    assert f"{maker.name} ({maker.peer_id[:16]})" in again.value.message
+    assert made.task_id in again.value.message
+    assert c.refs_frame().set_index("ref_id").loc[twice.ref_id, "lost"]
+    # The task that made it was never run again.
+    assert [r["id"] for r in c.task_records()].count(made.task_id) == 1
+    assert c.task_record(made.task_id)["state"] == "completed"
+    await twice.release()  # a lost ref can still be forgotten
+    await maker.stop()
+
+
+async def test_a_holder_spills_to_disk_within_its_budgets(
+    server: SignalingServer, tmp_path: Path
+) -> None:
+    spill = tmp_path / "spill"
+    small, roomy = await asyncio.gather(
+        WorkerProcess.start(
+            server.url, "spill", str(tmp_path / "small"), "--caps", "python-execution",
+            "--store-mb", "5", "--spill-dir", str(spill), "--spill-mb", "4", name="small",
+        ),
+        WorkerProcess.start(
+            server.url, "spill", str(tmp_path / "roomy"), "--caps", "python-execution",
+            name="roomy",
+        ),
+    )  # fmt: skip
+    c = await join("spill", signaling=server.url, profile=tmp_path / "me")
+    try:
+        await until(lambda: capable(c) == 2, "the workers")
+        first_df, second_df, third_df = frame(10), frame(11), frame(12)
+        first = await c.put(first_df, peer=small.peer_id)
+        assert not list(spill.glob("*.ref"))  # it fits in memory
+        second = await c.put(second_df, peer=small.peer_id)  # 2 x 3.2 MB > 5 MiB
+        files = list(spill.glob("*.ref"))
+        assert len(files) == 1 and files[0].stat().st_size == first.size  # the older one
+        fut = c.submit(column_total, first, "a")
+        assert await fut == pytest.approx(float(first_df["a"].sum()))  # read from disk
+        assert fut.peer == small.peer_id
+        assert await c.submit(column_total, second, "b") == float(second_df["b"].sum())
+
+        # Memory and spill folder both full: refused, nothing dropped, the owner keeps it.
+        with pytest.raises(RefError) as full:
+            await c.put(third_df, peer=small.peer_id)
+        assert full.value.reason == Reason.STORE_FULL and "does not fit" in full.value.message
+        assert len(list(spill.glob("*.ref"))) == 1
+        pd.testing.assert_frame_equal(await first.fetch(), first_df)
+        third = await c.put(third_df, peer=roomy.peer_id)
+        assert await c.submit(column_total, third, "b") == float(third_df["b"].sum())
+        assert await c.submit(column_total, first, "b") == float(first_df["b"].sum())
+
+        await first.release()
+        await until(lambda: not list(spill.glob("*.ref")), "the spill file deleted")
+        assert await c.submit(column_total, second, "a") == pytest.approx(second_df["a"].sum())
+    finally:
+        await c.leave()
+        await asyncio.gather(small.stop(), roomy.stop())
+    assert small.problems() == [] and roomy.problems() == []

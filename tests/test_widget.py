@@ -30,6 +30,7 @@ from swarm_notebook.notebook.widget import (
 )
 from swarm_notebook.views.status import dashboard_status, success_rate
 from swarm_notebook.workload.records import TaskState
+from swarm_notebook.workload.refs import RefState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,10 +169,16 @@ async def test_initial_state_travels_with_comm_open(
     assert state["status"]["success_rate"] == 75
     assert state["busy"] is False
     # The JS draws states from this one list, sent by Python, and keeps no copy of its own.
-    assert state["states"] == {"peer": list(PeerState), "task": list(TaskState)}
+    assert state["states"] == {
+        "peer": list(PeerState),
+        "task": list(TaskState),
+        "ref": list(RefState),
+    }
     assert state["states"]["peer"] == ["connecting", "connected", "gone"]
     js = (REPO / "js" / "widget.js").read_text()
     assert not any(f'"{s}"' in js for s in PeerState if s != PeerState.GONE)
+    # ("local" is also the reflections' word for "not shared", unrelated to refs.)
+    assert not any(f'"{s}"' in js for s in RefState if s != RefState.LOCAL)
     assert state["_esm"] == js
     assert state["_css"] == (REPO / "js" / "widget.css").read_text()
     await dashboard.aclose()

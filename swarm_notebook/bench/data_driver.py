@@ -9,23 +9,31 @@ the bytes this end put on and took off the link, and the tool's compression sett
 TOOL is ``swarm`` (``delegate_task`` with the frame as input and value; ADDRESS is the
 signaling URL), ``dask`` (scatter, submit identity, gather; ADDRESS the scheduler) or
 ``ipyparallel`` (push, pull; it starts its own controller and one engine here).
+FRAME ``resident20`` instead puts a df50 frame once and times 20 tasks on it
+(``data_resident``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from swarm_notebook.bench.data_frames import FRAMES, PeakRss, frame_bytes
 
+if TYPE_CHECKING:
+    from swarm_notebook.client import Coordinator
+
 TIMEOUT_S = 300.0
+RESIDENT20 = "resident20"
 
 
 def _check(sent: pd.DataFrame, back: Any) -> None:
@@ -37,9 +45,9 @@ def _pids(worker_pid: int | None) -> list[int]:
     return [worker_pid] if worker_pid else []
 
 
-async def run_swarm(
-    frame: pd.DataFrame, rounds: int, url: str, worker_pid: int | None
-) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def swarm_client(url: str) -> AsyncIterator[Coordinator]:
+    """A notebook-side peer in room ``data`` once a python-execution worker is connected."""
     from swarm_notebook.client import join
 
     with tempfile.TemporaryDirectory(prefix="swarm-data-") as home:
@@ -53,47 +61,79 @@ async def run_swarm(
                 if time.monotonic() > deadline:
                     raise RuntimeError("no worker became available")
                 await asyncio.sleep(0.05)
-            warm = frame.iloc[:1000]
-            _check(
-                warm,
-                (
-                    await c.delegate_task(
-                        "python-computation",
-                        {"code": "df", "inputs": {"df": warm}},
-                        timeout=TIMEOUT_S,
-                    )
-                )["value"],
-            )
-            out: dict[str, Any] = {"samples": [], "link": [], "rss_local": [], "rss_remote": []}
-            for round_ in range(rounds):
-                stats = c._core.node.transport.stats()
-                before = int(stats["bytes_out"]) + int(stats["bytes_in"])  # type: ignore[call-overload]
-                local, remote = PeakRss([os.getpid()]), PeakRss(_pids(worker_pid))
-                with local, remote:
-                    start = time.perf_counter()
-                    result = await c.delegate_task(
-                        "python-computation",
-                        {"code": "df", "inputs": {"df": frame}},
-                        timeout=TIMEOUT_S,
-                    )
-                    out["samples"].append(time.perf_counter() - start)
-                if not result.get("success"):
-                    raise RuntimeError(f"task failed: {result.get('error')}")
-                _check(frame, result["value"])
-                del result
-                stats = c._core.node.transport.stats()
-                after = int(stats["bytes_out"]) + int(stats["bytes_in"])  # type: ignore[call-overload]
-                out["link"].append(after - before)
-                if round_ == 0:
-                    # Later rounds reuse memory the first one reserved: only the first
-                    # says what a push + pull needs above the process's baseline.
-                    out["rss_local"].append(local.above_baseline)
-                    out["rss_remote"].append(remote.above_baseline)
-            codec = c._core.config.compression
-            out["note"] = f"compression: {codec or 'off'} when a sample shrinks >= 10% (adaptive)"
-            return out
+            yield c
         finally:
             await c.leave()
+
+
+def link_bytes(c: Coordinator) -> tuple[int, int]:
+    """Bytes this peer's transport has sent and received so far (all links)."""
+    stats = c._core.node.transport.stats()
+    return int(stats["bytes_out"]), int(stats["bytes_in"])  # type: ignore[call-overload]
+
+
+def swarm_compression(c: Coordinator) -> str:
+    codec = c._core.config.compression
+    return f"compression: {codec or 'off'} when a sample shrinks >= 10% (adaptive)"
+
+
+@contextlib.contextmanager
+def ipyparallel_engine() -> Iterator[tuple[Any, int]]:
+    """A controller and one engine started here: (a direct view on it, the engine's pid)."""
+    import logging
+
+    import ipyparallel as ipp
+
+    cluster = ipp.Cluster(n=1, log_level=logging.ERROR, shutdown_atexit=False)
+    client = cluster.start_and_connect_sync()
+    try:
+        client.wait_for_engines(1, timeout=90, interactive=False)
+        view = client[0]
+        yield view, int(view.apply_sync(os.getpid))
+    finally:
+        client.close()
+        cluster.stop_cluster_sync()
+
+
+async def run_swarm(
+    frame: pd.DataFrame, rounds: int, url: str, worker_pid: int | None
+) -> dict[str, Any]:
+    async with swarm_client(url) as c:
+        warm = frame.iloc[:1000]
+        _check(
+            warm,
+            (
+                await c.delegate_task(
+                    "python-computation",
+                    {"code": "df", "inputs": {"df": warm}},
+                    timeout=TIMEOUT_S,
+                )
+            )["value"],
+        )
+        out: dict[str, Any] = {"samples": [], "link": [], "rss_local": [], "rss_remote": []}
+        for round_ in range(rounds):
+            before = link_bytes(c)
+            local, remote = PeakRss([os.getpid()]), PeakRss(_pids(worker_pid))
+            with local, remote:
+                start = time.perf_counter()
+                result = await c.delegate_task(
+                    "python-computation",
+                    {"code": "df", "inputs": {"df": frame}},
+                    timeout=TIMEOUT_S,
+                )
+                out["samples"].append(time.perf_counter() - start)
+            if not result.get("success"):
+                raise RuntimeError(f"task failed: {result.get('error')}")
+            _check(frame, result["value"])
+            del result
+            out["link"].append(sum(link_bytes(c)) - sum(before))
+            if round_ == 0:
+                # Later rounds reuse memory the first one reserved: only the first
+                # says what a push + pull needs above the process's baseline.
+                out["rss_local"].append(local.above_baseline)
+                out["rss_remote"].append(remote.above_baseline)
+        out["note"] = swarm_compression(c)
+        return out
 
 
 def run_dask(
@@ -125,18 +165,9 @@ def run_dask(
 
 
 def run_ipyparallel(frame: pd.DataFrame, rounds: int) -> dict[str, Any]:
-    import logging
-
-    import ipyparallel as ipp
-
     out: dict[str, Any] = {"samples": [], "rss_local": [], "rss_remote": [], "link": []}
-    cluster = ipp.Cluster(n=1, log_level=logging.ERROR, shutdown_atexit=False)
-    client = cluster.start_and_connect_sync()
-    try:
-        client.wait_for_engines(1, timeout=90, interactive=False)
-        view = client[0]
+    with ipyparallel_engine() as (view, engine_pid):
         view.push({"df": frame.iloc[:1000]}, block=True)
-        engine_pid = int(view.apply_sync(os.getpid))
         for _ in range(rounds):
             local, remote = PeakRss([os.getpid()]), PeakRss([engine_pid])
             with local, remote:
@@ -150,9 +181,6 @@ def run_ipyparallel(frame: pd.DataFrame, rounds: int) -> dict[str, Any]:
             if not out["rss_local"]:  # the first round only, as for the swarm
                 out["rss_local"].append(local.above_baseline)
                 out["rss_remote"].append(remote.above_baseline)
-    finally:
-        client.close()
-        cluster.stop_cluster_sync()
     out["note"] = "no compression (ipyparallel has no such setting; pickle-5 buffers over zmq)"
     return out
 
@@ -160,9 +188,14 @@ def run_ipyparallel(frame: pd.DataFrame, rounds: int) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     tool, kind, rows, rounds, address = argv[:5]
     worker_pid = int(argv[5]) if len(argv) > 5 else None
-    frame = FRAMES[kind](int(rows))
+    # resident20 moves a df50 frame once and then runs tasks where it stays.
+    frame = FRAMES["df50" if kind == RESIDENT20 else kind](int(rows))
     try:
-        if tool == "swarm":
+        if kind == RESIDENT20:
+            from swarm_notebook.bench import data_resident
+
+            out = data_resident.run(tool, frame, int(rounds), address)
+        elif tool == "swarm":
             out = asyncio.run(run_swarm(frame, int(rounds), address, worker_pid))
         elif tool == "dask":
             out = run_dask(frame, int(rounds), address, worker_pid)

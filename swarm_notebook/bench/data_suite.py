@@ -5,9 +5,12 @@ Two suites, each measuring ``df50`` (incompressible floats) and ``realistic50`` 
 
 * ``data``: on loopback, through the swarm (signaling server + one worker process,
   ``delegate_task`` with the frame as input and value), ipyparallel (one engine, push and
-  pull) and Dask (a scheduler and one worker process: scatter, submit identity, gather);
-  peak RSS above baseline on both ends for ``df50``, and the bytes the swarm put on the
-  link for each frame (compression at work).
+  pull) and Dask (a scheduler and one worker process: scatter, submit identity, gather),
+  side by side in one run; peak RSS above baseline on both ends for ``df50``, and the
+  bytes the swarm put on the link for each frame (compression at work). Then
+  ``resident20`` for each tool: a df50 frame put once, 20 column sums on it gathered
+  (``data_resident``); the put is its own metric. ``--quick`` runs a tenth of the frames,
+  one round, and leaves ipyparallel out (its cluster starts cost more than the rest).
 * ``data-1gbit``: the swarm and Dask again, across two network namespaces joined by a
   veth pair shaped to 1 Gbit/s with ``tbf`` on both ends (this kernel has no ``netem``):
   the signaling server, the swarm worker and Dask's scheduler and worker in the remote
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import swarm_notebook.environment as environment
+from swarm_notebook.bench.data_driver import RESIDENT20
 from swarm_notebook.bench.data_frames import DF50_ROWS, REALISTIC50_ROWS
 from swarm_notebook.bench.framework import Suite, SuiteContext
 from swarm_notebook.errors import BenchError
@@ -44,9 +48,12 @@ START_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class DataBenchConfig:
+    """Frame sizes, rounds (batches for resident20), and whether ipyparallel runs."""
+
     df50_rows: int
     realistic_rows: int
     rounds: int
+    ipyparallel: bool = True
 
     @classmethod
     def full(cls) -> DataBenchConfig:
@@ -54,8 +61,10 @@ class DataBenchConfig:
 
     @classmethod
     def quick(cls) -> DataBenchConfig:
-        # A tenth of the frames, one round: the path is exercised, not measured.
-        return cls(DF50_ROWS // 10, REALISTIC50_ROWS // 10, 1)
+        # A tenth of the frames, one round: the path is exercised, not measured. No
+        # ipyparallel: each of its three cluster starts takes ~20 s, and the ipyparallel
+        # suite already proves it starts.
+        return cls(DF50_ROWS // 10, REALISTIC50_ROWS // 10, 1, ipyparallel=False)
 
 
 @dataclass(frozen=True)
@@ -261,6 +270,28 @@ def _record(ctx: SuiteContext, name: str, reply: dict[str, Any]) -> None:
     ctx.record(name, reply["samples"], "s", note=str(reply.get("note", "")))
 
 
+def _record_resident(ctx: SuiteContext, prefix: str, tool: str, reply: dict[str, Any]) -> None:
+    _record(ctx, f"{prefix}_resident20_{tool}_s", reply)
+    ctx.record(
+        f"{prefix}_resident20_put_{tool}_s",
+        reply["put"],
+        "s",
+        note="the one-off put / scatter / push of the frame, left out of resident20",
+    )
+
+
+def _record_rss(
+    ctx: SuiteContext, prefix: str, tool: str, ends: tuple[str, str], reply: dict[str, Any]
+) -> None:
+    for end, key in zip(ends, ("rss_local", "rss_remote"), strict=True):
+        ctx.record(
+            f"{prefix}_df50_{tool}rss_{end}_MB",
+            [b / MB for b in reply[key]],
+            "MB",
+            note="peak RSS above the process tree's baseline during push + pull",
+        )
+
+
 async def measure(
     ctx: SuiteContext,
     cfg: DataBenchConfig,
@@ -270,8 +301,13 @@ async def measure(
     *,
     ipyparallel: bool,
     rss: bool,
+    resident: bool = False,
 ) -> None:
-    """df50 and realistic50 through every tool; metrics named ``<prefix>_<frame>_<tool>_s``."""
+    """df50 and realistic50 through every tool; metrics named ``<prefix>_<frame>_<tool>_s``.
+
+    With ``resident``, also ``<prefix>_resident20_<tool>_s``: 20 tasks on a df50 frame
+    put once (``data_resident``), and the put's own time as ``..._resident20_put_<tool>_s``.
+    """
     import tempfile
 
     frames = (("df50", cfg.df50_rows), ("realistic50", cfg.realistic_rows))
@@ -310,22 +346,31 @@ async def measure(
                     )
                 _record(ctx, f"{prefix}_{kind}_dask_s", dask)
                 if rss and kind == "df50":
-                    for end, key in (("delegator", "rss_local"), ("worker", "rss_remote")):
-                        ctx.record(
-                            f"{prefix}_df50_rss_{end}_MB",
-                            [b / MB for b in swarm[key]],
-                            "MB",
-                            note="peak RSS above the process tree's baseline during push + pull",
+                    _record_rss(ctx, prefix, "", ("delegator", "worker"), swarm)
+                    _record_rss(ctx, prefix, "dask_", ("client", "worker"), dask)
+            if resident:
+                for tool, address, pid in (
+                    ("swarm", remote.signaling_url, remote.swarm_worker_pid),
+                    ("dask", remote.dask_address, remote.dask_worker_pid),
+                ):
+                    with ctx.task(f"{RESIDENT20}: {tool}", cfg.rounds):
+                        reply = await drive(
+                            local, tool, RESIDENT20, cfg.df50_rows, cfg.rounds, address, pid
                         )
-                    for end, key in (("client", "rss_local"), ("worker", "rss_remote")):
-                        ctx.record(
-                            f"{prefix}_df50_dask_rss_{end}_MB", [b / MB for b in dask[key]], "MB"
-                        )
+                    _record_resident(ctx, prefix, tool, reply)
         if ipyparallel:
             for kind, rows in frames:
                 with ctx.task(f"{kind}: ipyparallel", cfg.rounds):
                     reply = await drive(local, "ipyparallel", kind, rows, cfg.rounds, "-", None)
                 _record(ctx, f"{prefix}_{kind}_ipyparallel_s", reply)
+                if rss and kind == "df50":
+                    _record_rss(ctx, prefix, "ipyparallel_", ("client", "engine"), reply)
+            if resident:
+                with ctx.task(f"{RESIDENT20}: ipyparallel", cfg.rounds):
+                    reply = await drive(
+                        local, "ipyparallel", RESIDENT20, cfg.df50_rows, cfg.rounds, "-", None
+                    )
+                _record_resident(ctx, prefix, "ipyparallel", reply)
 
 
 # ------------------------------------------------------------------- the shaped link
@@ -390,9 +435,10 @@ def data_suites(config: DataBenchConfig | None = None) -> list[Suite]:
 
     async def data(ctx: SuiteContext) -> None:
         here = Place(None, "127.0.0.1")
-        # The quick run skips ipyparallel here: its cluster start alone takes ~20 s, and
-        # the ipyparallel suite already proves it starts.
-        await measure(ctx, pick(ctx), here, here, "data", ipyparallel=not ctx.quick, rss=True)
+        cfg = pick(ctx)
+        await measure(
+            ctx, cfg, here, here, "data", ipyparallel=cfg.ipyparallel, rss=True, resident=True
+        )
 
     async def data_1gbit(ctx: SuiteContext) -> None:
         with shaped_link() as (local, far):
@@ -404,7 +450,9 @@ def data_suites(config: DataBenchConfig | None = None) -> list[Suite]:
             data,
             timeout_s=900,
             quick_timeout_s=150,
-            description="df50 / realistic50 push + pull: swarm, Dask, ipyparallel; RSS",
+            description=(
+                "df50 / realistic50 push + pull, resident20: swarm, Dask, ipyparallel; RSS"
+            ),
         ),
         Suite(
             "data-1gbit",

@@ -30,6 +30,7 @@ from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessi
 from swarm_notebook.errors import BenchError
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.ice_hosts import host_addresses_from_env, restrict_host_candidates
+from swarm_notebook.transport.socket_buffers import widen_ice_sockets
 
 MAX_LINE_BYTES = 1 << 20
 # aiortc advertises (and enforces) a 64 KiB SCTP message size.
@@ -212,6 +213,7 @@ async def answer_offers(reader: asyncio.StreamReader) -> None:
                 pc.on("datachannel", serve_channel)
                 await pc.setRemoteDescription(RTCSessionDescription(message["sdp"], "offer"))
                 await pc.setLocalDescription(await pc.createAnswer())
+                widen_ice_sockets(pc)  # as the swarm's links do: the same OS setting
                 emit({"type": "answer", "conn": conn, "sdp": pc.localDescription.sdp})
             elif kind == "close":
                 closing = connections.pop(conn, None)
@@ -284,6 +286,7 @@ class Offerer:
         try:
             started = time.perf_counter()
             await pc.setLocalDescription(await pc.createOffer())
+            widen_ice_sockets(pc)
             emit({"type": "offer", "conn": conn, "sdp": pc.localDescription.sdp})
             answer = await read_message(self._reader, timeout)
             if answer["type"] != "answer" or answer.get("conn") != conn:

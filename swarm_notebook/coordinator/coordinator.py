@@ -63,7 +63,7 @@ from swarm_notebook.workload.executors.dask_task import DaskTaskExecutor
 from swarm_notebook.workload.messages import REF_GET, requirements_for_task_type
 from swarm_notebook.workload.records import TaskLog
 from swarm_notebook.workload.ref_service import RefService
-from swarm_notebook.workload.refs import KEPT_RESULT, RefOwner, RemoteRef
+from swarm_notebook.workload.refs import KEPT_RESULT, RefOwner, RefState, RemoteRef
 from swarm_notebook.workload.store import RefStore, content_digest
 from swarm_notebook.workload.task_server import TaskServer
 
@@ -340,6 +340,7 @@ class SwarmCoordinator:
         if timeout is not None and not timeout > 0:
             raise TaskInputError(Reason.BAD_ARGUMENTS, f"timeout must be > 0 s, got {timeout!r}")
         specs = parse_requires(requires)
+        data, keep_replicas, function = self._kept_options(data)
         wire_data = self._encode_inputs(task_type, data)
         prefer, prepare = self._ref_placement(wire_data)
 
@@ -377,7 +378,7 @@ class SwarmCoordinator:
         if isinstance(attempts, int) and not isinstance(attempts, bool):
             record.backend_attempts = attempts
         result = self._decode_outputs(task_type, result, record.peer)
-        self._adopt_kept(result, record.peer)
+        await self._adopt_kept(result, record.peer, keep_replicas, record.id, function)
         warning = self._environment_warning(record.peer)
         if warning is not None:
             result["environment_warning"] = warning
@@ -410,6 +411,25 @@ class SwarmCoordinator:
         log.warning("%s", text)
         warnings.warn(EnvironmentMismatchWarning(Reason.VERSION_MISMATCH, text), stacklevel=1)
         return text
+
+    @staticmethod
+    def _kept_options(data: Any) -> tuple[Any, int, str | None]:
+        """``data`` without the options that stay here: how many holders kept outputs get
+        (``keep_replicas``) and the submitted function's name (for a lost ref's message)."""
+        if not isinstance(data, dict) or not ({"keep_replicas", "_function"} & data.keys()):
+            return data, 1, None
+        data = dict(data)
+        replicas = data.pop("keep_replicas", 1)
+        function = data.pop("_function", None)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise TaskInputError(
+                Reason.BAD_ARGUMENTS, f"keep_replicas must be an int >= 1, got {replicas!r}"
+            )
+        if replicas > 1 and not data.get("keep"):
+            raise TaskInputError(
+                Reason.BAD_ARGUMENTS, "keep_replicas needs outputs to keep (keep=[...])"
+            )
+        return data, replicas, function if isinstance(function, str) else None
 
     def _encode_inputs(self, task_type: str, data: Any) -> Any:
         if task_type != "python-computation" or not isinstance(data, dict):
@@ -464,19 +484,37 @@ class SwarmCoordinator:
 
         return frozenset(holders), prepare
 
-    def _adopt_kept(self, result: dict[str, Any], peer: str | None) -> None:
-        """Outputs the peer kept become refs we own, in place of their values."""
+    async def _adopt_kept(
+        self,
+        result: dict[str, Any],
+        peer: str | None,
+        replicas: int,
+        task_id: str,
+        function: str | None,
+    ) -> None:
+        """Outputs the peer kept become refs we own, in place of their values; with
+        ``replicas`` > 1 other capable peers copy them from ``peer`` before we return."""
         kept = result.pop("kept", None)
         if not isinstance(kept, dict) or not kept or peer is None:
             return
         outputs = result.setdefault("outputs", {})
+        adopted = []
         for name, descriptor in kept.items():
             try:
-                handle = self.refs.adopt(peer, descriptor).handle(self.local_id)
+                ref = self.refs.adopt(
+                    peer, descriptor, replicas=replicas, task_id=task_id, function=function
+                )
             except (KeyError, TypeError, ValueError) as exc:
                 raise RefError(
                     Reason.MALFORMED, f"peer {peer[:16]} kept {name!r} badly: {exc}"
                 ) from exc
+            adopted.append((name, ref))
+        if replicas > 1:
+            # Copies are best effort: the task's outcome stands; a ref short of copies
+            # is restored when a capable peer arrives.
+            await asyncio.gather(*(self.refs.replicate(ref) for _, ref in adopted))
+        for name, ref in adopted:
+            handle = ref.handle(self.local_id)
             if name == KEPT_RESULT:
                 result["value"] = handle
             else:
@@ -553,10 +591,12 @@ class SwarmCoordinator:
         ref = self.refs.refs.get(ref_id)
         return tuple(ref.holders) if ref is not None else ()
 
-    def ref_records(self) -> list[dict[str, Any]]:
-        """Refs we own (where they are) and refs other peers keep here."""
-        rows = [{**r, "role": "owned", "owner": self.local_id} for r in self.refs.records()]
-        for entry in self.ref_store.entries():
+    def ref_records(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Refs we own (where they are) and refs other peers keep here; with ``limit``,
+        the newest ``limit`` of each (the dashboard's bounded read)."""
+        owned = self.refs.records(limit)
+        rows = [{**r, "role": "owned", "owner": self.local_id} for r in owned]
+        for entry in self.ref_store.entries(limit):
             rows.append(
                 {
                     "ref_id": entry.ref_id,
@@ -565,6 +605,7 @@ class SwarmCoordinator:
                     "replicas": None,
                     "owner_copy": False,
                     "lost": False,
+                    "state": str(RefState.SPILLED if entry.spilled else RefState.HELD),
                     "dtypes": dict(entry.dtypes),
                     "shape": None,
                     "digest": entry.digest,

@@ -1,6 +1,7 @@
 """Make a ``Coordinator`` the dashboard's ``DashboardSource``.
 
-The coordinator's event bus emits ``stats:changed`` after every change and
+The coordinator's event bus emits ``stats:changed`` after every change (a ref put,
+copied, lost or released included) and
 ``transfer:sampled`` once a second; the dashboard subscribes to both, so the kernel
 never polls.
 """
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from swarm_notebook.views.resident import RESIDENT_MAX_ROWS, resident_data
 from swarm_notebook.views.task_stream import (
     STREAM_MAX_BARS,
     recent_tasks,
@@ -53,6 +55,17 @@ def with_task_views(
     return snapshot
 
 
+def with_resident_data(snapshot: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """``snapshot`` plus its "Resident data" section: the newest refs and the store's use."""
+    snapshot["resident_data"] = resident_data(
+        records,
+        snapshot.get("refs"),
+        peer_names(snapshot),
+        capabilities=snapshot.get("capabilities") or (),
+    )
+    return snapshot
+
+
 class CoordinatorSource:
     """``DashboardSource`` view of a coordinator.
 
@@ -68,6 +81,7 @@ class CoordinatorSource:
         snapshot = self._coordinator.dashboard_snapshot()
         # Bounded read: the stream shows at most this many bars, whatever the log holds.
         records = self._coordinator.task_records(limit=STREAM_MAX_BARS)
+        with_resident_data(snapshot, self._coordinator.ref_records(limit=RESIDENT_MAX_ROWS))
         return with_task_views(snapshot, records, self._clock())
 
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:

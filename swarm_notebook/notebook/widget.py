@@ -23,6 +23,7 @@ from swarm_notebook.membership.node import PeerState
 from swarm_notebook.reasons import Reason
 from swarm_notebook.views.status import dashboard_status
 from swarm_notebook.workload.records import TaskState
+from swarm_notebook.workload.refs import RefState
 
 # Snapshot parts that change every second (the transfer rates): they travel in their own
 # trait, so the rest is only sent, and redrawn, when it changed.
@@ -131,8 +132,9 @@ def display_snapshot(snapshot: Mapping[str, Any], limits: DisplayLimits) -> dict
 class SwarmDashboard(anywidget.AnyWidget):
     """Live panel of a swarm: stats, peers, the task stream (a lane per peer, a bar per
     task coloured by state), the transfer-rate sparkline, tasks in flight and recently
-    finished, consensus and reflections. After a kernel restart or shutdown the view says
-    it is disconnected and how to get a live panel again.
+    finished, resident data (refs and this peer's store), consensus and reflections. After
+    a kernel restart or shutdown the view says it is disconnected and how to get a live
+    panel again.
 
     >>> dashboard = SwarmDashboard(coordinator)  # doctest: +SKIP
     >>> dashboard  # doctest: +SKIP
@@ -191,7 +193,11 @@ class SwarmDashboard(anywidget.AnyWidget):
             snapshot=shown,
             status=self._status_for(shown),
             live=self._stamped(self._live_data),
-            states={"peer": [str(s) for s in PeerState], "task": [str(s) for s in TaskState]},
+            states={
+                "peer": [str(s) for s in PeerState],
+                "task": [str(s) for s in TaskState],
+                "ref": [str(s) for s in RefState],
+            },
         )
         self._last_push = loop.time()
         self.on_msg(self._handle_message)

@@ -21,6 +21,7 @@ from swarm_notebook.membership.node import PeerState
 from swarm_notebook.reasons import Reason
 from swarm_notebook.views.status import success_rate
 from swarm_notebook.workload.records import TaskState
+from swarm_notebook.workload.refs import RefState
 
 TEXT = pd.StringDtype()
 UTC_TIME = pd.DatetimeTZDtype(unit="ns", tz="UTC")
@@ -209,6 +210,10 @@ def tasks_frame(
     return _frame(columns, pd.Index(ids, dtype=TEXT, name="id"))
 
 
+def _labels(peers: Iterable[str], names: Mapping[str, str | None]) -> list[str]:
+    return [names.get(peer) or short_id(peer) for peer in peers]
+
+
 def _peer_label(peer: Any, names: Mapping[str, str | None]) -> str | None:
     if peer is None:
         return None
@@ -352,27 +357,41 @@ def sessions_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 REF_ROLE = pd.CategoricalDtype(["owned", "held"])
+REF_STATE = pd.CategoricalDtype([str(s) for s in RefState])
 
 
-def refs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+def refs_frame(
+    records: Iterable[Mapping[str, Any]], peer_names: Mapping[str, str | None] | None = None
+) -> pd.DataFrame:
     """Resident data: refs this peer owns (where they are) and refs it holds for others.
+
+    ``holders`` counts the peers keeping a copy; ``holder_names`` names them (from
+    ``peer_names``, their cards, or their shortened ids), ``holder_ids`` gives their full
+    ids; ``owner_name`` / ``owner`` likewise. ``state`` is held, spilled (held here on
+    disk), local (only the owner's copy, no holder now) or lost.
 
     >>> refs_frame([{"ref_id": "ab12", "role": "owned", "owner": "P", "size": 10,
     ...     "holders": ["W"], "dtypes": {"a": "int64"}, "owner_copy": True, "lost": False,
-    ...     "tasks": 2, "created_at": 0.0}])[["size", "holders"]].iloc[0].tolist()
-    [10, 1]
+    ...     "state": "held", "tasks": 2, "created_at": 0.0}], {"W": "w0"}
+    ...     )[["holder_names", "holder_ids", "state"]].iloc[0].tolist()
+    ['w0', 'W', 'held']
     """
     rows = _records(records, "ref")
+    names = peer_names or {}
     ids = [_require(row, "ref_id", "ref", index) for index, row in enumerate(rows)]
     roles = _column(rows, "role", "ref", _state(REF_ROLE))
+    holders = [[str(h) for h in row.get("holders") or []] for row in rows]
     return _frame(
         {
             "ref_id": _text(ids),
             "role": pd.Series(roles, dtype=REF_ROLE),
+            "state": pd.Series(_column(rows, "state", "ref", _state(REF_STATE)), dtype=REF_STATE),
+            "owner_name": _text(_peer_label(row.get("owner"), names) for row in rows),
             "owner": _text(row.get("owner") for row in rows),
             "size": pd.Series(_column(rows, "size", "ref", _count), dtype="int64"),
-            "holders": pd.Series([len(row.get("holders") or []) for row in rows], dtype="int64"),
-            "holder_ids": _text(",".join(row.get("holders") or []) for row in rows),
+            "holders": pd.Series([len(h) for h in holders], dtype="int64"),
+            "holder_names": _text(", ".join(_labels(h, names)) for h in holders),
+            "holder_ids": _text(",".join(h) for h in holders),
             "dtypes": _text(
                 ", ".join(f"{k}: {v}" for k, v in (row.get("dtypes") or {}).items()) for row in rows
             ),

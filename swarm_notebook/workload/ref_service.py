@@ -256,4 +256,6 @@ class RefService:
             **self.store.stats(),
             "bytes_received": self.bytes_received,
             "bytes_served": self.bytes_served,
+            # Puts, pulls and reads refused here, by reason (store-full, ref-forbidden, ...).
+            "refusals": dict(self.refusals),
         }

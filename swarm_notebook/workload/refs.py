@@ -2,10 +2,15 @@
 
 ``put`` sends a value's encoded bytes to ``replicas`` capable peers (least loaded first,
 or the one named) and keeps the owner's copy, so a holder that dies costs nothing: its
-refs are re-pushed to another peer. A task naming refs runs on a holder when one is
-capable; otherwise the chosen peer copies the data from a holder, peer to peer, or (no
-holder reachable) the owner pushes it. Outputs a task keeps (``keep=``) are refs whose only
-copy is on the peer that made them: if that peer leaves, they are lost (``ref-lost``).
+refs are copied again, from a surviving holder peer to peer or (none left) re-pushed from
+the owner's copy. A task naming refs runs on a holder when one is capable; otherwise the
+chosen peer copies the data from a holder, peer to peer, or (no holder reachable) the owner
+pushes it. Outputs a task keeps (``keep=``) have no owner copy: with ``keep_replicas=n``
+the owner has ``n - 1`` more capable peers copy them from the producer, peer to peer, before
+the task's result is handed back, and whenever a holder leaves (or a capable peer arrives
+while a ref is short of copies) it restores the count from a surviving holder. Only when
+every holder of a kept output is gone is it lost: using it raises ``ref-lost`` naming the
+holders that left and the task that made it. That task is never re-run by itself.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import secrets
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 from swarm_notebook._util.tasks import OwnedTasks
@@ -37,6 +43,17 @@ RELEASE_TIMEOUT_S = 5.0
 MAX_REMEMBERED_RELEASED = 4096
 # The output name a submitted function's return value is kept under (``submit(keep=True)``).
 KEPT_RESULT = "__swarm_result__"
+# Always in stats (0 until it happens): a dashboard should not need to guess them.
+DURABILITY_COUNTERS = ("replications", "repushes", "replication_failures", "lost")
+
+
+class RefState(StrEnum):
+    """Where a ref's data is, as the dashboard and ``refs_frame()`` show it."""
+
+    HELD = "held"  # in a holder's memory (or, for a ref we own, on its holders)
+    SPILLED = "spilled"  # held here, in the spill folder instead of memory
+    LOCAL = "local"  # only the owner's copy: no holder now (the next task re-pushes it)
+    LOST = "lost"  # a kept output whose only holder left
 
 
 class RefClient(Protocol):
@@ -137,6 +154,21 @@ class OwnedRef:
     lost: bool = False
     created_at: float = field(default_factory=time.time)
     tasks: int = 0  # tasks that used it
+    task_id: str | None = None  # the task that kept it (None for put refs)
+    function: str | None = None  # that task's function name, when ``submit`` made it
+    gone: list[str] = field(default_factory=list)  # holders that left, by name
+
+    def made_by(self) -> str:
+        """Which task made this ref, as a user would re-run it."""
+        if self.task_id is None:
+            return "a put"
+        return f"task {self.task_id}" + (f" ({self.function})" if self.function else "")
+
+    @property
+    def state(self) -> RefState:
+        if self.lost:
+            return RefState.LOST
+        return RefState.HELD if self.holders else RefState.LOCAL
 
     def handle(self, owner: str) -> RemoteRef:
         return RemoteRef(
@@ -153,6 +185,8 @@ class RefOwner:
         self.refs: dict[str, OwnedRef] = {}
         self._released: dict[str, None] = {}
         self._moving: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._restoring: set[str] = set()  # refs with a restore under way
+        self._names: dict[str, str] = {}  # holders' card names, kept for after they left
         self._background = OwnedTasks("refs")
         self.counters: Counter[str] = Counter()
         node.add_listener(self._peer_changed)
@@ -164,9 +198,12 @@ class RefOwner:
         ref = self.refs.get(ref_id)
         if ref is not None:
             if ref.lost:
+                left = ", ".join(ref.gone) or "its holders"
                 raise RefError(
                     Reason.REF_LOST,
-                    f"ref {ref_id} is lost: the peer holding its only copy left",
+                    f"ref {ref_id} is lost: every peer holding a copy left ({left}); it was "
+                    f"kept by {ref.made_by()}, which is not re-run by itself: re-run it to "
+                    "make the value again",
                     ref_id,
                 )
             return ref
@@ -188,6 +225,19 @@ class RefOwner:
             for c in self.node.candidates()
             if PYTHON_EXECUTION in c.capabilities and c.peer_id not in skipped
         ]
+
+    def _label(self, peer_id: str) -> str:
+        """``name (short id)`` of a peer; the name is remembered once seen on its card."""
+        view = self.node.peer(peer_id)
+        if view is not None and view.card is not None and view.card.name:
+            self._names[peer_id] = view.card.name
+        name = self._names.get(peer_id)
+        return f"{name} ({peer_id[:16]})" if name else peer_id[:16]
+
+    def _add_holder(self, ref: OwnedRef, peer_id: str) -> None:
+        if peer_id not in ref.holders:
+            ref.holders.append(peer_id)
+        self._label(peer_id)  # its name, for a message after it has left
 
     # -- put ---------------------------------------------------------------------------
 
@@ -276,13 +326,23 @@ class RefOwner:
             ) from exc
         self.counters["bytes_pushed"] += ref.size
         self.counters["pushes"] += 1
-        if target not in ref.holders:
-            ref.holders.append(target)
+        self._add_holder(ref, target)
 
     # -- kept outputs ------------------------------------------------------------------
 
-    def adopt(self, holder: str, descriptor: Mapping[str, Any]) -> OwnedRef:
-        """Register an output a task kept on ``holder`` (no owner copy)."""
+    def adopt(
+        self,
+        holder: str,
+        descriptor: Mapping[str, Any],
+        *,
+        replicas: int = 1,
+        task_id: str | None = None,
+        function: str | None = None,
+    ) -> OwnedRef:
+        """Register an output task ``task_id`` kept on ``holder`` (no owner copy); it is
+        to have ``replicas`` holders (``replicate`` makes the others)."""
+        if replicas < 1:
+            raise UsageError(Reason.BAD_ARGUMENTS, f"keep_replicas must be >= 1, got {replicas}")
         ref = OwnedRef(
             str(descriptor["ref_id"]),
             int(descriptor["size"]),
@@ -290,8 +350,11 @@ class RefOwner:
             str(descriptor["token"]),
             dict(descriptor.get("dtypes") or {}),
             None,
-            [holder],
+            replicas=replicas,
+            task_id=task_id,
+            function=function,
         )
+        self._add_holder(ref, holder)
         self.refs[ref.ref_id] = ref
         self.counters["kept"] += 1
         self.notify("refs:changed", {"ref_id": ref.ref_id})
@@ -320,9 +383,18 @@ class RefOwner:
             future.exception()  # retrieved here: every waiter re-raises it
 
     async def _move(self, ref: OwnedRef, target: str) -> None:
+        if await self._copy(ref, target):
+            self.counters["peer_copies"] += 1
+        else:
+            self.counters["owner_pushes_for_tasks"] += 1
+
+    async def _copy(self, ref: OwnedRef, target: str) -> bool:
+        """Give ``target`` a copy: from a holder, peer to peer (True), else the owner's
+        push (False). What ``target`` stores is ours: only our tasks may read it."""
         connected = set(self.node.connected_peers())
         problems = []
-        for source in [h for h in ref.holders if h in connected]:
+        full = False  # the target had no room: another peer may (the delegator moves on)
+        for source in [h for h in ref.holders if h in connected and h != target]:
             body = {
                 "ref_id": ref.ref_id,
                 "source": source,
@@ -333,55 +405,90 @@ class RefOwner:
             try:
                 await self.node.endpoint.request(target, REF_PULL, body, timeout=PUT_TIMEOUT_S)
             except SwarmError as exc:
-                problems.append(f"from {source[:16]}: {exc}")
+                problems.append(f"from {self._label(source)}: {exc}")
+                full = full or exc.reason == Reason.STORE_FULL
                 continue
-            self.counters["peer_copies"] += 1
-            ref.holders.append(target)
+            self._add_holder(ref, target)
             self.notify("refs:changed", {"ref_id": ref.ref_id})
-            return
+            return True
         if ref.payload is None:
+            holders = ", ".join(self._label(h) for h in ref.holders) or "none"
+            why = "; ".join(problems) or f"none of its holders is connected ({holders})"
             raise RefError(
-                Reason.REF_LOST,
-                f"ref {ref.ref_id} could not be copied to {target[:16]}: " + "; ".join(problems),
+                Reason.STORE_FULL if full else Reason.REF_LOST,
+                f"ref {ref.ref_id} (kept by {ref.made_by()}) could not be copied to "
+                f"{self._label(target)}: {why}",
                 ref.ref_id,
             )
         await self._push(ref, target)
-        self.counters["owner_pushes_for_tasks"] += 1
         self.notify("refs:changed", {"ref_id": ref.ref_id})
+        return False
+
+    # -- replicas ----------------------------------------------------------------------
+
+    def replicate(self, ref: OwnedRef) -> Awaitable[None]:
+        """Bring ``ref`` to its replica count now, as far as capable peers allow."""
+        # Marked before the first await: a card arriving meanwhile starts no second copy.
+        self._restoring.add(ref.ref_id)
+        return self._restore(ref)
+
+    def _short(self, ref: OwnedRef) -> bool:
+        live = not ref.lost and bool(ref.holders or ref.payload)
+        return live and len(ref.holders) < ref.replicas
+
+    def _schedule_restore(self, ref: OwnedRef) -> None:
+        if ref.ref_id in self._restoring:
+            return  # the running restore re-checks the count until it holds
+        self._restoring.add(ref.ref_id)
+        self._background.spawn(self._restore(ref), name=f"restore-{ref.ref_id[:8]}")
+
+    async def _restore(self, ref: OwnedRef) -> None:
+        """Copy ``ref`` to other capable peers until it has ``replicas`` holders: from a
+        surviving holder peer to peer, else (a put ref) from the owner's copy."""
+        self._restoring.add(ref.ref_id)
+        tried: set[str] = set()
+        try:
+            while self._short(ref) and self.refs.get(ref.ref_id) is ref:
+                target = self._pick(exclude=[*ref.holders, *tried])
+                if target is None:
+                    return  # nobody yet: a capable peer's card arriving starts this again
+                tried.add(target)
+                try:
+                    pulled = await self._copy(ref, target)
+                except RefError as exc:
+                    self.counters["replication_failures"] += 1
+                    log.info("copy of ref %s to %s failed: %s", ref.ref_id[:8], target[:16], exc)
+                    continue
+                # replications: peer-to-peer copies; repushes: the owner's own copy sent.
+                self.counters["replications" if pulled else "repushes"] += 1
+        finally:
+            self._restoring.discard(ref.ref_id)
 
     # -- holders leaving ---------------------------------------------------------------
 
     def _peer_changed(self, peer_id: str, what: str) -> None:
+        if what == "card":
+            # A capable peer arrived (or its card changed): refs short of copies may grow.
+            if peer_id in self._capable(exclude=()):
+                for ref in self.refs.values():
+                    if self._short(ref):
+                        self._schedule_restore(ref)
+            return
         if what != "down":
             return
         for ref in self.refs.values():
             if peer_id not in ref.holders:
                 continue
             ref.holders.remove(peer_id)
-            if ref.payload is None:
-                if not ref.holders:
-                    ref.lost = True
-                    self.counters["lost"] += 1
+            ref.gone.append(self._label(peer_id))
+            if ref.payload is None and not ref.holders:
+                ref.lost = True
+                self.counters["lost"] += 1
+                log.warning("ref %s is lost: its last holder %s left", ref.ref_id[:8], peer_id[:16])
                 continue
             if len(ref.holders) < ref.replicas:
-                self._background.spawn(self._repush(ref, peer_id), name=f"repush-{ref.ref_id[:8]}")
+                self._schedule_restore(ref)
         self.notify("refs:changed", {"peer_id": peer_id})
-
-    async def _repush(self, ref: OwnedRef, gone: str) -> None:
-        """Put the owner's copy on another peer so the replica count holds again."""
-        tried = [gone, *ref.holders]
-        while len(ref.holders) < ref.replicas and ref.ref_id in self.refs:
-            target = self._pick(exclude=tried)
-            if target is None:
-                return  # nobody yet: the next task pushes to wherever it runs
-            tried.append(target)
-            try:
-                await self._push(ref, target)
-            except RefError as exc:
-                log.info("re-push of ref %s to %s failed: %s", ref.ref_id[:8], target[:16], exc)
-                continue
-            self.counters["repushes"] += 1
-            self.notify("refs:changed", {"ref_id": ref.ref_id})
 
     # -- release -----------------------------------------------------------------------
 
@@ -434,7 +541,11 @@ class RefOwner:
 
     # -- views -------------------------------------------------------------------------
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Our refs, oldest first; with ``limit``, only the newest ``limit``."""
+        refs = list(self.refs.values())  # put order: the newest last
+        if limit is not None:
+            refs = refs[-limit:] if limit > 0 else []
         return [
             {
                 "ref_id": r.ref_id,
@@ -443,18 +554,25 @@ class RefOwner:
                 "replicas": r.replicas,
                 "owner_copy": r.payload is not None,
                 "lost": r.lost,
+                "state": str(r.state),
                 "dtypes": dict(r.dtypes),
                 "shape": r.shape,
                 "digest": r.digest,
                 "tasks": r.tasks,
                 "created_at": r.created_at,
+                "made_by": r.made_by(),
             }
-            for r in self.refs.values()
+            for r in refs
         ]
 
     def stats(self) -> dict[str, Any]:
         return {
             "owned": len(self.refs),
             "owned_bytes": sum(r.size for r in self.refs.values()),
+            # Live refs with fewer holders than asked for (waiting for a capable peer).
+            "under_replicated": sum(1 for r in self.refs.values() if self._short(r)),
+            **dict.fromkeys(DURABILITY_COUNTERS, 0),
+            # Lost now (still listed until released); "lost" counts every loss so far.
+            "owned_lost": sum(1 for r in self.refs.values() if r.lost),
             **dict(self.counters),
         }

@@ -201,8 +201,12 @@ class RefStore:
 
     # -- views -------------------------------------------------------------------------
 
-    def entries(self) -> list[StoredRef]:
-        return list(self._entries.values())
+    def entries(self, limit: int | None = None) -> list[StoredRef]:
+        """What is held here, oldest stored first; with ``limit``, only the newest ones."""
+        entries = sorted(self._entries.values(), key=lambda e: e.stored_at)
+        if limit is not None:
+            entries = entries[-limit:] if limit > 0 else []
+        return entries
 
     def stats(self) -> dict[str, Any]:
         return {

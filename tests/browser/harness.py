@@ -35,6 +35,8 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
+from tests.support.swarm import Swarm
+
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -186,6 +188,65 @@ def running_lab(home: Path) -> Iterator[LabServer]:
     finally:
         survivors = stop_lab(lab)
         assert not survivors, f"processes left behind by JupyterLab: {survivors}"
+
+
+JOIN_CELL = """
+import os
+import swarm_notebook
+
+c = await swarm_notebook.join(
+    os.environ["SWARM_NOTEBOOK_ROOM"],
+    signaling=os.environ["SWARM_NOTEBOOK_SIGNALING"],
+    secret=os.environ["SWARM_NOTEBOOK_SECRET"],
+    profile=os.path.join(os.environ["SWARM_NOTEBOOK_PROFILE"], PROFILE_NAME),
+)
+await c.wait_for_peers(2, capability="python-execution", timeout=120)
+c.dashboard()
+"""
+
+
+def join_cell(profile: str) -> str:
+    """A cell that joins the lab's swarm as ``c`` (profile folder ``profile``), waits for
+    two workers and shows the dashboard."""
+    return f"PROFILE_NAME = {profile!r}\n{JOIN_CELL}"
+
+
+@contextmanager
+def python_workers(tmp: Path, room: str, secret: str, *names: str) -> Iterator[Swarm]:
+    """A signaling server and a ``python-execution`` worker process per name (its card's
+    name); every worker is stopped, and checked for problems, on exit."""
+    running = Swarm(tmp, secret=secret, room=room)
+    try:
+        for name in names:
+            running.start_worker(name, "python-execution")
+        yield running
+    finally:
+        running.close()
+
+
+@contextmanager
+def lab_joining(home: Path, signaling: str, room: str, secret: str) -> Iterator[LabServer]:
+    """A lab whose kernels find a swarm as `swarm-notebook up` gives them one: the
+    ``SWARM_NOTEBOOK_*`` variables of its signaling server, room, secret and a profile
+    folder, set for the lab (and restored here afterwards)."""
+    session = {
+        "SWARM_NOTEBOOK_SIGNALING": signaling,
+        "SWARM_NOTEBOOK_ROOM": room,
+        "SWARM_NOTEBOOK_SECRET": secret,
+        "SWARM_NOTEBOOK_PROFILE": str(home / "profiles"),
+        "SWARM_NOTEBOOK_ICE_HOSTS": "127.0.0.1",
+    }
+    saved = {key: os.environ.get(key) for key in session}
+    os.environ.update(session)  # running_lab builds the lab's environment from ours
+    try:
+        with running_lab(home) as server:
+            yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextmanager

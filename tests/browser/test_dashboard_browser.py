@@ -112,6 +112,11 @@ source.update(
     recent_tasks=[{{"id": "t1", "type": "<b>x</b>", "peer": {EVIL_PEER!r},
                     "name": "<b>evil lane</b>", "state": "completed", "finished_at": now - 1,
                     "duration_s": 2.0, "sent": True, "error": None}}],
+    resident_data={{"total": 6, "omitted": 5, "owned": 6, "owned_bytes": 60, "store": None,
+                    "refs": [{{"ref_id": "ref-<b>1</b>", "role": "owned", "state": "<b>s</b>",
+                               "size": 10, "summary": "<img src=q onerror=alert(4)>: int64",
+                               "holders": [{{"peer": {EVIL_PEER!r}, "name": "<b>holder</b>"}}],
+                               "owner": {{"peer": {LOCAL_PEER!r}, "name": "this peer"}}}}]}},
 )
 """
 
@@ -167,6 +172,13 @@ def test_dashboard_renders_updates_escapes_and_initializes(lab: LabServer, page:
     expect(stream.locator('[data-state="completed"]')).to_have_count(1)
     expect(stream.locator('[data-state="unknown"]')).to_have_count(1)
     expect(view.get_by_test_id("recent-task")).to_contain_text("<b>evil lane</b>")
+    # Resident data: remote-supplied names and summaries as text, bounded with "and N more".
+    ref_row = view.get_by_test_id("ref-row")
+    expect(ref_row).to_have_count(1)
+    expect(ref_row).to_have_attribute("data-state", "unknown")
+    expect(ref_row).to_contain_text("<img src=q onerror=alert(4)>: int64")
+    expect(ref_row.get_by_test_id("ref-holders")).to_have_text("<b>holder</b>")
+    expect(view.get_by_test_id("refs-more")).to_contain_text("and 5 more")
     assert view.locator("img, script, b").count() == 0
     view.scroll_into_view_if_needed()
     screenshot(page, "dashboard-light")

@@ -5,7 +5,6 @@ The dashboard must render and its task count must move when ``%%swarm run`` dele
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +13,10 @@ import nbformat
 import pytest
 from harness import (
     LabServer,
+    lab_joining,
     open_notebook,
+    python_workers,
     run_cell_and_advance,
-    running_lab,
     screenshot,
     select_first_cell,
     watch_page,
@@ -34,37 +34,15 @@ SECRET = "browser-test-secret"
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    running = Swarm(tmp_path_factory.mktemp("swarm"), secret=SECRET, room=ROOM)
-    try:
-        running.start_worker("w0", "python-execution")
-        running.start_worker("w1", "python-execution")
+    with python_workers(tmp_path_factory.mktemp("swarm"), ROOM, SECRET, "w0", "w1") as running:
         yield running
-    finally:
-        running.close()
 
 
 @pytest.fixture(scope="module")
 def lab(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     """The harness' lab, started with what `swarm-notebook up` gives its kernels."""
-    home = tmp_path_factory.mktemp("lab")
-    session = {
-        "SWARM_NOTEBOOK_SIGNALING": swarm.url,
-        "SWARM_NOTEBOOK_ROOM": ROOM,
-        "SWARM_NOTEBOOK_SECRET": SECRET,
-        "SWARM_NOTEBOOK_PROFILE": str(home / "profiles"),
-        "SWARM_NOTEBOOK_ICE_HOSTS": "127.0.0.1",
-    }
-    saved = {key: os.environ.get(key) for key in session}
-    os.environ.update(session)  # running_lab builds the lab's environment from ours
-    try:
-        with running_lab(home) as server:
-            yield server
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with lab_joining(tmp_path_factory.mktemp("lab"), swarm.url, ROOM, SECRET) as server:
+        yield server
 
 
 def test_quickstart_dashboard_counts_the_delegation(lab: LabServer, page: Page) -> None:

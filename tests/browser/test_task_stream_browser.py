@@ -4,17 +4,18 @@ joined through a real signaling server."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 
 import pytest
 from harness import (
     LabServer,
+    join_cell,
+    lab_joining,
     menu,
     open_notebook,
+    python_workers,
     run_cell_and_advance,
-    running_lab,
     screenshot,
     select_first_cell,
     set_theme,
@@ -31,20 +32,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(500)]
 ROOM = "stream"
 SECRET = "stream-browser-secret"
 LONG_MS = 180_000
-
-JOIN_CELL = """
-import os
-import swarm_notebook
-
-c = await swarm_notebook.join(
-    os.environ["SWARM_NOTEBOOK_ROOM"],
-    signaling=os.environ["SWARM_NOTEBOOK_SIGNALING"],
-    secret=os.environ["SWARM_NOTEBOOK_SECRET"],
-    profile=os.path.join(os.environ["SWARM_NOTEBOOK_PROFILE"], PROFILE_NAME),
-)
-await c.wait_for_peers(2, capability="python-execution", timeout=120)
-c.dashboard()
-"""
 
 TASKS_CELL = """
 def slow_double(x):
@@ -81,36 +68,14 @@ napping = c.submit(nap, 4.0)
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    running = Swarm(tmp_path_factory.mktemp("swarm"), secret=SECRET, room=ROOM)
-    try:
-        running.start_worker("w0", "python-execution")
-        running.start_worker("w1", "python-execution")
+    with python_workers(tmp_path_factory.mktemp("swarm"), ROOM, SECRET, "w0", "w1") as running:
         yield running
-    finally:
-        running.close()
 
 
 @pytest.fixture(scope="module")
 def lab(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
-    home = tmp_path_factory.mktemp("lab")
-    session = {
-        "SWARM_NOTEBOOK_SIGNALING": swarm.url,
-        "SWARM_NOTEBOOK_ROOM": ROOM,
-        "SWARM_NOTEBOOK_SECRET": SECRET,
-        "SWARM_NOTEBOOK_PROFILE": str(home / "profiles"),
-        "SWARM_NOTEBOOK_ICE_HOSTS": "127.0.0.1",
-    }
-    saved = {key: os.environ.get(key) for key in session}
-    os.environ.update(session)  # running_lab builds the lab's environment from ours
-    try:
-        with running_lab(home) as server:
-            yield server
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with lab_joining(tmp_path_factory.mktemp("lab"), swarm.url, ROOM, SECRET) as server:
+        yield server
 
 
 def panel(page: Page) -> Locator:
@@ -119,10 +84,6 @@ def panel(page: Page) -> Locator:
 
 def fill_of(bar: Locator) -> str:
     return str(bar.evaluate("el => getComputedStyle(el).fill"))
-
-
-def join_cell(profile: str) -> str:
-    return f"PROFILE_NAME = {profile!r}\n{JOIN_CELL}"
 
 
 def test_task_stream_and_sparkline_show_real_tasks(lab: LabServer, page: Page) -> None:

@@ -22,6 +22,7 @@ from swarm_notebook.transport.backends.base import (
 )
 from swarm_notebook.transport.ice_hosts import restrict_host_candidates
 from swarm_notebook.transport.ice_path import Route, gathered_types, selected_route
+from swarm_notebook.transport.socket_buffers import widen_ice_sockets
 
 NAME = "aiortc"
 
@@ -111,10 +112,12 @@ class AiortcBackend(PeerBackend):
 
     async def create_offer(self) -> str:
         await self.raw.setLocalDescription(await self.raw.createOffer())
+        widen_ice_sockets(self.raw)  # gathering made the sockets
         return str(self.raw.localDescription.sdp)
 
     async def create_answer(self) -> str:
         await self.raw.setLocalDescription(await self.raw.createAnswer())
+        widen_ice_sockets(self.raw)
         return str(self.raw.localDescription.sdp)
 
     async def set_remote_description(self, sdp: str, kind: str) -> None:

@@ -44,7 +44,7 @@ from swarm_notebook.workload.executors.dask_cluster import OUTPUT_TOPIC, DaskClu
 from swarm_notebook.workload.executors.dask_inputs import ScatteredInputs
 from swarm_notebook.workload.sandbox.bwrap import ISOLATION_NONE
 from swarm_notebook.workload.sandbox.child import BoundedWriter, TaskRunner
-from swarm_notebook.workload.sandbox.pool import PythonSandboxPool, PythonTaskData
+from swarm_notebook.workload.sandbox.pool import PythonTaskData, validate_python_task
 from swarm_notebook.workload.source import ARGS_NAME, is_map_cell
 
 BACKEND_DASK = "dask"
@@ -81,8 +81,7 @@ class DaskTaskExecutor:
         self.max_result_bytes = max_result_bytes
         self.max_input_decode_bytes = max_input_decode_bytes
         self.output_interval_s = output_interval_s
-        # The sandbox pool's checks of names, packages and sizes, reused as they are.
-        self._checks = PythonSandboxPool(size=1, max_code_chars=max_code_chars)
+        self.max_code_chars = max_code_chars
         self._scattered = ScatteredInputs()
         self._counters = {
             "tasks": 0,
@@ -134,7 +133,7 @@ class DaskTaskExecutor:
                 "owner to add you",
             )
         try:
-            task = self._checks._validate(data)
+            task = validate_python_task(data, self.max_code_chars)
         except TaskRefused:
             self._counters["rejected"] += 1
             raise

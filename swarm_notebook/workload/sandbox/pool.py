@@ -283,6 +283,51 @@ class _Worker:
         return f"exited with code {code}"
 
 
+def validate_python_task(data: dict[str, Any], max_code_chars: int) -> PythonTaskData:
+    """Parse and check a ``python-computation`` task; ``TaskRefused`` says what is wrong.
+
+    Shared by every executor that runs Python tasks, so a task is refused for the same
+    reasons on a sandboxed peer and on a Dask-backed one.
+    """
+    task = parse_task_data(data, PythonTaskData)
+    if len(task.code) > max_code_chars:
+        raise TaskRefused(
+            ErrorType.TOO_LARGE,
+            f"code has {len(task.code)} characters, limit {max_code_chars}",
+        )
+    for kind, names in (("input", list(task.inputs)), ("output", task.outputs)):
+        if len(names) > MAX_NAMES:
+            raise TaskRefused(ErrorType.BAD_INPUT, f"more than {MAX_NAMES} {kind} names")
+        for name in names:
+            if not name.isidentifier() or keyword.iskeyword(name):
+                raise TaskRefused(
+                    ErrorType.BAD_INPUT,
+                    f"{kind} name {name!r:.60} is not a Python identifier",
+                )
+    if len(task.packages) > MAX_NAMES:
+        raise TaskRefused(ErrorType.BAD_INPUT, f"more than {MAX_NAMES} packages")
+    for package in task.packages:
+        if not _MODULE_NAME.match(package):
+            raise TaskRefused(
+                ErrorType.BAD_INPUT, f"package {package!r:.60} is not a module name"
+            )
+    if task.timeout is not None and not (math.isfinite(task.timeout) and task.timeout > 0):
+        raise TaskRefused(
+            ErrorType.BAD_INPUT, "timeout must be a positive number of seconds"
+        )
+    if task.session is not None and not SESSION_NAME.match(task.session):
+        raise TaskRefused(
+            ErrorType.BAD_INPUT,
+            f"session name {task.session!r:.70} must be 1-64 letters, digits, . _ -",
+        )
+    idle = task.idle_timeout
+    if idle is not None and not (math.isfinite(idle) and idle > 0):
+        raise TaskRefused(
+            ErrorType.BAD_INPUT, "idle_timeout must be a positive number of seconds"
+        )
+    return task
+
+
 class PythonSandboxPool:
     """Executor for ``python-computation``: a bounded pool of warm sandbox processes."""
 
@@ -530,46 +575,10 @@ class PythonSandboxPool:
 
     def _validate(self, data: dict[str, Any]) -> PythonTaskData:
         try:
-            task = parse_task_data(data, PythonTaskData)
-            if len(task.code) > self.max_code_chars:
-                raise TaskRefused(
-                    ErrorType.TOO_LARGE,
-                    f"code has {len(task.code)} characters, limit {self.max_code_chars}",
-                )
-            for kind, names in (("input", list(task.inputs)), ("output", task.outputs)):
-                if len(names) > MAX_NAMES:
-                    raise TaskRefused(ErrorType.BAD_INPUT, f"more than {MAX_NAMES} {kind} names")
-                for name in names:
-                    if not name.isidentifier() or keyword.iskeyword(name):
-                        raise TaskRefused(
-                            ErrorType.BAD_INPUT,
-                            f"{kind} name {name!r:.60} is not a Python identifier",
-                        )
-            if len(task.packages) > MAX_NAMES:
-                raise TaskRefused(ErrorType.BAD_INPUT, f"more than {MAX_NAMES} packages")
-            for package in task.packages:
-                if not _MODULE_NAME.match(package):
-                    raise TaskRefused(
-                        ErrorType.BAD_INPUT, f"package {package!r:.60} is not a module name"
-                    )
-            if task.timeout is not None and not (math.isfinite(task.timeout) and task.timeout > 0):
-                raise TaskRefused(
-                    ErrorType.BAD_INPUT, "timeout must be a positive number of seconds"
-                )
-            if task.session is not None and not SESSION_NAME.match(task.session):
-                raise TaskRefused(
-                    ErrorType.BAD_INPUT,
-                    f"session name {task.session!r:.70} must be 1-64 letters, digits, . _ -",
-                )
-            idle = task.idle_timeout
-            if idle is not None and not (math.isfinite(idle) and idle > 0):
-                raise TaskRefused(
-                    ErrorType.BAD_INPUT, "idle_timeout must be a positive number of seconds"
-                )
+            return validate_python_task(data, self.max_code_chars)
         except TaskRefused:
             self._counters["rejected"] += 1
             raise
-        return task
 
     async def _acquire(self, budget: float | None, owner: str) -> _Worker | None:
         self._waiting += 1
