@@ -14,11 +14,12 @@ charged before anything is decompressed): ``malformed`` or ``too-large`` otherwi
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -27,6 +28,7 @@ from swarm_notebook.errors import HandlerRefusal, RefError, RemoteError, SwarmEr
 from swarm_notebook.membership.node import SwarmNode
 from swarm_notebook.protocol.values import DecodeBudget, decode_value
 from swarm_notebook.reasons import Reason
+from swarm_notebook.workload.executors.base import ResidentInput
 from swarm_notebook.workload.messages import (
     MAX_REF_IDS,
     REF_GET,
@@ -38,7 +40,7 @@ from swarm_notebook.workload.messages import (
     RefPut,
     RefRelease,
 )
-from swarm_notebook.workload.store import RefStore, content_digest
+from swarm_notebook.workload.store import RefStore, StoredRef, content_digest
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +188,18 @@ class RefService:
 
     # -- task hooks --------------------------------------------------------------------
 
-    def resolve(self, peer_id: str, data: Any) -> tuple[Any, list[str]]:
-        """``data`` with its refs turned into encoded inputs, and the outputs to keep.
+    def resolve(
+        self, peer_id: str, data: Any
+    ) -> tuple[Any, list[str], dict[str, ResidentInput]]:
+        """``data`` without its refs, the outputs to keep, and the refs as resident inputs.
 
-        Raises ``HandlerRefusal`` (``ref-not-found``, ``ref-forbidden``, ``bad-input``)
-        naming the ref.
+        Each ref input comes back as a ``ResidentInput`` (content digest + a reader of its
+        encoded bytes) so an executor that keeps values between tasks need not read, copy
+        and send the data again. Raises ``HandlerRefusal`` (``ref-not-found``,
+        ``ref-forbidden``, ``bad-input``) naming the ref.
         """
         if not isinstance(data, dict) or ("refs" not in data and "keep" not in data):
-            return data, []
+            return data, [], {}
         data = dict(data)
         refs = data.pop("refs", None) or {}
         keep = data.pop("keep", None) or []
@@ -203,23 +209,36 @@ class RefService:
             )
         if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
             raise self._refusal(RefError(Reason.BAD_INPUT, "'keep' must be a list of output names"))
-        inputs = dict(data.get("inputs") or {})
+        resident: dict[str, ResidentInput] = {}
         for name, ref_id in refs.items():
             if not isinstance(name, str) or not isinstance(ref_id, str):
                 raise self._refusal(RefError(Reason.BAD_INPUT, "'refs' must map names to ref ids"))
             try:
                 entry = self.store.lookup(peer_id, ref_id)
-                inputs[name] = msgspec.msgpack.decode(self.store.payload(entry))
             except RefError as exc:
                 raise self._refusal(exc) from exc
-            except msgspec.DecodeError as exc:  # checked on put; a damaged spill file
-                raise self._refusal(
-                    RefError(Reason.MALFORMED, f"ref {ref_id}: {exc}", ref_id)
-                ) from exc
-        data["inputs"] = inputs
+            resident[name] = ResidentInput(
+                entry.digest, entry.size, functools.partial(self._encoded_input, entry)
+            )
         outputs = list(data.get("outputs") or [])
         data["outputs"] = outputs + [k for k in keep if k not in outputs]
-        return data, keep
+        return data, keep, resident
+
+    def _encoded_input(self, entry: StoredRef) -> Any:
+        """A stored ref's value in its encoded form, as a task input travels."""
+        try:
+            return msgspec.msgpack.decode(self.store.payload(entry))
+        except msgspec.DecodeError as exc:  # checked on put; a damaged spill file
+            raise RefError(Reason.MALFORMED, f"ref {entry.ref_id}: {exc}", entry.ref_id) from exc
+
+    @staticmethod
+    def merge_inputs(data: Any, resident: Mapping[str, ResidentInput]) -> Any:
+        """``data`` with ``resident`` read into its inputs, for executors that keep nothing."""
+        if not resident:
+            return data
+        inputs = dict(data.get("inputs") or {})
+        inputs.update({name: r.load() for name, r in resident.items()})
+        return {**data, "inputs": inputs}
 
     def keep_outputs(self, peer_id: str, result: dict[str, Any], keep: list[str]) -> dict[str, Any]:
         """Move the ``keep`` outputs of a successful result into the store as refs."""

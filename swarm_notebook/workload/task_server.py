@@ -19,13 +19,25 @@ from typing import Any
 import msgspec
 
 from swarm_notebook._util.slots import Slots
-from swarm_notebook.errors import DelegationError, HandlerRefusal, NoCapablePeerError, TaskRefused
+from swarm_notebook.errors import (
+    DelegationError,
+    HandlerRefusal,
+    NoCapablePeerError,
+    RefError,
+    TaskRefused,
+)
 from swarm_notebook.ledger.stats import CoordinationStats
 from swarm_notebook.membership.node import SwarmNode
 from swarm_notebook.protocol import oob
 from swarm_notebook.protocol.compression import DEFAULT_CODEC, Compression
 from swarm_notebook.reasons import Reason
-from swarm_notebook.workload.executors.base import Executor, TaskContext, run_executor
+from swarm_notebook.workload.executors.base import (
+    Executor,
+    ResidentInput,
+    TaskContext,
+    run_executor,
+    takes_resident_inputs,
+)
 from swarm_notebook.workload.messages import (
     REQUIREMENTS,
     TASK_EXECUTION,
@@ -140,18 +152,29 @@ class TaskServer:
         if self._slots_used + self._queued >= self.concurrency + self.max_queue:
             raise self._refuse(peer_id, request, Reason.BUSY, "queue full; try another peer")
         keep: list[str] = []
+        resident: dict[str, ResidentInput] = {}
         if self.refs is not None:
             # Resident inputs are resolved after the size policy: refs are what keep big
             # data off the wire, so they do not count against max_input_bytes.
             try:
-                data, keep = self.refs.resolve(peer_id, request.data)
+                data, keep, resident = self.refs.resolve(peer_id, request.data)
+                if not takes_resident_inputs(executor):
+                    data = self.refs.merge_inputs(data, resident)
+                    resident = {}
             except HandlerRefusal as exc:
                 raise self._refuse(peer_id, request, exc.reason, exc.message) from exc
+            except RefError as exc:  # a ref released or damaged while being read
+                raise self._refuse(peer_id, request, exc.reason, exc.message) from exc
             request = TaskRequest(request.task_id, request.type, data, request.timeout)
-        return await self._serve(peer_id, request, executor, keep)
+        return await self._serve(peer_id, request, executor, keep, resident)
 
     async def _serve(
-        self, peer_id: str, request: TaskRequest, executor: Executor, keep: list[str] | None = None
+        self,
+        peer_id: str,
+        request: TaskRequest,
+        executor: Executor,
+        keep: list[str] | None = None,
+        resident: dict[str, ResidentInput] | None = None,
     ) -> dict[str, Any]:
         record = self.tasks.add(
             TaskRecord(id=request.task_id, type=request.type, role="served", peer=peer_id)
@@ -188,6 +211,7 @@ class TaskServer:
                     compression=Compression(
                         self.node.transport.link_throughput(peer_id), codec=self.codec
                     ),
+                    resident_inputs=resident or {},
                 )
                 run = asyncio.ensure_future(self._run(executor, request, ctx))
                 self._running.add(run)

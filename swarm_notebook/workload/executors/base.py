@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import msgspec
@@ -36,6 +36,25 @@ OutputSink = Callable[[list[tuple[str, str]]], None]
 
 
 @dataclass(frozen=True, slots=True)
+class ResidentInput:
+    """A task input that is a ref held here: its content digest and how to read it.
+
+    ``load()`` returns the input in its encoded (wire) form, read from the holder's store;
+    an executor that keeps inputs between tasks by digest calls it only when it lacks one.
+    It raises ``RefError`` if the ref went away meanwhile.
+    """
+
+    digest: str
+    size: int  # encoded bytes
+    load: Callable[[], Any]
+
+
+def takes_resident_inputs(executor: object) -> bool:
+    """Whether ``executor`` reads ``TaskContext.resident_inputs`` (else they are merged in)."""
+    return bool(getattr(executor, "takes_resident_inputs", False))
+
+
+@dataclass(frozen=True, slots=True)
 class TaskContext:
     """Who asked for a task and how long it may take.
 
@@ -56,6 +75,9 @@ class TaskContext:
     # How the result's frames may be compressed on the way back to the delegator (its
     # link's measured speed); None: never.
     compression: Compression | None = None
+    # Inputs that are refs held on this peer, by input name (see ``ResidentInput``): given
+    # only to executors that take them; others get them decoded into ``data["inputs"]``.
+    resident_inputs: Mapping[str, ResidentInput] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -48,6 +48,7 @@ import msgspec
 
 from swarm_notebook._util.text import clip_text
 from swarm_notebook.protocol import oob
+from swarm_notebook.workload.sandbox.resident import ResidentValues, fresh_view
 
 CELL_FILENAME = "<remote-cell>"
 FRAME_HEADER = struct.Struct("!I")
@@ -214,6 +215,7 @@ class TaskRunner:
         # The same cell again (submit or map in a loop) skips parse and compile, ~0.1 ms.
         # Code objects are immutable, and a child serves one peer only.
         self._compiled: collections.OrderedDict[str, tuple[Any, Any]] = collections.OrderedDict()
+        self.resident = ResidentValues()
 
     def compile_cell(self, code: str) -> tuple[Any, Any]:
         hit = self._compiled.get(code)
@@ -240,6 +242,7 @@ class TaskRunner:
             result = self.execute(req, namespace, stdout, stderr)
         except MemoryError:
             namespace.clear()  # a session loses its state too: the child is recycled
+            self.resident.clear()
             gc.collect()
             result = {
                 "success": False,
@@ -255,6 +258,8 @@ class TaskRunner:
                 pipe.finish()
         if not persistent:
             namespace.clear()
+        if "keep_resident" in req or "resident" in req:
+            result["resident_kept"] = self.resident.digests()
         result["stdout"] = stdout.getvalue()
         result["stderr"] = stderr.getvalue()
         if not persistent and threading.active_count() > self.baseline_threads:
@@ -284,6 +289,7 @@ class TaskRunner:
         # One budget for all inputs together, charged from declared sizes before anything
         # is allocated: many small compressed inputs cannot add up past the limit.
         budget = values.DecodeBudget(int(req.get("max_input_decode_bytes", max_result)))
+        self.resident.drop(req.get("drop_resident") or ())
         try:
             # Popped: each input's wire bytes are freed once it is decoded, not after the run.
             wire_inputs = req.pop("inputs", None) or {}
@@ -295,6 +301,23 @@ class TaskRunner:
         except values.ValueCodecError as exc:
             kind = "too-large" if exc.reason == "too-large" else "bad-input"
             return {"success": False, "error_type": kind, "error": f"input: {exc}"}
+        # Refs this child keeps for its owner's next tasks: it holds the decoded value, the
+        # task works on its own view (see ``resident``).
+        for name, digest in (req.get("keep_resident") or {}).items():
+            if name in inputs:
+                self.resident.keep(digest, inputs[name])
+                inputs[name] = fresh_view(inputs[name])
+        for name, digest in (req.get("resident") or {}).items():
+            try:
+                inputs[name] = self.resident.lend(digest)
+            except KeyError:
+                # The pool's mirror and this child disagree: never guess, start afresh.
+                return {
+                    "success": False,
+                    "error_type": "worker-crashed",
+                    "error": f"input {name!r}: its ref is not kept in this sandbox",
+                    "recycle": True,
+                }
         code = req["code"]
         try:
             body, last = self.compile_cell(code)

@@ -52,12 +52,13 @@ from typing import Any, Literal
 import msgspec
 import psutil
 
-from swarm_notebook.errors import ProtocolError, SandboxUnavailable
+from swarm_notebook.errors import ProtocolError, RefError, SandboxUnavailable
 from swarm_notebook.protocol import oob
 from swarm_notebook.workload.executors.base import (
     OUTPUT_STREAMS,
     ErrorType,
     OutputSink,
+    ResidentInput,
     TaskContext,
     TaskRefused,
     failure,
@@ -151,6 +152,8 @@ class _Worker:
         self.process_killed = False
         self.bad_output_frames = 0
         self.session: str | None = None  # a session's dedicated child: never pooled
+        # Digests of the refs this child keeps decoded, oldest first, with encoded sizes.
+        self.resident: OrderedDict[str, int] = OrderedDict()
         self.scratch: str | None = None  # unsafe mode's per-child folder, removed at exit
         self.ps = psutil.Process(proc.pid)
 
@@ -331,6 +334,10 @@ def validate_python_task(data: dict[str, Any], max_code_chars: int) -> PythonTas
 class PythonSandboxPool:
     """Executor for ``python-computation``: a bounded pool of warm sandbox processes."""
 
+    # Ref inputs arrive as ``TaskContext.resident_inputs``: children keep them between
+    # their owner's tasks (see ``_with_resident``).
+    takes_resident_inputs = True
+
     task_type = "python-computation"
 
     def __init__(
@@ -356,6 +363,7 @@ class PythonSandboxPool:
         max_sessions: int | None = None,
         session_idle_timeout_s: float = 1800.0,
         max_session_idle_timeout_s: float = 24 * 3600.0,
+        max_resident_bytes: int | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
@@ -388,6 +396,11 @@ class PythonSandboxPool:
         # by default, so an input that would not fit is refused as too-large, not a crash.
         self.max_input_decode_bytes = max_input_decode_bytes or memory_limit_mb * 2**20 // 2
         self.max_request_bytes = max_request_bytes
+        # Refs a child keeps decoded between its owner's tasks (see ``resident``): a quarter
+        # of its memory limit by default, counted in encoded bytes.
+        self.max_resident_bytes = (
+            memory_limit_mb * 2**20 // 4 if max_resident_bytes is None else max_resident_bytes
+        )
         self.max_code_chars = max_code_chars
         self.max_queue = max_queue
         self.max_tasks_per_worker = max_tasks_per_worker
@@ -422,6 +435,10 @@ class PythonSandboxPool:
             "sessions_opened": 0,
             "sessions_expired": 0,
             "sessions_lost": 0,
+            # Ref inputs a child already kept (not sent again) and ones sent to it.
+            "resident_hits": 0,
+            "resident_sent": 0,
+            "resident_sent_bytes": 0,
         }
         self._last_spawn_error: str | None = None
         self._layout: SandboxLayout | None = None
@@ -510,30 +527,36 @@ class PythonSandboxPool:
 
         Takes ``data["inputs"]`` out of ``data``: once sent, the child holds the inputs."""
         task = self._validate(data)
+        resident = dict(ctx.resident_inputs)
+        if resident and task.session is not None:
+            # A session's dedicated child keeps its own namespace: it gets the values.
+            loaded = {name: r.load() for name, r in resident.items()}
+            task = msgspec.structs.replace(task, inputs={**task.inputs, **loaded})
+            resident = {}
+        fields = {
+            # A ref wins over a plain input of the same name (as it always did).
+            "code": task.code,
+            "inputs": {k: v for k, v in task.inputs.items() if k not in resident},
+            "outputs": task.outputs,
+            "packages": task.packages,
+            "allow_pickle": ctx.allow_pickle,
+            "max_output_bytes": self.max_output_bytes,
+            "max_result_bytes": self.max_result_bytes,
+            "max_input_decode_bytes": self.max_input_decode_bytes,
+            "stream_output": ctx.on_output is not None,
+            "output_interval_s": self.output_interval_s,
+            "persistent": task.session is not None,
+            "compression": _compression_field(ctx),
+        }
         # Parts: the inputs' Arrow bytes go to the child from the buffer they arrived in.
-        request = oob.encode(
-            {
-                "code": task.code,
-                "inputs": task.inputs,
-                "outputs": task.outputs,
-                "packages": task.packages,
-                "allow_pickle": ctx.allow_pickle,
-                "max_output_bytes": self.max_output_bytes,
-                "max_result_bytes": self.max_result_bytes,
-                "max_input_decode_bytes": self.max_input_decode_bytes,
-                "stream_output": ctx.on_output is not None,
-                "output_interval_s": self.output_interval_s,
-                "persistent": task.session is not None,
-                "compression": _compression_field(ctx),
-            },
-            self._encoder,
-        )
+        request = oob.encode(fields, self._encoder)
         # The child gets the inputs; this side lets go of them (``data`` is the message
         # they arrived in), so a frame's buffer is freed once it is sent instead of
         # living through the run next to the child's copy.
         data.pop("inputs", None)
         task = msgspec.structs.replace(task, inputs={})
-        request_bytes = oob.size(request)
+        # Ref inputs count as if sent: the child may not keep them yet.
+        request_bytes = oob.size(request) + sum(r.size for r in resident.values())
         if request_bytes > self.max_request_bytes:
             self._counters["rejected"] += 1
             raise TaskRefused(
@@ -568,10 +591,62 @@ class PythonSandboxPool:
             )
         if budget is not None:
             run_timeout = min(run_timeout, max(budget - (time.monotonic() - started), 0.001))
+        if resident:
+            try:
+                request = self._with_resident(worker, fields, resident)
+            except RefError as exc:  # the ref went away since the task arrived
+                worker.busy = False
+                self._release(worker)
+                self._counters["failed"] += 1
+                return failure(exc.reason, exc.message)
+        del fields
         result = await self._run_on(worker, request, run_timeout, ctx.on_output)
+        kept = result.pop("resident_kept", None)
+        if isinstance(kept, list):
+            # The child says what it keeps: the mirror follows it, never the other way.
+            for digest in [d for d in worker.resident if d not in set(kept)]:
+                del worker.resident[digest]
         result["elapsed_s"] = time.monotonic() - started
         self._counters["succeeded" if result.get("success") else "failed"] += 1
         return result
+
+    def _with_resident(
+        self, worker: _Worker, fields: dict[str, Any], resident: dict[str, ResidentInput]
+    ) -> list[oob.Buffer]:
+        """The request for ``worker``: ref inputs it keeps are named, the others are sent.
+
+        A ref sent here is kept by the child for its owner's later tasks (the child serves
+        one owner only); the oldest kept refs are dropped to stay within
+        ``max_resident_bytes``. A ref larger than that is sent and not kept.
+        """
+        inputs = dict(fields["inputs"])
+        lend: dict[str, str] = {}
+        keep: dict[str, str] = {}
+        for name, ref in resident.items():
+            if ref.digest in worker.resident or ref.digest in keep.values():
+                worker.resident.move_to_end(ref.digest)
+                lend[name] = ref.digest
+                self._counters["resident_hits"] += 1
+                continue
+            inputs[name] = ref.load()
+            self._counters["resident_sent"] += 1
+            self._counters["resident_sent_bytes"] += ref.size
+            if ref.size <= self.max_resident_bytes:
+                keep[name] = ref.digest
+                worker.resident[ref.digest] = ref.size
+        used = {ref.digest for ref in resident.values()}
+        drop: list[str] = []
+        while sum(worker.resident.values()) > self.max_resident_bytes:
+            oldest = next((d for d in worker.resident if d not in used), None)
+            if oldest is None:
+                break
+            del worker.resident[oldest]
+            drop.append(oldest)
+        return oob.encode(
+            {**fields, "inputs": inputs, "resident": lend, "keep_resident": keep,
+             "drop_resident": drop},
+            self._encoder,
+        )  # fmt: skip
 
     def _validate(self, data: dict[str, Any]) -> PythonTaskData:
         try:
