@@ -22,6 +22,7 @@ from swarm_notebook.errors import (
     UsageError,
 )
 from swarm_notebook.signaling import SignalingServer
+from swarm_notebook.workload.messages import TASK_STATUS
 from tests.support.procs import WorkerProcess, child_processes, start_workers
 
 pytestmark = pytest.mark.timeout(300)
@@ -334,6 +335,33 @@ async def test_cancel_reaches_the_worker_and_missing_capability_is_explained(
             and worker.peer_id[:16] in message
             and "python-execution" in message
         )
+    finally:
+        await c.leave()
+        await stop_workers([worker])
+
+
+async def test_a_quick_task_answers_in_one_message_and_a_slow_one_says_it_is_working(
+    server: SignalingServer, tmp_path: Path
+) -> None:
+    worker = await WorkerProcess.start(server.url, "r9", str(tmp_path / "w0"), *PY_CAPS, name="w0")
+    c = await join("r9", signaling=server.url, profile=tmp_path / "me")
+    try:
+        await capable_peers(c, 1)
+        working: list[dict[str, Any]] = []
+        c.on("task:working", working.append)
+        await c.delegate_task("python-computation", {"code": "1+1"})  # warm
+        received = c._core.node.endpoint.received  # messages this peer got, by type
+        before = received[TASK_STATUS]
+        for _ in range(20):
+            assert (await c.delegate_task("python-computation", {"code": "6*7"}))["value"] == 42
+        # The results were the only messages back (a task slowed past the notice delay by
+        # a loaded machine may add its status; every one of them did before).
+        assert received[TASK_STATUS] - before <= 2
+        slow = await c.delegate_task(
+            "python-computation", {"code": "import time\ntime.sleep(0.5)\n7"}, timeout=30
+        )
+        assert slow["value"] == 7
+        assert slow["task_id"] in [w["id"] for w in working]
     finally:
         await c.leave()
         await stop_workers([worker])

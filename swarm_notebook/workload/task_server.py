@@ -55,6 +55,9 @@ from swarm_notebook.workload.ref_service import RefService
 log = logging.getLogger(__name__)
 
 _SIZE_ENCODER = msgspec.msgpack.Encoder()
+# How long a task may run before the delegator is told it is working: most tasks answer
+# sooner, and their result is the only message back.
+WORKING_NOTICE_DELAY_S = 0.05
 
 Notify = Callable[[str, dict[str, Any]], None]
 
@@ -101,6 +104,7 @@ class TaskServer:
         self._draining = False
         self._running: set[asyncio.Future[dict[str, Any]]] = set()
         self._status_tasks: set[asyncio.Future[Any]] = set()
+        self._notices: set[asyncio.TimerHandle] = set()
         self.refusals: dict[str, int] = {}
         self.refs = refs
         node.endpoint.register_message_handler(TASK_EXECUTION, self._on_task, schema=TaskRequest)
@@ -198,7 +202,12 @@ class TaskServer:
                 self._report()
                 record.state = TaskState.WORKING
                 record.started_at = time.time()
-                self._tell_working(peer_id, request.task_id)
+                # A task that answers soon needs no separate "working" message: its
+                # result says it all, and its round trip crosses one message less.
+                notice = asyncio.get_running_loop().call_later(
+                    WORKING_NOTICE_DELAY_S, self._tell_working, peer_id, request.task_id
+                )
+                self._notices.add(notice)
                 relay = self._relay(peer_id, request.task_id)
                 ctx = TaskContext(
                     task_id=request.task_id,
@@ -225,6 +234,8 @@ class TaskServer:
                     relay.abort()
                     raise
                 finally:
+                    notice.cancel()
+                    self._notices.discard(notice)
                     self._count_output(relay)
                     self._running.discard(run)
                     self._in_flight -= 1
@@ -379,6 +390,8 @@ class TaskServer:
     async def close(self) -> None:
         """Cancel what is still running; the executors belong to the coordinator, which
         closes them."""
+        for notice in self._notices:
+            notice.cancel()
         for task in [*self._running, *self._status_tasks]:
             task.cancel()
 
