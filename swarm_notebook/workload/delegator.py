@@ -185,7 +185,11 @@ class Delegator:
         record = self.tasks.get(status.task_id)
         if record is None or record.peer != peer_id or record.done:
             return  # only the peer running the task may report on it
-        if status.state == TaskState.WORKING and record.state is TaskState.SUBMITTED:
+        if status.state == TaskState.WORKING:
+            self._working(record)
+
+    def _working(self, record: TaskRecord) -> None:
+        if record.state is TaskState.SUBMITTED:
             record.state = TaskState.WORKING
             record.started_at = time.time()
             self.notify("task:working", record.as_dict())
@@ -204,6 +208,9 @@ class Delegator:
             log.debug("task output from %s refused: %s", peer_id[:16], problem)
             return
         self.output_batches += 1
+        # Output from the peer running it says the task runs, before (or without) its
+        # "working" message, which a task sends only once it has run a while.
+        self._working(record)
 
     def watch_output(self, task_id: str, watcher: OutputWatcher) -> Callable[[], None]:
         """Call ``watcher(stream, text)`` as ``task_id``'s output arrives (network loop)."""

@@ -301,6 +301,10 @@ class DaskTaskExecutor:
     def _output_handler(
         self, ctx: TaskContext, relayed: list[dict[str, str]]
     ) -> Callable[[dict[str, Any]], None]:
+        # Parts run at once on different workers: only whole lines go out live, so two
+        # parts' text never interleaves mid-line (the rest follows with the result).
+        pending = [dict.fromkeys(OUTPUT_STREAMS, "") for _ in relayed]
+
         def on_event(msg: dict[str, Any]) -> None:
             part = msg.get("part")
             raw = msg.get("output")
@@ -314,12 +318,27 @@ class DaskTaskExecutor:
                 if isinstance(c, list | tuple) and len(c) == 2 and c[0] in OUTPUT_STREAMS
                 and isinstance(c[1], str)
             ]  # fmt: skip
+            whole = []
             for stream, text in chunks:
-                relayed[part][stream] += text
-            if chunks:
-                ctx.on_output(chunks)
+                lines, pending[part][stream] = split_whole_lines(pending[part][stream] + text)
+                if lines:
+                    relayed[part][stream] += lines
+                    whole.append((stream, lines))
+            if whole:
+                ctx.on_output(whole)
 
         return on_event
+
+
+def split_whole_lines(text: str) -> tuple[str, str]:
+    """``text`` cut after its last line end (``\\n`` or a progress bar's ``\\r``): the
+    whole lines, and the unfinished rest.
+
+    >>> split_whole_lines("got a\\ngot")
+    ('got a\\n', 'got')
+    """
+    cut = max(text.rfind("\n"), text.rfind("\r")) + 1
+    return text[:cut], text[cut:]
 
 
 def _joined(results: list[dict[str, Any]]) -> dict[str, Any]:
