@@ -619,16 +619,23 @@ class PythonSandboxPool:
         one owner only); the oldest kept refs are dropped to stay within
         ``max_resident_bytes``. A ref larger than that is sent and not kept.
         """
-        inputs = dict(fields["inputs"])
+        # Everything to send is read first: a ref gone meanwhile (``RefError``) leaves the
+        # mirror as the child knows it.
+        missing = {
+            name: ref.load()
+            for name, ref in resident.items()
+            if ref.digest not in worker.resident
+        }
+        inputs = {**fields["inputs"], **missing}
         lend: dict[str, str] = {}
         keep: dict[str, str] = {}
         for name, ref in resident.items():
-            if ref.digest in worker.resident or ref.digest in keep.values():
+            if name not in missing or ref.digest in keep.values():
+                inputs.pop(name, None)  # the same ref under two names is sent once
                 worker.resident.move_to_end(ref.digest)
                 lend[name] = ref.digest
                 self._counters["resident_hits"] += 1
                 continue
-            inputs[name] = ref.load()
             self._counters["resident_sent"] += 1
             self._counters["resident_sent_bytes"] += ref.size
             if ref.size <= self.max_resident_bytes:
