@@ -25,6 +25,7 @@ from swarm_notebook.client import Coordinator, join
 from swarm_notebook.futures import SubmitOptions, map_items
 from swarm_notebook.notebook.session import run_blocking
 from tests.support.procs import child_processes
+from tests.support.shell import joined_shell, wait_until
 from tests.support.swarm import Swarm
 
 pytestmark = pytest.mark.timeout(240)
@@ -101,16 +102,8 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
 
 @pytest.fixture(scope="module")
 def shell(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "swarm_notebook")
-    profile = tmp_path_factory.mktemp("notebook")
-    result = ip.run_cell(f"%swarm join {ROOM} --signaling {swarm.url} --profile {profile}")
-    assert result.error_in_exec is None, result.error_in_exec
-    try:
+    with joined_shell(ROOM, swarm.url, tmp_path_factory.mktemp("notebook")) as ip:
         yield ip
-    finally:
-        ip.run_line_magic("unload_ext", "swarm_notebook")
-        InteractiveShell.clear_instance()
 
 
 @pytest.fixture
@@ -123,15 +116,6 @@ def c(shell: InteractiveShell) -> Coordinator:
 
     wait_until(capable, 30, "a capable worker")
     return coordinator
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    """Re-check a condition every 20 ms until it holds (the condition is the sync point)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_output_arrives_in_order_while_the_task_runs(c: Coordinator) -> None:
@@ -250,7 +234,6 @@ class FakeBar:
         self.closed = True
 
 
-
 def test_only_the_peer_running_a_task_adds_to_its_output(
     c: Coordinator, swarm: Swarm, tmp_path: Path
 ) -> None:
@@ -271,8 +254,10 @@ def test_only_the_peer_running_a_task_adds_to_its_output(
         send({"task_id": fut.task_id, "seq": 1, "chunks": [["stdout", "forged\n"]]})
         send({"task_id": fut.task_id, "seq": 1, "chunks": [["stdin", "x"]]})
         wait_until(
-            lambda: rejected("not-running-there") > before["not-running-there"]
-            and rejected("wrong-schema") > before["wrong-schema"],
+            lambda: (
+                rejected("not-running-there") > before["not-running-there"]
+                and rejected("wrong-schema") > before["wrong-schema"]
+            ),
             30,
             "both forged messages to be refused and counted",
         )

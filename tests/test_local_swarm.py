@@ -20,6 +20,7 @@ from IPython.core.interactiveshell import InteractiveShell
 import swarm_notebook
 from swarm_notebook.errors import UsageError
 from tests.support.procs import child_processes
+from tests.support.shell import loaded_shell
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -58,13 +59,8 @@ def test_local_refuses_a_bad_worker_count() -> None:
 
 @pytest.fixture
 def shell() -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "swarm_notebook")
-    try:
+    with loaded_shell() as ip:
         yield ip
-    finally:
-        ip.run_line_magic("unload_ext", "swarm_notebook")
-        InteractiveShell.clear_instance()
 
 
 def test_swarm_local_magic_then_run_then_leave(

@@ -8,7 +8,6 @@ loop here and the workers are ``swarm-notebook worker`` processes.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +30,7 @@ from swarm_notebook.errors import (
 from swarm_notebook.notebook.handle import TaskHandle
 from swarm_notebook.notebook.session import run_blocking
 from tests.support.procs import child_processes
+from tests.support.shell import loaded_shell, wait_until
 from tests.support.swarm import Swarm
 
 pytestmark = pytest.mark.timeout(240)
@@ -52,13 +52,8 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
 
 @pytest.fixture(scope="module")
 def shell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "swarm_notebook")
-    try:
+    with loaded_shell() as ip:
         yield ip
-    finally:
-        ip.run_line_magic("unload_ext", "swarm_notebook")
-        InteractiveShell.clear_instance()
 
 
 @pytest.fixture
@@ -70,15 +65,6 @@ def joined(
         profile = tmp_path_factory.mktemp("notebook")
         ok(shell.run_cell(f"%swarm join {ROOM} --signaling {swarm.url} --profile {profile}"))
     return shell
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    """Re-check a condition every 50 ms until it holds (the condition is the sync point)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def ok(result: ExecutionResult) -> Any:

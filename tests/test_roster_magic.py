@@ -3,10 +3,8 @@ that trusts the notebook as owner, and votes then follow it."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
@@ -16,6 +14,7 @@ from swarm_notebook.identity import Identity
 from swarm_notebook.membership.roster import load_roster
 from swarm_notebook.notebook.session import run_blocking
 from tests.support.procs import WorkerProcess, child_processes
+from tests.support.shell import loaded_shell, wait_until
 from tests.support.swarm import Swarm
 
 pytestmark = pytest.mark.timeout(180)
@@ -25,21 +24,8 @@ ROOM = "roster-magic"
 
 @pytest.fixture
 def shell() -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "swarm_notebook")
-    try:
+    with loaded_shell() as ip:
         yield ip
-    finally:
-        ip.run_line_magic("unload_ext", "swarm_notebook")
-        InteractiveShell.clear_instance()
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_swarm_roster_makes_shares_and_enforces_the_roster(

@@ -6,10 +6,8 @@ the public API (``c.session``) and ``%%swarm run --session`` in a real IPython s
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
@@ -20,6 +18,7 @@ from swarm_notebook.errors import SessionLostError, TaskRefused
 from swarm_notebook.notebook.session import run_blocking
 from swarm_notebook.sessions import RemoteSession
 from tests.support.procs import WorkerProcess, child_processes
+from tests.support.shell import joined_shell, wait_until
 from tests.support.swarm import Swarm
 
 pytestmark = pytest.mark.timeout(300)
@@ -46,16 +45,8 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
 
 @pytest.fixture(scope="module")
 def shell(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "swarm_notebook")
-    profile = tmp_path_factory.mktemp("notebook")
-    result = ip.run_cell(f"%swarm join {ROOM} --signaling {swarm.url} --profile {profile}")
-    assert result.error_in_exec is None, result.error_in_exec
-    try:
+    with joined_shell(ROOM, swarm.url, tmp_path_factory.mktemp("notebook")) as ip:
         yield ip
-    finally:
-        ip.run_line_magic("unload_ext", "swarm_notebook")
-        InteractiveShell.clear_instance()
 
 
 @pytest.fixture
@@ -74,15 +65,6 @@ def capable(c: Coordinator, peer_id: str) -> bool:
 def in_flight(c: Coordinator, peer_id: str) -> int:
     peer = next(p for p in c.get_stats()["peers"] if p["id"] == peer_id)
     return int(peer["in_flight"])
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    """Re-check a condition every 20 ms until it holds (the condition is the sync point)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_state_stays_across_calls_and_the_session_holds_a_slot(

@@ -27,6 +27,7 @@ from swarm_notebook.signaling.url import normalize_url
 from swarm_notebook.views.frames import stats_frame, tasks_frame
 from swarm_notebook.views.status import dashboard_status, format_rate, success_rate
 from tests.support.procs import start_workers
+from tests.support.shell import loaded_shell
 from tests.support.swarm import Swarm
 
 pytestmark = pytest.mark.timeout(180)
@@ -193,13 +194,8 @@ def test_success_rate_reads_dash_with_no_tasks_and_ignores_local_errors_and_canc
 
 @pytest.fixture
 def shell() -> InteractiveShell:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "swarm_notebook")
-    try:
+    with loaded_shell() as ip:
         yield ip
-    finally:
-        ip.run_line_magic("unload_ext", "swarm_notebook")
-        InteractiveShell.clear_instance()
 
 
 def test_bare_swarm_shows_the_help(
