@@ -127,6 +127,14 @@ async def test_map_gather_as_completed_and_wait(swarm: Any) -> None:
     assert ran_on <= {w.peer_id for w in workers}
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie; a process that exits while we look is not running."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 async def test_cancel_kills_the_sandbox_process_and_is_not_retried(swarm: Any) -> None:
     c, workers = swarm
     fut = c.submit(spin_forever, retries=2)
@@ -139,7 +147,7 @@ async def test_cancel_kills_the_sandbox_process_and_is_not_retried(swarm: Any) -
     assert fut.cancel()
     canceled_at = time.monotonic()
     assert fut.cancelled() and fut.state == "canceled"
-    while psutil.pid_exists(busy) and psutil.Process(busy).status() != psutil.STATUS_ZOMBIE:
+    while running(busy):
         assert time.monotonic() - canceled_at < 1.0, "the sandbox process outlived the cancel"
         await asyncio.sleep(0.01)
     record = await settled_record(c, fut.task_id)

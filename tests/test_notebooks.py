@@ -15,6 +15,8 @@ import nbformat
 import psutil
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionComplete
+from nbclient.util import ensure_async
 
 from tests.support.procs import child_processes
 from tests.support.swarm import Swarm
@@ -54,13 +56,11 @@ def execute(name: str, swarm: Swarm, workdir: Path) -> nbformat.NotebookNode:
         "SWARM_NOTEBOOK_ICE_HOSTS": "127.0.0.1",
         "SWARM_NOTEBOOK_ROSTER_OWNER": swarm.roster_owner,
     }
-    client = NotebookClient(
+    client = RecordingClient(
         notebook,
         timeout=120,
         # nbclient waits iopub_timeout (4 s by default) after a cell's reply for the rest
-        # of its output, then silently moves on and drops what comes later as another
-        # cell's: on a loaded 2-core CI machine a cell lost its whole output that way.
-        # Wait longer, and fail loudly rather than assert on a notebook with holes.
+        # of its output, then moves on silently: wait longer, and fail loudly instead.
         iopub_timeout=60,
         raise_on_iopub_timeout=True,
         kernel_name="python3",
@@ -68,7 +68,36 @@ def execute(name: str, swarm: Swarm, workdir: Path) -> nbformat.NotebookNode:
     )
     client.execute(env=env)
     assert live_children(swarm) == [], "the kernel left processes behind"
+    notebook.metadata["iopub_log"] = client.iopub_log
     return notebook
+
+
+class RecordingClient(NotebookClient):
+    """nbclient, noting every IOPub message it reads, also those it drops as another
+    cell's: a notebook whose cell lost its output shows what did arrive, and for whom."""
+
+    iopub_log: list[str]
+
+    async def _async_poll_output_msg(
+        self, parent_msg_id: str, cell: nbformat.NotebookNode, cell_index: int
+    ) -> None:
+        # nbclient's loop (0.10/0.11), plus the note.
+        self.iopub_log = getattr(self, "iopub_log", [])
+        assert self.kc is not None
+        while True:
+            msg = await ensure_async(self.kc.iopub_channel.get_msg(timeout=None))
+            parent = msg["parent_header"].get("msg_id", "")
+            content = msg["content"]
+            what = content.get("text") or content.get("execution_state") or ""
+            self.iopub_log.append(
+                f"cell {cell_index} ({parent_msg_id[-6:]}): {msg['msg_type']} for "
+                f"{parent[-6:] or '-'} {str(what)[:60]!r}"
+            )
+            if parent == parent_msg_id:
+                try:
+                    self.process_message(msg, cell, cell_index)
+                except CellExecutionComplete:
+                    return
 
 
 def outputs_text(notebook: nbformat.NotebookNode) -> list[str]:
@@ -85,9 +114,12 @@ def outputs_text(notebook: nbformat.NotebookNode) -> list[str]:
     return texts
 
 
-def cells(texts: list[str]) -> str:
-    """Every cell's output, numbered and cut short: what a failed assertion shows."""
-    return "\n".join(f"[{i}] {t[:300]!r}" for i, t in enumerate(texts) if t.strip())
+def report(notebook: nbformat.NotebookNode) -> str:
+    """Every cell's output, numbered and cut short, and the IOPub messages that came:
+    what a failed assertion shows."""
+    texts = outputs_text(notebook)
+    shown = [f"[{i}] {t[:300]!r}" for i, t in enumerate(texts) if t.strip()]
+    return "\n".join([*shown, "IOPub:", *notebook.metadata.get("iopub_log", [])])
 
 
 def live_children(swarm: Swarm) -> list[Any]:
@@ -150,26 +182,31 @@ def test_futures(swarm: Swarm, tmp_path: Path) -> None:
     notebook = execute("futures.ipynb", swarm, tmp_path)
     texts = outputs_text(notebook)
     everything = "\n".join(texts)
-    assert "total units: 16.0 computed on w" in everything
-    assert "first squares: [0, 1, 4, 9, 16]" in everything
-    assert "map:" in everything and "/200" in everything  # the one bar over the items
-    # Which finishes first depends on the slots free at the time; that all three arrive
-    # through as_completed does not.
-    assert "in the order they finished: [" in everything
-    assert "all of them: [1, 4, 9]" in everything
-    assert "8 epochs; output arrived in" in everything and "epoch 7 done" in everything
+    expected = [
+        "total units: 16.0 computed on w",
+        "first squares: [0, 1, 4, 9, 16]",
+        "map:",  # the one bar over the items
+        "/200",
+        # Which finishes first depends on the slots free at the time; that all three
+        # arrive through as_completed does not.
+        "in the order they finished: [",
+        "all of them: [1, 4, 9]",
+        "8 epochs; output arrived in",
+        "epoch 7 done",
+        "cancelled: True | state: canceled",
+        "ZeroDivisionError",
+        "items kept: 1",
+        "[1, 2]",  # %%swarm run --session saw the session's list
+        "demo        w",  # sessions_frame
+        "open     3",
+        "session demo is closed",
+        "left room",
+    ]
+    missing = [text for text in expected if text not in everything]
+    assert missing == [], f"{missing}\n{report(notebook)}"
     magic = next(t for t in texts if "step 4" in t)  # %%swarm run printed in its cell
-    assert "5/5" in magic and "✔ python-computation completed" in magic
+    assert "5/5" in magic and "✔ python-computation completed" in magic, report(notebook)
     pieces = int(everything.split("output arrived in ", 1)[1].split()[0])
     assert pieces >= 3  # the output came while the task ran, not in one piece at the end
-    cancel = next((t for t in texts if "cancelled:" in t), None)
-    assert cancel is not None and "cancelled: True | state: canceled" in cancel, cells(texts)
-    failed = next((t for t in texts if "failed on" in t), None)
-    assert failed is not None, cells(texts)
-    assert "failed on w" in failed and "return scaled / b" in failed, cells(texts)
-    assert "ZeroDivisionError" in everything
-    assert "items kept: 1" in everything
-    assert "[1, 2]" in everything  # %%swarm run --session saw the session's list
-    assert "demo        w" in everything and "open     3" in everything  # sessions_frame
-    assert "session demo is closed" in everything
-    assert "left room" in everything
+    failed = next((t for t in texts if "failed on" in t), "")
+    assert "failed on w" in failed and "return scaled / b" in failed, report(notebook)
