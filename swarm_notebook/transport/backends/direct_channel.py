@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 from swarm_notebook.errors import PeerUnavailable, ProtocolError
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.backends.base import ChannelEvents, DataChannel
+
+log = logging.getLogger(__name__)
 
 MAX_FRAME = 1024 * 1024
 MAX_TOKEN_FRAME = 64  # the only frame a connection may send before it is authenticated
@@ -34,7 +37,6 @@ _SMALL = 16 * 1024  # below this, header and payload go out as one write
 
 
 class Mode(enum.Enum):
-    PLAIN = "plain"  # accepted TCP, before TLS: any byte is garbage
     TOKEN = "token"  # the listener's side: the first frame must be the token
     ACK = "ack"  # the connecting side: waits for the listener's one-byte ack
     HELD = "held"  # authenticated; frames wait (bounded by MAX_HELD) for the channel to open
@@ -53,7 +55,6 @@ class FrameStream(asyncio.Protocol):
         # connection failed or closed first.
         self.handshake: asyncio.Future[bytes | None] = loop.create_future()
         self.lost: asyncio.Future[None] = loop.create_future()
-        self.on_arrived: Callable[[FrameStream], None] = lambda stream: None
         self.on_problem: Callable[[Reason], None] = lambda reason: None
         self.on_frame: Callable[[bytes | str], None] = lambda data: None
         self.on_writable: Callable[[], None] = lambda: None
@@ -62,17 +63,9 @@ class FrameStream(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        if self.mode is Mode.PLAIN:
-            # Nothing is read before TLS wraps the socket (``start_tls`` resumes reading):
-            # a read in between would hand the client's hello to the wrong protocol.
-            transport.pause_reading()  # type: ignore[attr-defined]
-        self.on_arrived(self)
+        self.transport = transport  # TLS is up: the handshake came first
 
     def data_received(self, data: bytes) -> None:
-        if self.mode is Mode.PLAIN:
-            self.fail(Reason.MALFORMED)
-            return
         self._buffer += data
         self._process()
 
@@ -94,23 +87,13 @@ class FrameStream(asyncio.Protocol):
 
     # -- ours ------------------------------------------------------------------------------
 
-    def expect_token(self) -> None:
-        """The listener is wrapping the socket in TLS: the first frame must be the token.
-
-        Set before the handshake ends: TLS may deliver the token before ``start_tls``
-        returns the new transport to the listener.
-        """
-        self.mode = Mode.TOKEN
-
-    def use_tls(self, transport: Any) -> None:
-        self.transport = transport
-
     def open(self) -> None:
         """Deliver frames from now on, beginning with those that arrived while held."""
         self.mode = Mode.OPEN
         self._process()
 
     def fail(self, reason: Reason) -> None:
+        log.info("direct stream dropped in mode %s: %s", self.mode.value, reason)
         self.on_problem(reason)
         self.abort()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -29,7 +30,13 @@ MAX_PENDING = 8  # connections accepted that have not proved the token yet
 
 
 class Listener:
-    """The offerer's TLS listener for one link."""
+    """The offerer's TLS listener for one link.
+
+    It accepts by hand (``sock_accept``, then ``connect_accepted_socket``) rather than
+    with ``create_server(ssl=...)``: so a connection over the pending cap is closed
+    before any TLS work, and a failed handshake (a stranger's garbage) is an exception
+    here that we can count, on asyncio's loop and on uvloop alike.
+    """
 
     def __init__(
         self,
@@ -42,64 +49,74 @@ class Listener:
         self._token = token.encode()
         self._timeout_s = timeout_s
         self._count = count
-        self._server: asyncio.Server | None = None
-        self._pending: set[FrameStream] = set()
+        self._socket: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._pending: set[socket.socket] = set()
         self._tasks = OwnedTasks("direct-listener")
         self.accepted: FrameStream | None = None
         self.accepted_event = asyncio.Event()
 
     async def start(self, host: str) -> int:
         """Listen on ``host``; returns the port."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._new_stream, host, 0, backlog=MAX_PENDING, start_serving=True
-        )
-        return int(self._server.sockets[0].getsockname()[1])
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listening = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listening.bind((host, 0))
+            listening.listen(MAX_PENDING)
+            listening.setblocking(False)
+        except OSError:
+            listening.close()
+            raise
+        self._socket = listening
+        self._accepting = self._tasks.spawn(self._accept_loop(listening), name="direct-listen")
+        return int(listening.getsockname()[1])
 
     @property
     def listening(self) -> bool:
-        return self._server is not None and self._server.is_serving()
+        return self._socket is not None
 
-    def _new_stream(self) -> FrameStream:
-        stream = FrameStream(Mode.PLAIN)
-        stream.on_arrived = self._arrived
-        return stream
-
-    def _arrived(self, stream: FrameStream) -> None:
-        if not self.listening or self.accepted is not None:
-            stream.abort()
-            return
-        if len(self._pending) >= MAX_PENDING:
-            self._count(Reason.TOO_MANY_PENDING)
-            stream.abort()
-            return
-        self._pending.add(stream)
-        stream.on_problem = self._count
-        self._tasks.spawn(self._handshake(stream), name="direct-accept")
-
-    async def _handshake(self, stream: FrameStream) -> None:
+    async def _accept_loop(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listening)
+            if self.accepted is not None or self._socket is None:
+                conn.close()
+            elif len(self._pending) >= MAX_PENDING:
+                self._count(Reason.TOO_MANY_PENDING)
+                conn.close()
+            else:
+                self._pending.add(conn)
+                self._tasks.spawn(self._handshake(conn), name="direct-accept")
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        # Made here, not taken from the call's result: uvloop returns its SSL protocol
+        # there instead of ours.
+        stream = FrameStream(Mode.TOKEN)
+        stream.on_problem = self._count
         try:
             async with asyncio.timeout(self._timeout_s):
-                stream.expect_token()
-                tls = await loop.start_tls(
-                    stream.transport, stream, self._context, server_side=True
+                await loop.connect_accepted_socket(
+                    lambda: stream,
+                    conn,
+                    ssl=self._context,
+                    ssl_handshake_timeout=self._timeout_s,
                 )
-                if tls is None:
-                    raise ConnectionResetError("closed during the TLS handshake")
-                stream.use_tls(tls)
                 token = await stream.handshake
         except TimeoutError:
             self._count(Reason.DIRECT_TIMEOUT)
-            stream.abort()
+            _drop(conn, stream)
             return
-        except (OSError, ssl.SSLError) as exc:  # garbage instead of a TLS hello, a reset
+        except OSError as exc:  # ssl.SSLError too: garbage instead of a TLS hello, a reset
             self._count(Reason.TLS_FAILED)
             log.debug("direct listener: handshake failed: %s", exc)
-            stream.abort()
+            _drop(conn, stream)
             return
+        except BaseException:
+            _drop(conn, stream)
+            raise
         finally:
-            self._pending.discard(stream)
+            self._pending.discard(conn)
         if token is None:
             return  # closed, or refused with its own counted reason (a frame too large)
         if self.accepted is not None or not hmac.compare_digest(token, self._token):
@@ -112,11 +129,20 @@ class Listener:
         self.accepted_event.set()
 
     def stop_listening(self) -> None:
-        """No more connections; those still proving themselves are dropped."""
-        if self._server is not None:
-            self._server.close()
-        for stream in list(self._pending):
-            stream.abort()
+        """No more connections (those still proving themselves end with their tasks).
+
+        The socket closes once the accept loop has ended: closing it under a pending
+        ``sock_accept`` would leave the loop watching a dead descriptor.
+        """
+        listening, self._socket = self._socket, None
+        accepting, self._accepting = self._accepting, None
+        if listening is None:
+            return
+        if accepting is None or accepting.done():
+            listening.close()
+            return
+        accepting.add_done_callback(lambda task: listening.close())
+        accepting.cancel()
 
     def take(self) -> FrameStream | None:
         """The accepted stream, handed over to its channel (the listener forgets it)."""
@@ -129,18 +155,23 @@ class Listener:
         stream = self.take()
         if stream is not None:
             stream.abort()
-            await asyncio.wait_for(asyncio.shield(stream.lost), 1.0)
+            await asyncio.wait([stream.lost], timeout=1.0)
+
+
+def _drop(conn: socket.socket, stream: FrameStream) -> None:
+    stream.abort()
+    conn.close()  # idempotent; the transport may have closed it already
 
 
 async def connect(offer: DirectOffer, expected_fingerprint: str, timeout_s: float) -> FrameStream:
     """The answerer's TLS stream to ``offer``, acknowledged; a ``TransportError`` naming
     why not (the caller falls back to WebRTC)."""
     loop = asyncio.get_running_loop()
-    stream: FrameStream | None = None
+    stream = FrameStream(Mode.ACK)  # ours, not the call's result (uvloop's SSL protocol)
     try:
         async with asyncio.timeout(timeout_s):
-            _, stream = await loop.create_connection(
-                lambda: FrameStream(Mode.ACK),
+            await loop.create_connection(
+                lambda: stream,
                 offer.host,
                 offer.port,
                 ssl=direct_tls.client_context(),
@@ -175,6 +206,5 @@ async def connect(offer: DirectOffer, expected_fingerprint: str, timeout_s: floa
         raise
 
 
-def _abort(stream: FrameStream | None) -> None:
-    if stream is not None:
-        stream.abort()
+def _abort(stream: FrameStream) -> None:
+    stream.abort()
