@@ -129,9 +129,11 @@ class MeshConfig:
     # host candidates: give it this long, then dial again, instead of holding the link.
     host_only_connect_timeout_s: float = 3.0
     frame_size: int = DEFAULT_FRAME_SIZE
-    # A backend that negotiates message sizes (native) sends frames up to the peer's
-    # advertised max-message-size, at most this: fewer frames, less Python per byte.
-    max_frame_size: int = 256 * 1024
+    # A backend that negotiates message sizes sends frames up to its limit, at most this:
+    # fewer frames, less Python per byte. native: the peer's advertised max-message-size
+    # (256 KiB from libdatachannel); direct: 1 MiB, its stream's frame cap; aiortc: none
+    # (``frame_size``).
+    max_frame_size: int = 1024 * 1024
     # The direct backend: how long an answerer tries the offerer's TLS listener before
     # the link falls back to WebRTC (on loopback or a LAN it takes a few milliseconds).
     direct_connect_timeout_s: float = 1.5
