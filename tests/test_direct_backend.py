@@ -10,7 +10,10 @@ listener's pre-auth caps, the aiortc attribute we read) are checked in this proc
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import ssl
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,8 @@ from swarm_notebook.transport.backends.direct_channel import MAX_FRAME
 from swarm_notebook.transport.backends.direct_handshake import MAX_PENDING, Listener
 from swarm_notebook.transport.backends.select import BACKENDS, backend_name
 from swarm_notebook.transport.mesh import MeshConfig
-from tests.support.procs import PeerProcess
+from tests.support.native_python import native_python
+from tests.support.procs import REPO, PeerProcess
 from tests.test_mesh import start_peers, stop_all, wait_connected
 
 pytestmark = pytest.mark.timeout(180)
@@ -311,3 +315,18 @@ async def test_listener_caps_what_an_unauthenticated_connection_may_do() -> None
     finally:
         await pc.close()
     assert MAX_FRAME == MB
+
+
+def test_libdatachannel_links_with_the_direct_lines_in_its_sdp() -> None:
+    python = native_python()
+    if python is None:
+        pytest.skip("no Python >= 3.13 with libdatachannel-py here (`./dev test` makes .venv313)")
+    run = subprocess.run(
+        [python, os.path.join(REPO, "tests", "support", "native_direct_sdp.py")],
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"linked": True, "ok_line": True}
