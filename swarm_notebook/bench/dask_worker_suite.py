@@ -109,7 +109,9 @@ async def measure_dask_worker(ctx: SuiteContext, cfg: DaskWorkerBenchConfig) -> 
             with ctx.task(f"map of {cfg.items}, alternating", cfg.rounds * 2) as bar:
                 for _ in range(cfg.rounds):
                     for name in order:
-                        samples[name].append(await asyncio.to_thread(_timed, ways[name], cfg.items))
+                        samples[name].append(
+                            await asyncio.to_thread(_timed, ways[name], cfg.items)
+                        )
                         bar.advance()
                     order.reverse()
             for name, values in samples.items():

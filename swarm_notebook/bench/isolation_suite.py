@@ -63,7 +63,9 @@ async def measure_isolation(ctx: SuiteContext, cfg: SwarmBenchConfig) -> None:
             with ctx.task("pipelined, alternating", rounds * 2) as bar:
                 for _ in range(rounds):
                     for name in order:
-                        rates[name].append(await delegate_pipelined(sides[name], tasks))
+                        rates[name].append(
+                            await delegate_pipelined(sides[name], tasks)
+                        )
                         bar.advance()
                     order.reverse()
             for name in sides:

@@ -87,7 +87,9 @@ class Shutdown(msgspec.Struct, tag="shutdown", tag_field="type"):
 
 
 ClientMessage = Join | Signal | RefreshIce
-ServerMessage = Challenge | Joined | PeerJoined | PeerLeft | Signal | Error | Shutdown | IceServers
+ServerMessage = (
+    Challenge | Joined | PeerJoined | PeerLeft | Signal | Error | Shutdown | IceServers
+)
 
 _client_decoder = msgspec.json.Decoder(ClientMessage)
 _server_decoder = msgspec.json.Decoder(ServerMessage)

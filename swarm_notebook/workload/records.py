@@ -96,5 +96,7 @@ class TaskLog:
         older_running: list[str] = []
         if len(self._order) > limit:
             shown = set(newest)
-            older_running = [i for i in self._order if i not in shown and not self._records[i].done]
+            older_running = [
+                i for i in self._order if i not in shown and not self._records[i].done
+            ]
         return [self._records[i] for i in older_running + newest if i in self._records]

@@ -188,7 +188,9 @@ class RefService:
 
     # -- task hooks --------------------------------------------------------------------
 
-    def resolve(self, peer_id: str, data: Any) -> tuple[Any, list[str], dict[str, ResidentInput]]:
+    def resolve(
+        self, peer_id: str, data: Any
+    ) -> tuple[Any, list[str], dict[str, ResidentInput]]:
         """``data`` without its refs, the outputs to keep, and the refs as resident inputs.
 
         Each ref input comes back as a ``ResidentInput`` (content digest + a reader of its

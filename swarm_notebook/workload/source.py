@@ -210,7 +210,9 @@ def _function_node(source: str, name: str) -> ast.FunctionDef | ast.AsyncFunctio
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
             if isinstance(node, ast.AsyncFunctionDef):
-                raise UsageError(Reason.BAD_ARGUMENTS, f"{name}() is async; ship a plain function")
+                raise UsageError(
+                    Reason.BAD_ARGUMENTS, f"{name}() is async; ship a plain function"
+                )
             return node
     raise UsageError(
         Reason.BAD_ARGUMENTS, f"could not find the definition of {name}() in its source"

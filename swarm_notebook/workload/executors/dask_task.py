@@ -256,7 +256,7 @@ class DaskTaskExecutor:
             # goes out now, so the live text ends equal to the final one.
             for part, live in zip(results, relayed, strict=True):
                 tail = [
-                    (s, str(part.get(s) or "")[len(live[s]) :])
+                    (s, str(part.get(s) or "")[len(live[s]):])
                     for s in OUTPUT_STREAMS
                     if str(part.get(s) or "").startswith(live[s])
                 ]

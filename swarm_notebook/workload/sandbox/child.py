@@ -380,6 +380,7 @@ class TaskRunner:
         result["outputs"] = outputs
         return result
 
+
     @contextlib.contextmanager
     def capture(self, stdout: BoundedWriter, stderr: BoundedWriter) -> Iterator[None]:
         """Send what the cell prints to ``stdout``/``stderr`` (this child runs one task at a

@@ -311,9 +311,13 @@ def validate_python_task(data: dict[str, Any], max_code_chars: int) -> PythonTas
         raise TaskRefused(ErrorType.BAD_INPUT, f"more than {MAX_NAMES} packages")
     for package in task.packages:
         if not _MODULE_NAME.match(package):
-            raise TaskRefused(ErrorType.BAD_INPUT, f"package {package!r:.60} is not a module name")
+            raise TaskRefused(
+                ErrorType.BAD_INPUT, f"package {package!r:.60} is not a module name"
+            )
     if task.timeout is not None and not (math.isfinite(task.timeout) and task.timeout > 0):
-        raise TaskRefused(ErrorType.BAD_INPUT, "timeout must be a positive number of seconds")
+        raise TaskRefused(
+            ErrorType.BAD_INPUT, "timeout must be a positive number of seconds"
+        )
     if task.session is not None and not SESSION_NAME.match(task.session):
         raise TaskRefused(
             ErrorType.BAD_INPUT,
@@ -321,7 +325,9 @@ def validate_python_task(data: dict[str, Any], max_code_chars: int) -> PythonTas
         )
     idle = task.idle_timeout
     if idle is not None and not (math.isfinite(idle) and idle > 0):
-        raise TaskRefused(ErrorType.BAD_INPUT, "idle_timeout must be a positive number of seconds")
+        raise TaskRefused(
+            ErrorType.BAD_INPUT, "idle_timeout must be a positive number of seconds"
+        )
     return task
 
 
@@ -616,7 +622,9 @@ class PythonSandboxPool:
         # Everything to send is read first: a ref gone meanwhile (``RefError``) leaves the
         # mirror as the child knows it.
         missing = {
-            name: ref.load() for name, ref in resident.items() if ref.digest not in worker.resident
+            name: ref.load()
+            for name, ref in resident.items()
+            if ref.digest not in worker.resident
         }
         inputs = {**fields["inputs"], **missing}
         lend: dict[str, str] = {}
