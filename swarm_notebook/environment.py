@@ -30,8 +30,9 @@ Readers import the names from here; nothing else spells them out.
     PEM certificate to trust for a ``wss://`` signaling server, e.g. its self-signed one
     (read by ``join()``, ``%swarm join`` and workers; default: the system's authorities).
 ``SWARM_NOTEBOOK_TRANSPORT_BACKEND``
-    ``aiortc`` (default) or ``native`` (libdatachannel, the ``swarm_notebook[native]``
-    extra on Python >= 3.13): which WebRTC library makes this peer's links.
+    ``aiortc`` (default), ``native`` (libdatachannel, the ``swarm_notebook[native]``
+    extra on Python >= 3.13) or ``direct`` (TLS over TCP where the peers reach each
+    other, aiortc otherwise): what makes this peer's links.
 """
 
 from __future__ import annotations

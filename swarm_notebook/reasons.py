@@ -89,6 +89,15 @@ class Reason(StrEnum):
     # -- transport backends ------------------------------------------------------------
     BAD_TRANSPORT_BACKEND = "bad-transport-backend"  # not a backend name
     BACKEND_UNAVAILABLE = "backend-unavailable"  # its library is not installed here
+    # the direct (TLS over TCP) path of the ``direct`` backend, and why a link fell back
+    DIRECT_NOT_OFFERED = "direct-not-offered"  # the offer has no x-swarm-direct line
+    DIRECT_DECLINED = "direct-declined"  # the answer has no x-swarm-direct-ok line
+    DIRECT_UNREACHABLE = "direct-unreachable"  # connect refused or no route
+    DIRECT_TIMEOUT = "direct-timeout"  # no TLS stream (or token, or ack) in time
+    DIRECT_REFUSED = "direct-refused"  # the listener closed instead of acknowledging
+    FINGERPRINT_MISMATCH = "fingerprint-mismatch"  # TLS certificate not the offer's
+    BAD_TOKEN = "bad-token"  # a connection to the listener sent the wrong token
+    FRAME_TOO_LARGE = "frame-too-large"  # a stream frame over its cap
     # -- identity and membership -------------------------------------------------------
     BAD_ID = "bad-id"
     BAD_KEY = "bad-key"

@@ -15,12 +15,13 @@ from typing import Any
 
 from swarm_notebook.transport.ice_config import IceServer
 
-ROUTE_KINDS = ("host", "srflx", "relay")
+ROUTE_KINDS = ("host", "srflx", "relay", "direct")
 
 
 @dataclass(frozen=True)
 class Route:
-    """The nominated candidate pair of a link: candidate types on both ends."""
+    """The nominated candidate pair of a link: candidate types on both ends (``direct``
+    on both for the direct backend's TCP stream, which has no candidates)."""
 
     local_type: str
     remote_type: str
@@ -29,8 +30,11 @@ class Route:
 
     @property
     def kind(self) -> str:
-        """``relay`` if either end relays, ``srflx`` if either is NAT-mapped, else ``host``."""
+        """``relay`` if either end relays, ``srflx`` if either is NAT-mapped, ``direct`` for
+        a direct stream, else ``host``."""
         types = {self.local_type, self.remote_type}
+        if "direct" in types:
+            return "direct"
         if "relay" in types:
             return "relay"
         if types & {"srflx", "prflx"}:

@@ -57,7 +57,12 @@ from swarm_notebook.protocol.framing import (
 )
 from swarm_notebook.reasons import Reason, is_reason
 from swarm_notebook.transport import link_auth
-from swarm_notebook.transport.backends.base import BackendConfig, DataChannel, PeerBackend
+from swarm_notebook.transport.backends.base import (
+    BackendConfig,
+    BackendCounters,
+    DataChannel,
+    PeerBackend,
+)
 from swarm_notebook.transport.backends.select import backend_factory, backend_name, prepare
 from swarm_notebook.transport.base import (
     LinkState,
@@ -124,9 +129,14 @@ class MeshConfig:
     # host candidates: give it this long, then dial again, instead of holding the link.
     host_only_connect_timeout_s: float = 3.0
     frame_size: int = DEFAULT_FRAME_SIZE
-    # A backend that negotiates message sizes (native) sends frames up to the peer's
-    # advertised max-message-size, at most this: fewer frames, less Python per byte.
-    max_frame_size: int = 256 * 1024
+    # A backend that negotiates message sizes sends frames up to its limit, at most this:
+    # fewer frames, less Python per byte. native: the peer's advertised max-message-size
+    # (256 KiB from libdatachannel); direct: 1 MiB, its stream's frame cap; aiortc: none
+    # (``frame_size``).
+    max_frame_size: int = 1024 * 1024
+    # The direct backend: how long an answerer tries the offerer's TLS listener before
+    # the link falls back to WebRTC (on loopback or a LAN it takes a few milliseconds).
+    direct_connect_timeout_s: float = 1.5
     max_message_bytes: int = 128 * 1024 * 1024
     reassembly: ReassemblyLimits = field(default_factory=ReassemblyLimits)
     buffer_high_water: int = 1024 * 1024
@@ -137,17 +147,23 @@ class MeshConfig:
     # ICE host candidates: None offers every interface; ["127.0.0.1"] keeps peers that
     # share one machine on loopback. Defaults to $SWARM_NOTEBOOK_ICE_HOSTS.
     host_addresses: list[str] | None = field(default_factory=host_addresses_from_env)
-    # "aiortc" or "native" (libdatachannel); None: $SWARM_NOTEBOOK_TRANSPORT_BACKEND, then
-    # aiortc. See ``backends.select``.
+    # "aiortc", "native" (libdatachannel) or "direct" (TLS over TCP where peers reach
+    # each other, else aiortc); None: $SWARM_NOTEBOOK_TRANSPORT_BACKEND, then aiortc.
+    # See ``backends.select``.
     backend: str | None = None
 
-    def backend_config(self, servers: list[IceServer] | None = None) -> BackendConfig:
-        """What a new peer connection gets: these servers (default: the configured ones)."""
+    def backend_config(
+        self, servers: list[IceServer] | None = None, counters: BackendCounters | None = None
+    ) -> BackendConfig:
+        """What a new peer connection gets: these servers (default: the configured ones),
+        counting into ``counters`` (the mesh's own)."""
         chosen = servers if servers is not None else list(parse_servers(self.ice_servers or []))
         return BackendConfig(
             ice_servers=chosen,
             relay_only=self.ice_policy == "relay",
             host_addresses=self.host_addresses,
+            direct_connect_timeout_s=self.direct_connect_timeout_s,
+            counters=counters if counters is not None else BackendCounters(),
         )
 
 
@@ -213,6 +229,7 @@ class MeshTransport(Transport):
         self._make_backend = backend_factory(self.backend)
         self.callbacks = TransportCallbacks()
         self.rejections = RejectionCounter()
+        self.backend_counters = BackendCounters()  # what this mesh's links' backends count
         self._clock = clock
         self._signaling = signaling_factory(self)
         self._links: dict[str, _Link] = {}
@@ -304,7 +321,14 @@ class MeshTransport(Transport):
             return {}
         # Our relay came from our TURN server; a NAT-mapped route from our STUN server
         # (aioice reports a server-reflexive pair by its host base, so local says "host").
-        wanted = "turn" if route.local_type == "relay" else "stun" if route.kind != "host" else ""
+        # A direct stream used neither.
+        wanted = (
+            "turn"
+            if route.local_type == "relay"
+            else "stun"
+            if route.kind not in ("host", "direct")
+            else ""
+        )
         used = [s.url for s in link.ice_servers if ("turn" if s.is_turn else "stun") == wanted]
         return {
             "local_candidate": route.local_type,
@@ -365,6 +389,7 @@ class MeshTransport(Transport):
             "signaling_connected": self.signaling_connected,
             "reassembly_pending_bytes": self._reassembly_pool.pending_bytes,
             "identity_conflicts": self.identity_conflicts,
+            "backend_counters": dict(self.backend_counters.by_name),
             **self.counters,
         }
 
@@ -569,7 +594,7 @@ class MeshTransport(Transport):
 
     def _new_link(self, peer_id: str, offerer: bool, session: str) -> _Link:
         servers = self._servers.for_new_link()
-        pc = self._make_backend(self.config.backend_config(servers))
+        pc = self._make_backend(self.config.backend_config(servers, self.backend_counters))
         link = _Link(
             peer_id=peer_id,
             offerer=offerer,

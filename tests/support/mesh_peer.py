@@ -34,9 +34,56 @@ def emit(**event: Any) -> None:
         sys.stdout.flush()
 
 
+def inject_direct_fault(fault: str) -> None:
+    """Make this peer's direct path misbehave one way (a test's attacker or stranger)."""
+    from aiortc.rtcdtlstransport import RTCCertificate
+
+    from swarm_notebook.transport.backends import direct_backend, direct_tls
+    from swarm_notebook.transport.backends.direct_sdp import DirectOffer
+
+    honest_connect = direct_backend.connect
+    if fault == "wrong-cert":
+        # Serve TLS with another certificate than the one the offer's fingerprint names.
+        def other_certificate(pc: Any) -> direct_tls.CertificatePair:
+            other = RTCCertificate.generateCertificate()
+            return other._cert, other._key
+
+        direct_tls.dtls_certificate = other_certificate  # type: ignore[assignment]
+    elif fault == "wrong-token":
+
+        async def wrong_token(offer: DirectOffer, fingerprint: str, timeout: float) -> Any:
+            forged = DirectOffer(offer.host, offer.port, "0" * len(offer.token))
+            return await honest_connect(forged, fingerprint, timeout)
+
+        direct_backend.connect = wrong_token  # type: ignore[assignment]
+    elif fault == "stranger":
+        # Before dialling honestly, play two strangers who found the listener: one sends
+        # bytes that are not TLS, one speaks TLS but sends a token frame of garbage.
+        async def strangers_first(offer: DirectOffer, fingerprint: str, timeout: float) -> Any:
+            import ssl
+
+            for context in (None, direct_tls.client_context()):
+                reader, writer = await asyncio.open_connection(
+                    offer.host, offer.port, ssl=context, server_hostname="" if context else None
+                )
+                writer.write(b"\x00\x00\x00\x10" + os.urandom(16) if context else b"GET /\r\n")
+                try:
+                    await asyncio.wait_for(reader.read(), 5.0)  # until the listener drops us
+                except (ConnectionError, ssl.SSLError):
+                    pass
+                writer.close()
+            return await honest_connect(offer, fingerprint, timeout)
+
+        direct_backend.connect = strangers_first  # type: ignore[assignment]
+    else:
+        raise ValueError(f"unknown direct fault {fault}")
+
+
 async def build(args: argparse.Namespace) -> tuple[MeshTransport, Endpoint]:
     identity = Identity.load_or_create(args.profile)
-    config = MeshConfig(heartbeat_interval_s=0.5, peer_timeout_s=2.5)
+    config = MeshConfig(heartbeat_interval_s=0.5, peer_timeout_s=2.5, backend=args.backend)
+    if args.direct_fault:
+        inject_direct_fault(args.direct_fault)
     if args.max_message_kb:
         config.max_message_bytes = args.max_message_kb * 1024
         config.reassembly.max_message_bytes = args.max_message_kb * 1024
@@ -80,6 +127,22 @@ async def handle(
     name = cmd["cmd"]
     if name == "peers":
         return {"connected": transport.connected_peers(), "members": transport.room_members()}
+    if name == "links":
+        return {
+            "links": [{**vars(info), "state": info.state.value} for info in transport.link_info()]
+        }
+    if name in ("kill_stream", "oversize"):
+        # Under the direct backend's stream: a reset, or a frame header over the cap.
+        async def underneath() -> None:
+            channel = getattr(transport._links[cmd["peer"]].pc, "channel", None)
+            assert channel is not None, "the link is not on a direct stream"
+            if name == "kill_stream":
+                channel.stream.transport.abort()
+            else:
+                channel.stream.transport.write((2 * 1024 * 1024).to_bytes(4, "big"))
+
+        await runner.call(underneath())
+        return {"done": name}
     if name == "stats":
         return {
             "stats": transport.stats(),
@@ -155,6 +218,8 @@ async def main() -> int:
     parser.add_argument("--hold-auth", action="store_true")
     parser.add_argument("--max-message-kb", type=int, default=0)
     parser.add_argument("--reassembly-total-kb", type=int, default=0)
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--direct-fault", choices=("wrong-cert", "wrong-token", "stranger"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     # MESH_PEER_LOG=INFO shows the transport's own log (refusals), for tests that read it.

@@ -9,12 +9,26 @@ candidates may still be added.
 from __future__ import annotations
 
 import abc
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from swarm_notebook.transport.ice_config import IceServer
 from swarm_notebook.transport.ice_path import Route
+
+
+@dataclass
+class BackendCounters:
+    """What the backends of one mesh count (e.g. direct-path attempts and fallbacks).
+
+    One per mesh, handed to each of its links: nothing is counted in module state.
+    """
+
+    by_name: Counter[str] = field(default_factory=Counter)
+
+    def count(self, name: str) -> None:
+        self.by_name[name] += 1
 
 
 @dataclass
@@ -25,6 +39,10 @@ class BackendConfig:
     relay_only: bool = False
     # ICE host candidates to offer (None: every interface); see ``ice_hosts``.
     host_addresses: list[str] | None = None
+    # The ``direct`` backend: how long an answerer tries the offerer's TLS listener
+    # before it falls back to WebRTC.
+    direct_connect_timeout_s: float = 1.5
+    counters: BackendCounters = field(default_factory=BackendCounters)
 
 
 @dataclass

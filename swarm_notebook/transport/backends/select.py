@@ -10,7 +10,7 @@ from swarm_notebook.errors import TransportBackendError
 from swarm_notebook.reasons import Reason
 from swarm_notebook.transport.backends.base import BackendConfig, PeerBackend
 
-BACKENDS = ("aiortc", "native")
+BACKENDS = ("aiortc", "native", "direct")
 DEFAULT_BACKEND = "aiortc"
 
 BackendFactory = Callable[[BackendConfig], PeerBackend]
@@ -54,12 +54,16 @@ def backend_factory(name: str) -> BackendFactory:
         from swarm_notebook.transport.backends.aiortc_backend import AiortcBackend
 
         return AiortcBackend
+    if name == "direct":
+        from swarm_notebook.transport.backends.direct_backend import DirectBackend
+
+        return DirectBackend
     return backend_factory(backend_name(name))
 
 
 def prepare(name: str, host_addresses: list[str] | None) -> None:
     """Process-wide setup a backend needs before its first link (aioice's host list)."""
-    if name == "aiortc":
+    if name in ("aiortc", "direct"):  # direct wraps aiortc
         from swarm_notebook.transport.backends.aiortc_backend import prepare as prepare_aiortc
 
         prepare_aiortc(host_addresses)
