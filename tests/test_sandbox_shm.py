@@ -227,3 +227,18 @@ async def test_a_child_that_passes_a_memfd_that_can_change_is_replaced_and_count
     assert stats["shm_refused"] == 1 and stats["shm_refusals"] == {Reason.SHM_UNSEALED: 1}
     honest = await pool.run({"code": "6 * 7"}, CTX)
     assert honest["success"] and decode_value(honest["value"]) == 42  # its replacement
+
+
+async def test_inputs_decoded_in_place_in_the_child_stay_editable_and_separate(
+    pool: PythonSandboxPool,
+) -> None:
+    frame = df50(200_000)
+    code = (
+        "a.iloc[0, 0] = -1.0\n"
+        "a.loc[a['b'] > 0.5, 'c'] = 0.0\n"
+        "(float(a.iloc[0, 0]), float(b.iloc[0, 0]), bool((a.loc[a['b'] > 0.5, 'c'] == 0).all()))"
+    )
+    inputs = {"a": encode_value(frame), "b": encode_value(frame)}
+    result = await pool.run({"code": code, "inputs": inputs}, CTX)
+    assert result["success"], result
+    assert decode_value(result["value"]) == (-1.0, float(frame.iloc[0, 0]), True)

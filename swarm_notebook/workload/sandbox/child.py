@@ -220,6 +220,11 @@ class TaskRunner:
         # Where large results are written (a memfd the pool maps, see ``shm``); None:
         # the value codec's own buffers.
         self.allocator: Callable[[int], Any] | None = None
+        # Inputs may keep their request's buffer as their memory: only where that buffer
+        # is this runner's alone (the child's own socket reads). A Dask worker reuses a
+        # scattered input for many tasks: decoding it in place would let one task's
+        # in-place edit reach the next.
+        self.decode_in_place = False
 
     def compile_cell(self, code: str) -> tuple[Any, Any]:
         hit = self._compiled.get(code)
@@ -306,7 +311,7 @@ class TaskRunner:
                     wire_inputs.pop(name),
                     allow_pickle=allow_pickle,
                     budget=budget,
-                    exclusive=name not in kept,
+                    exclusive=self.decode_in_place and name not in kept,
                 )
         except values.ValueCodecError as exc:
             kind = "too-large" if exc.reason == "too-large" else "bad-input"
@@ -497,6 +502,7 @@ def serve(
     decoder = oob.plain_decoder()
     send_lock = threading.Lock()
     runner = TaskRunner(OutputPipe(sock, send_lock))
+    runner.decode_in_place = True  # each request is read into a buffer of its own
     send_frame(sock, encoder.encode({"ready": True, "pid": os.getpid()}))
     while True:
         header = recv_exact(sock, FRAME_HEADER.size)
