@@ -131,6 +131,10 @@ class Reason(StrEnum):
     MISSING_OUTPUT = "missing-output"
     RESULT_TOO_LARGE = "result-too-large"
     WORKER_CRASHED = "worker-crashed"
+    # A sandbox child's result in shared memory the pool refuses to map (``sandbox/shm``).
+    SHM_UNSEALED = "shared-memory-unsealed"  # not a memfd, or one that could still change
+    SHM_OVERSIZED = "shared-memory-oversized"  # larger than the result budget left
+    SHM_BAD_REFERENCE = "shared-memory-bad-reference"  # names an fd not sent, or twice
     SESSION_LOST = "session-lost"  # its peer or sandbox died, it expired or was closed
     NOT_SESSION_OWNER = "not-session-owner"  # another peer opened the session
     TOO_MANY_SESSIONS = "too-many-sessions"

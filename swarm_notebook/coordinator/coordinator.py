@@ -627,13 +627,18 @@ class SwarmCoordinator:
         # One budget for the whole result: each output having its own let eight small
         # compressed outputs expand to gigabytes together.
         budget = DecodeBudget()
+        # The result's message is decoded once and read by nothing else: a frame may keep
+        # its numeric columns in the received buffer (writable only where the link
+        # handed that buffer over, see ``oob.parse``).
         try:
             if "value" in result:
-                result["value"] = decode_value(result["value"], allow_pickle=allow, budget=budget)
+                result["value"] = decode_value(
+                    result["value"], allow_pickle=allow, budget=budget, exclusive=True
+                )
             outputs = result.get("outputs")
             if isinstance(outputs, dict):
                 result["outputs"] = {
-                    k: decode_value(v, allow_pickle=allow, budget=budget)
+                    k: decode_value(v, allow_pickle=allow, budget=budget, exclusive=True)
                     for k, v in outputs.items()
                 }
         except ValueCodecError as exc:

@@ -49,20 +49,23 @@ def encode_envelope(envelope: Envelope) -> bytes:
 def encode_envelope_parts(envelope: Envelope) -> list[oob.Buffer]:
     """The envelope as parts to chunk back to back: large memoryviews in the body are not
     copied into the message (see ``oob``); one part when there are none."""
-    body, blobs = oob.split(envelope.body)
-    if not blobs:
-        return [_encoder.encode(envelope)]
-    return oob.join(_encoder.encode(msgspec.structs.replace(envelope, body=body)), blobs)
+    return oob.layout(
+        envelope.body,
+        lambda body: _encoder.encode(
+            envelope if body is envelope.body else msgspec.structs.replace(envelope, body=body)
+        ),
+    )
 
 
-def decode_envelope(data: oob.Buffer, *, max_size: int) -> Envelope:
+def decode_envelope(data: oob.Buffer, *, max_size: int, owned: bool = False) -> Envelope:
     """Decode and validate one envelope; every failure is a ``ProtocolError``.
 
-    Binaries sent out of band come back as read-only views of ``data`` (not copied)."""
+    Binaries sent out of band come back as views of ``data`` (not copied): read-only
+    unless ``owned`` (the caller hands a buffer of its own over, see ``oob.parse``)."""
     if len(data) > max_size:
         raise ProtocolError(Reason.OVERSIZED, f"{len(data)} bytes > limit {max_size}")
     try:
-        env: Envelope = oob.decode(data, _plain_decoder, Envelope)
+        env: Envelope = oob.decode(data, _plain_decoder, Envelope, owned=owned)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         # msgspec raises the last two itself for invalid UTF-8 in a string and for
         # nesting deeper than the interpreter's limit; both are malformed input.

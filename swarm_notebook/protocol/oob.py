@@ -8,9 +8,12 @@ codec returns for Arrow and npy data) is laid out as::
     MARK(0xC1) | head length (u32) | msgpack head | raw area (the binaries, back to back)
 
 Each such binary is replaced in the head by ``Ext(EXT_CODE, offset (u64) | length (u64))``
-into the raw area. :func:`encode` returns the parts (the head and views of the caller's own
-buffers) for the sender to write or chunk one after another; :func:`decode` gives views of
-the received buffer back, so nothing is copied on either side. ``0xC1`` is the one byte
+into the raw area. The sender starts each binary at a multiple of ``ALIGN`` bytes from the
+message's start (zero padding before it, skipped by the offsets), so numeric columns
+decoded in place from a received buffer are aligned numpy arrays. :func:`encode` returns
+the parts (the head and views of the caller's own buffers) for the sender to write or
+chunk one after another; :func:`decode` gives views of the received buffer back, so
+nothing is copied on either side. ``0xC1`` is the one byte
 msgpack never uses, so a plain msgpack message is told apart by its first byte.
 
 Only ``memoryview`` goes out of band: ``bytes`` (a user's own value, a pickle, a ref's
@@ -32,30 +35,41 @@ from swarm_notebook.reasons import Reason
 MARK = 0xC1
 EXT_CODE = 81
 MIN_OOB_BYTES = 64 * 1024
+ALIGN = 64
 _HEAD = struct.Struct(">BI")
 _REF = struct.Struct(">QQ")
 
 Buffer = bytes | bytearray | memoryview
 
 
-def split(obj: Any) -> tuple[Any, list[memoryview]]:
+def split(obj: Any, lead: int = 0) -> tuple[Any, list[memoryview]]:
     """``obj`` with its large memoryviews replaced by placeholders, and those views.
 
     Containers are rebuilt only where something was replaced, so a message without
-    large binaries is returned as it is (one walk, no copy).
+    large binaries is returned as it is (one walk, no copy). The placeholders' offsets
+    count ``lead`` bytes of padding first and pad each binary to ``ALIGN`` (``join``
+    writes the same padding).
     """
     blobs: list[memoryview] = []
-    return _walk(obj, blobs), blobs
+    return _walk(obj, blobs, lead), blobs
 
 
-def _walk(x: Any, blobs: list[memoryview]) -> Any:
+def _padded(lead: int, blobs: list[memoryview]) -> int:
+    """Where the next binary starts in the raw area, after ``blobs``."""
+    end = lead
+    for b in blobs:
+        end += b.nbytes
+    return end + (-end % ALIGN) if blobs else lead
+
+
+def _walk(x: Any, blobs: list[memoryview], lead: int) -> Any:
     # A function, not a closure: a recursive closure is a reference cycle, and it kept
     # ``blobs`` (a frame's buffer) alive until the garbage collector happened to run.
     t = type(x)
     if t is dict:
         out: dict[Any, Any] | None = None
         for k, v in x.items():
-            w = _walk(v, blobs)
+            w = _walk(v, blobs, lead)
             if w is not v:
                 if out is None:
                     out = dict(x)
@@ -64,7 +78,7 @@ def _walk(x: Any, blobs: list[memoryview]) -> Any:
     if t is list or t is tuple:
         items: list[Any] | None = None
         for i, v in enumerate(x):
-            w = _walk(v, blobs)
+            w = _walk(v, blobs, lead)
             if w is not v:
                 if items is None:
                     items = list(x)
@@ -72,23 +86,49 @@ def _walk(x: Any, blobs: list[memoryview]) -> Any:
         return x if items is None else items
     if t is memoryview and x.nbytes >= MIN_OOB_BYTES:
         view = x if x.format == "B" and x.ndim == 1 else x.cast("B")
-        offset = sum(b.nbytes for b in blobs)
+        offset = _padded(lead, blobs)
         blobs.append(view)
         return msgspec.msgpack.Ext(EXT_CODE, _REF.pack(offset, view.nbytes))
     return x
 
 
-def join(head: bytes, blobs: list[memoryview]) -> list[Buffer]:
-    """The parts of one message: the marked head, then the blobs (not copied)."""
+def join(head: bytes, blobs: list[memoryview], lead: int = 0) -> list[Buffer]:
+    """The parts of one message: the marked head, then the blobs (not copied), with the
+    padding ``split(obj, lead)`` counted."""
     if not blobs:
         return [head]
-    return [_HEAD.pack(MARK, len(head)) + head, *blobs]
+    parts: list[Buffer] = [_HEAD.pack(MARK, len(head)) + head]
+    at = 0
+    for i, blob in enumerate(blobs):
+        start = _padded(lead, blobs[:i])
+        if start > at:
+            parts.append(bytes(start - at))
+        parts.append(blob)
+        at = start + blob.nbytes
+    return parts
+
+
+def layout(obj: Any, encode_head: Callable[[Any], bytes]) -> list[Buffer]:
+    """``obj`` as parts to send back to back, its binaries aligned (see the module doc).
+
+    ``encode_head`` encodes ``obj`` with placeholders in; a placeholder's size does not
+    depend on its offset, so the head is encoded once more at most, once the padding
+    after it is known.
+    """
+    body, blobs = split(obj)
+    if not blobs:
+        return [encode_head(obj)]
+    head = encode_head(body)
+    lead = -(_HEAD.size + len(head)) % ALIGN
+    if lead:
+        body, blobs = split(obj, lead)
+        head = encode_head(body)
+    return join(head, blobs, lead)
 
 
 def encode(obj: Any, encoder: msgspec.msgpack.Encoder) -> list[Buffer]:
     """Encode ``obj`` as parts to send back to back (one part when nothing is large)."""
-    body, blobs = split(obj)
-    return join(encoder.encode(body), blobs)
+    return layout(obj, encoder.encode)
 
 
 def size(parts: list[Buffer]) -> int:
@@ -96,11 +136,18 @@ def size(parts: list[Buffer]) -> int:
     return sum(memoryview(p).nbytes for p in parts)
 
 
-def parse(data: Buffer) -> tuple[Buffer, memoryview | None]:
-    """The msgpack head and the raw area (``None``: a plain message) of one message."""
+def parse(data: Buffer, *, owned: bool = False) -> tuple[Buffer, memoryview | None]:
+    """The msgpack head and the raw area (``None``: a plain message) of one message.
+
+    The raw area is read-only unless ``owned``: the caller hands ``data`` over (nothing
+    else reads it afterwards), so values decoded from it may use its memory as their own
+    (see ``values.decode_value(..., exclusive=True)``).
+    """
     if not data or data[0] != MARK:
         return data, None
-    view = memoryview(data).toreadonly()
+    view = memoryview(data)
+    if not owned:
+        view = view.toreadonly()
     if len(view) < _HEAD.size:
         raise ProtocolError(Reason.MALFORMED, "out-of-band header cut short")
     _, head_len = _HEAD.unpack_from(view)
@@ -110,11 +157,22 @@ def parse(data: Buffer) -> tuple[Buffer, memoryview | None]:
     return view[_HEAD.size : end], view[end:]
 
 
-def resolver(raw: memoryview | None) -> Callable[[int, memoryview], Any]:
-    """An msgspec ``ext_hook`` that turns placeholders into views of ``raw``."""
+ExtHook = Callable[[int, memoryview], Any]
+
+
+def resolver(raw: memoryview | None, ext: ExtHook | None = None) -> ExtHook:
+    """An msgspec ``ext_hook`` that turns placeholders into views of ``raw``.
+
+    A writable ``raw`` gives writable views, each range once: a reference that overlaps
+    one already given comes back read-only, so two values a peer made share memory can
+    never alias each other's writes (they are copied when decoded instead).
+    """
+    claimed: list[tuple[int, int]] = []
 
     def hook(code: int, data: memoryview) -> Any:
         if code != EXT_CODE:
+            if ext is not None:
+                return ext(code, data)
             return msgspec.msgpack.Ext(code, bytes(data))
         if raw is None or len(data) != _REF.size:
             raise ProtocolError(Reason.MALFORMED, "out-of-band reference outside such a message")
@@ -124,23 +182,38 @@ def resolver(raw: memoryview | None) -> Callable[[int, memoryview], Any]:
                 Reason.MALFORMED,
                 f"out-of-band reference to {offset}+{length} past {len(raw)} bytes sent",
             )
-        return raw[offset : offset + length]
+        view = raw[offset : offset + length]
+        if raw.readonly:
+            return view
+        end = offset + length
+        if any(offset < e and s < end for s, e in claimed):
+            return view.toreadonly()
+        claimed.append((offset, end))
+        return view
 
     return hook
 
 
-def decode(data: Buffer, plain: msgspec.msgpack.Decoder[Any], type_: Any = Any) -> Any:
+def decode(
+    data: Buffer,
+    plain: msgspec.msgpack.Decoder[Any],
+    type_: Any = Any,
+    *,
+    owned: bool = False,
+    ext: ExtHook | None = None,
+) -> Any:
     """Decode one message: with ``plain`` (made with ``ext_hook=resolver(None)``) when it
-    has no raw area, else with a decoder whose hook points into ``data``.
+    has no raw area, else with a decoder whose hook points into ``data`` (writable views
+    when ``owned``, see ``parse``). ``ext`` decodes the other extension types.
 
     Raises ``ProtocolError`` (malformed) for a bad layout or reference, and whatever
     msgspec raises for bad msgpack.
     """
-    head, raw = parse(data)
-    if raw is None:
+    head, raw = parse(data, owned=owned)
+    if raw is None and ext is None:
         return plain.decode(head)
     # A decoder per such message (a few microseconds against the megabytes it carries).
-    return msgspec.msgpack.Decoder(type_, ext_hook=resolver(raw)).decode(head)
+    return msgspec.msgpack.Decoder(type_, ext_hook=resolver(raw, ext)).decode(head)
 
 
 def plain_decoder(type_: Any = Any) -> msgspec.msgpack.Decoder[Any]:

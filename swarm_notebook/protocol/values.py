@@ -47,7 +47,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import mmap
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,6 +70,10 @@ _META_KEY = b"swarm_notebook"
 _SCALAR_COST = 9  # a msgpack scalar or container header is at most 9 bytes
 _INT64_MIN = -(2**63)
 _UINT64_MAX = 2**64 - 1
+# Streams at least this large get an anonymous mapping of their own (see ``allocate``).
+MMAP_MIN_BYTES = 1 << 20
+# Gives a writable buffer (buffer protocol) of the size asked for.
+Allocator = Callable[[int], Any]
 
 
 def encode_value(
@@ -76,6 +82,7 @@ def encode_value(
     allow_pickle: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
     compression: Compression | None = None,
+    allocator: Allocator | None = None,
 ) -> Any:
     """Turn ``obj`` into a msgpack-friendly structure that :func:`decode_value` rebuilds.
 
@@ -84,8 +91,16 @@ def encode_value(
     ``compression``, each table's Arrow buffers are compressed when a sample says it pays
     on that link (see ``protocol/compression.py``). Arrow and npy payloads are
     ``memoryview``s over the writer's buffer (msgpack sends them as bytes): no extra copy.
+    ``allocator(size)`` gives the writable buffer an uncompressed Arrow stream of at least
+    ``MMAP_MIN_BYTES`` is written into (the sandbox child writes its results straight
+    into shared memory).
     """
-    encoder = _Encoder(allow_pickle=allow_pickle, max_bytes=max_bytes, compression=compression)
+    encoder = _Encoder(
+        allow_pickle=allow_pickle,
+        max_bytes=max_bytes,
+        compression=compression,
+        allocator=allocator,
+    )
     return encoder.encode(obj, 0)
 
 
@@ -117,13 +132,24 @@ def decode_value(
     allow_pickle: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
     budget: DecodeBudget | None = None,
+    exclusive: bool = False,
 ) -> Any:
     """Rebuild a value made by :func:`encode_value`; every failure is a ``ValueCodecError``.
 
     ``budget`` (or a fresh one of ``max_bytes``) bounds the memory that decoded tables
     and arrays may take; pass one budget to every value of one message.
+
+    With ``exclusive`` the caller hands ``x``'s binaries over: nothing reads them after
+    this. A DataFrame's numeric columns without nulls then keep a *writable* view of a
+    writable binary (a received message's own buffer, ``oob.parse(owned=True)``) as
+    their memory instead of a copy of it, so decoding a 50 MB frame allocates nothing
+    and in-place edits keep working. Read-only binaries are copied as always.
     """
-    decoder = _Decoder(allow_pickle=allow_pickle, budget=budget or DecodeBudget(max_bytes))
+    decoder = _Decoder(
+        allow_pickle=allow_pickle,
+        budget=budget or DecodeBudget(max_bytes),
+        exclusive=exclusive,
+    )
     try:
         return decoder.decode(x, 0)
     except ValueCodecError:
@@ -134,8 +160,14 @@ def decode_value(
 
 class _Encoder:
     def __init__(
-        self, *, allow_pickle: bool, max_bytes: int, compression: Compression | None = None
+        self,
+        *,
+        allow_pickle: bool,
+        max_bytes: int,
+        compression: Compression | None = None,
+        allocator: Allocator | None = None,
     ) -> None:
+        self.allocator = allocator
         self.allow_pickle = allow_pickle
         self.max_bytes = max_bytes
         self.compression = compression
@@ -266,8 +298,8 @@ class _Encoder:
         if options.compression is None:
             # Written into a buffer of the stream's exact size: a growing one doubles and
             # copies on the way, which held up to 1.5x the frame for a moment.
-            out = pa.allocate_buffer(ipc_size(table, options))
-            sink: Any = pa.FixedSizeBufferWriter(out)
+            out = self.allocate(ipc_size(table, options))
+            sink: Any = pa.FixedSizeBufferWriter(pa.py_buffer(out))
         else:
             sink = pa.BufferOutputStream()  # the compressed size is not known beforehand
         with pa_ipc.new_stream(sink, table.schema, options=options) as writer:
@@ -276,6 +308,17 @@ class _Encoder:
             out = sink.getvalue()
         # A view keeps Arrow's buffer alive: copying it into bytes held a second 50 MB.
         return memoryview(out).toreadonly()
+
+    def allocate(self, size: int) -> Any:
+        """A writable buffer of ``size`` bytes for one Arrow stream."""
+        if size < MMAP_MIN_BYTES:
+            return pa.allocate_buffer(size)
+        if self.allocator is not None:
+            return self.allocator(size)
+        # A mapping of its own is returned to the system the moment the stream is let go;
+        # Arrow's pool (mimalloc) kept a sent frame's pages, 1x the frame for nothing
+        # while its result arrived.
+        return mmap.mmap(-1, max(size, 1))
 
     def pickled(self, obj: Any) -> bytes:
         try:
@@ -290,9 +333,10 @@ class _Encoder:
 
 
 class _Decoder:
-    def __init__(self, *, allow_pickle: bool, budget: DecodeBudget) -> None:
+    def __init__(self, *, allow_pickle: bool, budget: DecodeBudget, exclusive: bool) -> None:
         self.allow_pickle = allow_pickle
         self.budget = budget
+        self.exclusive = exclusive
 
     def decode(self, x: Any, depth: int) -> Any:
         if depth > MAX_DEPTH:
@@ -383,14 +427,71 @@ class _Decoder:
         # would let the native pandas conversion read out of bounds (it aborted the whole
         # process under fuzzing). A full validation turns that into ArrowInvalid first.
         table.validate(full=True)
-        frame = table.to_pandas()
-        _restore_object_columns(frame, table.schema.pandas_metadata or {})
-        raw_extra = (table.schema.metadata or {}).get(_META_KEY)
+        schema = table.schema
+        if self.exclusive and isinstance(data, memoryview) and not data.readonly:
+            # One block per column: Arrow hands numeric columns over as views of
+            # ``data`` (consolidating them into 2-D blocks copied every column).
+            frame = _own_columns(table.to_pandas(split_blocks=True), data)
+        else:
+            frame = table.to_pandas()
+        del table, batches, reader
+        _restore_object_columns(frame, schema.pandas_metadata or {})
+        raw_extra = (schema.metadata or {}).get(_META_KEY)
         if raw_extra:
             extra = json.loads(raw_extra)
             if isinstance(extra, dict) and isinstance(extra.get("index_freq"), str):
                 frame.index = type(frame.index)(frame.index, freq=extra["index_freq"])
         return frame
+
+
+def _own_columns(frame: pd.DataFrame, data: memoryview) -> pd.DataFrame:
+    """``frame`` with each column that is a read-only view of ``data`` (Arrow's zero-copy
+    conversion) made writable: a writable view of the same bytes where it is a plain
+    numeric array, a copy otherwise.
+
+    Arrow marks every zero-copy array read-only, and pandas writes in place into an
+    unreferenced block (``df.iloc[0, 0] = 1`` raised "assignment destination is
+    read-only"). The caller owns ``data``, so its bytes may be the frame's own. Only a
+    column pandas itself shows as a plain 1-D numpy array lying inside ``data`` is viewed
+    again, with the same dtype, length and address: what it reads cannot change.
+    Arrow-backed columns (strings) are immutable in pandas and stay as they are.
+    """
+    base = np.frombuffer(data, dtype=np.uint8)
+    start = base.ctypes.data
+    end = start + base.nbytes
+    arrays: list[Any] = []
+    changed = False
+    for pos in range(frame.shape[1]):
+        values = frame.iloc[:, pos]._values
+        if (
+            isinstance(values, np.ndarray)
+            and values.ndim == 1
+            and values.dtype.kind in "iuf"
+            and not values.flags.writeable
+            and values.flags.c_contiguous
+            and start <= values.ctypes.data
+            and values.ctypes.data + values.nbytes <= end
+        ):
+            offset = values.ctypes.data - start
+            values = np.frombuffer(data, dtype=values.dtype, count=len(values), offset=offset)
+            changed = True
+        elif any(not a.flags.writeable for a in _backing_arrays(values)):
+            values = values.copy()  # datetimes, categorical codes: viewed read-only
+            changed = True
+        arrays.append(values)
+    if not changed:
+        return frame
+    out = pd.DataFrame(dict(enumerate(arrays)), index=frame.index, copy=False)
+    out.columns = frame.columns
+    return out
+
+
+def _backing_arrays(values: Any) -> list[np.ndarray]:
+    """The numpy arrays a pandas column writes into (none for Arrow-backed ones)."""
+    if isinstance(values, np.ndarray):
+        return [values]
+    found = [getattr(values, name, None) for name in ("_ndarray", "_data", "_mask")]
+    return [a for a in found if isinstance(a, np.ndarray)]
 
 
 # Binary payloads arrive as bytes off the wire, as memoryviews when decoded where encoded.

@@ -422,9 +422,12 @@ class MeshTransport(Transport):
             or channel.buffered_amount > self.config.buffer_high_water
         ):
             return None
-        payload = encode_envelope(envelope)
-        if len(payload) + 1 > link.frame_size:
+        # Parts: a message with large binaries is never one frame, and encoding it whole
+        # just to find that out copied a 50 MB frame into a throwaway buffer.
+        parts = encode_envelope_parts(envelope)
+        if len(parts) > 1 or len(parts[0]) + 1 > link.frame_size:
             return None
+        payload = parts[0]
         channel.send(bytes((WHOLE,)) + payload)
         self.counters["frames_out"] += 1
         self.counters["bytes_out"] += len(payload) + 1
@@ -903,7 +906,13 @@ class MeshTransport(Transport):
             size = len(payload)
             # The body's large binaries are views of ``payload`` (decoded in place); this
             # frame's own reference goes now, so the buffer lives only as long as they do.
-            env = decode_envelope(payload, max_size=self.config.max_message_bytes)
+            # A reassembled message's buffer is this link's alone: its binaries may
+            # become the memory of the values decoded from them (``oob.parse``).
+            env = decode_envelope(
+                payload,
+                max_size=self.config.max_message_bytes,
+                owned=isinstance(payload, bytearray),
+            )
             del payload
             if env.type.startswith("link."):
                 self._on_link_message(link, env)

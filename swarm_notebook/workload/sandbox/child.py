@@ -41,13 +41,14 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import msgspec
 
 from swarm_notebook._util.text import clip_text
 from swarm_notebook.protocol import oob
+from swarm_notebook.workload.sandbox import shm
 from swarm_notebook.workload.sandbox.resident import ResidentValues, fresh_view
 
 CELL_FILENAME = "<remote-cell>"
@@ -216,6 +217,14 @@ class TaskRunner:
         # Code objects are immutable, and a child serves one peer only.
         self._compiled: collections.OrderedDict[str, tuple[Any, Any]] = collections.OrderedDict()
         self.resident = ResidentValues()
+        # Where large results are written (a memfd the pool maps, see ``shm``); None:
+        # the value codec's own buffers.
+        self.allocator: Callable[[int], Any] | None = None
+        # Inputs may keep their request's buffer as their memory: only where that buffer
+        # is this runner's alone (the child's own socket reads). A Dask worker reuses a
+        # scattered input for many tasks: decoding it in place would let one task's
+        # in-place edit reach the next.
+        self.decode_in_place = False
 
     def compile_cell(self, code: str) -> tuple[Any, Any]:
         hit = self._compiled.get(code)
@@ -293,10 +302,16 @@ class TaskRunner:
         try:
             # Popped: each input's wire bytes are freed once it is decoded, not after the run.
             wire_inputs = req.pop("inputs", None) or {}
+            kept = req.get("keep_resident") or {}
             inputs = {}
             for name in list(wire_inputs):
+                # A frame decoded in place keeps the whole request's buffer alive: not
+                # for a ref this child keeps past the task (it would pin the others).
                 inputs[name] = values.decode_value(
-                    wire_inputs.pop(name), allow_pickle=allow_pickle, budget=budget
+                    wire_inputs.pop(name),
+                    allow_pickle=allow_pickle,
+                    budget=budget,
+                    exclusive=self.decode_in_place and name not in kept,
                 )
         except values.ValueCodecError as exc:
             kind = "too-large" if exc.reason == "too-large" else "bad-input"
@@ -347,7 +362,11 @@ class TaskRunner:
         compression = _compression(req.get("compression"))
         try:
             result["value"] = values.encode_value(
-                value, allow_pickle=allow_pickle, max_bytes=encoder_budget, compression=compression
+                value,
+                allow_pickle=allow_pickle,
+                max_bytes=encoder_budget,
+                compression=compression,
+                allocator=self.allocator,
             )
         except values.ValueCodecError as exc:
             # The code ran; say plainly why its value did not travel instead of failing.
@@ -369,6 +388,7 @@ class TaskRunner:
                     allow_pickle=allow_pickle,
                     max_bytes=encoder_budget,
                     compression=compression,
+                    allocator=self.allocator,
                 )
             except values.ValueCodecError as exc:
                 error_type = "result-too-large" if exc.reason == "too-large" else "bad-input"
@@ -475,11 +495,14 @@ def serve(
     max_frame_bytes: int,
     scratch: list[str] | None = None,
     keep: frozenset[str] = frozenset(),
+    fd_sock: socket.socket | None = None,
 ) -> None:
+    """Serve tasks on ``sock``; with ``fd_sock``, large results go in memfds (``shm``)."""
     encoder = msgspec.msgpack.Encoder()
     decoder = oob.plain_decoder()
     send_lock = threading.Lock()
     runner = TaskRunner(OutputPipe(sock, send_lock))
+    runner.decode_in_place = True  # each request is read into a buffer of its own
     send_frame(sock, encoder.encode({"ready": True, "pid": os.getpid()}))
     while True:
         header = recv_exact(sock, FRAME_HEADER.size)
@@ -491,29 +514,43 @@ def serve(
         payload = recv_exact(sock, size)
         if payload is None:
             return
-        # Inputs sent out of band are views of ``payload``: it lives until they are decoded.
-        request = oob.decode(payload, decoder)
+        # Inputs sent out of band are views of ``payload``: it lives until they are decoded,
+        # or as long as the frames decoded in place from it (it is this child's alone).
+        request = oob.decode(payload, decoder, owned=True)
         del payload
+        buffers = shm.ResultBuffers() if fd_sock is not None else None
+        runner.allocator = buffers.allocate if buffers is not None else None
         response = runner.run(request)
+        runner.allocator = None
         if not request.get("persistent"):
             wipe(scratch or [], keep)  # a session keeps its files for its next call
+        recycle = bool(response.get("recycle"))
+        fds: list[int] = []
         try:
-            # Parts: the result's Arrow bytes go out from the buffer Arrow wrote them to.
+            if buffers is not None:
+                response, fds = buffers.pack(response)
+            # Parts: the result's Arrow bytes go out from the buffer Arrow wrote them to
+            # (or travel as sealed memfds, named in the head).
             frame: bytes | list[oob.Buffer] = oob.encode(response, encoder)
-        except MemoryError:
+        except (MemoryError, BufferError, OSError) as exc:
+            fds = []
+            recycle = True
             frame = encoder.encode(
                 {
                     "success": False,
                     "error_type": "memory-limit",
                     "recycle": True,
-                    "error": "MemoryError while packing the result",
+                    "error": f"{type(exc).__name__} while packing the result",
                 }
             )
         with send_lock:
+            if fd_sock is not None and fds:
+                shm.send_fds(fd_sock, fds)  # before the frame that names them
             send_frame(sock, frame)
-        recycle = bool(response.get("recycle"))
+        if buffers is not None:
+            buffers.close()
         # Not kept while the child waits for its next task: the result held a frame.
-        del request, response, frame
+        del request, response, frame, buffers
         if recycle:
             return
 
@@ -521,6 +558,7 @@ def serve(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sandbox-child")
     parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--fd-sock", type=int, default=-1, help="where result memfds go")
     parser.add_argument("--memory-limit-mb", type=int, default=0)
     parser.add_argument("--max-frame-bytes", type=int, default=256 * 1024 * 1024)
     parser.add_argument(
@@ -556,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         message = f"sandbox start failed: {type(exc).__name__}: {exc}"
         send_frame(sock, msgspec.msgpack.encode({"ready": False, "error": message[:1000]}))
         return 2
-    serve(sock, args.max_frame_bytes, args.wipe, frozenset(args.keep))
+    fd_sock = socket.socket(fileno=args.fd_sock) if args.fd_sock >= 0 else None
+    serve(sock, args.max_frame_bytes, args.wipe, frozenset(args.keep), fd_sock)
     return 0
 
 

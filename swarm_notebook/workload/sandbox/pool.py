@@ -43,7 +43,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +75,7 @@ from swarm_notebook.workload.sandbox.bwrap import (
     package_dir,
 )
 from swarm_notebook.workload.sandbox.child import FRAME_HEADER
+from swarm_notebook.workload.sandbox.shm import EXT_SHM, ResultMaps
 
 _log = logging.getLogger(__name__)
 
@@ -136,9 +137,11 @@ class _Worker:
         sock: socket.socket,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        fd_sock: socket.socket,
     ) -> None:
         self.proc = proc
         self.sock = sock
+        self.fd_sock = fd_sock  # the memfds of large results (``shm``)
         self.pid = proc.pid
         self.init_pid: int | None = None
         self.reader = reader
@@ -229,6 +232,11 @@ class _Worker:
                 await self.writer.drain()
         await self.writer.drain()
 
+    def close_channel(self) -> None:
+        """Close both sockets to the child (its process is gone or going)."""
+        self.writer.close()
+        self.fd_sock.close()
+
     def kill(self) -> None:
         """SIGKILL the child and whatever the task started.
 
@@ -258,16 +266,19 @@ class _Worker:
         self,
         request: list[oob.Buffer],
         max_reply_bytes: int,
-        decode: Callable[[bytearray], Any],
+        decode: Callable[[bytearray, _Worker, int], Any],
         on_output: OutputSink | None,
     ) -> dict[str, Any]:
         """Send one task; hand its output frames to ``on_output``; return the result.
 
-        ``request`` is emptied once sent: its parts are views of the inputs' buffers."""
+        ``request`` is emptied once sent: its parts are views of the inputs' buffers.
+        A frame and the memfds it names share ``max_reply_bytes``."""
         await self.send_frame(request)
         request.clear()
         while True:
-            message = decode(await self.read_frame(max_reply_bytes))
+            frame = await self.read_frame(max_reply_bytes)
+            message = decode(frame, self, max_reply_bytes - len(frame))
+            del frame
             if not (isinstance(message, dict) and "output" in message):
                 return message
             chunks = _output_chunks(message["output"])
@@ -439,7 +450,10 @@ class PythonSandboxPool:
             "resident_hits": 0,
             "resident_sent": 0,
             "resident_sent_bytes": 0,
+            # Results whose memfds were refused (unsealed, oversized, bad references).
+            "shm_refused": 0,
         }
+        self.shm_refusals: Counter[str] = Counter()
         self._last_spawn_error: str | None = None
         self._layout: SandboxLayout | None = None
 
@@ -482,7 +496,7 @@ class PythonSandboxPool:
             task.cancel()
         for worker in list(self._workers):
             await worker.proc.wait()
-            worker.writer.close()
+            worker.close_channel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         self._workers.clear()
@@ -502,6 +516,7 @@ class PythonSandboxPool:
             "pids": sorted(w.pid for w in self._workers if w.alive),
             "last_spawn_error": self._last_spawn_error,
             "sessions": self.sessions(),
+            "shm_refusals": dict(self.shm_refusals),
             **self._counters,
         }
 
@@ -775,9 +790,24 @@ class PythonSandboxPool:
             self._release(worker)
         return result
 
-    def _decode(self, frame: bytearray) -> Any:
-        # The result's Arrow bytes stay views of ``frame``: sent on from there, not copied.
-        return oob.decode(frame, self._decoder)
+    def _decode(self, frame: bytearray, worker: _Worker, shm_budget: int) -> Any:
+        # The result's Arrow bytes stay views of ``frame`` or of the memfds the child
+        # sealed: sent on from there, not copied.
+        maps = ResultMaps(worker.fd_sock, shm_budget, self._count_shm_refusal)
+
+        def ext(code: int, data: memoryview) -> Any:
+            if code == EXT_SHM:
+                return maps.hook(data)
+            return msgspec.msgpack.Ext(code, bytes(data))
+
+        try:
+            return oob.decode(frame, self._decoder, ext=ext)
+        finally:
+            maps.close()
+
+    def _count_shm_refusal(self, reason: str) -> None:
+        self._counters["shm_refused"] += 1
+        self.shm_refusals[reason] += 1
 
     def _process_failure(self) -> dict[str, Any]:
         self._counters["process_kills"] += 1
@@ -857,7 +887,7 @@ class PythonSandboxPool:
             return failure(ErrorType.SANDBOX_UNAVAILABLE, f"cannot start a session: {exc}")
         if task.session in self._sessions or self._closed:  # raced with another open
             await worker.terminate()
-            worker.writer.close()
+            worker.close_channel()
             raise TaskRefused(ErrorType.BUSY, f"session {task.session!r} is being opened")
         worker.session, worker.owner = task.session, ctx.delegator
         self._workers.add(worker)  # the memory and process watchdog covers it too
@@ -904,7 +934,7 @@ class PythonSandboxPool:
         if "closed" not in why and "expired" not in why:
             self._counters["sessions_lost"] += 1
         await session.worker.terminate()
-        session.worker.writer.close()
+        session.worker.close_channel()
         self._workers.discard(session.worker)
         if session.on_end is not None:
             try:
@@ -914,9 +944,10 @@ class PythonSandboxPool:
 
     # -- children --------------------------------------------------------------------
 
-    def _command(self, fd: int) -> tuple[list[str], dict[str, str], str]:
+    def _command(self, fd: int, fd_sock: int) -> tuple[list[str], dict[str, str], str]:
         """argv, environment and working directory of one child."""
-        args = ["--fd", str(fd), "--max-frame-bytes", str(self.max_request_bytes)]
+        args = ["--fd", str(fd), "--fd-sock", str(fd_sock)]
+        args += ["--max-frame-bytes", str(self.max_request_bytes)]
         assert self._workdir is not None
         if self._layout is not None:
             data_mb = self.memory_limit_mb - 2 * self.tmpfs_mb
@@ -938,11 +969,14 @@ class PythonSandboxPool:
 
     async def _spawn(self) -> _Worker:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Results' memfds come on a socket of their own: the stream reader of the first
+        # would drop the fds passed with its bytes (see ``shm``).
+        fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            argv, env, cwd = self._command(child_sock.fileno())
+            argv, env, cwd = self._command(child_sock.fileno(), fd_child.fileno())
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                pass_fds=(child_sock.fileno(),),
+                pass_fds=(child_sock.fileno(), fd_child.fileno()),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
@@ -952,17 +986,20 @@ class PythonSandboxPool:
             )
         except BaseException:
             parent_sock.close()
+            fd_parent.close()
             raise
         finally:
             child_sock.close()
+            fd_child.close()
         try:
             reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
         except BaseException:
             parent_sock.close()
+            fd_parent.close()
             _kill_tree(proc.pid)
             await proc.wait()
             raise
-        worker = _Worker(proc, parent_sock, reader, writer)
+        worker = _Worker(proc, parent_sock, reader, writer, fd_parent)
         worker.scratch = cwd if self._layout is None else None
         try:
             frame = await asyncio.wait_for(worker.read_frame(64 * 1024), self.startup_timeout_s)
@@ -975,7 +1012,7 @@ class PythonSandboxPool:
         except BaseException as exc:
             worker.kill()
             await proc.wait()
-            writer.close()
+            worker.close_channel()
             if isinstance(exc, psutil.Error | IndexError):
                 raise SandboxUnavailable(f"sandbox processes not found: {exc}") from exc
             if isinstance(exc, (TimeoutError, asyncio.IncompleteReadError, ConnectionError)):
@@ -993,7 +1030,7 @@ class PythonSandboxPool:
     async def _monitor(self, worker: _Worker) -> None:
         """Reap a child when it exits and start its replacement."""
         await worker.proc.wait()
-        worker.writer.close()
+        worker.close_channel()
         self._workers.discard(worker)
         if worker.scratch is not None:
             shutil.rmtree(worker.scratch, ignore_errors=True)
@@ -1012,7 +1049,7 @@ class PythonSandboxPool:
             if self._closed:
                 replacement.kill()
                 await replacement.proc.wait()
-                replacement.writer.close()
+                replacement.close_channel()
                 return
             self._counters["restarts"] += 1
             self._adopt(replacement)
