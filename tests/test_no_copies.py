@@ -197,3 +197,17 @@ def test_two_values_a_peer_points_at_the_same_bytes_never_alias() -> None:
     b = decode_value(body["b"], exclusive=True)
     a.iloc[0, 0] = -1.0
     assert b.iloc[0, 0] != -1.0  # the second reference was read-only: b is a copy
+
+
+def test_a_wide_frame_is_decoded_into_consolidated_blocks_not_one_per_column() -> None:
+    # One block per column would make pandas warn "highly fragmented" on every insert.
+    wide = pd.DataFrame(np.random.default_rng(1).random((1_000, 80)))
+    wide.columns = [f"c{i}" for i in range(80)]
+    payload = _through_a_link({"value": encode_value(wide)})
+    env = decode_envelope(payload, max_size=2**30, owned=True)
+    back = decode_value(env.body["value"], exclusive=True)
+    assert back.equals(wide)
+    assert len(back._mgr.blocks) == 1
+    assert not np.shares_memory(back["c0"].to_numpy(), np.frombuffer(payload, np.uint8))
+    back["extra"] = 1.0
+    assert back["extra"].sum() == 1_000

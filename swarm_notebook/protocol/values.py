@@ -72,6 +72,10 @@ _INT64_MIN = -(2**63)
 _UINT64_MAX = 2**64 - 1
 # Streams at least this large get an anonymous mapping of their own (see ``allocate``).
 MMAP_MIN_BYTES = 1 << 20
+# A frame decoded in place has one pandas block per column; past 100 blocks pandas warns
+# that it is "highly fragmented" on every column insert, so wider frames are copied into
+# consolidated blocks as before.
+MAX_SPLIT_COLUMNS = 64
 # Gives a writable buffer (buffer protocol) of the size asked for.
 Allocator = Callable[[int], Any]
 
@@ -428,7 +432,12 @@ class _Decoder:
         # process under fuzzing). A full validation turns that into ArrowInvalid first.
         table.validate(full=True)
         schema = table.schema
-        if self.exclusive and isinstance(data, memoryview) and not data.readonly:
+        if (
+            self.exclusive
+            and isinstance(data, memoryview)
+            and not data.readonly
+            and table.num_columns <= MAX_SPLIT_COLUMNS
+        ):
             # One block per column: Arrow hands numeric columns over as views of
             # ``data`` (consolidating them into 2-D blocks copied every column).
             frame = _own_columns(table.to_pandas(split_blocks=True), data)
