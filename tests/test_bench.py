@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
+import swarm_notebook.environment as environment
 from swarm_notebook.bench import (
     ALSO_COMPARED,
     COMPARISONS,
@@ -310,7 +311,12 @@ def test_reaped_children_kills_and_reports_a_leftover_process() -> None:
 # ----------------------------------------------------------------------- raw aiortc suite
 
 
-def test_raw_suite_connects_two_processes_and_measures() -> None:
+@pytest.mark.parametrize("backend", ["aiortc", "direct"])
+def test_raw_suite_connects_two_processes_and_measures(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Direct links carry one channel, so its raw peers share it for the echo and the sink."""
+    monkeypatch.setenv(environment.TRANSPORT_BACKEND, backend)
     before = child_pids()
     progress = RecordingProgress()
     report = run_suites([raw_suite(RawConfig.tiny())], quick=True, progress=progress)

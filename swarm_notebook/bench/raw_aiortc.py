@@ -18,7 +18,6 @@ import sys
 from collections import deque
 from typing import Any
 
-import swarm_notebook.environment as environment
 from swarm_notebook.bench.framework import ProgressTask, Suite, SuiteContext
 from swarm_notebook.bench.raw_peer import MAX_LINE_BYTES, RawConfig
 from swarm_notebook.errors import BenchError
@@ -178,17 +177,6 @@ def raw_suite(config: RawConfig | None = None) -> Suite:
     """The ``raw`` suite; without a config it picks ``RawConfig.quick()``/``full()``."""
 
     async def run(ctx: SuiteContext) -> None:
-        if backend_name() == "direct":
-            # Its bare peer opens two data channels on one connection; a direct link is
-            # one TLS stream carrying the mesh's one channel, so there is nothing bare
-            # to measure that the swarm suite does not already.
-            raise BenchError(
-                Reason.BACKEND_UNAVAILABLE,
-                "the raw suite measures a WebRTC library's bare data channels (aiortc or "
-                "native); the direct backend has none of its own. Run it with "
-                f"{environment.TRANSPORT_BACKEND}=aiortc, and the direct backend with "
-                "--only swarm,data",
-            )
         chosen = config or (RawConfig.quick() if ctx.quick else RawConfig.full())
         await measure_raw(ctx, chosen)
 

@@ -32,6 +32,10 @@ from swarm_notebook.transport.backends.base import BackendConfig, DataChannel, P
 from swarm_notebook.transport.backends.select import backend_factory, backend_name, prepare
 from swarm_notebook.transport.ice_hosts import host_addresses_from_env
 
+# Backends whose link carries one channel (the mesh never opens more): the raw peers
+# multiplex the echo and the sink on it.
+SINGLE_CHANNEL_BACKENDS = ("direct",)
+
 
 def new_backend() -> PeerBackend:
     name = backend_name()
@@ -48,6 +52,10 @@ class Sink:
         self._expected: int | None = None
         self._received = 0
 
+    @property
+    def expecting(self) -> bool:
+        return self._expected is not None
+
     def on_message(self, message: str | bytes) -> None:
         if isinstance(message, str):
             kind, _, value = message.partition(":")
@@ -63,11 +71,28 @@ class Sink:
             self._expected = None
 
 
+class EchoOrSink:
+    """One channel doing both jobs, for a backend whose link carries a single channel
+    (``direct``): bytes announced by ``begin:N`` are counted, any other bytes echoed."""
+
+    def __init__(self, channel: DataChannel) -> None:
+        self._channel = channel
+        self._sink = Sink(channel)
+
+    def on_message(self, message: str | bytes) -> None:
+        if isinstance(message, str) or self._sink.expecting:
+            self._sink.on_message(message)
+        else:
+            self._channel.send(message)
+
+
 def serve_channel(channel: DataChannel) -> None:
     if channel.label == "echo":
         channel.events.on_message = channel.send
     elif channel.label == "sink":
         channel.events.on_message = Sink(channel).on_message
+    else:
+        channel.events.on_message = EchoOrSink(channel).on_message
 
 
 async def answer_offers() -> None:
@@ -107,6 +132,10 @@ class Link:
     sink_replies: Replies
     buffer_low: asyncio.Event
 
+    def deliver_either(self, message: str | bytes) -> None:
+        """One channel for both: echoes come back as bytes, acknowledgements as text."""
+        (self.sink_replies if isinstance(message, str) else self.echo_replies).deliver(message)
+
 
 class Offerer:
     """The measurements :func:`raw_peer.measure` drives, over a backend."""
@@ -121,15 +150,27 @@ class Offerer:
         conn = self._next_conn
         self._next_conn += 1
         pc = new_backend()
-        echo, sink = pc.create_channel("echo"), pc.create_channel("sink")
+        if pc.name in SINGLE_CHANNEL_BACKENDS:
+            echo = sink = pc.create_channel("raw")
+        else:
+            echo, sink = pc.create_channel("echo"), pc.create_channel("sink")
         link = Link(conn, pc, echo, sink, Replies(), Replies(), asyncio.Event())
-        echo.events.on_message = link.echo_replies.deliver
-        sink.events.on_message = link.sink_replies.deliver
+        opened = [asyncio.Event(), asyncio.Event()]
+        if echo is sink:
+            echo.events.on_message = link.deliver_either
+
+            def both_open() -> None:
+                for event in opened:
+                    event.set()
+
+            echo.events.on_open = both_open
+        else:
+            echo.events.on_message = link.echo_replies.deliver
+            sink.events.on_message = link.sink_replies.deliver
+            echo.events.on_open = opened[0].set
+            sink.events.on_open = opened[1].set
         sink.set_buffered_amount_low_threshold(LOW_WATER_BYTES)
         sink.events.on_buffered_low = link.buffer_low.set
-        opened = [asyncio.Event(), asyncio.Event()]
-        echo.events.on_open = opened[0].set
-        sink.events.on_open = opened[1].set
         try:
             started = time.perf_counter()
             emit({"type": "offer", "conn": conn, "sdp": await pc.create_offer()})

@@ -128,7 +128,9 @@ class DirectBackend(PeerBackend):
         self.inner.on_failed = self._inner_failed
         self._listener: Listener | None = None
         self._offered: _SwitchingChannel | None = None
-        self._dialled: FrameStream | None = None  # answerer: acked, until the answer is made
+        # The answerer's dial, running while aiortc makes its answer (ICE gathering takes
+        # about as long as a dial that times out, so a peer out of reach costs nothing).
+        self._dialling: asyncio.Task[FrameStream | None] | None = None
         self.channel: StreamChannel | None = None  # set once the link is direct
         self._local_sdp: str | None = None
         self._remote_sdp: str | None = None
@@ -237,31 +239,36 @@ class DirectBackend(PeerBackend):
 
     # -- answerer ----------------------------------------------------------------------
 
-    async def _dial(self, offer_sdp: str) -> None:
+    async def _dial(self, offer_sdp: str) -> FrameStream | None:
         if self._config.relay_only:
-            return
+            return None
         try:
             offer = direct_sdp.parse_offer(offer_sdp)
         except SwarmError:
             self._count(fallback(Reason.MALFORMED))
-            return
+            return None
         if offer is None:
             self._count(fallback(Reason.DIRECT_NOT_OFFERED))
-            return
+            return None
         expected = direct_sdp.sha256_fingerprint(offer_sdp)
         if expected is None:
             self._count(fallback(Reason.FINGERPRINT_MISMATCH))
-            return
+            return None
         self._count(ATTEMPTS)
         try:
-            self._dialled = await connect(offer, expected, self._config.direct_connect_timeout_s)
+            return await connect(offer, expected, self._config.direct_connect_timeout_s)
         except TransportError as exc:
             self._count(fallback(exc.reason))
             log.info("direct path to %s:%d not used: %s", offer.host, offer.port, exc)
+            return None
+
+    async def _dialled(self) -> FrameStream | None:
+        dialling, self._dialling = self._dialling, None
+        return None if dialling is None else await dialling
 
     async def create_answer(self) -> str:
         sdp = await self.inner.create_answer()
-        stream, self._dialled = self._dialled, None
+        stream = await self._dialled()
         if stream is None or stream.lost.done():
             self._local_sdp = sdp
             return sdp
@@ -292,7 +299,10 @@ class DirectBackend(PeerBackend):
         if kind == "answer":
             await self._accept_answer(sdp)
             return
-        await self._dial(sdp)
+        if self._dialling is None and not self._closed:
+            self._dialling = asyncio.get_running_loop().create_task(
+                self._dial(sdp), name="direct-dial"
+            )
         await self.inner.set_remote_description(sdp, kind)
 
     async def add_ice_candidate(self, candidate: dict[str, Any]) -> None:
@@ -335,8 +345,14 @@ class DirectBackend(PeerBackend):
         listener, self._listener = self._listener, None
         if listener is not None:
             await listener.close()
-        streams = [s for s in (self._dialled,) if s is not None]
-        self._dialled = None
+        streams: list[FrameStream] = []
+        dialling, self._dialling = self._dialling, None
+        if dialling is not None:
+            dialling.cancel()
+            await asyncio.wait([dialling])
+            dialled = None if dialling.cancelled() else dialling.result()
+            if dialled is not None:
+                streams.append(dialled)
         if self.channel is not None:
             self.channel.close()
             streams.append(self.channel.stream)

@@ -27,6 +27,10 @@ from swarm_notebook.transport.backends.direct_sdp import DirectOffer
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 8  # connections accepted that have not proved the token yet
+# The kernel completes a TCP handshake with a listening socket however busy the peer's
+# Python is, so a reachable listener answers within one round trip; an unreachable one
+# (another NAT's private address) costs only this much before WebRTC carries the link.
+TCP_CONNECT_TIMEOUT_S = 0.3
 
 
 class Listener:
@@ -167,13 +171,13 @@ async def connect(offer: DirectOffer, expected_fingerprint: str, timeout_s: floa
     """The answerer's TLS stream to ``offer``, acknowledged; a ``TransportError`` naming
     why not (the caller falls back to WebRTC)."""
     loop = asyncio.get_running_loop()
+    sock = await _tcp_connect(offer, min(timeout_s, TCP_CONNECT_TIMEOUT_S))
     stream = FrameStream(Mode.ACK)  # ours, not the call's result (uvloop's SSL protocol)
     try:
         async with asyncio.timeout(timeout_s):
             await loop.create_connection(
                 lambda: stream,
-                offer.host,
-                offer.port,
+                sock=sock,
                 ssl=direct_tls.client_context(),
                 server_hostname="",
             )
@@ -204,6 +208,29 @@ async def connect(offer: DirectOffer, expected_fingerprint: str, timeout_s: floa
     except BaseException:
         _abort(stream)
         raise
+
+
+async def _tcp_connect(offer: DirectOffer, timeout_s: float) -> socket.socket:
+    """A connected TCP socket to the offer's listener, before any TLS."""
+    family = socket.AF_INET6 if ":" in offer.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.get_running_loop().sock_connect(sock, (offer.host, offer.port))
+    except TimeoutError:
+        sock.close()
+        raise TransportError(
+            Reason.DIRECT_TIMEOUT,
+            f"no TCP connection to {offer.host}:{offer.port} in {timeout_s:g} s",
+        ) from None
+    except OSError as exc:
+        sock.close()
+        raise TransportError(Reason.DIRECT_UNREACHABLE, str(exc)) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _abort(stream: FrameStream) -> None:
