@@ -140,18 +140,27 @@ class FrameStream(asyncio.Protocol):
             if len(buffer) > MAX_HELD:
                 self.fail(Reason.FRAME_TOO_LARGE)
             return
-        while self.mode is Mode.OPEN and len(buffer) >= _HEADER.size:
-            (word,) = _HEADER.unpack_from(buffer)
-            size = word & ~_TEXT
-            if size > MAX_FRAME:
-                self.fail(Reason.FRAME_TOO_LARGE)
-                return
-            end = _HEADER.size + size
-            if len(buffer) < end:
-                return
-            payload = bytes(buffer[_HEADER.size : end])
-            del buffer[:end]
-            self.on_frame(payload.decode("utf-8", "replace") if word & _TEXT else payload)
+        # Frames are copied once, out of a view of the buffer (a bytearray slice would be
+        # a second copy), and the delivered prefix is dropped in one go: these loops move
+        # every byte a direct link receives.
+        frames: list[bytes | str] = []
+        at = 0
+        with memoryview(buffer) as view:
+            while len(view) - at >= _HEADER.size:
+                (word,) = _HEADER.unpack_from(view, at)
+                size = word & ~_TEXT
+                if size > MAX_FRAME:
+                    self.fail(Reason.FRAME_TOO_LARGE)
+                    return
+                end = at + _HEADER.size + size
+                if len(view) < end:
+                    break
+                payload = bytes(view[at + _HEADER.size : end])
+                frames.append(payload.decode("utf-8", "replace") if word & _TEXT else payload)
+                at = end
+        del buffer[:at]
+        for frame in frames:
+            self.on_frame(frame)
 
 
 class StreamChannel(DataChannel):
