@@ -14,12 +14,14 @@ import socket
 import struct
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
 from swarm_notebook.bench.data_frames import df50
+from swarm_notebook.client import _resolve_config
 from swarm_notebook.errors import ProtocolError
 from swarm_notebook.protocol import oob
 from swarm_notebook.protocol.framing import Reassembler, ReassemblyLimits, frame_message
@@ -298,3 +300,16 @@ def test_the_child_answers_a_bad_reference_with_its_reason_and_ends() -> None:
     finally:
         for s in (main_pool, main_child, fds_pool, fds_child):
             s.close()
+
+
+@pytest.mark.parametrize("runs_code", [True, False])
+def test_only_a_peer_that_runs_a_sandbox_pool_reassembles_in_memfds(
+    tmp_path: Path, runs_code: bool
+) -> None:
+    # Each live memfd frame holds two fds: a notebook keeping many results must not.
+    cfg, _ = _resolve_config(
+        "room", "ws://127.0.0.1:1/ws", None, None, tmp_path, runs_code,
+        None, None, None, None, None, None,
+    )  # fmt: skip
+    expected = MIN_SHARED_BYTES if runs_code else None
+    assert cfg.mesh.reassembly.shared_min_bytes == expected
