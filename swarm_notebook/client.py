@@ -50,6 +50,7 @@ from swarm_notebook.futures import (
 from swarm_notebook.futures import gather as gather_results
 from swarm_notebook.futures import submit as submit_function
 from swarm_notebook.identity import Identity, default_profile_dir
+from swarm_notebook.protocol.shared_frame import MIN_SHARED_BYTES
 from swarm_notebook.reasons import Reason
 from swarm_notebook.sessions import RemoteSession
 from swarm_notebook.signaling.url import check_listening, normalize_url
@@ -912,4 +913,11 @@ def _resolve_config(
         ice_servers=ice.as_dicts() if ice.configured else None,
         ice_policy=ice.policy,
     )
+    reassembly = cfg.mesh.reassembly
+    if cfg.executors.python_execution and not cfg.executors.dask:
+        if reassembly.shared_min_bytes is None:
+            # A sandbox pool hands a large input to its child as the memfd it arrived in.
+            cfg.mesh.reassembly = dataclasses.replace(
+                reassembly, shared_min_bytes=MIN_SHARED_BYTES
+            )
     return cfg, profile_dir

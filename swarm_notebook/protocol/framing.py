@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from swarm_notebook.errors import ProtocolError
+from swarm_notebook.protocol.shared_frame import SharedFrame
 from swarm_notebook.reasons import Reason
 
 WHOLE = 0x00
@@ -88,8 +89,9 @@ class _Transfer:
     last_progress: float
     # Chunks are copied in as they arrive, so each frame is freed at once and the whole
     # message never exists twice (kept frames plus their join held 2x its size). Growing
-    # a large bytearray moves pages (mremap), not bytes.
-    data: bytearray = field(default_factory=bytearray)
+    # a large bytearray moves pages (mremap), not bytes. A large message may be gathered
+    # in a memfd instead (``ReassemblyLimits.shared_min_bytes``).
+    data: bytearray | SharedFrame = field(default_factory=bytearray)
     received: int = 0
     size: int = 0
 
@@ -104,6 +106,10 @@ class ReassemblyLimits:
     max_total_pending_bytes: int = 256 * 1024 * 1024
     max_transfers: int = 64
     timeout_s: float = 30.0
+    # Messages announcing at least this many bytes are reassembled in a memfd a sandbox
+    # child can map instead of a copy (``shared_frame``); None: always in a bytearray.
+    # Off unless this peer runs a sandbox pool: each live such frame holds two fds.
+    shared_min_bytes: int | None = None
 
 
 class ReassemblyPool:
@@ -178,7 +184,7 @@ class Reassembler:
     def pending_transfers(self) -> int:
         return len(self._transfers)
 
-    def feed(self, frame: bytes, now: float) -> bytes | bytearray | None:
+    def feed(self, frame: bytes, now: float) -> bytes | bytearray | SharedFrame | None:
         if not frame:
             raise ProtocolError(Reason.EMPTY_FRAME)
         kind = frame[0]
@@ -214,6 +220,10 @@ class Reassembler:
                 self._refuse(transfer_id, index, count)
                 raise ProtocolError(Reason.TOO_MANY_TRANSFERS, f"{len(self._transfers)} incomplete")
             transfer = _Transfer(count=count, last_progress=now)
+            announced = count * len(payload)
+            shared_min = self.limits.shared_min_bytes
+            if shared_min is not None and announced >= shared_min:
+                transfer.data = SharedFrame.create(min(announced, self.limits.max_message_bytes))
             self._transfers[transfer_id] = transfer
         elif index != transfer.received or count != transfer.count:
             self._refuse(transfer_id, index, count)
@@ -229,7 +239,10 @@ class Reassembler:
             raise ProtocolError(
                 Reason.REASSEMBLY_FULL, f"{self.pool.pending_bytes} bytes pending on all links"
             )
-        transfer.data += payload
+        if isinstance(transfer.data, SharedFrame):
+            transfer.data.put(transfer.size, payload)
+        else:
+            transfer.data += payload
         transfer.received += 1
         transfer.size += len(payload)
         transfer.last_progress = now
@@ -238,6 +251,8 @@ class Reassembler:
         if transfer.received < transfer.count:
             return None
         self._drop(transfer_id)
+        if isinstance(transfer.data, SharedFrame):
+            transfer.data.finish(transfer.size)
         return transfer.data
 
     def expire(self, now: float) -> list[int]:

@@ -55,6 +55,7 @@ from swarm_notebook.protocol.framing import (
     chunk_transfer_id,
     frame_message,
 )
+from swarm_notebook.protocol.shared_frame import SharedFrame
 from swarm_notebook.reasons import Reason, is_reason
 from swarm_notebook.transport import link_auth
 from swarm_notebook.transport.backends.base import (
@@ -908,11 +909,16 @@ class MeshTransport(Transport):
             # frame's own reference goes now, so the buffer lives only as long as they do.
             # A reassembled message's buffer is this link's alone: its binaries may
             # become the memory of the values decoded from them (``oob.parse``).
-            env = decode_envelope(
-                payload,
-                max_size=self.config.max_message_bytes,
-                owned=isinstance(payload, bytearray),
+            # A memfd's frame goes as a view of it (the views decoded from it keep it).
+            message: oob.Buffer = (
+                memoryview(payload) if isinstance(payload, SharedFrame) else payload
             )
+            env = decode_envelope(
+                message,
+                max_size=self.config.max_message_bytes,
+                owned=not isinstance(message, bytes),
+            )
+            del message
             del payload
             if env.type.startswith("link."):
                 self._on_link_message(link, env)

@@ -47,6 +47,7 @@ from typing import Any, Protocol
 import msgspec
 
 from swarm_notebook._util.text import clip_text
+from swarm_notebook.errors import ProtocolError
 from swarm_notebook.protocol import oob
 from swarm_notebook.workload.sandbox import shm
 from swarm_notebook.workload.sandbox.resident import ResidentValues, fresh_view
@@ -516,7 +517,15 @@ def serve(
             return
         # Inputs sent out of band are views of ``payload``: it lives until they are decoded,
         # or as long as the frames decoded in place from it (it is this child's alone).
-        request = oob.decode(payload, decoder, owned=True)
+        # Large ones came as memfds: views of this child's copy-on-write mappings of them.
+        try:
+            request = _decode_request(payload, decoder, fd_sock, max_frame_bytes)
+        except ProtocolError as exc:
+            # Fds of a refused request may still wait on the socket: never read them as
+            # the next request's, start afresh.
+            with send_lock:
+                send_frame(sock, encoder.encode(_refused(exc)))
+            return
         del payload
         buffers = shm.ResultBuffers() if fd_sock is not None else None
         runner.allocator = buffers.allocate if buffers is not None else None
@@ -553,6 +562,37 @@ def serve(
         del request, response, frame, buffers
         if recycle:
             return
+
+
+def _decode_request(
+    payload: bytearray,
+    decoder: msgspec.msgpack.Decoder[Any],
+    fd_sock: socket.socket | None,
+    max_bytes: int,
+) -> Any:
+    """One request, its memfd inputs mapped (checked by ``shm.InputMaps``)."""
+    if fd_sock is None:
+        return oob.decode(payload, decoder, owned=True)
+    maps = shm.InputMaps(fd_sock, max_bytes)
+
+    def ext(code: int, data: memoryview) -> Any:
+        if code == shm.EXT_SHM_INPUT:
+            return maps.hook(data)
+        return msgspec.msgpack.Ext(code, bytes(data))
+
+    try:
+        return oob.decode(payload, decoder, owned=True, ext=ext)
+    finally:
+        maps.close()
+
+
+def _refused(exc: ProtocolError) -> dict[str, Any]:
+    return {
+        "success": False,
+        "error_type": "bad-input",
+        "error": f"the sandbox refused the request ({exc.reason}): {exc.message}",
+        "recycle": True,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,7 @@ from swarm_notebook.workload.sandbox.bwrap import (
     package_dir,
 )
 from swarm_notebook.workload.sandbox.child import FRAME_HEADER
-from swarm_notebook.workload.sandbox.shm import EXT_SHM, ResultMaps
+from swarm_notebook.workload.sandbox.shm import EXT_SHM, InputFrames, ResultMaps
 
 _log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class _Worker:
     ) -> None:
         self.proc = proc
         self.sock = sock
-        self.fd_sock = fd_sock  # the memfds of large results (``shm``)
+        self.fd_sock = fd_sock  # the memfds of large inputs and results (``shm``)
         self.pid = proc.pid
         self.init_pid: int | None = None
         self.reader = reader
@@ -265,6 +265,7 @@ class _Worker:
     async def exchange(
         self,
         request: list[oob.Buffer],
+        shared: InputFrames | None,
         max_reply_bytes: int,
         decode: Callable[[bytearray, _Worker, int], Any],
         on_output: OutputSink | None,
@@ -272,7 +273,13 @@ class _Worker:
         """Send one task; hand its output frames to ``on_output``; return the result.
 
         ``request`` is emptied once sent: its parts are views of the inputs' buffers.
+        ``shared`` are the memfds its large inputs are in: their fds go first.
         A frame and the memfds it names share ``max_reply_bytes``."""
+        if shared:
+            try:
+                shared.send(self.fd_sock)
+            except OSError as exc:  # the child is gone
+                raise ConnectionError(f"cannot pass input memfds: {exc}") from exc
         await self.send_frame(request)
         request.clear()
         while True:
@@ -452,6 +459,8 @@ class PythonSandboxPool:
             "resident_sent_bytes": 0,
             # Results whose memfds were refused (unsealed, oversized, bad references).
             "shm_refused": 0,
+            # Tasks whose large inputs went to the child as memfds instead of a copy.
+            "shm_inputs": 0,
         }
         self.shm_refusals: Counter[str] = Counter()
         self._last_spawn_error: str | None = None
@@ -542,6 +551,14 @@ class PythonSandboxPool:
 
         Takes ``data["inputs"]`` out of ``data``: once sent, the child holds the inputs."""
         task = self._validate(data)
+        # The task's own large inputs that arrived in a memfd go to the child as that
+        # memfd, not a copy (``shm.InputFrames``); refs held here are written as before.
+        shared = InputFrames(self.max_request_bytes)
+        try:
+            task = msgspec.structs.replace(task, inputs=shared.swap(task.inputs))
+        except ProtocolError as exc:
+            self._counters["rejected"] += 1
+            raise TaskRefused(ErrorType.BAD_INPUT, f"input refused: {exc.message}") from exc
         resident = dict(ctx.resident_inputs)
         if resident and task.session is not None:
             # A session's dedicated child keeps its own namespace: it gets the values.
@@ -571,7 +588,9 @@ class PythonSandboxPool:
         data.pop("inputs", None)
         task = msgspec.structs.replace(task, inputs={})
         # Ref inputs count as if sent: the child may not keep them yet.
-        request_bytes = oob.size(request) + sum(r.size for r in resident.values())
+        request_bytes = (
+            oob.size(request) + shared.nbytes + sum(r.size for r in resident.values())
+        )
         if request_bytes > self.max_request_bytes:
             self._counters["rejected"] += 1
             raise TaskRefused(
@@ -590,7 +609,7 @@ class PythonSandboxPool:
         budget = ctx.timeout_s if ctx.timeout_s is not None else None
         run_timeout = min(task.timeout or self.default_timeout_s, self.max_timeout_s)
         if task.session is not None:
-            return await self._session(task, request, ctx, run_timeout)
+            return await self._session(task, request, shared, ctx, run_timeout)
         self._counters["tasks"] += 1
         if budget is not None and budget <= 0:
             # Spent queued before it got here: starting it would only cost a child.
@@ -615,7 +634,7 @@ class PythonSandboxPool:
                 self._counters["failed"] += 1
                 return failure(exc.reason, exc.message)
         del fields
-        result = await self._run_on(worker, request, run_timeout, ctx.on_output)
+        result = await self._run_on(worker, request, run_timeout, ctx.on_output, shared)
         kept = result.pop("resident_kept", None)
         if isinstance(kept, list):
             # The child says what it keeps: the mirror follows it, never the other way.
@@ -730,10 +749,13 @@ class PythonSandboxPool:
         request: list[oob.Buffer],
         timeout: float,
         on_output: OutputSink | None = None,
+        shared: InputFrames | None = None,
     ) -> dict[str, Any]:
         try:
             result = await asyncio.wait_for(
-                worker.exchange(request, self.max_result_bytes * 2, self._decode, on_output),
+                worker.exchange(
+                    request, shared, self.max_result_bytes * 2, self._decode, on_output
+                ),
                 timeout,
             )
             if not isinstance(result, dict):
@@ -769,6 +791,11 @@ class PythonSandboxPool:
             worker.kill()  # cancelled mid-task: the child's state is unknown
             raise
         finally:
+            if shared:
+                self._counters["shm_inputs"] += 1
+                # Held until here so the memfd's pages are mapped somewhere (and counted)
+                # while the child maps them; the child's mapping keeps them from now on.
+                shared.close()
             worker.busy = False
             self._counters["bad_output_frames"] += worker.bad_output_frames
             worker.bad_output_frames = 0
@@ -828,7 +855,12 @@ class PythonSandboxPool:
     # -- sessions --------------------------------------------------------------------
 
     async def _session(
-        self, task: PythonTaskData, request: list[oob.Buffer], ctx: TaskContext, timeout: float
+        self,
+        task: PythonTaskData,
+        request: list[oob.Buffer],
+        shared: InputFrames,
+        ctx: TaskContext,
+        timeout: float,
     ) -> dict[str, Any]:
         """Open, run in or close the session ``task.session`` (its owner only)."""
         assert task.session is not None
@@ -860,7 +892,9 @@ class PythonSandboxPool:
             session.busy = True
             session.worker.busy = True
             try:
-                result = await self._run_on(session.worker, request, timeout, ctx.on_output)
+                result = await self._run_on(
+                    session.worker, request, timeout, ctx.on_output, shared
+                )
             finally:
                 session.busy = False
                 session.last_used = time.monotonic()
