@@ -15,6 +15,8 @@ from swarm_notebook.protocol.envelope import (
     Envelope,
     decode_envelope,
     encode_envelope,
+    encode_envelope_parts,
+    envelope_id,
 )
 from swarm_notebook.protocol.framing import (
     CHUNK,
@@ -23,6 +25,7 @@ from swarm_notebook.protocol.framing import (
     ReassemblyPool,
     frame_message,
 )
+from swarm_notebook.reasons import Reason
 
 
 def test_large_payload_round_trips_in_frames_under_64k() -> None:
@@ -202,3 +205,17 @@ def test_mutated_chunk_streams_stay_bounded(chunks: list[tuple[int, int, int, by
             pass
         assert r.pending_bytes <= limits.max_pending_bytes
         assert r.pending_transfers <= limits.max_transfers
+
+
+def test_an_oversized_whole_message_still_names_its_id_for_the_refusal() -> None:
+    """A direct link's frames reach 1 MiB: a message refused as too large before it is
+    decoded must still be named, or the sender's request waits for its whole timeout."""
+    env = Envelope(v=1, type="echo", id="req-7", body={"blob": memoryview(bytes(200_000))})
+    whole = b"".join(bytes(part) for part in encode_envelope_parts(env))
+    with pytest.raises(ProtocolError) as refused:
+        decode_envelope(whole, max_size=100_000)
+    assert refused.value.reason == Reason.OVERSIZED
+    assert envelope_id(whole) == "req-7"
+    assert envelope_id(encode_envelope(env)) == "req-7"
+    for garbage in (b"", b"\xc1\x00", os.urandom(64), encode_envelope(env)[:10]):
+        assert envelope_id(garbage) is None

@@ -15,7 +15,9 @@ import pytest
 
 from swarm_notebook.identity import Identity
 from swarm_notebook.signaling import SignalingConfig, SignalingServer
+from swarm_notebook.transport.backends.select import backend_name
 from swarm_notebook.transport.factory import mesh_transport
+from swarm_notebook.transport.mesh import MeshConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,8 +42,11 @@ async def test_early_trickled_candidates_are_queued_and_used() -> None:
     offerer_id, answerer_id = sorted(
         (Identity.generate(), Identity.generate()), key=lambda i: i.peer_id
     )
-    offerer = mesh_transport(offerer_id, server.url, "trickle")
-    answerer = mesh_transport(answerer_id, server.url, "trickle")
+    # Trickling is WebRTC's: a direct link would skip ICE, so direct tests its aiortc.
+    chosen = backend_name()
+    config = MeshConfig(backend="aiortc" if chosen == "direct" else chosen)
+    offerer = mesh_transport(offerer_id, server.url, "trickle", config=config)
+    answerer = mesh_transport(answerer_id, server.url, "trickle", config=config)
     sent_early: list[dict[str, Any]] = []
     real_send = answerer._signaling.send_signal
 

@@ -81,6 +81,34 @@ def decode_envelope(data: oob.Buffer, *, max_size: int, owned: bool = False) -> 
     return env
 
 
+class _Head(msgspec.Struct, array_like=True):
+    """An envelope's leading fields; the rest of the array is skipped."""
+
+    v: int
+    type: str
+    id: str
+
+
+def _skip_ext(code: int, data: memoryview) -> None:
+    return None
+
+
+_head_decoder = msgspec.msgpack.Decoder(_Head, ext_hook=_skip_ext)
+
+
+def envelope_id(data: oob.Buffer) -> str | None:
+    """The id of a message refused before decoding (too large), so the refusal can name
+    it and the sender's request fails at once; None when it has no readable id.
+
+    Only for a buffer already held whole (one frame): it is parsed, never kept."""
+    try:
+        head, _ = oob.parse(data)
+        found = _head_decoder.decode(head).id
+    except (ProtocolError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    return found if 0 < len(found) <= MAX_ID_LENGTH else None
+
+
 def convert_body(body: Any, schema: type[T]) -> T:
     """Validate a decoded body against a typed schema (a ``msgspec.Struct``)."""
     try:

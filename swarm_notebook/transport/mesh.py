@@ -44,6 +44,7 @@ from swarm_notebook.protocol.envelope import (
     decode_envelope,
     encode_envelope,
     encode_envelope_parts,
+    envelope_id,
 )
 from swarm_notebook.protocol.framing import (
     CHUNK,
@@ -83,6 +84,9 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_CANDIDATES = 64
 MAX_REMEMBERED_SENDS = 512  # chunked messages per link a refusal can still be matched to
+# Whole frames this large are remembered by id too: a peer with a smaller message limit
+# refuses them by id (no transfer), and a refused reply must still reach its asker.
+REMEMBERED_WHOLE_BYTES = 16 * 1024
 MAX_REFUSAL_DETAIL = 300
 LIVENESS_CHECK_S = 0.25
 
@@ -189,6 +193,10 @@ class _Link:
     ping_seq: int = 0
     # transfer id -> (type, id, reply_to) of the chunked messages we sent on this link
     sent: OrderedDict[int, tuple[str, str, str | None]] = field(default_factory=OrderedDict)
+    # message id -> (type, id, reply_to) of large whole frames we sent on this link
+    sent_whole: OrderedDict[str, tuple[str, str, str | None]] = field(
+        default_factory=OrderedDict
+    )
     sending: set[int] = field(default_factory=set)  # transfers still leaving
     aborted: set[int] = field(default_factory=set)  # ... of which the receiver refused
     bytes_in: int = 0
@@ -200,6 +208,12 @@ class _Link:
     throughput: ThroughputEstimate = field(default_factory=ThroughputEstimate)
     # transfer id -> when its first chunk arrived (bounded: at most max_transfers unfinished)
     rx_started: dict[int, float] = field(default_factory=dict)
+
+
+def _remember_whole(link: _Link, envelope: Envelope) -> None:
+    link.sent_whole[envelope.id] = (envelope.type, envelope.id, envelope.reply_to)
+    while len(link.sent_whole) > MAX_REMEMBERED_SENDS:
+        link.sent_whole.popitem(last=False)
 
 
 @dataclass
@@ -429,6 +443,8 @@ class MeshTransport(Transport):
         if len(parts) > 1 or len(parts[0]) + 1 > link.frame_size:
             return None
         payload = parts[0]
+        if len(payload) >= REMEMBERED_WHOLE_BYTES:
+            _remember_whole(link, envelope)
         channel.send(bytes((WHOLE,)) + payload)
         self.counters["frames_out"] += 1
         self.counters["bytes_out"] += len(payload) + 1
@@ -440,10 +456,13 @@ class MeshTransport(Transport):
         self, link: _Link, parts: list[oob.Buffer], size: int, envelope: Envelope
     ) -> None:
         transfer_id = next(self._transfer_ids)
+        sent = (envelope.type, envelope.id, envelope.reply_to)
         if size + 1 > link.frame_size:  # chunked: a refusal names its transfer
-            link.sent[transfer_id] = (envelope.type, envelope.id, envelope.reply_to)
+            link.sent[transfer_id] = sent
             while len(link.sent) > MAX_REMEMBERED_SENDS:
                 link.sent.popitem(last=False)
+        elif size >= REMEMBERED_WHOLE_BYTES:  # whole: a refusal names its id
+            _remember_whole(link, envelope)
         link.sending.add(transfer_id)
         started = time.perf_counter()
         try:
@@ -839,10 +858,13 @@ class MeshTransport(Transport):
         transfer = body.get("transfer")
         message_id = body.get("id")
         sent = link.sent.pop(transfer, None) if isinstance(transfer, int) else None
+        whole = link.sent_whole.pop(message_id, None) if isinstance(message_id, str) else None
         if sent is not None and isinstance(transfer, int):
             if transfer in link.sending:
                 link.aborted.add(transfer)
             refusal = Refusal(reason, detail, sent[1], sent[0], sent[2])
+        elif whole is not None:
+            refusal = Refusal(reason, detail, whole[1], whole[0], whole[2])
         elif isinstance(message_id, str) and len(message_id) <= 64:
             refusal = Refusal(reason, detail, message_id)
         else:
@@ -877,6 +899,7 @@ class MeshTransport(Transport):
 
     def _on_frame(self, link: _Link, data: bytes | str) -> None:
         env: Envelope | None = None
+        refused_id: str | None = None
         transfer: int | None = None
         try:
             now = self._clock()
@@ -897,7 +920,14 @@ class MeshTransport(Transport):
                 if len(link.rx_started) >= self.config.reassembly.max_transfers:
                     link.rx_started.clear()  # only refused transfers leave entries behind
                 link.rx_started[transfer] = time.perf_counter()
-            payload = link.reassembler.feed(data, now)
+            try:
+                payload = link.reassembler.feed(data, now)
+            except ProtocolError as exc:
+                if transfer is None and exc.reason == Reason.OVERSIZED:
+                    # One whole frame over our limit (a direct link's frames reach 1 MiB):
+                    # no transfer to refuse, so the refusal names the message instead.
+                    refused_id = envelope_id(memoryview(data)[1:])
+                raise
             if payload is None:
                 return
             if transfer is not None:
@@ -932,7 +962,8 @@ class MeshTransport(Transport):
         except ProtocolError as exc:
             self._count_rejection(link, str(exc.reason), exc)
             if link.state is LinkState.CONNECTED:
-                self._tell_refused(link, str(exc.reason), exc.detail, transfer, env)
+                message_id = env.id if env is not None else refused_id
+                self._tell_refused(link, str(exc.reason), exc.detail, transfer, message_id)
         except Exception:
             self.rejections.count("internal-error")
             log.exception("inbound frame from %s", link.peer_id[:16])
@@ -943,13 +974,13 @@ class MeshTransport(Transport):
         reason: str,
         detail: str,
         transfer: int | None,
-        env: Envelope | None = None,
+        message_id: str | None = None,
     ) -> None:
         body: dict[str, Any] = {"reason": reason, "detail": detail[:MAX_REFUSAL_DETAIL]}
         if transfer is not None:
             body["transfer"] = transfer
-        if env is not None:
-            body["id"] = env.id
+        if message_id is not None:
+            body["id"] = message_id
         self._send_control(link, "link.reject", body)
 
     def _safe_callback(self, callback: Callable[..., None], *args: Any) -> None:
