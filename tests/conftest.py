@@ -14,6 +14,7 @@ import pytest
 os.environ.setdefault("SWARM_NOTEBOOK_ICE_HOSTS", "127.0.0.1")
 
 from swarm_notebook.signaling import SignalingConfig, SignalingServer
+from swarm_notebook.workload.sandbox.pool import PythonSandboxPool
 
 
 @pytest.fixture
@@ -23,3 +24,14 @@ async def server() -> AsyncIterator[SignalingServer]:
     await srv.start()
     yield srv
     await srv.close()
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[PythonSandboxPool]:
+    """One real sandbox child (bubblewrap); modules that need another shape define their own."""
+    sandbox = PythonSandboxPool(size=1, memory_limit_mb=1024)
+    await sandbox.start()
+    try:
+        yield sandbox
+    finally:
+        await sandbox.close()

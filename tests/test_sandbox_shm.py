@@ -13,7 +13,7 @@ import mmap
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -165,16 +165,6 @@ def _result_memfds_open() -> list[str]:
         if "memfd:swarm-result" in target:
             out.append(target)
     return out
-
-
-@pytest.fixture
-async def pool() -> AsyncIterator[PythonSandboxPool]:
-    sandbox = PythonSandboxPool(size=1, memory_limit_mb=1024)
-    await sandbox.start()
-    try:
-        yield sandbox
-    finally:
-        await sandbox.close()
 
 
 async def test_a_large_result_is_the_childs_sealed_memfd_mapped_here(

@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +76,6 @@ def test_without_the_setting_nothing_is_reassembled_in_a_memfd() -> None:
     for frame in frame_message(parts, transfer_id=1):
         out = reassembler.feed(frame, 0.0)
     assert isinstance(out, bytearray)
-
-
-@pytest.fixture
-async def pool() -> AsyncIterator[PythonSandboxPool]:
-    sandbox = PythonSandboxPool(size=1, memory_limit_mb=1024)
-    await sandbox.start()
-    try:
-        yield sandbox
-    finally:
-        await sandbox.close()
 
 
 MAPPED = (
