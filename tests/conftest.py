@@ -7,7 +7,8 @@ would otherwise offer the machine's other interfaces). Child processes inherit t
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -35,3 +36,12 @@ async def pool() -> AsyncIterator[PythonSandboxPool]:
         yield sandbox
     finally:
         await sandbox.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A datagram socket pair, as between a sandbox pool and its child's fd socket."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    yield a, b
+    a.close()
+    b.close()

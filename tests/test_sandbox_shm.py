@@ -13,7 +13,6 @@ import mmap
 import os
 import socket
 import struct
-from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -28,14 +27,6 @@ from swarm_notebook.workload.sandbox.shm import EXT_SHM, SEALS, ResultBuffers, R
 
 CTX = TaskContext(task_id="t-1", delegator="peer-a")
 REF = struct.Struct(">IQ")
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def _memfd(data: bytes, seals: int) -> int:

@@ -13,7 +13,6 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,14 +172,6 @@ async def test_an_input_that_names_shared_memory_itself_is_refused(
 
 
 # -- the child's checks ---------------------------------------------------------------
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def _send_memfd(sock: socket.socket, size: int) -> None:
