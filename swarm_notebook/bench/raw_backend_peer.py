@@ -155,20 +155,13 @@ class Offerer:
         else:
             echo, sink = pc.create_channel("echo"), pc.create_channel("sink")
         link = Link(conn, pc, echo, sink, Replies(), Replies(), asyncio.Event())
-        opened = [asyncio.Event(), asyncio.Event()]
-        if echo is sink:
-            echo.events.on_message = link.deliver_either
-
-            def both_open() -> None:
-                for event in opened:
-                    event.set()
-
-            echo.events.on_open = both_open
-        else:
-            echo.events.on_message = link.echo_replies.deliver
+        channels = [echo] if echo is sink else [echo, sink]
+        opened = [asyncio.Event() for _ in channels]
+        for channel, event in zip(channels, opened, strict=True):
+            channel.events.on_open = event.set
+        echo.events.on_message = link.deliver_either if echo is sink else link.echo_replies.deliver
+        if echo is not sink:
             sink.events.on_message = link.sink_replies.deliver
-            echo.events.on_open = opened[0].set
-            sink.events.on_open = opened[1].set
         sink.set_buffered_amount_low_threshold(LOW_WATER_BYTES)
         sink.events.on_buffered_low = link.buffer_low.set
         try:

@@ -194,9 +194,7 @@ class _Link:
     # transfer id -> (type, id, reply_to) of the chunked messages we sent on this link
     sent: OrderedDict[int, tuple[str, str, str | None]] = field(default_factory=OrderedDict)
     # message id -> (type, id, reply_to) of large whole frames we sent on this link
-    sent_whole: OrderedDict[str, tuple[str, str, str | None]] = field(
-        default_factory=OrderedDict
-    )
+    sent_whole: OrderedDict[str, tuple[str, str, str | None]] = field(default_factory=OrderedDict)
     sending: set[int] = field(default_factory=set)  # transfers still leaving
     aborted: set[int] = field(default_factory=set)  # ... of which the receiver refused
     bytes_in: int = 0
@@ -210,10 +208,11 @@ class _Link:
     rx_started: dict[int, float] = field(default_factory=dict)
 
 
-def _remember_whole(link: _Link, envelope: Envelope) -> None:
-    link.sent_whole[envelope.id] = (envelope.type, envelope.id, envelope.reply_to)
-    while len(link.sent_whole) > MAX_REMEMBERED_SENDS:
-        link.sent_whole.popitem(last=False)
+def _remember(sent: OrderedDict[Any, tuple[str, str, str | None]], key: Any, env: Envelope) -> None:
+    """What a later refusal naming ``key`` (a transfer or a message id) was about."""
+    sent[key] = (env.type, env.id, env.reply_to)
+    while len(sent) > MAX_REMEMBERED_SENDS:
+        sent.popitem(last=False)
 
 
 @dataclass
@@ -444,7 +443,7 @@ class MeshTransport(Transport):
             return None
         payload = parts[0]
         if len(payload) >= REMEMBERED_WHOLE_BYTES:
-            _remember_whole(link, envelope)
+            _remember(link.sent_whole, envelope.id, envelope)
         channel.send(bytes((WHOLE,)) + payload)
         self.counters["frames_out"] += 1
         self.counters["bytes_out"] += len(payload) + 1
@@ -456,13 +455,10 @@ class MeshTransport(Transport):
         self, link: _Link, parts: list[oob.Buffer], size: int, envelope: Envelope
     ) -> None:
         transfer_id = next(self._transfer_ids)
-        sent = (envelope.type, envelope.id, envelope.reply_to)
         if size + 1 > link.frame_size:  # chunked: a refusal names its transfer
-            link.sent[transfer_id] = sent
-            while len(link.sent) > MAX_REMEMBERED_SENDS:
-                link.sent.popitem(last=False)
+            _remember(link.sent, transfer_id, envelope)
         elif size >= REMEMBERED_WHOLE_BYTES:  # whole: a refusal names its id
-            _remember_whole(link, envelope)
+            _remember(link.sent_whole, envelope.id, envelope)
         link.sending.add(transfer_id)
         started = time.perf_counter()
         try:
